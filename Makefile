@@ -1,0 +1,61 @@
+# dlf_rs developer entry points. The README's two commands are `make demo` and `make test`;
+# both create the virtual environment and build the extension on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv develop test test-rust test-python demo demo-quick bench bench-rust bench-python lint fmt wheel clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Build the Rust extension in release mode into the venv (editable: python/ is used in place).
+develop: venv
+	$(VENV)/bin/maturin develop --release -q
+
+test-rust:
+	cargo test --release
+
+test-python: develop
+	$(PY) -m pytest -q tests
+
+test: test-rust test-python
+
+demo: develop
+	$(VENV)/bin/dlf-rs demo --out demo_out
+
+demo-quick: develop
+	$(VENV)/bin/dlf-rs demo --quick --out demo_out
+
+bench-rust:
+	cargo bench --bench fuse_step
+
+bench-python: develop
+	$(PY) benches/bench_fuse_step.py
+
+bench: bench-rust bench-python
+
+lint: venv
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/mypy python/dlf_rs
+
+fmt:
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches
+
+wheel: venv
+	$(VENV)/bin/maturin build --release
+
+clean:
+	cargo clean
+	rm -rf $(VENV) dist

@@ -1,0 +1,80 @@
+//! What a caller asks of one decoding step. Plain data; validated in `step`.
+
+/// How the expert weights alpha are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Weights {
+    /// Dynamic Logit Fusion: alpha solved per row from the KL-matching objective J.
+    Dynamic(SolverConfig),
+    /// Fixed weights, one per expert (proxy-tuning is `Static(vec![1.0])`).
+    Static(Vec<f64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SolverKind {
+    /// The paper's Algorithm 1: J on the grid alpha_min, alpha_min + step, ..., alpha_max.
+    Grid,
+    /// Bracketing by the monotone KLs plus Newton/Brent steps; never worse than `Grid`.
+    Exact,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MultiExpert {
+    /// The paper's rule for T > 1: one expert active per step, chosen by the same argmin.
+    OneActive,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SolverConfig {
+    pub alpha_min: f64,
+    pub alpha_max: f64,
+    pub grid_step: f64,
+    pub solver: SolverKind,
+    pub multi_expert: MultiExpert,
+    /// `None`: KLs over the full vocabulary. `Some(k)`: union of every model's top-k plus a tail.
+    pub support_k: Option<usize>,
+}
+
+impl Default for SolverConfig {
+    fn default() -> Self {
+        SolverConfig {
+            alpha_min: 0.0,
+            alpha_max: 2.0,
+            grid_step: 0.1,
+            solver: SolverKind::Grid,
+            multi_expert: MultiExpert::OneActive,
+            support_k: None,
+        }
+    }
+}
+
+/// Token selection from the fused logits. `temperature == 0` is greedy (argmax, lowest index on
+/// ties). `top_k == 0`, `top_p == 1`, `min_p == 0` disable their filters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub min_p: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+        }
+    }
+}
+
+/// Random seeds for sampling (ignored when greedy).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seeds {
+    /// Fresh OS entropy: not reproducible.
+    Entropy,
+    /// One seed for the batch: row b draws from ChaCha8(seed) on stream b.
+    One(u64),
+    /// One seed per row: row b draws from ChaCha8(seeds[b]) on stream 0.
+    PerRow(Vec<u64>),
+}
