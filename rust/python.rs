@@ -1,0 +1,364 @@
+//! The Python face of the core (module `dlf_rs._core`): the only file that touches PyO3.
+//!
+//! `python/dlf_rs/__init__.py` converts what the caller passes (numpy arrays, torch tensors,
+//! lists) into C-contiguous float32 numpy arrays and checks types; this file borrows those arrays
+//! without copying, checks that their shapes agree, releases the GIL for the whole computation and
+//! maps `DlfError` to the Python exception `dlf_rs.DlfError` (a `ValueError` subclass).
+//! Every core entry point returns `Result`, so no panic is expected to reach the FFI boundary;
+//! nothing here unwraps on user input.
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
+use crate::error::DlfError as CoreError;
+use crate::step::{StepInputs, StepOutput};
+
+create_exception!(
+    dlf_rs,
+    DlfError,
+    PyValueError,
+    "Invalid input to the dlf_rs decode core; the message names the argument, the expected and \
+     the actual value or shape."
+);
+
+fn to_py(err: CoreError) -> PyErr {
+    DlfError::new_err(err.to_string())
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+/// A C-contiguous row-major view of a 2-D float32 array; the Python layer guarantees contiguity,
+/// this turns a violation into an error rather than a panic.
+fn slice_of<'a>(arr: &'a PyReadonlyArray2<'_, f32>, arg: &str) -> PyResult<&'a [f32]> {
+    arr.as_slice().map_err(|_| {
+        to_py(CoreError::invalid(
+            arg,
+            "a C-contiguous float32 array",
+            "a non-contiguous array",
+        ))
+    })
+}
+
+fn check_shape(arr: &PyReadonlyArray2<'_, f32>, arg: &str, expected: [usize; 2]) -> PyResult<()> {
+    if arr.shape() != expected {
+        return Err(to_py(CoreError::Shape {
+            arg: arg.to_string(),
+            expected: shape_str(&expected),
+            got: shape_str(arr.shape()),
+        }));
+    }
+    Ok(())
+}
+
+fn seeds_of(seed: Option<u64>, seeds: Option<Vec<u64>>) -> PyResult<Seeds> {
+    match (seed, seeds) {
+        (None, None) => Ok(Seeds::Entropy),
+        (Some(s), None) => Ok(Seeds::One(s)),
+        (None, Some(v)) => Ok(Seeds::PerRow(v)),
+        (Some(_), Some(_)) => Err(to_py(CoreError::invalid(
+            "seed",
+            "either one seed or one seed per row",
+            "both",
+        ))),
+    }
+}
+
+fn sampling_of(temperature: f64, top_k: usize, top_p: f64, min_p: f64) -> Sampling {
+    Sampling {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+    }
+}
+
+/// Borrowed model logits with their shapes checked against `large`.
+struct Borrowed<'a> {
+    large: &'a [f32],
+    small: &'a [f32],
+    experts: Vec<&'a [f32]>,
+    batch: usize,
+    vocab: usize,
+}
+
+fn borrow_models<'a>(
+    large: &'a PyReadonlyArray2<'_, f32>,
+    small: &'a PyReadonlyArray2<'_, f32>,
+    experts: &'a [PyReadonlyArray2<'_, f32>],
+) -> PyResult<Borrowed<'a>> {
+    let [batch, vocab] = [large.shape()[0], large.shape()[1]];
+    check_shape(small, "small", [batch, vocab])?;
+    for (t, e) in experts.iter().enumerate() {
+        check_shape(e, &format!("experts[{t}]"), [batch, vocab])?;
+    }
+    let expert_slices = experts
+        .iter()
+        .enumerate()
+        .map(|(t, e)| slice_of(e, &format!("experts[{t}]")))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok(Borrowed {
+        large: slice_of(large, "large")?,
+        small: slice_of(small, "small")?,
+        experts: expert_slices,
+        batch,
+        vocab,
+    })
+}
+
+/// Result of one `fuse_step`: per-row tokens, weights, objective and KL traces.
+/// Every getter returns a fresh numpy array (a copy of a few B x T numbers).
+#[pyclass(frozen, module = "dlf_rs")]
+pub struct StepResult {
+    out: StepOutput,
+}
+
+fn vec1<'py, T: numpy::Element + Copy>(py: Python<'py>, v: &[T]) -> Bound<'py, PyArray1<T>> {
+    PyArray1::from_slice(py, v)
+}
+
+fn vec2<'py, T: numpy::Element + Copy>(
+    py: Python<'py>,
+    v: &[T],
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    PyArray1::from_slice(py, v).reshape([rows, cols])
+}
+
+#[pymethods]
+impl StepResult {
+    /// Number of rows B.
+    #[getter]
+    fn batch(&self) -> usize {
+        self.out.batch
+    }
+    /// Number of experts T.
+    #[getter]
+    fn n_experts(&self) -> usize {
+        self.out.n_experts
+    }
+    /// Next token per row, int64 [B].
+    #[getter]
+    fn tokens<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        vec1(py, &self.out.tokens)
+    }
+    /// Weights used, float32 [B, T].
+    #[getter]
+    fn alphas<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        vec2(py, &self.out.alphas, self.out.batch, self.out.n_experts)
+    }
+    /// J at the chosen weights on the support used (0 for static weights), float32 [B].
+    #[getter]
+    fn loss<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        vec1(py, &self.out.loss)
+    }
+    /// Index of the expert with the non-zero weight, -1 if none (or static weights), int64 [B].
+    #[getter]
+    fn active<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        vec1(py, &self.out.active)
+    }
+    /// KL(P~ || P) at the chosen weights, float32 [B] (NaN for static weights).
+    #[getter]
+    fn kl_fused_large<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        vec1(py, &self.out.kl_fused_large)
+    }
+    /// KL(P || P~) at the chosen weights, float32 [B] (NaN for static weights).
+    #[getter]
+    fn kl_large_fused<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        vec1(py, &self.out.kl_large_fused)
+    }
+    /// Targets KL(Q_t || Q), float32 [B, T] (NaN for static weights).
+    #[getter]
+    fn kl_expert_small<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        vec2(py, &self.out.kl_expert_small, self.out.batch, self.out.n_experts)
+    }
+    /// Targets KL(Q || Q_t), float32 [B, T] (NaN for static weights).
+    #[getter]
+    fn kl_small_expert<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        vec2(py, &self.out.kl_small_expert, self.out.batch, self.out.n_experts)
+    }
+    /// Number of tokens (tail bucket included) the KLs were computed over, uint32 [B].
+    #[getter]
+    fn support_size<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
+        vec1(py, &self.out.support_size)
+    }
+
+    fn __len__(&self) -> usize {
+        self.out.batch
+    }
+
+    fn __repr__(&self) -> String {
+        const SHOW: usize = 4;
+        let o = &self.out;
+        let rows = o.batch.min(SHOW);
+        let more = if o.batch > SHOW { ", ..." } else { "" };
+        let list = |v: &[String]| format!("[{}{}]", v.join(", "), more);
+        let tokens: Vec<String> = o.tokens[..rows].iter().map(|x| x.to_string()).collect();
+        let active: Vec<String> = o.active[..rows].iter().map(|x| x.to_string()).collect();
+        let loss: Vec<String> = o.loss[..rows].iter().map(|x| format!("{x:.5}")).collect();
+        let alphas: Vec<String> = (0..rows)
+            .map(|b| {
+                let row = &o.alphas[b * o.n_experts..(b + 1) * o.n_experts];
+                let v: Vec<String> = row.iter().map(|x| format!("{x:.4}")).collect();
+                format!("[{}]", v.join(", "))
+            })
+            .collect();
+        format!(
+            "StepResult(batch={}, n_experts={}, tokens={}, active={}, alphas={}, loss={})",
+            o.batch,
+            o.n_experts,
+            list(&tokens),
+            list(&active),
+            list(&alphas),
+            list(&loss),
+        )
+    }
+}
+
+fn solver_kind(solver: &str) -> PyResult<SolverKind> {
+    match solver {
+        "grid" => Ok(SolverKind::Grid),
+        "exact" => Ok(SolverKind::Exact),
+        other => Err(to_py(CoreError::invalid(
+            "solver",
+            "'grid' or 'exact'",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
+fn multi_expert_mode(mode: &str) -> PyResult<MultiExpert> {
+    match mode {
+        "one-active" => Ok(MultiExpert::OneActive),
+        other => Err(to_py(CoreError::invalid(
+            "multi_expert",
+            "'one-active'",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
+/// One DLF decoding step over a batch. Arguments are checked by `dlf_rs.fuse_step`; see there.
+#[pyfunction]
+#[pyo3(signature = (
+    large, small, experts, *, alpha=None, alpha_min=0.0, alpha_max=2.0, grid_step=0.1,
+    solver="grid", multi_expert="one-active", support_k=None,
+    temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, seeds=None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn fuse_step(
+    py: Python<'_>,
+    large: PyReadonlyArray2<'_, f32>,
+    small: PyReadonlyArray2<'_, f32>,
+    experts: Vec<PyReadonlyArray2<'_, f32>>,
+    alpha: Option<Vec<f64>>,
+    alpha_min: f64,
+    alpha_max: f64,
+    grid_step: f64,
+    solver: &str,
+    multi_expert: &str,
+    support_k: Option<usize>,
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    min_p: f64,
+    seed: Option<u64>,
+    seeds: Option<Vec<u64>>,
+) -> PyResult<StepResult> {
+    let weights = match alpha {
+        Some(a) => Weights::Static(a),
+        None => Weights::Dynamic(SolverConfig {
+            alpha_min,
+            alpha_max,
+            grid_step,
+            solver: solver_kind(solver)?,
+            multi_expert: multi_expert_mode(multi_expert)?,
+            support_k,
+        }),
+    };
+    let sampling = sampling_of(temperature, top_k, top_p, min_p);
+    let seeds = seeds_of(seed, seeds)?;
+    let m = borrow_models(&large, &small, &experts)?;
+    let inputs = StepInputs {
+        large: m.large,
+        small: m.small,
+        experts: &m.experts,
+        batch: m.batch,
+        vocab: m.vocab,
+    };
+    // The arrays are borrowed read-only (zero-copy) while the GIL is released: the caller must not
+    // mutate them from another thread until this call returns. `dlf_rs.FusedGenerator` owns its
+    // staging buffers and never does.
+    let out = py
+        .detach(|| crate::step::fuse_step(&inputs, &weights, &sampling, &seeds))
+        .map_err(to_py)?;
+    Ok(StepResult { out })
+}
+
+/// Fused logits z_L + sum_t alphas[b, t] (z_t - z_S) for every row, float32 [B, V].
+#[pyfunction]
+fn fuse_logits<'py>(
+    py: Python<'py>,
+    large: PyReadonlyArray2<'py, f32>,
+    small: PyReadonlyArray2<'py, f32>,
+    experts: Vec<PyReadonlyArray2<'py, f32>>,
+    alphas: PyReadonlyArray2<'py, f32>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let m = borrow_models(&large, &small, &experts)?;
+    check_shape(&alphas, "alphas", [m.batch, m.experts.len()])?;
+    let alpha_slice = slice_of(&alphas, "alphas")?;
+    let inputs = StepInputs {
+        large: m.large,
+        small: m.small,
+        experts: &m.experts,
+        batch: m.batch,
+        vocab: m.vocab,
+    };
+    let mut out = vec![0.0f32; m.batch * m.vocab];
+    // Borrowed read-only without copying while detached; see `fuse_step`.
+    py.detach(|| crate::step::fuse_logits(&inputs, alpha_slice, &mut out))
+        .map_err(to_py)?;
+    vec2(py, &out, m.batch, m.vocab)
+}
+
+/// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`.
+#[pyfunction]
+#[pyo3(signature = (logits, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, seeds=None))]
+#[allow(clippy::too_many_arguments)]
+fn sample<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray2<'py, f32>,
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    min_p: f64,
+    seed: Option<u64>,
+    seeds: Option<Vec<u64>>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let sampling = sampling_of(temperature, top_k, top_p, min_p);
+    let seeds = seeds_of(seed, seeds)?;
+    let [batch, vocab] = [logits.shape()[0], logits.shape()[1]];
+    let z = slice_of(&logits, "logits")?;
+    // Borrowed read-only without copying while detached; see `fuse_step`.
+    let tokens = py
+        .detach(|| crate::sample_batch(z, batch, vocab, &sampling, &seeds))
+        .map_err(to_py)?;
+    Ok(PyArray1::from_vec(py, tokens))
+}
+
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DlfError", m.py().get_type::<DlfError>())?;
+    m.add_class::<StepResult>()?;
+    m.add_function(wrap_pyfunction!(fuse_step, m)?)?;
+    m.add_function(wrap_pyfunction!(fuse_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(sample, m)?)?;
+    Ok(())
+}
