@@ -24,4 +24,5 @@ mod python;
 
 pub use config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
 pub use error::DlfError;
+pub use sample::sample_batch;
 pub use step::{fuse_logits, fuse_step, StepInputs, StepOutput};

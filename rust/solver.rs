@@ -1,1 +1,584 @@
-//! (to be written)
+//! The DLF objective and its minimisation for one row, on the vectors built by `support`.
+//!
+//! With one active expert of weight a on direction d = z_t - z_S, let g(a) = log E_P[e^{a d}]
+//! (the cumulant generating function of d under P = softmax(z_L)). Then
+//!   K1(a) = KL(P~ || P) = a g'(a) - g(a),   K1'(a) = a g''(a),
+//!   K2(a) = KL(P || P~) = g(a) - a g'(0),   K2'(a) = g'(a) - g'(0),
+//! so one pass over the support gives both KLs and their derivatives at any a, and
+//!   J_t(a) = sum_s (K1(a) - b_s)^2 + (K2(a) - c_s)^2,  b_s = KL(Q_s || Q), c_s = KL(Q || Q_s).
+//! d is centred under P (a constant shift of the fused logits changes no KL) to limit cancellation.
+//!
+//! The grid (paper's Algorithm 1) uses exp(a_i x) = exp(a_0 x) r^i with r = exp(step * x),
+//! x = d - max d <= 0: one exponential per token and expert, then multiplies, for all grid points in
+//! one pass. Every weight stays <= P(x), so nothing overflows; when the spread of d is so wide that
+//! underflow could lose mass, or alpha_min < 0, a log-domain evaluation per grid point is used.
+
+use crate::config::{SolverConfig, SolverKind};
+use crate::kl::{fast_exp, finite_max, kl_pair_finite, log_softmax_into, log_sum_exp};
+use crate::support::Reduced;
+
+/// Beyond this many grid points the request is refused (validated in `step`).
+pub const MAX_GRID_POINTS: usize = 1_000_000;
+
+/// Number of grid points, exactly as the numpy reference: n = floor((max - min) / step + 1e-9).
+pub fn grid_len(alpha_min: f64, alpha_max: f64, grid_step: f64) -> f64 {
+    ((alpha_max - alpha_min) / grid_step + 1e-9).floor() + 1.0
+}
+
+/// Grid value i: min(alpha_min + i * step, alpha_max).
+#[inline]
+pub fn grid_value(cfg: &SolverConfig, i: usize) -> f64 {
+    (cfg.alpha_min + i as f64 * cfg.grid_step).min(cfg.alpha_max)
+}
+
+/// What the solver returns for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSolution {
+    pub alphas: Vec<f64>,
+    pub active: i64,
+    pub loss: f64,
+    pub kl_fused_large: f64,
+    pub kl_large_fused: f64,
+    pub targets_b: Vec<f64>,
+    pub targets_c: Vec<f64>,
+}
+
+/// Per-thread buffers: grown to the support size once, then reused for every row.
+#[derive(Debug, Default)]
+pub struct SolverScratch {
+    lp: Vec<f64>,
+    p: Vec<f64>,
+    d: Vec<f64>,
+    ea: Vec<f64>,
+    eb: Vec<f64>,
+    k1: Vec<f64>,
+    k2: Vec<f64>,
+    acc: Vec<[f64; LANES]>,
+}
+
+/// Per expert: the centred direction and the constants the evaluations need.
+#[derive(Debug, Clone, Copy)]
+struct Direction {
+    dmax: f64,
+    dmin: f64,
+}
+
+/// KLs and derivatives at one weight.
+#[derive(Debug, Clone, Copy)]
+struct Eval {
+    k1: f64,
+    k2: f64,
+    j: f64,
+    j1: f64,
+    j2: f64,
+}
+
+const LANES: usize = 4;
+
+pub fn solve_row(
+    red: &Reduced,
+    cfg: &SolverConfig,
+    n_t: usize,
+    sc: &mut SolverScratch,
+) -> RowSolution {
+    let n = red.n;
+    for v in [&mut sc.lp, &mut sc.p, &mut sc.ea, &mut sc.eb] {
+        v.resize(n, 0.0);
+    }
+    sc.d.resize(n * n_t, 0.0);
+
+    let mut targets_b = Vec::with_capacity(n_t);
+    let mut targets_c = Vec::with_capacity(n_t);
+    for t in 0..n_t {
+        let (b, c) = kl_pair_finite(red.expert(t), &red.zs, &mut sc.ea, &mut sc.eb);
+        targets_b.push(b);
+        targets_c.push(c);
+    }
+
+    log_softmax_into(&red.zl, &mut sc.lp);
+    let mut psum = 0.0;
+    for i in 0..n {
+        sc.p[i] = fast_exp(sc.lp[i]);
+        psum += sc.p[i];
+    }
+    let lse_lp = log_sum_exp(&sc.lp);
+    let mut dirs = Vec::with_capacity(n_t);
+    for t in 0..n_t {
+        let zt = red.expert(t);
+        let d = &mut sc.d[t * n..(t + 1) * n];
+        let mut mu = 0.0;
+        for i in 0..n {
+            // Tokens impossible under L carry no weight anywhere; 0 keeps them out of max/min.
+            d[i] = if sc.lp[i] > f64::NEG_INFINITY {
+                zt[i] - red.zs[i]
+            } else {
+                0.0
+            };
+            mu += sc.p[i] * d[i];
+        }
+        mu /= psum;
+        let (mut dmax, mut dmin) = (0.0f64, 0.0f64);
+        for (i, x) in d.iter_mut().enumerate() {
+            if sc.lp[i] > f64::NEG_INFINITY {
+                *x -= mu;
+                dmax = dmax.max(*x);
+                dmin = dmin.min(*x);
+            }
+        }
+        dirs.push(Direction { dmax, dmin });
+    }
+
+    let n_pts = grid_len(cfg.alpha_min, cfg.alpha_max, cfg.grid_step) as usize;
+    sc.k1.resize(n_pts * n_t, 0.0);
+    sc.k2.resize(n_pts * n_t, 0.0);
+    for (t, dir) in dirs.iter().enumerate() {
+        grid_kls(
+            &sc.p,
+            &sc.lp,
+            lse_lp,
+            &sc.d[t * n..(t + 1) * n],
+            *dir,
+            cfg,
+            n_pts,
+            &mut sc.k1[t * n_pts..(t + 1) * n_pts],
+            &mut sc.k2[t * n_pts..(t + 1) * n_pts],
+            &mut sc.acc,
+        );
+    }
+
+    // Paper's scan: a ascending, experts in order, strict '<'.
+    let mut best = Best {
+        j: f64::INFINITY,
+        a: 0.0,
+        t: 0,
+        k1: 0.0,
+        k2: 0.0,
+    };
+    for i in 0..n_pts {
+        let a = grid_value(cfg, i);
+        for t in 0..n_t {
+            let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
+            let j = objective(k1, k2, &targets_b, &targets_c);
+            if j < best.j {
+                best = Best { j, a, t, k1, k2 };
+            }
+        }
+    }
+
+    if cfg.solver == SolverKind::Exact {
+        for (t, dir) in dirs.iter().enumerate() {
+            let cand = exact_expert(
+                &sc.lp,
+                lse_lp,
+                &sc.d[t * n..(t + 1) * n],
+                *dir,
+                cfg,
+                n_pts,
+                &sc.k1[t * n_pts..(t + 1) * n_pts],
+                &sc.k2[t * n_pts..(t + 1) * n_pts],
+                &targets_b,
+                &targets_c,
+            );
+            let cand = Best { t, ..cand };
+            if cand.j < best.j || (cand.j == best.j && (cand.a < best.a)) {
+                best = cand;
+            }
+        }
+    }
+
+    let mut alphas = vec![0.0; n_t];
+    let active = if best.a != 0.0 && n_t > 0 {
+        alphas[best.t] = best.a;
+        best.t as i64
+    } else {
+        -1
+    };
+    RowSolution {
+        alphas,
+        active,
+        loss: best.j,
+        kl_fused_large: best.k1,
+        kl_large_fused: best.k2,
+        targets_b,
+        targets_c,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    j: f64,
+    a: f64,
+    t: usize,
+    k1: f64,
+    k2: f64,
+}
+
+#[inline]
+fn objective(k1: f64, k2: f64, b: &[f64], c: &[f64]) -> f64 {
+    let mut j = 0.0;
+    for (bs, cs) in b.iter().zip(c) {
+        j += (k1 - bs) * (k1 - bs) + (k2 - cs) * (k2 - cs);
+    }
+    j
+}
+
+/// K1, K2 at every grid point for one expert.
+#[allow(clippy::too_many_arguments)]
+fn grid_kls(
+    p: &[f64],
+    lp: &[f64],
+    lse_lp: f64,
+    d: &[f64],
+    dir: Direction,
+    cfg: &SolverConfig,
+    n_pts: usize,
+    k1: &mut [f64],
+    k2: &mut [f64],
+    acc: &mut Vec<[f64; LANES]>,
+) {
+    let n = p.len() as f64;
+    let spread = dir.dmax - dir.dmin;
+    let fast = cfg.alpha_min >= 0.0 && cfg.alpha_max * spread + n.ln() < 600.0;
+    if !fast {
+        let g1_0 = cgf(lp, lse_lp, d, 0.0).1;
+        for i in 0..n_pts {
+            let a = grid_value(cfg, i);
+            let (g, g1, _, _) = cgf(lp, lse_lp, d, a);
+            (k1[i], k2[i]) = kls(a, g, g1, g1_0);
+        }
+        return;
+    }
+    // Lattice points a_i = alpha_min + i * step; the last grid value may be clamped to alpha_max
+    // (by rounding only, at most 1e-9 * step away); it is then evaluated on its own.
+    let last = n_pts - 1;
+    let a_last = grid_value(cfg, last);
+    let n_lat = if a_last == cfg.alpha_min + last as f64 * cfg.grid_step {
+        n_pts
+    } else {
+        last
+    };
+    acc.clear();
+    acc.resize(2 * n_lat + 2, [0.0; LANES]);
+    lattice_moments(p, d, dir.dmax, cfg.alpha_min, cfg.grid_step, n_lat, acc);
+    let sum = |v: &[f64; LANES]| v.iter().sum::<f64>();
+    // acc[2 * n_lat]: sum p, acc[2 * n_lat + 1]: sum p (d - dmax), i.e. the a = 0 moments.
+    let s0_0 = sum(&acc[2 * n_lat]);
+    let m1_0 = sum(&acc[2 * n_lat + 1]) / s0_0;
+    for i in 0..n_lat {
+        let a = cfg.alpha_min + i as f64 * cfg.grid_step;
+        let s0 = sum(&acc[2 * i]);
+        let m1 = sum(&acc[2 * i + 1]) / s0;
+        (k1[i], k2[i]) = shifted_kls(a, s0 / s0_0, m1, m1_0);
+    }
+    if n_lat < n_pts {
+        let (mut s0, mut s1) = (0.0, 0.0);
+        for (&pi, &di) in p.iter().zip(d) {
+            let x = di - dir.dmax;
+            let w = pi * fast_exp(a_last * x);
+            s0 += w;
+            s1 += w * x;
+        }
+        (k1[last], k2[last]) = shifted_kls(a_last, s0 / s0_0, s1 / s0, m1_0);
+    }
+}
+
+/// K1, K2 from moments of x = d - dmax: ratio = E_P[e^{a x}], m1 = E_{P~}[x], m1_0 = E_P[x].
+#[inline]
+fn shifted_kls(a: f64, ratio: f64, m1: f64, m1_0: f64) -> (f64, f64) {
+    if a == 0.0 {
+        return (0.0, 0.0);
+    }
+    // g(a) - a dmax = ln ratio; the dmax terms cancel in both KLs.
+    let lr = ratio.ln();
+    ((a * m1 - lr).max(0.0), (lr - a * m1_0).max(0.0))
+}
+
+#[inline]
+fn kls(a: f64, g: f64, g1: f64, g1_0: f64) -> (f64, f64) {
+    if a == 0.0 {
+        return (0.0, 0.0);
+    }
+    ((a * g1 - g).max(0.0), (g - a * g1_0).max(0.0))
+}
+
+/// acc[2i] += p e^{a_i x}, acc[2i+1] += p x e^{a_i x} with x = d - dmax, for the n_lat lattice
+/// points, plus the a = 0 moments in the last two slots. Lanes keep LANES independent sums so the
+/// loop vectorises; they are added in a fixed order afterwards (deterministic).
+fn lattice_moments(
+    p: &[f64],
+    d: &[f64],
+    dmax: f64,
+    a0: f64,
+    h: f64,
+    n_lat: usize,
+    acc: &mut [[f64; LANES]],
+) {
+    let n = p.len();
+    let full = n / LANES * LANES;
+    let (grid_acc, zero_acc) = acc.split_at_mut(2 * n_lat);
+    for j in (0..full).step_by(LANES) {
+        let mut w = [0.0; LANES];
+        let mut u = [0.0; LANES];
+        let mut e = [0.0; LANES];
+        for l in 0..LANES {
+            let x = d[j + l] - dmax;
+            let pl = p[j + l];
+            zero_acc[0][l] += pl;
+            zero_acc[1][l] += pl * x;
+            e[l] = fast_exp(h * x);
+            w[l] = if a0 == 0.0 { pl } else { pl * fast_exp(a0 * x) };
+            u[l] = w[l] * x;
+        }
+        for pair in grid_acc.chunks_exact_mut(2) {
+            for l in 0..LANES {
+                pair[0][l] += w[l];
+                pair[1][l] += u[l];
+                w[l] *= e[l];
+                u[l] *= e[l];
+            }
+        }
+    }
+    for j in full..n {
+        let x = d[j] - dmax;
+        zero_acc[0][0] += p[j];
+        zero_acc[1][0] += p[j] * x;
+        let e = fast_exp(h * x);
+        let mut w = if a0 == 0.0 {
+            p[j]
+        } else {
+            p[j] * fast_exp(a0 * x)
+        };
+        let mut u = w * x;
+        for pair in grid_acc.chunks_exact_mut(2) {
+            pair[0][0] += w;
+            pair[1][0] += u;
+            w *= e;
+            u *= e;
+        }
+    }
+}
+
+/// Log-domain cumulants of d under P~(a): (g(a), g'(a), g''(a), g'''(a)), safe for any a.
+fn cgf(lp: &[f64], lse_lp: f64, d: &[f64], a: f64) -> (f64, f64, f64, f64) {
+    let mut m = f64::NEG_INFINITY;
+    for (&l, &x) in lp.iter().zip(d) {
+        if l > f64::NEG_INFINITY {
+            m = m.max(l + a * x);
+        }
+    }
+    let (mut s0, mut s1, mut s2, mut s3) = (0.0, 0.0, 0.0, 0.0);
+    for (&l, &x) in lp.iter().zip(d) {
+        let w = fast_exp(l + a * x - m);
+        s0 += w;
+        s1 += w * x;
+        s2 += w * x * x;
+        s3 += w * x * x * x;
+    }
+    let g = m + s0.ln() - lse_lp;
+    let e1 = s1 / s0;
+    let e2 = s2 / s0;
+    let e3 = s3 / s0;
+    let var = (e2 - e1 * e1).max(0.0);
+    let k3 = e3 - 3.0 * e1 * e2 + 2.0 * e1 * e1 * e1;
+    (g, e1, var, k3)
+}
+
+/// Exact minimisation of J for one expert on [alpha_min, alpha_max], never worse than that
+/// expert's grid points (they seed the search and the best point seen is kept).
+#[allow(clippy::too_many_arguments)]
+fn exact_expert(
+    lp: &[f64],
+    lse_lp: f64,
+    d: &[f64],
+    _dir: Direction,
+    cfg: &SolverConfig,
+    n_pts: usize,
+    gk1: &[f64],
+    gk2: &[f64],
+    b: &[f64],
+    c: &[f64],
+) -> Best {
+    let nt = b.len() as f64;
+    let mb = b.iter().sum::<f64>() / nt;
+    let mc = c.iter().sum::<f64>() / nt;
+    let g1_0 = cgf(lp, lse_lp, d, 0.0).1;
+    let eval = |a: f64| -> Eval {
+        let (g, g1, g2, g3) = cgf(lp, lse_lp, d, a);
+        let (k1, k2) = kls(a, g, g1, g1_0);
+        let (dk1, dk2) = (a * g2, g1 - g1_0);
+        let (ddk1, ddk2) = (g2 + a * g3, g2);
+        let mut j1 = 0.0;
+        let mut j2 = 0.0;
+        for (bs, cs) in b.iter().zip(c) {
+            j1 += 2.0 * ((k1 - bs) * dk1 + (k2 - cs) * dk2);
+            j2 += 2.0 * (dk1 * dk1 + (k1 - bs) * ddk1 + dk2 * dk2 + (k2 - cs) * ddk2);
+        }
+        Eval {
+            k1,
+            k2,
+            j: objective(k1, k2, b, c),
+            j1,
+            j2,
+        }
+    };
+
+    let mut best = Best {
+        j: f64::INFINITY,
+        a: 0.0,
+        t: 0,
+        k1: 0.0,
+        k2: 0.0,
+    };
+    let consider = |best: &mut Best, a: f64, k1: f64, k2: f64, j: f64| {
+        if j < best.j || (j == best.j && a < best.a) {
+            *best = Best { j, a, t: 0, k1, k2 };
+        }
+    };
+    for i in 0..n_pts {
+        let (k1, k2) = (gk1[i], gk2[i]);
+        consider(
+            &mut best,
+            grid_value(cfg, i),
+            k1,
+            k2,
+            objective(k1, k2, b, c),
+        );
+    }
+
+    let mut sides = Vec::with_capacity(2);
+    if cfg.alpha_max > 0.0 {
+        sides.push((cfg.alpha_min.max(0.0), cfg.alpha_max));
+    }
+    if cfg.alpha_min < 0.0 {
+        sides.push((cfg.alpha_min, cfg.alpha_max.min(0.0)));
+    }
+    for (lo, hi) in sides {
+        if hi <= lo {
+            continue;
+        }
+        let a1 = level_root(|a| eval(a).k1, lo, hi, mb);
+        let a2 = level_root(|a| eval(a).k2, lo, hi, mc);
+        let (bl, br) = (a1.min(a2), a1.max(a2));
+        // Candidates in ascending order: bracket ends and the grid points strictly inside.
+        let mut cands: Vec<(f64, f64)> = Vec::new();
+        let el = eval(bl);
+        consider(&mut best, bl, el.k1, el.k2, el.j);
+        cands.push((bl, el.j));
+        for i in 0..n_pts {
+            let a = grid_value(cfg, i);
+            if a > bl && a < br {
+                cands.push((a, objective(gk1[i], gk2[i], b, c)));
+            }
+        }
+        if br > bl {
+            let er = eval(br);
+            consider(&mut best, br, er.k1, er.k2, er.j);
+            cands.push((br, er.j));
+        }
+        let mut ci = 0;
+        for (i, cand) in cands.iter().enumerate() {
+            if cand.1 < cands[ci].1 {
+                ci = i;
+            }
+        }
+        let mut lo_r = cands[ci.saturating_sub(1)].0;
+        let mut hi_r = cands[(ci + 1).min(cands.len() - 1)].0;
+        let mut x = cands[ci].0;
+        for _ in 0..100 {
+            let e = eval(x);
+            consider(&mut best, x, e.k1, e.k2, e.j);
+            if e.j1 == 0.0 || !e.j1.is_finite() {
+                break;
+            }
+            if e.j1 > 0.0 {
+                hi_r = x;
+            } else {
+                lo_r = x;
+            }
+            let tol = 1e-13 * x.abs().max(1.0);
+            if hi_r - lo_r <= tol {
+                break;
+            }
+            let newton = x - e.j1 / e.j2;
+            let xn = if e.j2 > 0.0 && newton > lo_r && newton < hi_r {
+                newton
+            } else {
+                0.5 * (lo_r + hi_r)
+            };
+            if (xn - x).abs() <= tol {
+                break;
+            }
+            x = xn;
+        }
+    }
+    best
+}
+
+/// The a in [lo, hi] where the monotone-in-|a| function k reaches `target`, clamped to the ends.
+/// Safeguarded secant/bisection: k is increasing in |a| on a side that does not straddle 0.
+fn level_root(k: impl Fn(f64) -> f64, lo: f64, hi: f64, target: f64) -> f64 {
+    // On the negative side k decreases with a; flip so that f increases from `l` to `r`.
+    let (near, far) = if hi <= 0.0 { (hi, lo) } else { (lo, hi) };
+    let f_near = k(near) - target;
+    if f_near >= 0.0 {
+        return near;
+    }
+    let f_far = k(far) - target;
+    if f_far <= 0.0 {
+        return far;
+    }
+    let (mut l, mut r, mut fl, mut fr) = (near, far, f_near, f_far);
+    for _ in 0..200 {
+        // Illinois-style false position with a bisection fallback when it stalls.
+        let mut x = l - fl * (r - l) / (fr - fl);
+        if !(x - l.min(r) > 0.0 && l.max(r) - x > 0.0) {
+            x = 0.5 * (l + r);
+        }
+        let fx = k(x) - target;
+        if fx == 0.0 || (r - l).abs() <= 1e-14 * x.abs().max(1.0) {
+            return x;
+        }
+        if fx < 0.0 {
+            l = x;
+            fl = fx;
+            fr *= 0.5;
+        } else {
+            r = x;
+            fr = fx;
+            fl *= 0.5;
+        }
+    }
+    0.5 * (l + r)
+}
+
+/// Naive per-token KLs at weight vector `alphas` (tests and debugging): builds the fused logits,
+/// log-softmaxes everything and sums A (log A - log B) directly.
+pub fn naive_kls(red: &Reduced, alphas: &[f64]) -> (f64, f64) {
+    let n = red.n;
+    let mut f = red.zl.clone();
+    for (t, &a) in alphas.iter().enumerate() {
+        if a == 0.0 {
+            continue;
+        }
+        let zt = red.expert(t);
+        for i in 0..n {
+            if f[i] > f64::NEG_INFINITY {
+                f[i] += a * (zt[i] - red.zs[i]);
+            }
+        }
+    }
+    let mut lf = vec![0.0; n];
+    let mut lpv = vec![0.0; n];
+    log_softmax_into(&f, &mut lf);
+    log_softmax_into(&red.zl, &mut lpv);
+    let kl = |la: &[f64], lb: &[f64]| -> f64 {
+        la.iter()
+            .zip(lb)
+            .filter(|(a, _)| **a > f64::NEG_INFINITY)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>()
+            .max(0.0)
+    };
+    let _ = finite_max;
+    (kl(&lf, &lpv), kl(&lpv, &lf))
+}

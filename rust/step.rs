@@ -5,9 +5,24 @@
 //! - `StepInputs`: `large`, `small` and each `experts[t]` are row-major `batch * vocab` f32.
 //! - `fuse_step(&inputs, &weights, &sampling, &seeds) -> Result<StepOutput, DlfError>`.
 //! - `fuse_logits(&inputs, alphas /* batch * T, row-major */, out /* batch * vocab */)`.
+//!
+//! Fused logits are computed in f32 exactly as `out = z_L; for t: out += (alpha_t as f32) *
+//! (z_t' - z_S')` (no FMA; z' with -inf replaced), so a numpy reference reproduces them bit for
+//! bit. -inf in z_L stays -inf; an element that overflows while z_L is finite is recomputed in
+//! f64 and saturated to +-f32::MAX.
+//!
+//! Rows are independent: each is processed on a rayon worker with that thread's scratch buffers,
+//! and errors are reported for the lowest failing row, so the result never depends on scheduling.
 
-use crate::config::{Sampling, Seeds, Weights};
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::config::{Sampling, Seeds, SolverConfig, Weights};
 use crate::error::DlfError;
+use crate::sample::{sample_row, RowSeeds, SampleScratch};
+use crate::solver::{grid_len, solve_row, SolverScratch, MAX_GRID_POINTS};
+use crate::support::{ModelRow, Reduced};
 
 #[derive(Debug, Clone, Copy)]
 pub struct StepInputs<'a> {
@@ -39,8 +54,51 @@ pub struct StepOutput {
     pub kl_expert_small: Vec<f32>,
     /// Targets KL(Q || Q_t), `[B, T]` (NaN for static weights).
     pub kl_small_expert: Vec<f32>,
-    /// Number of tokens (tail bucket included) the KLs were computed over.
+    /// Number of tokens (tail bucket included) the KLs were computed over; 0 for static weights.
     pub support_size: Vec<u32>,
+}
+
+impl StepOutput {
+    fn empty(n_experts: usize) -> Self {
+        StepOutput {
+            batch: 0,
+            n_experts,
+            tokens: vec![],
+            alphas: vec![],
+            loss: vec![],
+            active: vec![],
+            kl_fused_large: vec![],
+            kl_large_fused: vec![],
+            kl_expert_small: vec![],
+            kl_small_expert: vec![],
+            support_size: vec![],
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    red: Reduced,
+    solver: SolverScratch,
+    sample: SampleScratch,
+    fused: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// One row's results before they are scattered into the `[B]` / `[B, T]` outputs.
+struct RowOut {
+    token: i64,
+    alphas: Vec<f32>,
+    loss: f32,
+    active: i64,
+    kl_fused_large: f32,
+    kl_large_fused: f32,
+    targets_b: Vec<f32>,
+    targets_c: Vec<f32>,
+    support_size: u32,
 }
 
 pub fn fuse_step(
@@ -49,11 +107,428 @@ pub fn fuse_step(
     sampling: &Sampling,
     seeds: &Seeds,
 ) -> Result<StepOutput, DlfError> {
-    let _ = (inputs, weights, sampling, seeds);
-    todo!("implemented by the core work")
+    fuse_step_impl(inputs, weights, sampling, seeds, true)
 }
 
-pub fn fuse_logits(inputs: &StepInputs<'_>, alphas: &[f32], out: &mut [f32]) -> Result<(), DlfError> {
-    let _ = (inputs, alphas, out);
-    todo!("implemented by the core work")
+pub(crate) fn fuse_step_impl(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &Seeds,
+    parallel: bool,
+) -> Result<StepOutput, DlfError> {
+    validate_inputs(inputs)?;
+    let n_t = inputs.experts.len();
+    validate_weights(weights, n_t)?;
+    validate_sampling(sampling)?;
+    validate_seeds(seeds, inputs.batch)?;
+    if inputs.batch == 0 {
+        return Ok(StepOutput::empty(n_t));
+    }
+    let row_seeds = RowSeeds::new(seeds);
+    let run = |b: usize| step_row(inputs, b, weights, sampling, &row_seeds);
+    let rows: Vec<Result<RowOut, DlfError>> = if parallel {
+        (0..inputs.batch).into_par_iter().map(run).collect()
+    } else {
+        (0..inputs.batch).map(run).collect()
+    };
+
+    let b = inputs.batch;
+    let mut out = StepOutput {
+        batch: b,
+        n_experts: n_t,
+        tokens: Vec::with_capacity(b),
+        alphas: Vec::with_capacity(b * n_t),
+        loss: Vec::with_capacity(b),
+        active: Vec::with_capacity(b),
+        kl_fused_large: Vec::with_capacity(b),
+        kl_large_fused: Vec::with_capacity(b),
+        kl_expert_small: Vec::with_capacity(b * n_t),
+        kl_small_expert: Vec::with_capacity(b * n_t),
+        support_size: Vec::with_capacity(b),
+    };
+    for row in rows {
+        let r = row?;
+        out.tokens.push(r.token);
+        out.alphas.extend_from_slice(&r.alphas);
+        out.loss.push(r.loss);
+        out.active.push(r.active);
+        out.kl_fused_large.push(r.kl_fused_large);
+        out.kl_large_fused.push(r.kl_large_fused);
+        out.kl_expert_small.extend_from_slice(&r.targets_b);
+        out.kl_small_expert.extend_from_slice(&r.targets_c);
+        out.support_size.push(r.support_size);
+    }
+    Ok(out)
+}
+
+/// Scans one row of each model and returns the rows with their -inf replacements.
+fn row_models<'a>(
+    inputs: &StepInputs<'a>,
+    b: usize,
+) -> Result<(ModelRow<'a>, ModelRow<'a>, Vec<ModelRow<'a>>), DlfError> {
+    let v = inputs.vocab;
+    let span = b * v..(b + 1) * v;
+    let large = &inputs.large[span.clone()];
+    scan_row("large", b, large)?;
+    let small = &inputs.small[span.clone()];
+    let rep = scan_row("small", b, small)?;
+    let small = ModelRow { z: small, rep };
+    let mut experts = Vec::with_capacity(inputs.experts.len());
+    for (t, e) in inputs.experts.iter().enumerate() {
+        let z = &e[span.clone()];
+        let rep = scan_row_named(|| format!("experts[{t}]"), b, z)?;
+        experts.push(ModelRow { z, rep });
+    }
+    let large = ModelRow {
+        z: large,
+        rep: f32::NEG_INFINITY,
+    };
+    Ok((large, small, experts))
+}
+
+fn step_row(
+    inputs: &StepInputs<'_>,
+    b: usize,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &RowSeeds<'_>,
+) -> Result<RowOut, DlfError> {
+    let (large, small, experts) = row_models(inputs, b)?;
+    let n_t = experts.len();
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let sc = &mut *guard;
+        let mut out = match weights {
+            Weights::Static(a) => RowOut {
+                token: 0,
+                alphas: a.iter().map(|&x| x as f32).collect(),
+                loss: 0.0,
+                active: -1,
+                kl_fused_large: f32::NAN,
+                kl_large_fused: f32::NAN,
+                targets_b: vec![f32::NAN; n_t],
+                targets_c: vec![f32::NAN; n_t],
+                support_size: 0,
+            },
+            Weights::Dynamic(cfg) => {
+                sc.red.fill(large, small, &experts, cfg.support_k);
+                let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver);
+                RowOut {
+                    token: 0,
+                    alphas: s.alphas.iter().map(|&x| x as f32).collect(),
+                    loss: s.loss as f32,
+                    active: s.active,
+                    kl_fused_large: s.kl_fused_large as f32,
+                    kl_large_fused: s.kl_large_fused as f32,
+                    targets_b: s.targets_b.iter().map(|&x| x as f32).collect(),
+                    targets_c: s.targets_c.iter().map(|&x| x as f32).collect(),
+                    support_size: sc.red.n as u32,
+                }
+            }
+        };
+        sc.fused.resize(inputs.vocab, 0.0);
+        fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused);
+        out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
+        Ok(out)
+    })
+}
+
+/// The fused f32 logits of one row (see the module docs for the exact arithmetic).
+fn fuse_row(
+    large: &[f32],
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    alphas: &[f32],
+    out: &mut [f32],
+) {
+    out.copy_from_slice(large);
+    for (e, &a) in experts.iter().zip(alphas) {
+        // a * diff adds +-0 when a == 0 unless diff overflowed, and that case is recomputed below
+        // to the same value, so skipping is bit-identical.
+        if a == 0.0 {
+            continue;
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o += a * (e.get(i) - small.get(i));
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        if large[i] == f32::NEG_INFINITY {
+            *o = f32::NEG_INFINITY;
+        } else if !o.is_finite() {
+            let mut x = large[i] as f64;
+            for (e, &a) in experts.iter().zip(alphas) {
+                x += a as f64 * (e.get(i) as f64 - small.get(i) as f64);
+            }
+            *o = x.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32;
+        }
+    }
+}
+
+pub fn fuse_logits(
+    inputs: &StepInputs<'_>,
+    alphas: &[f32],
+    out: &mut [f32],
+) -> Result<(), DlfError> {
+    validate_inputs(inputs)?;
+    let (b, v, n_t) = (inputs.batch, inputs.vocab, inputs.experts.len());
+    if alphas.len() != b * n_t {
+        return Err(shape("alphas", format!("[{b}, {n_t}]"), alphas.len()));
+    }
+    if out.len() != b * v {
+        return Err(shape("out", format!("[{b}, {v}]"), out.len()));
+    }
+    if let Some(x) = alphas.iter().find(|x| !x.is_finite()) {
+        return Err(DlfError::invalid("alphas", "finite values", x));
+    }
+    if b == 0 {
+        return Ok(());
+    }
+    let res: Vec<Result<(), DlfError>> = out
+        .par_chunks_mut(v)
+        .enumerate()
+        .map(|(row, o)| {
+            let (large, small, experts) = row_models(inputs, row)?;
+            fuse_row(
+                large.z,
+                small,
+                &experts,
+                &alphas[row * n_t..(row + 1) * n_t],
+                o,
+            );
+            Ok(())
+        })
+        .collect();
+    res.into_iter().collect()
+}
+
+fn shape(arg: &str, expected: String, got_len: usize) -> DlfError {
+    DlfError::Shape {
+        arg: arg.to_string(),
+        expected,
+        got: format!("{got_len} elements"),
+    }
+}
+
+/// Shapes of the three inputs: every array is `batch * vocab`, and `vocab > 0` when `batch > 0`.
+pub(crate) fn validate_inputs(inputs: &StepInputs<'_>) -> Result<(), DlfError> {
+    let (b, v) = (inputs.batch, inputs.vocab);
+    check_matrix("large", inputs.large.len(), b, v)?;
+    check_matrix("small", inputs.small.len(), b, v)?;
+    for (t, e) in inputs.experts.iter().enumerate() {
+        check_matrix(&format!("experts[{t}]"), e.len(), b, v)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_matrix(arg: &str, len: usize, b: usize, v: usize) -> Result<(), DlfError> {
+    let want = b.checked_mul(v);
+    if b > 0 && v == 0 {
+        return Err(DlfError::Shape {
+            arg: arg.to_string(),
+            expected: format!("[{b}, vocab > 0]"),
+            got: format!("[{b}, 0]"),
+        });
+    }
+    if want != Some(len) {
+        return Err(shape(
+            arg,
+            format!("[{b}, {v}] ({} elements)", b.saturating_mul(v)),
+            len,
+        ));
+    }
+    Ok(())
+}
+
+fn validate_weights(weights: &Weights, n_t: usize) -> Result<(), DlfError> {
+    match weights {
+        Weights::Static(a) => {
+            if a.len() != n_t {
+                return Err(DlfError::invalid(
+                    "alpha",
+                    format!("{n_t} static weights (one per expert)"),
+                    format!("{} values", a.len()),
+                ));
+            }
+            if let Some(x) = a.iter().find(|x| !x.is_finite()) {
+                return Err(DlfError::invalid("alpha", "finite values", x));
+            }
+            Ok(())
+        }
+        Weights::Dynamic(cfg) => {
+            if n_t == 0 {
+                return Err(DlfError::invalid(
+                    "experts",
+                    "at least one expert for dynamic weights",
+                    "0 experts",
+                ));
+            }
+            validate_solver(cfg)
+        }
+    }
+}
+
+fn validate_solver(cfg: &SolverConfig) -> Result<(), DlfError> {
+    let (lo, hi) = (cfg.alpha_min, cfg.alpha_max);
+    if !lo.is_finite() || !hi.is_finite() || lo > hi {
+        return Err(DlfError::invalid(
+            "alpha_range",
+            "finite alpha_min <= alpha_max",
+            format!("({lo}, {hi})"),
+        ));
+    }
+    if !(cfg.grid_step.is_finite() && cfg.grid_step > 0.0) {
+        return Err(DlfError::invalid(
+            "grid_step",
+            "a finite value > 0",
+            cfg.grid_step,
+        ));
+    }
+    let n = grid_len(lo, hi, cfg.grid_step);
+    if !(n <= MAX_GRID_POINTS as f64) {
+        return Err(DlfError::invalid(
+            "grid_step",
+            format!("at most {MAX_GRID_POINTS} grid points"),
+            format!("{n} points for step {} on [{lo}, {hi}]", cfg.grid_step),
+        ));
+    }
+    if cfg.support_k == Some(0) {
+        return Err(DlfError::invalid("support_k", "None or k >= 1", 0));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_sampling(s: &Sampling) -> Result<(), DlfError> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return Err(DlfError::invalid(
+            "temperature",
+            "a finite value >= 0",
+            s.temperature,
+        ));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(DlfError::invalid("top_p", "a value in (0, 1]", s.top_p));
+    }
+    if !(s.min_p >= 0.0 && s.min_p <= 1.0) {
+        return Err(DlfError::invalid("min_p", "a value in [0, 1]", s.min_p));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_seeds(seeds: &Seeds, batch: usize) -> Result<(), DlfError> {
+    if let Seeds::PerRow(v) = seeds {
+        if v.len() != batch {
+            return Err(DlfError::invalid(
+                "seed",
+                format!("{batch} per-row seeds"),
+                format!("{} seeds", v.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks one row (NaN / +inf are errors, at least one finite value) and returns the value -inf
+/// stands for in that row: its smallest finite logit minus 30 (f32 arithmetic).
+pub(crate) fn scan_row(model: &str, row: usize, z: &[f32]) -> Result<f32, DlfError> {
+    scan_row_named(|| model.to_string(), row, z)
+}
+
+fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
+    let mut min = f32::INFINITY;
+    let mut bad = false;
+    for &x in z {
+        // NaN and +inf both fail `x < inf`; -inf passes and is ignored by the finite minimum.
+        bad |= !(x < f32::INFINITY);
+        if x > f32::NEG_INFINITY {
+            min = min.min(x);
+        }
+    }
+    if bad {
+        let (token, &value) = z
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(**x < f32::INFINITY))
+            .expect("a bad value was seen");
+        return Err(DlfError::NonFinite {
+            model: model(),
+            row,
+            token,
+            value,
+        });
+    }
+    if min == f32::INFINITY {
+        return Err(DlfError::NoFiniteLogit {
+            model: model(),
+            row,
+        });
+    }
+    Ok(min - 30.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SolverKind;
+
+    /// Deterministic LM-like logits: a Zipf-ish head under a scrambled order, plus noise.
+    pub(crate) fn lm_logits(seed: u64, b: usize, v: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut out = Vec::with_capacity(b * v);
+        for _ in 0..b {
+            let shift = (next() * v as f64) as usize;
+            for i in 0..v {
+                let rank = ((i * 7919 + shift) % v) as f64 + 1.0;
+                out.push((-1.2 * rank.ln() + 0.5 * next() + 3.0) as f32);
+            }
+        }
+        out
+    }
+
+    fn inputs<'a>(
+        l: &'a [f32],
+        s: &'a [f32],
+        e: &'a [&'a [f32]],
+        b: usize,
+        v: usize,
+    ) -> StepInputs<'a> {
+        StepInputs {
+            large: l,
+            small: s,
+            experts: e,
+            batch: b,
+            vocab: v,
+        }
+    }
+
+    #[test]
+    fn smoke_grid_and_exact() {
+        let (b, v) = (3, 500);
+        let l = lm_logits(1, b, v);
+        let s = lm_logits(2, b, v);
+        let e1: Vec<f32> = s
+            .iter()
+            .zip(lm_logits(3, b, v))
+            .map(|(x, y)| x + 0.3 * y)
+            .collect();
+        let ex = [e1.as_slice()];
+        let inp = inputs(&l, &s, &ex, b, v);
+        for solver in [SolverKind::Grid, SolverKind::Exact] {
+            let w = Weights::Dynamic(SolverConfig {
+                solver,
+                ..Default::default()
+            });
+            let out = fuse_step(&inp, &w, &Sampling::default(), &Seeds::One(0)).unwrap();
+            assert_eq!(out.tokens.len(), b);
+            assert!(out.loss.iter().all(|x| x.is_finite()));
+            eprintln!("{solver:?} {:?} {:?}", out.alphas, out.loss);
+        }
+    }
 }
