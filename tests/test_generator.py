@@ -42,8 +42,8 @@ def hf_generate(model: Any, tok: Any, prompts: Sequence[str], max_new: int, eos:
 
 def last_logits(model: Any, ids: list[int], vocab: int) -> np.ndarray:
     with torch.no_grad():
-        z = model(torch.tensor([ids])).logits[0, -1, :vocab]
-    return z.float().numpy()
+        z = model(torch.tensor([ids], device=model.device)).logits[0, -1, :vocab]
+    return z.float().cpu().numpy()
 
 
 def reference_loop(
