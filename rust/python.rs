@@ -176,12 +176,22 @@ impl StepResult {
     /// Targets KL(Q_t || Q), float32 [B, T] (NaN for static weights).
     #[getter]
     fn kl_expert_small<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        vec2(py, &self.out.kl_expert_small, self.out.batch, self.out.n_experts)
+        vec2(
+            py,
+            &self.out.kl_expert_small,
+            self.out.batch,
+            self.out.n_experts,
+        )
     }
     /// Targets KL(Q || Q_t), float32 [B, T] (NaN for static weights).
     #[getter]
     fn kl_small_expert<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        vec2(py, &self.out.kl_small_expert, self.out.batch, self.out.n_experts)
+        vec2(
+            py,
+            &self.out.kl_small_expert,
+            self.out.batch,
+            self.out.n_experts,
+        )
     }
     /// Number of tokens (tail bucket included) the KLs were computed over, uint32 [B].
     #[getter]

@@ -68,7 +68,9 @@ def objective_row(
     return float(total)
 
 
-def grid_values(alpha_range: tuple[float, float] = (0.0, 2.0), grid_step: float = 0.1) -> np.ndarray:
+def grid_values(
+    alpha_range: tuple[float, float] = (0.0, 2.0), grid_step: float = 0.1
+) -> np.ndarray:
     """a_i = min(lo + i*step, hi), i = 0..floor((hi - lo)/step + 1e-9), float64."""
     lo, hi = float(alpha_range[0]), float(alpha_range[1])
     n = int(np.floor((hi - lo) / grid_step + 1e-9))
@@ -148,9 +150,10 @@ def zipf_logits(
         perm_s = perm.copy()
         n_swap = max(1, vocab // 50)
         i, j = rng.integers(0, min(vocab, 2000), n_swap), rng.integers(0, vocab, n_swap)
-        perm_s[i], perm_s[j] = perm_s[j], perm_s[i]
+        for x, y in zip(i, j, strict=True):  # scalar swaps keep perm_s a permutation
+            perm_s[x], perm_s[y] = perm_s[y], perm_s[x]
         zs = np.empty(vocab)
-        zs[perm_s] = -s_l * rng.uniform(0.85, 1.15) * ranks
+        zs[perm_s] = -s_l * rng.uniform(0.6, 1.4) * ranks
         zs += rng.normal(0.0, 0.3, vocab)
         large[b] = zl + 3.0
         small[b] = zs + 1.0
