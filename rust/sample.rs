@@ -94,6 +94,27 @@ pub fn sample_row(
     if s.temperature == 0.0 {
         return argmax(z);
     }
+    warp(z, s, sc);
+    let p = &sc.p;
+    let total: f64 = p.iter().sum();
+    let target = u() * total;
+    let mut cum = 0.0;
+    let mut last = 0;
+    for (i, &x) in p.iter().enumerate() {
+        if x > 0.0 {
+            cum += x;
+            last = i;
+            if target < cum {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+/// Temperature, top-k, top-p, min-p: leaves the kept tokens' unnormalised probabilities in
+/// `sc.p` (0 for filtered tokens).
+fn warp(z: &[f32], s: &Sampling, sc: &mut SampleScratch) {
     let v = z.len();
     sc.l.clear();
     sc.l.extend(z.iter().map(|&x| x as f64 / s.temperature));
@@ -149,21 +170,6 @@ pub fn sample_row(
             }
         }
     }
-
-    let total: f64 = p.iter().sum();
-    let target = u() * total;
-    let mut cum = 0.0;
-    let mut last = 0;
-    for (i, &x) in p.iter().enumerate() {
-        if x > 0.0 {
-            cum += x;
-            last = i;
-            if target < cum {
-                return i;
-            }
-        }
-    }
-    last
 }
 
 /// Draws one token per row from `logits` (`batch * vocab`, row-major) alone, e.g. for the
@@ -190,4 +196,170 @@ pub fn sample_batch(
             Ok(sample_row(z, sampling, || row_seeds.uniform(b), sc) as i64)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(z: &[f32], s: Sampling) -> Vec<usize> {
+        let mut sc = SampleScratch::default();
+        warp(z, &s, &mut sc);
+        (0..z.len()).filter(|&i| sc.p[i] > 0.0).collect()
+    }
+
+    fn smp(temperature: f64, top_k: usize, top_p: f64, min_p: f64) -> Sampling {
+        Sampling {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+        }
+    }
+
+    #[test]
+    fn filter_masks() {
+        let z = [1.0f32, 3.0, 2.0, 2.0, f32::NEG_INFINITY, 0.0];
+        assert_eq!(kept(&z, smp(1.0, 0, 1.0, 0.0)), vec![0, 1, 2, 3, 5]);
+        // top-k keeps ties at the k-th value
+        assert_eq!(kept(&z, smp(1.0, 2, 1.0, 0.0)), vec![1, 2, 3]);
+        assert_eq!(kept(&z, smp(1.0, 1, 1.0, 0.0)), vec![1]);
+        // p(1) = 0.5206, + p(2) = 0.7121, + p(3) = 0.9036
+        assert_eq!(kept(&z, smp(1.0, 0, 0.52, 0.0)), vec![1]);
+        assert_eq!(kept(&z, smp(1.0, 0, 0.53, 0.0)), vec![1, 2]);
+        assert_eq!(kept(&z, smp(1.0, 0, 0.72, 0.0)), vec![1, 2, 3]);
+        assert_eq!(kept(&z, smp(1.0, 0, 1e-9, 0.0)), vec![1]);
+        // min-p: keep p >= min_p * p_max, p_max = e^3
+        assert_eq!(kept(&z, smp(1.0, 0, 1.0, 0.3)), vec![1, 2, 3]);
+        assert_eq!(kept(&z, smp(1.0, 0, 1.0, 0.4)), vec![1]);
+        assert_eq!(kept(&z, smp(1.0, 0, 1.0, 1.0)), vec![1]);
+        // temperature sharpens before min-p: at T = 0.5, e^{2*(2-3)} = 0.135
+        assert_eq!(kept(&z, smp(0.5, 0, 1.0, 0.2)), vec![1]);
+        // order: top-k first, then top-p over the renormalised survivors
+        assert_eq!(kept(&z, smp(1.0, 3, 0.6, 0.0)), vec![1, 2]);
+    }
+
+    #[test]
+    fn greedy_is_first_argmax() {
+        let z = [0.0f32, 5.0, 1.0, 5.0];
+        let mut sc = SampleScratch::default();
+        let s = Sampling::default();
+        assert_eq!(
+            sample_row(&z, &s, || panic!("greedy draws nothing"), &mut sc),
+            1
+        );
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY, -1.0]), 2);
+        let t = sample_batch(&[1.0, 2.0, 9.0, 0.0], 2, 2, &s, &Seeds::Entropy).unwrap();
+        assert_eq!(t, vec![1, 0]);
+    }
+
+    /// Chi-square of many single draws (one per stream) against the softmax probabilities.
+    fn chi_square(z: &[f32], s: Sampling, seeds: &Seeds, n: usize) -> f64 {
+        let logits: Vec<f32> = (0..n).flat_map(|_| z.iter().copied()).collect();
+        let toks = sample_batch(&logits, n, z.len(), &s, seeds).unwrap();
+        let mut sc = SampleScratch::default();
+        warp(z, &s, &mut sc);
+        let total: f64 = sc.p.iter().sum();
+        let mut counts = vec![0usize; z.len()];
+        for t in toks {
+            counts[t as usize] += 1;
+        }
+        let mut chi = 0.0;
+        for (i, &c) in counts.iter().enumerate() {
+            let e = sc.p[i] / total * n as f64;
+            if e == 0.0 {
+                assert_eq!(c, 0, "token {i} was filtered but drawn");
+            } else {
+                chi += (c as f64 - e).powi(2) / e;
+            }
+        }
+        chi
+    }
+
+    #[test]
+    fn draws_follow_the_softmax() {
+        let z = [0.5f32, 2.0, -1.0, 1.0, 1.5, f32::NEG_INFINITY, 0.0, -0.5];
+        // 6 degrees of freedom (7 possible tokens): P(chi2 > 40) < 1e-6. A sampler that is off by
+        // one token, ignores temperature or draws ascending-by-probability scores in the thousands.
+        let n = 40_000;
+        let chi = chi_square(&z, smp(1.0, 0, 1.0, 0.0), &Seeds::One(1234), n);
+        assert!(chi < 40.0, "chi2 {chi}");
+        let chi = chi_square(&z, smp(0.7, 0, 1.0, 0.0), &Seeds::One(99), n);
+        assert!(chi < 40.0, "chi2 {chi}");
+        let seeds = Seeds::PerRow((0..n as u64).map(|i| i * 7 + 1).collect());
+        let chi = chi_square(&z, smp(1.3, 5, 0.9, 0.05), &seeds, n);
+        assert!(chi < 40.0, "chi2 {chi}");
+        // The same test must reject a wrong distribution: score the draws at T = 1 against T = 0.7.
+        let logits: Vec<f32> = (0..n).flat_map(|_| z.iter().copied()).collect();
+        let toks = sample_batch(
+            &logits,
+            n,
+            z.len(),
+            &smp(1.0, 0, 1.0, 0.0),
+            &Seeds::One(1234),
+        )
+        .unwrap();
+        let mut sc = SampleScratch::default();
+        warp(&z, &smp(0.7, 0, 1.0, 0.0), &mut sc);
+        let total: f64 = sc.p.iter().sum();
+        let mut chi = 0.0;
+        for i in 0..z.len() {
+            let e = sc.p[i] / total * n as f64;
+            if e > 0.0 {
+                let c = toks.iter().filter(|&&t| t as usize == i).count() as f64;
+                chi += (c - e).powi(2) / e;
+            }
+        }
+        assert!(chi > 40.0, "the test cannot tell T = 1 from T = 0.7: {chi}");
+    }
+
+    #[test]
+    fn seeds_are_reproducible_and_streams_differ() {
+        let z: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let logits: Vec<f32> = (0..64).flat_map(|_| z.iter().copied()).collect();
+        let s = smp(1.0, 0, 1.0, 0.0);
+        let a = sample_batch(&logits, 64, 50, &s, &Seeds::One(42)).unwrap();
+        let b = sample_batch(&logits, 64, 50, &s, &Seeds::One(42)).unwrap();
+        let c = sample_batch(&logits, 64, 50, &s, &Seeds::One(43)).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "rows must use different streams"
+        );
+        let per = sample_batch(&logits, 64, 50, &s, &Seeds::PerRow(vec![42; 64])).unwrap();
+        assert!(
+            per.iter().all(|&t| t == per[0]),
+            "same per-row seed, same stream"
+        );
+        // the documented generator: row b of One(s) = ChaCha8(s) on stream b
+        let mut r = ChaCha8Rng::seed_from_u64(42);
+        r.set_stream(3);
+        let u = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        assert_eq!(RowSeeds::new(&Seeds::One(42)).uniform(3), u);
+    }
+
+    #[test]
+    fn sample_batch_validates() {
+        let s = Sampling::default();
+        assert!(matches!(
+            sample_batch(&[0.0; 3], 2, 2, &s, &Seeds::One(0)),
+            Err(DlfError::Shape { .. })
+        ));
+        assert!(matches!(
+            sample_batch(&[], 1, 0, &s, &Seeds::One(0)),
+            Err(DlfError::Shape { .. })
+        ));
+        assert_eq!(sample_batch(&[], 0, 5, &s, &Seeds::One(0)), Ok(vec![]));
+        let r = sample_batch(&[0.0, f32::NAN], 1, 2, &s, &Seeds::One(0));
+        assert!(
+            matches!(r, Err(DlfError::NonFinite { ref model, token: 1, .. }) if model == "logits")
+        );
+        let r = sample_batch(&[f32::NEG_INFINITY; 2], 1, 2, &s, &Seeds::One(0));
+        assert!(matches!(r, Err(DlfError::NoFiniteLogit { .. })));
+        let r = sample_batch(&[0.0; 2], 1, 2, &smp(1.0, 0, 2.0, 0.0), &Seeds::One(0));
+        assert!(matches!(r, Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "top_p"));
+        let r = sample_batch(&[0.0; 4], 2, 2, &s, &Seeds::PerRow(vec![1]));
+        assert!(matches!(r, Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "seed"));
+    }
 }

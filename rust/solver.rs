@@ -582,3 +582,225 @@ pub fn naive_kls(red: &Reduced, alphas: &[f64]) -> (f64, f64) {
     let _ = finite_max;
     (kl(&lf, &lpv), kl(&lpv, &lf))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::support::ModelRow;
+    use proptest::prelude::*;
+
+    fn reduced(zl: &[f32], zs: &[f32], zts: &[Vec<f32>], k: Option<usize>) -> Reduced {
+        let rep = |z: &[f32]| {
+            z.iter()
+                .copied()
+                .filter(|x| x.is_finite())
+                .fold(f32::INFINITY, f32::min)
+                - 30.0
+        };
+        let experts: Vec<ModelRow<'_>> = zts.iter().map(|z| ModelRow { z, rep: rep(z) }).collect();
+        let mut r = Reduced::default();
+        r.fill(
+            ModelRow {
+                z: zl,
+                rep: f32::NEG_INFINITY,
+            },
+            ModelRow {
+                z: zs,
+                rep: rep(zs),
+            },
+            &experts,
+            k,
+        );
+        r
+    }
+
+    fn naive_j(red: &Reduced, alphas: &[f64], b: &[f64], c: &[f64]) -> f64 {
+        let (k1, k2) = naive_kls(red, alphas);
+        objective(k1, k2, b, c)
+    }
+
+    fn cfg(solver: SolverKind) -> SolverConfig {
+        SolverConfig {
+            solver,
+            ..Default::default()
+        }
+    }
+
+    fn row_strategy(
+        v: usize,
+        t: usize,
+    ) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> {
+        (
+            prop::collection::vec(-8.0f32..8.0, v),
+            prop::collection::vec(-8.0f32..8.0, v),
+            prop::collection::vec(prop::collection::vec(-2.0f32..2.0, v), t),
+        )
+            .prop_map(|(l, s, pert)| {
+                let e = pert
+                    .into_iter()
+                    .map(|p| s.iter().zip(p).map(|(x, y)| x + y).collect())
+                    .collect();
+                (l, s, e)
+            })
+    }
+
+    #[test]
+    fn grid_kls_match_naive_kls_at_every_grid_point() {
+        let (zl, zs, zts) = (
+            vec![1.0f32, 3.0, -2.0, f32::NEG_INFINITY, 0.5, 2.5],
+            vec![0.0f32, 2.0, 1.0, 0.0, f32::NEG_INFINITY, 2.0],
+            vec![vec![1.5f32, 1.0, 1.0, 3.0, 0.0, 2.2]],
+        );
+        let red = reduced(&zl, &zs, &zts, None);
+        for (amin, amax) in [(0.0, 2.0), (-1.0, 1.5), (0.25, 3.0)] {
+            let c = SolverConfig {
+                alpha_min: amin,
+                alpha_max: amax,
+                ..cfg(SolverKind::Grid)
+            };
+            let mut sc = SolverScratch::default();
+            let s = solve_row(&red, &c, 1, &mut sc);
+            let n_pts = grid_len(amin, amax, c.grid_step) as usize;
+            for i in 0..n_pts {
+                let a = grid_value(&c, i);
+                let (k1, k2) = naive_kls(&red, &[a]);
+                assert!(
+                    (sc.k1[i] - k1).abs() < 1e-12 * (1.0 + k1),
+                    "a={a} {} {k1}",
+                    sc.k1[i]
+                );
+                assert!(
+                    (sc.k2[i] - k2).abs() < 1e-12 * (1.0 + k2),
+                    "a={a} {} {k2}",
+                    sc.k2[i]
+                );
+            }
+            let j = naive_j(&red, &s.alphas, &s.targets_b, &s.targets_c);
+            assert!((s.loss - j).abs() <= 1e-10 * j.max(1e-12), "{} {j}", s.loss);
+        }
+    }
+
+    #[test]
+    fn cumulant_derivatives_match_finite_differences() {
+        let lp_z = [0.3f64, -1.0, 2.0, 0.0, -3.0];
+        let d = [0.5f64, -1.2, 0.8, 2.0, -0.1];
+        let mut lp = [0.0; 5];
+        log_softmax_into(&lp_z, &mut lp);
+        let lse = log_sum_exp(&lp);
+        let h = 1e-5;
+        for a in [-1.0, 0.0, 0.3, 1.7] {
+            let (g, g1, g2, g3) = cgf(&lp, lse, &d, a);
+            let (gp, g1p, g2p, _) = cgf(&lp, lse, &d, a + h);
+            let (gm, g1m, g2m, _) = cgf(&lp, lse, &d, a - h);
+            assert!(((gp - gm) / (2.0 * h) - g1).abs() < 1e-8);
+            assert!(((g1p - g1m) / (2.0 * h) - g2).abs() < 1e-8);
+            assert!(((g2p - g2m) / (2.0 * h) - g3).abs() < 1e-7);
+            // d/da KL(P~||P) = a g''(a), d/da KL(P||P~) = g'(a) - g'(0).
+            let g1_0 = cgf(&lp, lse, &d, 0.0).1;
+            let k = |a: f64| {
+                let (g, g1, _, _) = cgf(&lp, lse, &d, a);
+                (a * g1 - g, g - a * g1_0)
+            };
+            let (kp, km) = (k(a + h), k(a - h));
+            assert!(((kp.0 - km.0) / (2.0 * h) - a * g2).abs() < 1e-8);
+            assert!(((kp.1 - km.1) / (2.0 * h) - (g1 - g1_0)).abs() < 1e-8);
+            let _ = g;
+        }
+    }
+
+    #[test]
+    fn identical_to_small_expert_gives_zero_weight() {
+        let zl = vec![1.0f32, 2.0, 3.0, 0.0];
+        let zs = vec![0.5f32, 1.0, -1.0, 0.0];
+        let red = reduced(&zl, &zs, &[zs.clone()], None);
+        let s = solve_row(
+            &red,
+            &cfg(SolverKind::Grid),
+            1,
+            &mut SolverScratch::default(),
+        );
+        assert_eq!((s.active, s.alphas[0], s.loss), (-1, 0.0, 0.0));
+    }
+
+    #[test]
+    fn ties_go_to_the_earlier_expert() {
+        let zl = vec![1.0f32, 2.0, 3.0, 0.0, -1.0];
+        let zs = vec![0.5f32, 1.0, -1.0, 0.0, 0.0];
+        let e = vec![1.5f32, 0.0, -1.0, 0.5, 0.0];
+        let other = vec![0.5f32, 1.2, -1.0, 0.0, 0.1];
+        for solver in [SolverKind::Grid, SolverKind::Exact] {
+            let red = reduced(&zl, &zs, &[e.clone(), e.clone()], None);
+            let s = solve_row(&red, &cfg(solver), 2, &mut SolverScratch::default());
+            assert_eq!(s.active, 0, "{solver:?}");
+            // Distinct experts: the scan still prefers a later expert only when strictly better.
+            let red = reduced(&zl, &zs, &[other.clone(), e.clone()], None);
+            let s2 = solve_row(&red, &cfg(solver), 2, &mut SolverScratch::default());
+            let red1 = reduced(&zl, &zs, &[e.clone(), other.clone()], None);
+            let s1 = solve_row(&red1, &cfg(solver), 2, &mut SolverScratch::default());
+            assert_eq!(s1.alphas[0], s2.alphas[1], "{solver:?}");
+            assert_eq!(s1.active, 0);
+            assert_eq!(s2.active, 1);
+        }
+    }
+
+    #[test]
+    fn grid_argmin_matches_naive_scan() {
+        let (zl, zs) = (
+            vec![2.0f32, 1.0, 0.0, -1.0, 3.0, 0.2],
+            vec![1.0f32, 1.5, 0.0, 0.5, 2.0, 0.0],
+        );
+        let zts = vec![
+            vec![3.0f32, 1.0, 0.0, 0.5, 1.0, 0.0],
+            vec![1.0f32, 2.5, -1.0, 0.5, 2.0, 1.0],
+        ];
+        let red = reduced(&zl, &zs, &zts, None);
+        let c = cfg(SolverKind::Grid);
+        let s = solve_row(&red, &c, 2, &mut SolverScratch::default());
+        let n_pts = grid_len(c.alpha_min, c.alpha_max, c.grid_step) as usize;
+        let (mut best, mut arg) = (f64::INFINITY, (0.0, 0));
+        for i in 0..n_pts {
+            for t in 0..2 {
+                let mut al = vec![0.0; 2];
+                al[t] = grid_value(&c, i);
+                let j = naive_j(&red, &al, &s.targets_b, &s.targets_c);
+                if j < best {
+                    (best, arg) = (j, (al[t], t));
+                }
+            }
+        }
+        assert_eq!(s.alphas[arg.1], arg.0);
+        assert!((s.loss - best).abs() <= 1e-10 * best.max(1e-12));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn exact_never_worse_than_grid((zl, zs, zts) in row_strategy(24, 2), amin in -1.0f64..0.5, width in 0.1f64..3.0) {
+            let mut c = cfg(SolverKind::Grid);
+            c.alpha_min = amin;
+            c.alpha_max = amin + width;
+            for k in [None, Some(4)] {
+                let red = reduced(&zl, &zs, &zts, k);
+                let g = solve_row(&red, &c, 2, &mut SolverScratch::default());
+                let e = solve_row(&red, &SolverConfig { solver: SolverKind::Exact, ..c.clone() }, 2, &mut SolverScratch::default());
+                prop_assert!(e.loss <= g.loss * (1.0 + 1e-12), "exact {} grid {}", e.loss, g.loss);
+                // The reported J is the J of the reported weights.
+                let j = naive_j(&red, &e.alphas, &e.targets_b, &e.targets_c);
+                prop_assert!((e.loss - j).abs() <= 1e-9 * j + 1e-15, "{} {}", e.loss, j);
+            }
+        }
+
+        #[test]
+        fn wide_logits_use_the_safe_path((zl, zs, zts) in row_strategy(16, 1), scale in 1.0f32..200.0) {
+            let zl: Vec<f32> = zl.iter().map(|x| x * scale).collect();
+            let zts: Vec<Vec<f32>> = zts.iter().map(|z| z.iter().zip(&zs).map(|(e, s)| s + (e - s) * scale).collect()).collect();
+            let red = reduced(&zl, &zs, &zts, None);
+            for solver in [SolverKind::Grid, SolverKind::Exact] {
+                let s = solve_row(&red, &cfg(solver), 1, &mut SolverScratch::default());
+                prop_assert!(s.loss.is_finite() && s.kl_fused_large.is_finite() && s.kl_large_fused.is_finite());
+                let j = naive_j(&red, &s.alphas, &s.targets_b, &s.targets_c);
+                prop_assert!((s.loss - j).abs() <= 1e-8 * j.max(1.0), "{} {}", s.loss, j);
+            }
+        }
+    }
+}
