@@ -33,7 +33,7 @@ _CODAS = ("", "n", "r", "k", "x", "l", "s", "m")
 class Entity:
     """One made-up person and the three facts the corpus states about them."""
 
-    name: str
+    name: str  # two words: "first last"
     city: str
     job: str
     apples: int
@@ -49,18 +49,23 @@ class World:
     held_out: tuple[Entity, ...]
 
     @staticmethod
-    def build(seed: int = 0, n_entities: int = 400) -> World:
+    def build(seed: int = 0, n_entities: int = 500, n_first: int = 26, n_last: int = 26) -> World:
         rng = random.Random(f"world-{seed}")
-        names: set[str] = set()
-        ordered: list[str] = []
+        words: list[str] = []
         reserved = set(CITIES) | set(JOBS)
-        while len(ordered) < n_entities:
-            name = "".join(
-                rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3)))
+        while len(words) < n_first + n_last:
+            word = "".join(
+                rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.choice((1, 2, 2)))
             ) + rng.choice(_CODAS)
-            if name not in names and name not in reserved:
-                names.add(name)
-                ordered.append(name)
+            if word not in words and word not in reserved and len(word) > 2:
+                words.append(word)
+        # Two-word names from shared pools: recalling a fact means combining both words, which
+        # takes attention and MLP capacity (one token per entity would let even the smallest
+        # model store every fact in its embedding rows).
+        pairs = [(f, la) for f in words[:n_first] for la in words[n_first:]]
+        if n_entities > len(pairs):
+            raise ValueError(f"n_entities: at most {len(pairs)} for these pools, got {n_entities}")
+        ordered = [f"{f} {la}" for f, la in rng.sample(pairs, n_entities)]
         entities = tuple(
             Entity(n, rng.choice(CITIES), rng.choice(JOBS), rng.randint(1, MAX_APPLES))
             for n in ordered

@@ -20,7 +20,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 def vocabulary(world: World) -> list[str]:
     """Specials first, then every word the world's corpus and task formats can produce, sorted."""
-    words: set[str] = {e.name for e in world.entities} | set(CITIES) | set(JOBS)
+    words: set[str] = {w for e in world.entities for w in e.name.split()} | set(CITIES) | set(JOBS)
     words |= {str(i) for i in range(MAX_NUMBER + 1)}
     for doc in pretraining_documents(world, 400, seed=12345):
         words.update(doc.split())
