@@ -1,0 +1,153 @@
+"""Python-side benchmark of one DLF decode step (`make bench-python`).
+
+On the same Zipf-like inputs it times `dlf_rs.fuse_step` (grid, grid + support_k=256, exact), the
+numpy reference's vectorised paper grid (tests/reference.py), a vectorised torch (CPU) paper grid
+written here, and a memory floor: numpy reading every input array once. Prints median times and
+ratios, then the pruning-error figures. Timing is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import dlf_rs
+from reference import objective_row, paper_grid_numpy, zipf_logits
+
+try:
+    import torch
+except ImportError:  # the torch column is skipped
+    torch = None
+
+
+def paper_grid_torch(large, small, experts, lo=0.0, hi=2.0, step=0.1):
+    """The paper's grid as a PyTorch user would vectorise it: fused logits [G, B, V] per expert,
+    log-softmax and both KLs over the vocabulary, one-active argmin (a-major, then expert)."""
+    n = int(np.floor((hi - lo) / step + 1e-9))
+    grid = torch.tensor([min(lo + i * step, hi) for i in range(n + 1)], dtype=torch.float32)
+    lp, lq = torch.log_softmax(large, -1), torch.log_softmax(small, -1)
+
+    def kl(la, lb):
+        return (la.exp() * (la - lb)).sum(-1)
+
+    targets = []
+    for e in experts:
+        lqt = torch.log_softmax(e, -1)
+        targets.append((kl(lqt, lq), kl(lq, lqt)))
+    js = []
+    for e in experts:
+        lf = torch.log_softmax(large[None] + grid[:, None, None] * (e - small)[None], -1)
+        fl, lf_ = kl(lf, lp[None]), kl(lp[None], lf)
+        js.append(sum((fl - a) ** 2 + (lf_ - b) ** 2 for a, b in targets))
+    j = torch.stack(js, 1).reshape(grid.numel() * len(experts), -1)
+    best = j.argmin(0)
+    return grid[best // len(experts)], best % len(experts)
+
+
+def median_time(fn: Callable[[], object], repeats: int, budget_s: float = 4.0) -> float:
+    """Median of up to `repeats` timed calls after one warm-up; a call slower than 1 s is its own
+    warm-up and sample, and repeats stop once `budget_s` is spent (keeps the run under 2 min)."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times: list[float] = [first] if first > 1.0 else []
+    start = time.perf_counter()
+    while len(times) < repeats and (time.perf_counter() - start < budget_s or not times):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def read_once(arrays: list[np.ndarray]) -> None:
+    for a in arrays:
+        np.add.reduce(a, axis=None)
+
+
+def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
+    rng = np.random.default_rng(batch * 1000 + n_exp)
+    large, small, experts = zipf_logits(rng, batch, vocab, n_exp)
+    ex = list(experts)
+    rows: dict[str, float] = {}
+    rows["fuse_step grid (default)"] = median_time(
+        lambda: dlf_rs.fuse_step(large, small, ex), repeats
+    )
+    rows["fuse_step grid, support_k=256"] = median_time(
+        lambda: dlf_rs.fuse_step(large, small, ex, support_k=256), repeats
+    )
+    rows["fuse_step exact"] = median_time(
+        lambda: dlf_rs.fuse_step(large, small, ex, solver="exact"), max(3, repeats // 3)
+    )
+    rows["numpy paper grid"] = median_time(
+        lambda: paper_grid_numpy(large, small, ex), max(3, repeats // 3)
+    )
+    if torch is not None:
+        tl, ts = torch.from_numpy(large), torch.from_numpy(small)
+        te = [torch.from_numpy(e) for e in ex]
+        with torch.inference_mode():
+            rows["torch CPU paper grid"] = median_time(
+                lambda: paper_grid_torch(tl, ts, te), max(3, repeats // 3)
+            )
+    floor = median_time(lambda: read_once([large, small, *ex]), repeats)
+    rows["numpy read-once floor"] = floor
+
+    # Sanity: the three grid implementations choose the same weights (up to float ties).
+    a_np, _ = paper_grid_numpy(large, small, ex)
+    a_rs = dlf_rs.fuse_step(large, small, ex).alphas
+    agree = float(np.mean(np.all(np.isclose(a_np, a_rs, atol=1e-6), axis=1)))
+
+    grid_np = rows["numpy paper grid"]
+    grid_t = rows.get("torch CPU paper grid", float("nan"))
+    print(f"\nB={batch} V={vocab} T={n_exp}  (grid alphas agree with numpy on {agree:.0%} of rows)")
+    print(
+        f"  {'':32s} {'median ms':>10s} {'vs numpy grid':>14s} {'vs torch grid':>14s} "
+        f"{'/ read floor':>13s}"
+    )
+    for name, t in rows.items():
+        print(
+            f"  {name:32s} {t * 1e3:10.3f} {grid_np / t:13.1f}x {grid_t / t:13.1f}x "
+            f"{t / floor:12.1f}x"
+        )
+
+
+def pruning_figures(n_rows: int = 200, vocab: int = 32000) -> None:
+    rng = np.random.default_rng(2024)
+    large, small, experts = zipf_logits(rng, n_rows, vocab, 1)
+    full = dlf_rs.fuse_step(large, small, experts)
+    pruned = dlf_rs.fuse_step(large, small, experts, support_k=256)
+    j_err, subopt = [], []
+    for b in range(n_rows):
+        ze = [experts[0, b]]
+        j0 = objective_row(large[b], small[b], ze, [0.0])
+        j_p = objective_row(large[b], small[b], ze, pruned.alphas[b].astype(np.float64))
+        j_f = objective_row(large[b], small[b], ze, full.alphas[b].astype(np.float64))
+        j_err.append(abs(float(pruned.loss[b]) - j_p) / j0)
+        subopt.append((j_p - j_f) / j0)
+    differs = float(np.mean(np.any(full.alphas != pruned.alphas, axis=1)))
+    print(
+        f"\nPruning support_k=256 vs full vocabulary (grid, {n_rows} Zipf rows, V={vocab}, T=1): "
+        f"alpha differs in {differs:.1%} of rows (max |d alpha| "
+        f"{np.max(np.abs(full.alphas - pruned.alphas)):.2f}); |J_pruned - J_full| at the pruned "
+        f"alpha / J(0): max {max(j_err):.1e}, median {np.median(j_err):.1e}; J_full suboptimality"
+        f" / J(0): max {max(subopt):.1e}; mean support {pruned.support_size.mean():.0f} tokens"
+    )
+
+
+def main() -> None:
+    print(
+        f"dlf_rs {dlf_rs.__version__}; numpy {np.__version__}"
+        + (f"; torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
+    )
+    bench_case(1, 32000, 1, repeats=15)
+    bench_case(8, 32000, 1, repeats=9)
+    bench_case(32, 32000, 4, repeats=5)
+    pruning_figures()
+
+
+if __name__ == "__main__":
+    main()
