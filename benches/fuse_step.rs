@@ -1,1 +1,116 @@
-fn main() {}
+//! Criterion benches of one decoding step (`fuse_step`) on LM-shaped logits.
+//!
+//! Logits: z = -1.1 ln(rank) + noise under a per-row random permutation (a Zipf-like head), the
+//! small model an independent draw of the same shape, each expert = small + a sparse
+//! perturbation on ~2% of tokens; all from a fixed xorshift seed. Runs are kept short by default
+//! (10 samples, 1 s warm-up, 2 s measurement); pass criterion flags to lengthen them.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use dlf_rs::{fuse_step, Sampling, Seeds, SolverConfig, SolverKind, StepInputs, Weights};
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn zipf_rows(rng: &mut XorShift, b: usize, v: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; b * v];
+    let mut perm: Vec<usize> = (0..v).collect();
+    for row in out.chunks_mut(v) {
+        for i in (1..v).rev() {
+            let j = (rng.next_f64() * (i + 1) as f64) as usize;
+            perm.swap(i, j.min(i));
+        }
+        for (rank, &tok) in perm.iter().enumerate() {
+            row[tok] = (-1.1 * ((rank + 1) as f64).ln() + 0.3 * rng.next_f64()) as f32;
+        }
+    }
+    out
+}
+
+struct Family {
+    large: Vec<f32>,
+    small: Vec<f32>,
+    experts: Vec<Vec<f32>>,
+}
+
+fn family(b: usize, v: usize, n_t: usize) -> Family {
+    let mut rng = XorShift(0x5eed_1234_abcd_0001);
+    let large = zipf_rows(&mut rng, b, v);
+    let small = zipf_rows(&mut rng, b, v);
+    let experts = (0..n_t)
+        .map(|_| {
+            small
+                .iter()
+                .map(|&s| {
+                    if rng.next_f64() < 0.02 {
+                        s + (4.0 * rng.next_f64() - 1.0) as f32
+                    } else {
+                        s
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Family {
+        large,
+        small,
+        experts,
+    }
+}
+
+fn bench_fuse_step(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fuse_step");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    for &v in &[32_000usize, 128_256] {
+        for &b in &[1usize, 8, 32] {
+            for &n_t in &[1usize, 4] {
+                let fam = family(b, v, n_t);
+                let ex: Vec<&[f32]> = fam.experts.iter().map(|e| e.as_slice()).collect();
+                let inputs = StepInputs {
+                    large: &fam.large,
+                    small: &fam.small,
+                    experts: &ex,
+                    batch: b,
+                    vocab: v,
+                };
+                let mut configs = vec![("grid_full", SolverKind::Grid, None)];
+                configs.push(("grid_k256", SolverKind::Grid, Some(256)));
+                if b == 8 {
+                    configs.push(("exact_full", SolverKind::Exact, None));
+                    configs.push(("exact_k256", SolverKind::Exact, Some(256)));
+                }
+                for (name, solver, support_k) in configs {
+                    let w = Weights::Dynamic(SolverConfig {
+                        solver,
+                        support_k,
+                        ..Default::default()
+                    });
+                    let id = BenchmarkId::new(name, format!("B{b}_V{v}_T{n_t}"));
+                    group.bench_with_input(id, &inputs, |bch, inp| {
+                        bch.iter(|| {
+                            fuse_step(black_box(inp), &w, &Sampling::default(), &Seeds::One(0))
+                                .unwrap()
+                        })
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_fuse_step);
+criterion_main!(benches);

@@ -14,7 +14,9 @@
 //! underflow could lose mass, or alpha_min < 0, a log-domain evaluation per grid point is used.
 
 use crate::config::{SolverConfig, SolverKind};
-use crate::kl::{fast_exp, finite_max, kl_pair_finite, log_softmax_into, log_sum_exp};
+use crate::kl::{
+    exp_shifted_into, fast_exp, finite_max, kl_pair_finite, log_softmax_into, sum_lanes, with_simd,
+};
 use crate::support::Reduced;
 
 /// Beyond this many grid points the request is refused (validated in `step`).
@@ -95,13 +97,18 @@ pub fn solve_row(
         targets_c.push(c);
     }
 
-    log_softmax_into(&red.zl, &mut sc.lp);
-    let mut psum = 0.0;
+    // One exponential pass: p = exp(z_L - max) / s, log P = z_L - (max + ln s).
+    let mx = finite_max(&red.zl);
+    with_simd(|| exp_shifted_into(&red.zl, mx, &mut sc.p));
+    let s = sum_lanes(&sc.p);
+    let lse = mx + s.ln();
     for i in 0..n {
-        sc.p[i] = fast_exp(sc.lp[i]);
-        psum += sc.p[i];
+        sc.lp[i] = red.zl[i] - lse;
+        sc.p[i] /= s;
     }
-    let lse_lp = log_sum_exp(&sc.lp);
+    let psum = sum_lanes(&sc.p);
+    // log sum P, ~0; the log-domain evaluations subtract it so that g(0) = 0.
+    let lse_lp = psum.ln();
     let mut dirs = Vec::with_capacity(n_t);
     for t in 0..n_t {
         let zt = red.expert(t);
@@ -259,7 +266,7 @@ fn grid_kls(
     };
     acc.clear();
     acc.resize(2 * n_lat + 2, [0.0; LANES]);
-    lattice_moments(p, d, dir.dmax, cfg.alpha_min, cfg.grid_step, n_lat, acc);
+    with_simd(|| lattice_moments(p, d, dir.dmax, cfg.alpha_min, cfg.grid_step, n_lat, acc));
     let sum = |v: &[f64; LANES]| v.iter().sum::<f64>();
     // acc[2 * n_lat]: sum p, acc[2 * n_lat + 1]: sum p (d - dmax), i.e. the a = 0 moments.
     let s0_0 = sum(&acc[2 * n_lat]);
@@ -304,6 +311,7 @@ fn kls(a: f64, g: f64, g1: f64, g1_0: f64) -> (f64, f64) {
 /// acc[2i] += p e^{a_i x}, acc[2i+1] += p x e^{a_i x} with x = d - dmax, for the n_lat lattice
 /// points, plus the a = 0 moments in the last two slots. Lanes keep LANES independent sums so the
 /// loop vectorises; they are added in a fixed order afterwards (deterministic).
+#[inline(always)]
 fn lattice_moments(
     p: &[f64],
     d: &[f64],
@@ -358,22 +366,48 @@ fn lattice_moments(
     }
 }
 
-/// Log-domain cumulants of d under P~(a): (g(a), g'(a), g''(a), g'''(a)), safe for any a.
+/// Log-domain cumulants of d under P~(a): (g, g', g'', third derivative), safe for any a.
 fn cgf(lp: &[f64], lse_lp: f64, d: &[f64], a: f64) -> (f64, f64, f64, f64) {
-    let mut m = f64::NEG_INFINITY;
-    for (&l, &x) in lp.iter().zip(d) {
-        if l > f64::NEG_INFINITY {
-            m = m.max(l + a * x);
+    with_simd(|| cgf_kernel(lp, lse_lp, d, a))
+}
+
+#[inline(always)]
+fn cgf_kernel(lp: &[f64], lse_lp: f64, d: &[f64], a: f64) -> (f64, f64, f64, f64) {
+    let n = lp.len();
+    let full = n / LANES * LANES;
+    let mut mx = [f64::NEG_INFINITY; LANES];
+    for j in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            // -inf + a * d stays -inf (d is finite), so impossible tokens drop out by themselves.
+            mx[l] = mx[l].max(lp[j + l] + a * d[j + l]);
         }
     }
-    let (mut s0, mut s1, mut s2, mut s3) = (0.0, 0.0, 0.0, 0.0);
-    for (&l, &x) in lp.iter().zip(d) {
-        let w = fast_exp(l + a * x - m);
-        s0 += w;
-        s1 += w * x;
-        s2 += w * x * x;
-        s3 += w * x * x * x;
+    for j in full..n {
+        mx[0] = mx[0].max(lp[j] + a * d[j]);
     }
+    let m = mx.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut s = [[0.0f64; LANES]; 4];
+    for j in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            let x = d[j + l];
+            let w = fast_exp(lp[j + l] + a * x - m);
+            let wx = w * x;
+            s[0][l] += w;
+            s[1][l] += wx;
+            s[2][l] += wx * x;
+            s[3][l] += wx * x * x;
+        }
+    }
+    for j in full..n {
+        let x = d[j];
+        let w = fast_exp(lp[j] + a * x - m);
+        s[0][0] += w;
+        s[1][0] += w * x;
+        s[2][0] += w * x * x;
+        s[3][0] += w * x * x * x;
+    }
+    let tot = |v: &[f64; LANES]| (v[0] + v[1]) + (v[2] + v[3]);
+    let (s0, s1, s2, s3) = (tot(&s[0]), tot(&s[1]), tot(&s[2]), tot(&s[3]));
     let g = m + s0.ln() - lse_lp;
     let e1 = s1 / s0;
     let e2 = s2 / s0;
@@ -586,6 +620,7 @@ pub fn naive_kls(red: &Reduced, alphas: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kl::log_sum_exp;
     use crate::support::ModelRow;
     use proptest::prelude::*;
 
