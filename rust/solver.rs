@@ -70,9 +70,20 @@ struct Direction {
 struct Eval {
     k1: f64,
     k2: f64,
+    dk1: f64,
+    dk2: f64,
     j: f64,
     j1: f64,
     j2: f64,
+}
+
+impl Eval {
+    fn level1(&self) -> (f64, f64) {
+        (self.k1, self.dk1)
+    }
+    fn level2(&self) -> (f64, f64) {
+        (self.k2, self.dk2)
+    }
 }
 
 const LANES: usize = 4;
@@ -450,6 +461,8 @@ fn exact_expert(
         Eval {
             k1,
             k2,
+            dk1,
+            dk2,
             j: objective(k1, k2, b, c),
             j1,
             j2,
@@ -490,8 +503,8 @@ fn exact_expert(
         if hi <= lo {
             continue;
         }
-        let a1 = level_root(|a| eval(a).k1, lo, hi, mb);
-        let a2 = level_root(|a| eval(a).k2, lo, hi, mc);
+        let a1 = level_root(|a| eval(a).level1(), lo, hi, mb);
+        let a2 = level_root(|a| eval(a).level2(), lo, hi, mc);
         let (bl, br) = (a1.min(a2), a1.max(a2));
         // Candidates in ascending order: bracket ends and the grid points strictly inside.
         let mut cands: Vec<(f64, f64)> = Vec::new();
@@ -549,40 +562,47 @@ fn exact_expert(
 }
 
 /// The a in [lo, hi] where the monotone-in-|a| function k reaches `target`, clamped to the ends.
-/// Safeguarded secant/bisection: k is increasing in |a| on a side that does not straddle 0.
-fn level_root(k: impl Fn(f64) -> f64, lo: f64, hi: f64, target: f64) -> f64 {
-    // On the negative side k decreases with a; flip so that f increases from `l` to `r`.
+/// `k` returns (value, derivative); Newton steps with a bisection fallback inside the bracket.
+fn level_root(k: impl Fn(f64) -> (f64, f64), lo: f64, hi: f64, target: f64) -> f64 {
+    // On the negative side k decreases with a; `near` is the end closest to 0.
     let (near, far) = if hi <= 0.0 { (hi, lo) } else { (lo, hi) };
-    let f_near = k(near) - target;
-    if f_near >= 0.0 {
+    let (k_near, _) = k(near);
+    if k_near - target >= 0.0 {
         return near;
     }
-    let f_far = k(far) - target;
-    if f_far <= 0.0 {
+    let (k_far, dk_far) = k(far);
+    if k_far - target <= 0.0 {
         return far;
     }
-    let (mut l, mut r, mut fl, mut fr) = (near, far, f_near, f_far);
-    for _ in 0..200 {
-        // Illinois-style false position with a bisection fallback when it stalls.
-        let mut x = l - fl * (r - l) / (fr - fl);
-        if !(x - l.min(r) > 0.0 && l.max(r) - x > 0.0) {
-            x = 0.5 * (l + r);
+    // Invariant: f(below) < 0 < f(above); start Newton from the far end, where k is convex-ish.
+    let (mut below, mut above) = (near, far);
+    let (mut x, mut fx, mut dfx) = (far, k_far - target, dk_far);
+    for _ in 0..100 {
+        let newton = x - fx / dfx;
+        let (lo_b, hi_b) = (below.min(above), below.max(above));
+        let xn = if dfx != 0.0 && newton > lo_b && newton < hi_b {
+            newton
+        } else {
+            0.5 * (below + above)
+        };
+        let tol = 1e-14 * xn.abs().max(1.0);
+        if (xn - x).abs() <= tol || (above - below).abs() <= tol {
+            return xn;
         }
-        let fx = k(x) - target;
-        if fx == 0.0 || (r - l).abs() <= 1e-14 * x.abs().max(1.0) {
+        x = xn;
+        let (kx, dkx) = k(x);
+        fx = kx - target;
+        dfx = dkx;
+        if fx == 0.0 {
             return x;
         }
         if fx < 0.0 {
-            l = x;
-            fl = fx;
-            fr *= 0.5;
+            below = x;
         } else {
-            r = x;
-            fr = fx;
-            fl *= 0.5;
+            above = x;
         }
     }
-    0.5 * (l + r)
+    x
 }
 
 /// Naive per-token KLs at weight vector `alphas` (tests and debugging): builds the fused logits,
@@ -747,7 +767,7 @@ mod tests {
     fn identical_to_small_expert_gives_zero_weight() {
         let zl = vec![1.0f32, 2.0, 3.0, 0.0];
         let zs = vec![0.5f32, 1.0, -1.0, 0.0];
-        let red = reduced(&zl, &zs, &[zs.clone()], None);
+        let red = reduced(&zl, &zs, std::slice::from_ref(&zs), None);
         let s = solve_row(
             &red,
             &cfg(SolverKind::Grid),

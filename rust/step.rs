@@ -386,7 +386,7 @@ fn validate_solver(cfg: &SolverConfig) -> Result<(), DlfError> {
         ));
     }
     let n = grid_len(lo, hi, cfg.grid_step);
-    if !(n <= MAX_GRID_POINTS as f64) {
+    if n.is_nan() || n > MAX_GRID_POINTS as f64 {
         return Err(DlfError::invalid(
             "grid_step",
             format!("at most {MAX_GRID_POINTS} grid points"),
@@ -440,7 +440,7 @@ fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f
     let mut bad = false;
     for &x in z {
         // NaN and +inf both fail `x < inf`; -inf passes and is ignored by the finite minimum.
-        bad |= !(x < f32::INFINITY);
+        bad |= x.is_nan() || x == f32::INFINITY;
         if x > f32::NEG_INFINITY {
             min = min.min(x);
         }
@@ -449,7 +449,7 @@ fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f
         let (token, &value) = z
             .iter()
             .enumerate()
-            .find(|(_, x)| !(**x < f32::INFINITY))
+            .find(|(_, x)| x.is_nan() || **x == f32::INFINITY)
             .expect("a bad value was seen");
         return Err(DlfError::NonFinite {
             model: model(),
