@@ -48,6 +48,38 @@ pub fn fast_exp(x: f64) -> f64 {
     }
 }
 
+/// exp(x) in f32 for the bulk sums where the inputs are f32 logits anyway: relative error below
+/// 2e-7 (degree-7 Taylor on |r| <= ln2/2), 0 below -87. Eight lanes under AVX2 against four for
+/// `fast_exp`, and a shorter polynomial.
+#[inline(always)]
+pub fn fast_exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let kf = xc * LOG2E + MAGIC;
+    let kbits = kf.to_bits();
+    let k = kf - MAGIC;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let mut p = 1.0 / 5_040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits((kbits << 23).wrapping_add(127u32 << 23));
+    let y = p * scale;
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
 /// Runs `f` compiled for AVX2 when the CPU has it, else for baseline x86-64. The wheel targets
 /// baseline x86-64 (SSE2: two f64 lanes); the hot loops here are plain lane-wise arithmetic that
 /// LLVM widens to four lanes under AVX2. FMA is deliberately not enabled: Rust never contracts
@@ -132,7 +164,10 @@ pub fn kl_from_logprobs(la: &[f64], lb: &[f64]) -> f64 {
 /// are finite (the -inf replacement has been applied: S and expert rows are always finite).
 /// `ea`/`eb` are scratch of the same length.
 pub fn kl_pair_finite(za: &[f64], zb: &[f64], ea: &mut [f64], eb: &mut [f64]) -> (f64, f64) {
-    with_simd(|| kl_pair_kernel(za, zb, ea, eb))
+    with_simd(
+        #[inline(always)]
+        || kl_pair_kernel(za, zb, ea, eb),
+    )
 }
 
 #[inline(always)]
@@ -188,6 +223,22 @@ mod tests {
         }
         assert_eq!(fast_exp(f64::NEG_INFINITY), 0.0);
         assert_eq!(fast_exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn fast_exp_f32_matches_std() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = fast_exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp_f32(-100.0), 0.0);
+        assert_eq!(fast_exp_f32(0.0), 1.0);
     }
 
     #[test]

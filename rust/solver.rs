@@ -55,7 +55,16 @@ pub struct SolverScratch {
     eb: Vec<f64>,
     k1: Vec<f64>,
     k2: Vec<f64>,
+    lattice: Lattice,
+}
+
+/// Scratch of `lattice_moments`: accumulators and the per-token running weights.
+#[derive(Debug, Default)]
+struct Lattice {
     acc: Vec<[f64; LANES]>,
+    x: Vec<f64>,
+    w: Vec<f64>,
+    e: Vec<f64>,
 }
 
 /// Per expert: the centred direction and the constants the evaluations need.
@@ -110,7 +119,10 @@ pub fn solve_row(
 
     // One exponential pass: p = exp(z_L - max) / s, log P = z_L - (max + ln s).
     let mx = finite_max(&red.zl);
-    with_simd(|| exp_shifted_into(&red.zl, mx, &mut sc.p));
+    with_simd(
+        #[inline(always)]
+        || exp_shifted_into(&red.zl, mx, &mut sc.p),
+    );
     let s = sum_lanes(&sc.p);
     let lse = mx + s.ln();
     for i in 0..n {
@@ -160,7 +172,7 @@ pub fn solve_row(
             n_pts,
             &mut sc.k1[t * n_pts..(t + 1) * n_pts],
             &mut sc.k2[t * n_pts..(t + 1) * n_pts],
-            &mut sc.acc,
+            &mut sc.lattice,
         );
     }
 
@@ -252,7 +264,7 @@ fn grid_kls(
     n_pts: usize,
     k1: &mut [f64],
     k2: &mut [f64],
-    acc: &mut Vec<[f64; LANES]>,
+    lat: &mut Lattice,
 ) {
     let n = p.len() as f64;
     let spread = dir.dmax - dir.dmin;
@@ -275,9 +287,29 @@ fn grid_kls(
     } else {
         last
     };
-    acc.clear();
-    acc.resize(2 * n_lat + 2, [0.0; LANES]);
-    with_simd(|| lattice_moments(p, d, dir.dmax, cfg.alpha_min, cfg.grid_step, n_lat, acc));
+    lat.acc.clear();
+    lat.acc.resize(2 * n_lat + 2, [0.0; LANES]);
+    for v in [&mut lat.x, &mut lat.w, &mut lat.e] {
+        v.resize(p.len(), 0.0);
+    }
+    let Lattice { acc, x, w, e } = lat;
+    with_simd(
+        #[inline(always)]
+        || {
+            lattice_moments(
+                p,
+                d,
+                dir.dmax,
+                cfg.alpha_min,
+                cfg.grid_step,
+                n_lat,
+                acc,
+                x,
+                w,
+                e,
+            )
+        },
+    );
     let sum = |v: &[f64; LANES]| v.iter().sum::<f64>();
     // acc[2 * n_lat]: sum p, acc[2 * n_lat + 1]: sum p (d - dmax), i.e. the a = 0 moments.
     let s0_0 = sum(&acc[2 * n_lat]);
@@ -321,7 +353,13 @@ fn kls(a: f64, g: f64, g1: f64, g1_0: f64) -> (f64, f64) {
 
 /// acc[2i] += p e^{a_i x}, acc[2i+1] += p x e^{a_i x} with x = d - dmax, for the n_lat lattice
 /// points, plus the a = 0 moments in the last two slots. Lanes keep LANES independent sums so the
-/// loop vectorises; they are added in a fixed order afterwards (deterministic).
+/// loops vectorise; they are added in a fixed order afterwards (deterministic).
+///
+/// Register-blocked: a first pass stores x, w = p e^{a_0 x} and e = e^{h x} per token; then each
+/// group of four lattice points is one pass over the tokens with its eight accumulators held in
+/// registers, multiplying w by e from point to point and storing it back for the next group.
+/// Keeping all 2 * n_lat accumulators in memory instead made the loop store-bound.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn lattice_moments(
     p: &[f64],
@@ -331,55 +369,94 @@ fn lattice_moments(
     h: f64,
     n_lat: usize,
     acc: &mut [[f64; LANES]],
+    xs: &mut [f64],
+    ws: &mut [f64],
+    es: &mut [f64],
 ) {
     let n = p.len();
-    let full = n / LANES * LANES;
     let (grid_acc, zero_acc) = acc.split_at_mut(2 * n_lat);
-    for j in (0..full).step_by(LANES) {
-        let mut w = [0.0; LANES];
-        let mut u = [0.0; LANES];
-        let mut e = [0.0; LANES];
-        for l in 0..LANES {
-            let x = d[j + l] - dmax;
-            let pl = p[j + l];
-            zero_acc[0][l] += pl;
-            zero_acc[1][l] += pl * x;
-            e[l] = fast_exp(h * x);
-            w[l] = if a0 == 0.0 { pl } else { pl * fast_exp(a0 * x) };
-            u[l] = w[l] * x;
-        }
-        for pair in grid_acc.chunks_exact_mut(2) {
-            for l in 0..LANES {
-                pair[0][l] += w[l];
-                pair[1][l] += u[l];
-                w[l] *= e[l];
-                u[l] *= e[l];
-            }
-        }
-    }
-    for j in full..n {
+    let mut z0 = [[0.0f64; LANES]; 2];
+    for j in 0..n {
         let x = d[j] - dmax;
-        zero_acc[0][0] += p[j];
-        zero_acc[1][0] += p[j] * x;
-        let e = fast_exp(h * x);
-        let mut w = if a0 == 0.0 {
+        let l = j % LANES;
+        z0[0][l] += p[j];
+        z0[1][l] += p[j] * x;
+        xs[j] = x;
+        es[j] = fast_exp(h * x);
+        ws[j] = if a0 == 0.0 {
             p[j]
         } else {
             p[j] * fast_exp(a0 * x)
         };
-        let mut u = w * x;
-        for pair in grid_acc.chunks_exact_mut(2) {
-            pair[0][0] += w;
-            pair[1][0] += u;
-            w *= e;
-            u *= e;
-        }
     }
+    zero_acc[0] = z0[0];
+    zero_acc[1] = z0[1];
+    let mut start = 0;
+    while start < n_lat {
+        let left = n_lat - start;
+        let out = &mut grid_acc[2 * start..];
+        let g = if left >= 4 {
+            lattice_group::<4>(xs, ws, es, out)
+        } else if left >= 2 {
+            lattice_group::<2>(xs, ws, es, out)
+        } else {
+            lattice_group::<1>(xs, ws, es, out)
+        };
+        start += g;
+    }
+}
+
+/// G consecutive lattice points in one pass over the tokens (accumulators in registers); the
+/// running weights `ws` advance by G points. Returns G.
+#[inline(always)]
+fn lattice_group<const G: usize>(
+    xs: &[f64],
+    ws: &mut [f64],
+    es: &[f64],
+    out: &mut [[f64; LANES]],
+) -> usize {
+    let n = xs.len();
+    let full = n / LANES * LANES;
+    let mut s = [[0.0f64; LANES]; G];
+    let mut m = [[0.0f64; LANES]; G];
+    for ((x4, e4), w4) in xs[..full]
+        .chunks_exact(LANES)
+        .zip(es[..full].chunks_exact(LANES))
+        .zip(ws[..full].chunks_exact_mut(LANES))
+    {
+        let mut w = [0.0; LANES];
+        w.copy_from_slice(w4);
+        for q in 0..G {
+            for l in 0..LANES {
+                s[q][l] += w[l];
+                m[q][l] += w[l] * x4[l];
+                w[l] *= e4[l];
+            }
+        }
+        w4.copy_from_slice(&w);
+    }
+    for j in full..n {
+        let mut w = ws[j];
+        for q in 0..G {
+            s[q][j - full] += w;
+            m[q][j - full] += w * xs[j];
+            w *= es[j];
+        }
+        ws[j] = w;
+    }
+    for q in 0..G {
+        out[2 * q] = s[q];
+        out[2 * q + 1] = m[q];
+    }
+    G
 }
 
 /// Log-domain cumulants of d under P~(a): (g, g', g'', third derivative), safe for any a.
 fn cgf(lp: &[f64], lse_lp: f64, d: &[f64], a: f64) -> (f64, f64, f64, f64) {
-    with_simd(|| cgf_kernel(lp, lse_lp, d, a))
+    with_simd(
+        #[inline(always)]
+        || cgf_kernel(lp, lse_lp, d, a),
+    )
 }
 
 #[inline(always)]

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::config::{Sampling, Seeds, SolverConfig, Weights};
 use crate::error::DlfError;
+use crate::kl::with_simd;
 use crate::sample::{sample_row, RowSeeds, SampleScratch};
 use crate::solver::{grid_len, solve_row, SolverScratch, MAX_GRID_POINTS};
 use crate::support::{ModelRow, Reduced};
@@ -228,13 +229,17 @@ fn step_row(
             }
         };
         sc.fused.resize(inputs.vocab, 0.0);
-        fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused);
+        with_simd(
+            #[inline(always)]
+            || fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused),
+        );
         out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
         Ok(out)
     })
 }
 
 /// The fused f32 logits of one row (see the module docs for the exact arithmetic).
+#[inline(always)]
 fn fuse_row(
     large: &[f32],
     small: ModelRow<'_>,
@@ -249,9 +254,19 @@ fn fuse_row(
         if a == 0.0 {
             continue;
         }
-        for (i, o) in out.iter_mut().enumerate() {
-            *o += a * (e.get(i) - small.get(i));
+        let (er, sr) = (e.rep, small.rep);
+        for ((o, &ze), &zs) in out.iter_mut().zip(e.z).zip(small.z) {
+            let ze = if ze == f32::NEG_INFINITY { er } else { ze };
+            let zs = if zs == f32::NEG_INFINITY { sr } else { zs };
+            *o += a * (ze - zs);
         }
+    }
+    // -inf in the large model and overflow are rare: one vectorised check, then the fix-up pass.
+    let rare = out.iter().zip(large).fold(false, |acc, (&o, &l)| {
+        acc | (l == f32::NEG_INFINITY) | !o.is_finite()
+    });
+    if !rare {
+        return;
     }
     for (i, o) in out.iter_mut().enumerate() {
         if large[i] == f32::NEG_INFINITY {
@@ -290,12 +305,10 @@ pub fn fuse_logits(
         .enumerate()
         .map(|(row, o)| {
             let (large, small, experts) = row_models(inputs, row)?;
-            fuse_row(
-                large.z,
-                small,
-                &experts,
-                &alphas[row * n_t..(row + 1) * n_t],
-                o,
+            let a = &alphas[row * n_t..(row + 1) * n_t];
+            with_simd(
+                #[inline(always)]
+                || fuse_row(large.z, small, &experts, a, o),
             );
             Ok(())
         })
@@ -435,16 +448,43 @@ pub(crate) fn scan_row(model: &str, row: usize, z: &[f32]) -> Result<f32, DlfErr
     scan_row_named(|| model.to_string(), row, z)
 }
 
-fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
-    let mut min = f32::INFINITY;
-    let mut bad = false;
-    for &x in z {
-        // NaN and +inf both fail `x < inf`; -inf passes and is ignored by the finite minimum.
-        bad |= x.is_nan() || x == f32::INFINITY;
-        if x > f32::NEG_INFINITY {
-            min = min.min(x);
+/// (minimum of the finite values, whether any value is NaN or +inf), in eight lanes.
+#[inline(always)]
+fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+    let mut min = [f32::INFINITY; 8];
+    let mut bad = [false; 8];
+    let chunks = z.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            let x = c[l];
+            // -inf is ignored by the finite minimum.
+            bad[l] |= x.is_nan() | (x == f32::INFINITY);
+            let m = if x > f32::NEG_INFINITY {
+                x
+            } else {
+                f32::INFINITY
+            };
+            min[l] = if m < min[l] { m } else { min[l] };
         }
     }
+    for (l, &x) in rest.iter().enumerate() {
+        bad[l] |= x.is_nan() | (x == f32::INFINITY);
+        if x > f32::NEG_INFINITY && x < min[l] {
+            min[l] = x;
+        }
+    }
+    let m = min
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    (m, bad.iter().any(|&b| b))
+}
+
+fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
+    let (min, bad) = with_simd(
+        #[inline(always)]
+        || finite_min_and_bad(z),
+    );
     if bad {
         let (token, &value) = z
             .iter()

@@ -6,7 +6,7 @@
 //! -inf in the small model or an expert has already been mapped to that row's replacement value
 //! (`ModelRow::rep`); -inf in the large model is kept (P(x) = 0).
 
-use crate::kl::fast_exp;
+use crate::kl::{fast_exp, fast_exp_f32, with_simd};
 
 /// One model's logits for one row and the value its -inf entries stand for.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +40,7 @@ pub struct Reduced {
     pub zt: Vec<f64>,
     mask: Vec<bool>,
     sel: Vec<f32>,
+    cand: Vec<(f32, usize)>,
     idx: Vec<usize>,
 }
 
@@ -88,15 +89,33 @@ impl Reduced {
         k: usize,
     ) {
         let v = large.z.len();
-        self.mask.clear();
-        self.mask.resize(v, false);
-        mark_top_k(large, k, &mut self.mask, &mut self.sel);
-        mark_top_k(small, k, &mut self.mask, &mut self.sel);
-        for e in experts {
-            mark_top_k(*e, k, &mut self.mask, &mut self.sel);
+        if self.mask.len() != v {
+            self.mask.clear();
+            self.mask.resize(v, false);
         }
         self.idx.clear();
-        self.idx.extend((0..v).filter(|&i| self.mask[i]));
+        let rows = std::iter::once(large)
+            .chain(std::iter::once(small))
+            .chain(experts.iter().copied());
+        let mut maxes = [f64::NEG_INFINITY; 2];
+        let mut expert_max = Vec::with_capacity(experts.len());
+        for (m, row) in rows.enumerate() {
+            let mx = mark_top_k(
+                row,
+                k,
+                &mut self.mask,
+                &mut self.idx,
+                &mut self.sel,
+                &mut self.cand,
+            );
+            match m {
+                0 | 1 => maxes[m] = mx,
+                _ => expert_max.push(mx),
+            }
+        }
+        // Ascending token order: the solver then sums in the same order as the whole-vocabulary
+        // path would over these tokens.
+        self.idx.sort_unstable();
         let m = self.idx.len();
         let has_tail = m < v;
         let n = m + usize::from(has_tail);
@@ -114,11 +133,15 @@ impl Reduced {
             }
         }
         if has_tail {
-            self.zl[m] = tail_lse(large, &self.mask);
-            self.zs[m] = tail_lse(small, &self.mask);
+            self.zl[m] = tail_lse(large, &self.mask, maxes[0]);
+            self.zs[m] = tail_lse(small, &self.mask, maxes[1]);
             for (t, e) in experts.iter().enumerate() {
-                self.zt[t * n + m] = tail_lse(*e, &self.mask);
+                self.zt[t * n + m] = tail_lse(*e, &self.mask, expert_max[t]);
             }
+        }
+        // Leave the mask all-false for the next row without an O(V) clear.
+        for &i in &self.idx {
+            self.mask[i] = false;
         }
     }
 }
@@ -129,44 +152,192 @@ fn resize(v: &mut Vec<f64>, n: usize) {
     }
 }
 
-/// Marks the k largest logits of one model (ties at the threshold: lowest indices first).
-fn mark_top_k(row: ModelRow<'_>, k: usize, mask: &mut [bool], sel: &mut Vec<f32>) {
-    let v = row.z.len();
+/// Marks the k largest logits of one model (ties at the threshold: lowest indices first), pushing
+/// newly marked indices to `idx`; returns the row maximum (after the -inf replacement).
+///
+/// Hand-written because it runs on every model row at every step and a full selection over V
+/// dominated the pruned path: a threshold guessed from a strided sample admits a few times k
+/// candidates in one vectorisable pass (chunk maxima are compared first), and the exact k-th value
+/// is then selected among the candidates only. When the guess admits fewer than k tokens (ties,
+/// -inf, k close to V) the exact selection over the whole row is used instead; both give the same
+/// set.
+fn mark_top_k(
+    row: ModelRow<'_>,
+    k: usize,
+    mask: &mut [bool],
+    idx: &mut Vec<usize>,
+    sel: &mut Vec<f32>,
+    cand: &mut Vec<(f32, usize)>,
+) -> f64 {
+    if !candidates_above_guess(row, k, sel, cand) {
+        cand.clear();
+        cand.extend((0..row.z.len()).map(|i| (row.get(i), i)));
+    }
+    // Exact k-th largest among the candidates (which hold every token >= it, in index order).
     sel.clear();
-    sel.extend((0..v).map(|i| row.get(i)));
+    sel.extend(cand.iter().map(|c| c.0));
     let (_, thr, _) = sel.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     let thr = *thr;
-    let above = (0..v).filter(|&i| row.get(i) > thr).count();
+    let above = cand.iter().filter(|c| c.0 > thr).count();
     let mut ties_left = k - above;
-    for (i, m) in mask.iter_mut().enumerate() {
-        let x = row.get(i);
-        if x > thr {
-            *m = true;
-        } else if x == thr && ties_left > 0 {
-            *m = true;
+    let mut mx = f32::NEG_INFINITY;
+    for &(x, i) in cand.iter() {
+        mx = mx.max(x);
+        let take = x > thr || (x == thr && ties_left > 0);
+        if x == thr && take {
             ties_left -= 1;
+        }
+        if take && !mask[i] {
+            mask[i] = true;
+            idx.push(i);
+        }
+    }
+    mx as f64
+}
+
+/// Fills `cand` with (value, index), in index order, of every token at or above a threshold
+/// guessed from a strided sample; false when the guess is unusable (fewer than k tokens admitted,
+/// or k too close to V for pruning by guess to pay off).
+fn candidates_above_guess(
+    row: ModelRow<'_>,
+    k: usize,
+    sample: &mut Vec<f32>,
+    cand: &mut Vec<(f32, usize)>,
+) -> bool {
+    let v = row.z.len();
+    if k.saturating_mul(16) > v {
+        return false;
+    }
+    // About max(4k, 1024) samples; the expected number of true top-k tokens among them is
+    // e = k n_s / V. Rank 1.5 e + 6 admits ~1.5k-2k candidates on LM-like rows and falls short of
+    // k (exact fallback) only when the sample holds > 1.5 e + 6 of the top k (rare: e + 3.4 sd).
+    let stride = (v / (4 * k).max(1024)).max(1);
+    sample.clear();
+    sample.extend(row.z.iter().step_by(stride).map(|&x| x.max(row.rep)));
+    let n_s = sample.len();
+    let rank = (3 * k * n_s).div_ceil(2 * v) + 6;
+    if rank >= n_s {
+        return false;
+    }
+    let (_, g, _) = sample.select_nth_unstable_by(rank - 1, |a, b| b.total_cmp(a));
+    let g = *g;
+    // A sampled -inf became `rep`; a guess that low would not match the raw comparison below.
+    if !g.is_finite() || g <= row.rep {
+        return false;
+    }
+    cand.clear();
+    with_simd(
+        #[inline(always)]
+        || filter_at_least(row.z, g, cand),
+    );
+    cand.len() >= k
+}
+
+/// Pushes (value, index) of every raw value >= g, in index order. -inf (and its replacement,
+/// below every finite value) is below any finite guess, so raw values can be compared. Chunks
+/// whose maximum is below g (most of them) cost one vectorised pass.
+#[inline(always)]
+fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
+    const CHUNK: usize = 16;
+    let mut chunks = z.chunks_exact(CHUNK);
+    let mut base = 0;
+    for c in &mut chunks {
+        let mut cm = f32::NEG_INFINITY;
+        for &x in c {
+            cm = if x > cm { x } else { cm };
+        }
+        if cm >= g {
+            // One compare per lane into a bit mask, then only the hits are visited.
+            let mut bits = 0u32;
+            for (j, &x) in c.iter().enumerate() {
+                bits |= u32::from(x >= g) << j;
+            }
+            while bits != 0 {
+                let j = bits.trailing_zeros() as usize;
+                cand.push((c[j], base + j));
+                bits &= bits - 1;
+            }
+        }
+        base += CHUNK;
+    }
+    for (j, &x) in chunks.remainder().iter().enumerate() {
+        if x >= g {
+            cand.push((x, base + j));
         }
     }
 }
 
 /// log sum exp over the tokens outside the support, in f64 (-inf when they are all -inf).
-fn tail_lse(row: ModelRow<'_>, mask: &[bool]) -> f64 {
-    let mut mx = f64::NEG_INFINITY;
-    for (i, &m) in mask.iter().enumerate() {
-        if !m {
-            mx = mx.max(row.get(i) as f64);
+/// One vectorised pass shifted by the row maximum `mx` with f32 exponentials (the bucket's logit
+/// is then within ~1e-6 of exact, below the rounding of f32 logits of magnitude ~10); when that
+/// underflows (a tail far below the maximum) the sum is redone in f64 shifted by the tail's own
+/// maximum.
+fn tail_lse(row: ModelRow<'_>, mask: &[bool], mx: f64) -> f64 {
+    if mx.is_finite() {
+        let s = with_simd(
+            #[inline(always)]
+            || masked_exp_sum(row, mask, mx),
+        );
+        // Below this the f32 terms may have flushed to 0: redo it exactly in f64.
+        if s > 1e-30 {
+            return mx + s.ln();
         }
     }
-    if mx == f64::NEG_INFINITY {
-        return mx;
+    let mut tmx = f64::NEG_INFINITY;
+    for (i, &m) in mask.iter().enumerate() {
+        if !m {
+            tmx = tmx.max(row.get(i) as f64);
+        }
+    }
+    if tmx == f64::NEG_INFINITY {
+        return tmx;
     }
     let mut s = 0.0;
     for (i, &m) in mask.iter().enumerate() {
         if !m {
-            s += fast_exp(row.get(i) as f64 - mx);
+            s += fast_exp(row.get(i) as f64 - tmx);
         }
     }
-    mx + s.ln()
+    tmx + s.ln()
+}
+
+/// sum over unmasked tokens of exp(z - shift): f32 exponentials in eight lanes, each block of
+/// 1024 tokens added into an f64 total (fixed order: deterministic). `shift` is the row maximum,
+/// an f32 value, so the f32 differences lose nothing beyond the inputs' own rounding.
+#[inline(always)]
+fn masked_exp_sum(row: ModelRow<'_>, mask: &[bool], shift: f64) -> f64 {
+    const LANES: usize = 8;
+    const BLOCK: usize = 1024;
+    let shift = shift as f32;
+    let rep = row.rep;
+    let mut total = 0.0f64;
+    for (zb, mb) in row.z.chunks(BLOCK).zip(mask.chunks(BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let zc = zb.chunks_exact(LANES);
+        let mc = mb.chunks_exact(LANES);
+        let (zr, mr) = (zc.remainder(), mc.remainder());
+        for (z8, m8) in zc.zip(mc) {
+            for l in 0..LANES {
+                let x = if z8[l] == f32::NEG_INFINITY {
+                    rep
+                } else {
+                    z8[l]
+                };
+                let e = fast_exp_f32(x - shift);
+                acc[l] += if m8[l] { 0.0 } else { e };
+            }
+        }
+        for (l, (&x, &m)) in zr.iter().zip(mr).enumerate() {
+            if !m {
+                let x = if x == f32::NEG_INFINITY { rep } else { x };
+                acc[l] += fast_exp_f32(x - shift);
+            }
+        }
+        let lanes: f32 =
+            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        total += lanes as f64;
+    }
+    total
 }
 
 #[cfg(test)]
@@ -185,9 +356,90 @@ mod tests {
     fn top_k_ties_take_lowest_indices() {
         let z = [1.0f32, 3.0, 2.0, 2.0, 2.0, 0.0];
         let mut mask = vec![false; z.len()];
-        let mut sel = Vec::new();
-        mark_top_k(mr(&z), 3, &mut mask, &mut sel);
+        let (mut idx, mut sel, mut cand) = (Vec::new(), Vec::new(), Vec::new());
+        let mx = mark_top_k(mr(&z), 3, &mut mask, &mut idx, &mut sel, &mut cand);
         assert_eq!(mask, [false, true, true, true, false, false]);
+        assert_eq!(idx, [1, 2, 3]);
+        assert_eq!(mx, 3.0);
+    }
+
+    /// The sampled-threshold path against a plain sort by (value desc, index asc), on rows with
+    /// many ties, -inf entries and a replacement value, for k from 1 to V/16 (where it applies).
+    #[test]
+    fn fast_top_k_equals_sorting() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..60 {
+            let v = 4096 + (next() % 5000) as usize;
+            let levels = [8u64, 64, 100_000][case % 3];
+            let z: Vec<f32> = (0..v)
+                .map(|_| {
+                    let r = next();
+                    if r % 97 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        // heavy right tail, like LM logits; coarse levels make ties
+                        let u = (r >> 11) % levels;
+                        (u as f32 / levels as f32).powi(8) * 20.0
+                    }
+                })
+                .collect();
+            let rep = if case % 2 == 0 {
+                f32::NEG_INFINITY
+            } else {
+                -50.0
+            };
+            let row = ModelRow { z: &z, rep };
+            for k in [1usize, 5, 64, 256] {
+                let mut mask = vec![false; v];
+                let (mut idx, mut sel, mut cand) = (Vec::new(), Vec::new(), Vec::new());
+                mark_top_k(row, k, &mut mask, &mut idx, &mut sel, &mut cand);
+                let mut order: Vec<usize> = (0..v).collect();
+                order.sort_by(|&a, &b| row.get(b).total_cmp(&row.get(a)).then(a.cmp(&b)));
+                let mut want = vec![false; v];
+                for &i in &order[..k] {
+                    want[i] = true;
+                }
+                assert_eq!(mask, want, "case {case} k {k}");
+                idx.sort_unstable();
+                let mut want_idx = order[..k].to_vec();
+                want_idx.sort_unstable();
+                assert_eq!(idx, want_idx);
+            }
+        }
+    }
+
+    /// The shifted-by-row-max tail sum and its fallback agree with a direct log-sum-exp, including
+    /// a tail that underflows relative to the row maximum.
+    #[test]
+    fn tail_lse_matches_direct_sum() {
+        let mut z: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 * 0.1).collect();
+        let mask: Vec<bool> = (0..300).map(|i| i % 3 == 0).collect();
+        let direct = |z: &[f32]| {
+            let t: Vec<f64> = z
+                .iter()
+                .zip(&mask)
+                .filter(|(_, &m)| !m)
+                .map(|(&x, _)| x as f64)
+                .collect();
+            log_sum_exp(&t)
+        };
+        let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        // f32 exponentials: the bucket's logit is within ~1e-6 of the exact value.
+        assert!((tail_lse(mr(&z), &mask, mx) - direct(&z)).abs() < 1e-6);
+        // One masked token 1e30 above the rest: the shifted sum underflows, the fallback is exact.
+        z[0] = 1e30;
+        let got = tail_lse(mr(&z), &mask, 1e30);
+        assert!((got - direct(&z)).abs() < 1e-12, "{got}");
+        // Everything outside the support impossible: -inf.
+        let z = [f32::NEG_INFINITY; 4];
+        let m = [true, false, false, false];
+        assert_eq!(tail_lse(mr(&z), &m, f64::NEG_INFINITY), f64::NEG_INFINITY);
     }
 
     #[test]
@@ -200,11 +452,11 @@ mod tests {
         // support {0 (small), 1 (large), 2 (expert)} + tail {3, 4}
         assert_eq!(r.n, 4);
         assert_eq!(&r.zl[..3], &[0.0, 5.0, 1.0]);
-        assert!((r.zl[3] - 2.0).abs() < 1e-15); // exp(-inf) + exp(2)
-        assert!((r.zs[3] - log_sum_exp(&[2.0, 0.5])).abs() < 1e-15);
+        assert!((r.zl[3] - 2.0).abs() < 1e-6); // exp(-inf) + exp(2), f32 exponentials
+        assert!((r.zs[3] - log_sum_exp(&[2.0, 0.5])).abs() < 1e-6);
         // full mass preserved
         let full = log_sum_exp(&s.map(|x| x as f64));
-        assert!((log_sum_exp(&r.zs) - full).abs() < 1e-14);
+        assert!((log_sum_exp(&r.zs) - full).abs() < 1e-6);
         // k >= V: whole vocabulary, no bucket
         r.fill(mr(&l), mr(&s), &[mr(&e)], Some(5));
         assert_eq!(r.n, 5);
