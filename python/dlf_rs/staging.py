@@ -37,7 +37,7 @@ class LogitStaging:
         # numpy views share memory with the torch buffers; created once.
         self._views = [buf.numpy() for buf in self._host]
         self._token_host = torch.empty((batch,), dtype=torch.long, pin_memory=self.pinned)
-        self._pending: dict[torch.device, torch.cuda.Event] = {}
+        self._pending: dict[tuple[torch.device, int], torch.cuda.Event] = {}
 
     def matches(self, n_models: int, batch: int, vocab: int) -> bool:
         return (self.n_models, self.batch, self.vocab) == (n_models, batch, vocab)
@@ -53,10 +53,12 @@ class LogitStaging:
             src = src.to(torch.float32)
         if src.device.type == "cuda":
             self._host[slot].copy_(src, non_blocking=True)
+            stream = torch.cuda.current_stream(src.device)
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(src.device))
-            # One event per device: the last one recorded covers every earlier copy on that stream.
-            self._pending[src.device] = event
+            event.record(stream)
+            # One event per stream (the fast path runs the small models on a side stream): the
+            # last one recorded covers every earlier copy on that stream.
+            self._pending[(src.device, stream.stream_id)] = event
         else:
             self._host[slot].copy_(src)
 
