@@ -92,3 +92,29 @@ def test_seeded_sampling_repeats_on_cuda(cuda_family: Family) -> None:
         gen.generate(PROMPTS, seed=5, **kw).token_ids
         == gen.generate(PROMPTS, seed=5, **kw).token_ids
     )
+
+
+# ---------------------------------------------------------------------- the fast path on CUDA
+@pytest.mark.parametrize(
+    "fast_kw",
+    [
+        pytest.param({}, id="cuda-graphs"),  # default on CUDA: torch.compile reduce-overhead
+        pytest.param({"compile": False, "overlap": True}, id="eager-side-stream"),
+    ],
+)
+@pytest.mark.parametrize("method", ["dlf", "static", "large", "expert"])
+def test_fast_equals_simple_on_cuda(cuda_family: Family, method: str, fast_kw: dict) -> None:
+    from test_fastpath import METHOD_KW, assert_same, eos_ending_rows_at_different_steps
+
+    fam = cuda_family
+    models = (fam.large, fam.small, fam.experts[:2], fam.tokenizer)
+    simple = FusedGenerator(*models)
+    fast = FusedGenerator(*models, fast=True, **fast_kw)
+    kw = METHOD_KW[method]
+    simple.eos_token_ids = set()
+    free = simple.generate(PROMPTS, max_new_tokens=MAX_NEW, **kw)
+    simple.eos_token_ids = fast.eos_token_ids = {eos_ending_rows_at_different_steps(free.token_ids)}
+    want = simple.generate(PROMPTS, max_new_tokens=MAX_NEW, **kw)
+    for _ in range(2):  # the second call replays (CUDA graphs) on the reset, reused caches
+        assert_same(fast.generate(PROMPTS, max_new_tokens=MAX_NEW, **kw), want)
+    assert fast._staging is not None and fast._staging.pinned

@@ -20,6 +20,7 @@ Decisions (documented in the API docstrings):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dlf_rs.fastpath import FastModel, FastOptions, cache_length, resolve_options
 from dlf_rs.staging import LogitStaging
 
 __all__ = ["METHODS", "FusedGenerator", "GenerationResult", "RowTrace", "row_seed", "splitmix64"]
@@ -118,6 +120,7 @@ class _Slot:
     cache: Any = None
     attention_mask: torch.Tensor | None = None
     last_position: torch.Tensor | None = None
+    fast: FastModel | None = None  # set when the generator was built with fast=True
 
 
 def _model_device(model: Any) -> torch.device:
@@ -180,6 +183,16 @@ class FusedGenerator:
     hub id. ``small`` and ``experts`` may be left out when only ``method="large"`` is used.
     ``model_tokenizers`` (optional, name -> tokenizer, names as in ``prompts_for``) are checked
     against ``tokenizer`` and refused when their vocabularies differ.
+
+    ``fast=True`` opts into the fast decode path (:mod:`dlf_rs.fastpath`): a static KV cache per
+    model (transformers ``StaticCache``, kept and reset across calls of the same batch size and
+    length bucket), a fixed attention mask, and on CUDA compiled decode forwards. It produces the
+    same greedy tokens as the default path (up to float rounding of the attention over a longer,
+    masked key axis). ``compile``: None (default: ``torch.compile(mode="reduce-overhead")``, i.e.
+    CUDA graphs, only when the large model is on CUDA), True/False, or a dict of torch.compile
+    options. ``overlap``: run the small models on a side CUDA stream, overlapping the large
+    model's forward (None: on CUDA when no CUDA graphs are used). ``compile`` and ``overlap``
+    are only used with ``fast=True``. The default path (``fast=False``) is unchanged.
     """
 
     def __init__(
@@ -191,9 +204,17 @@ class FusedGenerator:
         *,
         expert_names: Sequence[str] | None = None,
         model_tokenizers: Mapping[str, Any] | None = None,
+        fast: bool = False,
+        compile: bool | Mapping[str, Any] | None = None,  # torch.compile's name, on purpose
+        overlap: bool | None = None,
     ) -> None:
         if large is None:
             raise ValueError("large: a model is required")
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast: expected a bool, got {type(fast).__name__}")
+        if not fast and (compile is not None or overlap is not None):
+            name = "compile" if compile is not None else "overlap"
+            raise ValueError(f"{name}: only used by the fast path; pass fast=True as well")
         if tokenizer is None:
             raise ValueError(
                 "tokenizer: required (FusedGenerator.from_pretrained loads the large model's)"
@@ -235,6 +256,12 @@ class FusedGenerator:
         # the compute time instead of only the launch time (otherwise the wait shows in "copy").
         self.sync_timings = False
         self._staging: LogitStaging | None = None
+        self.fast = fast
+        self._fast_options: FastOptions | None = (
+            resolve_options(compile, overlap, _model_device(large)) if fast else None
+        )
+        self._fast_models: dict[str, FastModel] = {}
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -351,7 +378,7 @@ class FusedGenerator:
         return self._staging
 
     def _forward(
-        self, slot: _Slot, input_ids: torch.Tensor, positions: torch.Tensor
+        self, slot: _Slot, input_ids: torch.Tensor, positions: torch.Tensor, call: Any = None
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
@@ -364,7 +391,7 @@ class FusedGenerator:
         if slot.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         try:
-            out = slot.model(**kwargs)
+            out = (call or slot.model)(**kwargs)
         except torch.cuda.OutOfMemoryError as err:
             raise _oom_hint(slot.name, err) from err
         slot.cache = out.past_key_values
@@ -433,10 +460,13 @@ class FusedGenerator:
                     device=_model_device(model),
                     takes_logits_to_keep="logits_to_keep" in params,
                     takes_position_ids="position_ids" in params,
+                    fast=self._fast_model(name, model),
                 )
             )
 
         timings = {"forward": 0.0, "prefill": 0.0, "copy": 0.0, "fuse_step": 0.0, "sample": 0.0}
+        # Per-model decode forward times ("forward:large", ...): the bench's per-model split.
+        timings.update({f"forward:{slot.name}": 0.0 for slot in slots})
         staging = self._staging_for(len(slots), batch)
         fuse_kwargs = self._fuse_kwargs(method, static_alphas, solver, support_k, alpha_range)
         sample_kwargs: dict[str, Any] = {
@@ -447,7 +477,10 @@ class FusedGenerator:
         }
         import dlf_rs
 
-        with torch.inference_mode():
+        # The fast path runs under no_grad like HF generate with static caches and torch.compile
+        # (its caches outlive the call and are reused; inference tensors gain nothing there).
+        grad_off = torch.no_grad() if self.fast else torch.inference_mode()
+        with grad_off:
             self._prefill(slots, max_new_tokens, staging, timings)
 
             tokens_out: list[list[int]] = [[] for _ in range(batch)]
@@ -546,9 +579,15 @@ class FusedGenerator:
                 input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
                 mask[b, width - len(row) :] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            slot.attention_mask = mask.to(slot.device)
             slot.last_position = positions[:, -1:].to(slot.device)
-            slot.cache = _new_cache(slot.model)
+            if slot.fast is not None:
+                max_len = cache_length(width + max_new_tokens, ctx)
+                slot.fast.prepare(len(ids), max_len, mask.to(slot.device))
+                slot.attention_mask = slot.fast.mask
+                slot.cache = slot.fast.cache
+            else:
+                slot.attention_mask = mask.to(slot.device)
+                slot.cache = _new_cache(slot.model)
             t0 = time.perf_counter()
             logits = self._forward(slot, input_ids.to(slot.device), positions.to(slot.device))
             self._sync_for_timing(slot.device)
@@ -562,6 +601,9 @@ class FusedGenerator:
     def _decode_step(
         self, slots: list[_Slot], feed: np.ndarray, staging: LogitStaging, timings: dict
     ) -> None:
+        if self.fast:
+            self._decode_step_fast(slots, feed, staging, timings)
+            return
         for i, slot in enumerate(slots):
             t0 = time.perf_counter()
             tokens = staging.tokens_to(feed, slot.device)
@@ -575,10 +617,71 @@ class FusedGenerator:
             t0 = time.perf_counter()
             logits = self._forward(slot, tokens, slot.last_position)
             self._sync_for_timing(slot.device)
-            timings["forward"] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            timings["forward"] += elapsed
+            timings[f"forward:{slot.name}"] += elapsed
             t0 = time.perf_counter()
             staging.stage(i, logits)
             timings["copy"] += time.perf_counter() - t0
+
+    def _decode_step_fast(
+        self, slots: list[_Slot], feed: np.ndarray, staging: LogitStaging, timings: dict
+    ) -> None:
+        """One decode step on static caches: the mask stays as it is (the causal mask hides the
+        unwritten positions) and the token ids go to each device once. With ``overlap`` every
+        model after the large one runs on a side stream; the side stream waits for the main one
+        before the large forward is enqueued (so it sees this step's token ids and the prefill,
+        and does not wait for the large forward)."""
+        opts = self._fast_options
+        assert opts is not None
+        overlap = opts.overlap and not self.sync_timings  # syncing would serialise it anyway
+        t0 = time.perf_counter()
+        tokens_on: dict[torch.device, torch.Tensor] = {}
+        for slot in slots:
+            if slot.device not in tokens_on:
+                tokens_on[slot.device] = staging.tokens_to(feed, slot.device)
+        side_on: dict[torch.device, torch.cuda.Stream] = {}
+        for slot in slots[1:] if overlap else []:
+            if slot.device.type == "cuda" and slot.device not in side_on:
+                side_on[slot.device] = self._side_stream(slot.device)
+                side_on[slot.device].wait_stream(torch.cuda.current_stream(slot.device))
+        timings["copy"] += time.perf_counter() - t0
+        for i, slot in enumerate(slots):
+            assert slot.fast is not None and slot.last_position is not None
+            tokens = tokens_on[slot.device]
+            context: Any = contextlib.nullcontext()
+            if i > 0 and slot.device in side_on:
+                side = side_on[slot.device]
+                # Allocated on the main stream, read on the side one: keep the allocator from
+                # handing their memory to the main stream while the side stream may still read.
+                tokens.record_stream(side)
+                slot.last_position.record_stream(side)
+                context = torch.cuda.stream(side)
+            with context:
+                t0 = time.perf_counter()
+                slot.last_position = slot.last_position + 1
+                logits = self._forward(slot, tokens, slot.last_position, slot.fast.decode_call())
+                self._sync_for_timing(slot.device)
+                elapsed = time.perf_counter() - t0
+                timings["forward"] += elapsed
+                timings[f"forward:{slot.name}"] += elapsed
+                t0 = time.perf_counter()
+                staging.stage(i, logits)  # its event is recorded on the stream it ran on
+                timings["copy"] += time.perf_counter() - t0
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        return self._side_streams[device]
+
+    def _fast_model(self, name: str, model: Any) -> FastModel | None:
+        if self._fast_options is None:
+            return None
+        state = self._fast_models.get(name)
+        if state is None or state.model is not model:
+            state = FastModel(name, model, self._fast_options)
+            self._fast_models[name] = state
+        return state
 
     def _sync_for_timing(self, device: torch.device) -> None:
         if self.sync_timings and device.type == "cuda":
