@@ -2,8 +2,8 @@
 
 ``dlf-rs generate`` loads the models with :meth:`FusedGenerator.from_pretrained`, reads prompts
 from ``--prompt`` or a JSONL file, decodes them in batches and writes one JSON line per prompt
-(text, token ids, per-step weights). ``dlf-rs demo`` delegates to :mod:`dlf_rs.demo` (imported
-only when used). Errors print one line to stderr and exit with status 2, no traceback.
+(text, token ids, per-step weights). ``dlf-rs demo`` delegates to :mod:`dlf_rs.demo` and
+``dlf-rs bench`` to :mod:`dlf_rs.bench` (each imported only when used). Errors print one line to stderr and exit with status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ weights alpha solved per row and step by the Rust core.
 commands:
   generate   fused generation with Hugging Face checkpoints (local paths or cached hub ids)
   demo       the shipped tiny model family: DLF vs the baselines, tables and alpha plots
+  bench      end-to-end decode benchmark: per-step breakdown, tokens/s, ratios to a naive
+             loop, to the models' own steps and to the bandwidth floor (dlf-rs bench --help)
 
 example:
   dlf-rs generate --large L --small S --expert MATH --expert QA --prompt "Q: 2+3=?" \\
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,bench}", parser_class=_Parser)
 
     gen = sub.add_parser(
         "generate",
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the shipped tiny-family demo (dlf-rs demo --help)", add_help=False
     )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    bench = sub.add_parser(
+        "bench", help="end-to-end decode benchmark (dlf-rs bench --help)", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -117,6 +123,18 @@ def _demo(argv: list[str]) -> int:
     )
     demo.add_arguments(parser)
     return int(demo.run(parser.parse_args(argv)) or 0)
+
+
+def _bench(argv: list[str]) -> int:
+    from dlf_rs import bench
+
+    parser = _Parser(
+        prog="dlf-rs bench",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(parser)
+    return int(bench.run(parser.parse_args(argv)) or 0)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -207,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list = list(sys.argv[1:] if argv is None else argv)
         if args_list[:1] == ["demo"]:  # argparse's REMAINDER would not pass on --help or --x
             return _demo(args_list[1:])
+        if args_list[:1] == ["bench"]:
+            return _bench(args_list[1:])
         parser = build_parser()
         args = parser.parse_args(args_list)
         if args.command == "generate":
