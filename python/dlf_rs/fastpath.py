@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_COMPILE", "FastModel", "FastOptions", "cache_length", "resolve_options"]
+__all__ = [
+    "DEFAULT_COMPILE", "FastModel", "FastOptions", "cache_length", "kv_cache_bytes",
+    "resolve_options",
+]  # fmt: skip
 
 # What HF generate uses for static caches (transformers.CompileConfig defaults), with static
 # shapes: every decode forward has the same shapes, so dynamic shapes would only add guards.

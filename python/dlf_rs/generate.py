@@ -6,7 +6,9 @@ and position ids -> each step the last-position logits go through :mod:`dlf_rs.s
 reused host buffers -> ``fuse_step`` (methods "dlf"/"static") or ``sample`` ("large"/"expert")
 picks one token per row -> only those tokens go back to the devices and the loop repeats. Rows
 that ended (EOS, a stop string, ``max_new_tokens``) keep feeding the pad token with their outputs
-ignored; the loop stops as soon as every row ended.
+ignored; the loop stops as soon as every row ended. ``FusedGenerator(..., fast=True)`` swaps the
+growing ``DynamicCache`` for reused static caches and compiled decode forwards
+(:mod:`dlf_rs.fastpath`); everything else in the flow is shared.
 
 Decisions (documented in the API docstrings):
 - Vocabulary: every model must share the tokenizer; logits are cut to ``len(tokenizer)``.
