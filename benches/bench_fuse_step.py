@@ -77,9 +77,10 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
     rows["fuse_step grid (default)"] = median_time(
         lambda: dlf_rs.fuse_step(large, small, ex), repeats
     )
-    rows["fuse_step grid, support_k=256"] = median_time(
-        lambda: dlf_rs.fuse_step(large, small, ex, support_k=256), repeats
-    )
+    for k in (256, 1024):
+        rows[f"fuse_step grid, support_k={k}"] = median_time(
+            lambda k=k: dlf_rs.fuse_step(large, small, ex, support_k=k), repeats
+        )
     rows["fuse_step exact"] = median_time(
         lambda: dlf_rs.fuse_step(large, small, ex, solver="exact"), max(3, repeats // 3)
     )
@@ -115,11 +116,11 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
         )
 
 
-def pruning_figures(n_rows: int = 200, vocab: int = 32000) -> None:
+def pruning_figures(n_rows: int = 200, vocab: int = 32000, k: int = 256) -> None:
     rng = np.random.default_rng(2024)
     large, small, experts = zipf_logits(rng, n_rows, vocab, 1)
     full = dlf_rs.fuse_step(large, small, experts)
-    pruned = dlf_rs.fuse_step(large, small, experts, support_k=256)
+    pruned = dlf_rs.fuse_step(large, small, experts, support_k=k)
     j_err, subopt = [], []
     for b in range(n_rows):
         ze = [experts[0, b]]
@@ -130,7 +131,7 @@ def pruning_figures(n_rows: int = 200, vocab: int = 32000) -> None:
         subopt.append((j_p - j_f) / j0)
     differs = float(np.mean(np.any(full.alphas != pruned.alphas, axis=1)))
     print(
-        f"\nPruning support_k=256 vs full vocabulary (grid, {n_rows} Zipf rows, V={vocab}, T=1): "
+        f"\nPruning support_k={k} vs full vocabulary (grid, {n_rows} Zipf rows, V={vocab}, T=1): "
         f"alpha differs in {differs:.1%} of rows (max |d alpha| "
         f"{np.max(np.abs(full.alphas - pruned.alphas)):.2f}); |J_pruned - J_full| at the pruned "
         f"alpha / J(0): max {max(j_err):.1e}, median {np.median(j_err):.1e}; J_full suboptimality"
@@ -146,7 +147,8 @@ def main() -> None:
     bench_case(1, 32000, 1, repeats=15)
     bench_case(8, 32000, 1, repeats=9)
     bench_case(32, 32000, 4, repeats=5)
-    pruning_figures()
+    pruning_figures(k=256)
+    pruning_figures(k=1024)
 
 
 if __name__ == "__main__":

@@ -166,20 +166,48 @@ pub fn kl_from_logprobs(la: &[f64], lb: &[f64]) -> f64 {
 pub fn kl_pair_finite(za: &[f64], zb: &[f64], ea: &mut [f64], eb: &mut [f64]) -> (f64, f64) {
     with_simd(
         #[inline(always)]
-        || kl_pair_kernel(za, zb, ea, eb),
+        || {
+            let b = Exped::new(zb, eb);
+            kl_pair_kernel(za, zb, ea, &b)
+        },
+    )
+}
+
+/// exp(z - max z) of one row with its max and sum, computed once and shared by several KL pairs
+/// (the small model's row is the second argument of every expert's target pair).
+#[derive(Debug, Clone, Copy)]
+pub struct Exped<'a> {
+    pub e: &'a [f64],
+    pub max: f64,
+    pub sum: f64,
+}
+
+impl<'a> Exped<'a> {
+    #[inline(always)]
+    pub fn new(z: &[f64], e: &'a mut [f64]) -> Self {
+        let max = finite_max(z);
+        exp_shifted_into(z, max, e);
+        let sum = sum_lanes(e);
+        Exped { e, max, sum }
+    }
+}
+
+/// `kl_pair_finite` with the second row already exponentiated.
+pub fn kl_pair_finite_with(za: &[f64], zb: &[f64], ea: &mut [f64], b: &Exped<'_>) -> (f64, f64) {
+    with_simd(
+        #[inline(always)]
+        || kl_pair_kernel(za, zb, ea, b),
     )
 }
 
 #[inline(always)]
-fn kl_pair_kernel(za: &[f64], zb: &[f64], ea: &mut [f64], eb: &mut [f64]) -> (f64, f64) {
+fn kl_pair_kernel(za: &[f64], zb: &[f64], ea: &mut [f64], b: &Exped<'_>) -> (f64, f64) {
     let ma = finite_max(za);
-    let mb = finite_max(zb);
     exp_shifted_into(za, ma, ea);
-    exp_shifted_into(zb, mb, eb);
     let sa = sum_lanes(ea);
-    let sb = sum_lanes(eb);
+    let (eb, sb) = (b.e, b.sum);
     // log A(x) - log B(x) = (za - zb) - (lse_a - lse_b); the constant is folded out of the loop.
-    let shift = (ma + sa.ln()) - (mb + sb.ln());
+    let shift = (ma + sa.ln()) - (b.max + sb.ln());
     let mut acc_ab = [0.0f64; 4];
     let mut acc_ba = [0.0f64; 4];
     let n = za.len();

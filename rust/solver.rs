@@ -15,7 +15,8 @@
 
 use crate::config::{SolverConfig, SolverKind};
 use crate::kl::{
-    exp_shifted_into, fast_exp, finite_max, kl_pair_finite, log_softmax_into, sum_lanes, with_simd,
+    exp_shifted_into, fast_exp, finite_max, kl_pair_finite_with, log_softmax_into, sum_lanes,
+    with_simd, Exped,
 };
 use crate::support::Reduced;
 
@@ -97,6 +98,26 @@ impl Eval {
 
 const LANES: usize = 4;
 
+/// sum a[i] * b[i] in LANES independent sums (vectorisable, fixed order).
+#[inline(always)]
+fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let n = a.len().min(b.len());
+    let full = n / LANES * LANES;
+    for (a4, b4) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += a4[l] * b4[l];
+        }
+    }
+    for j in full..n {
+        acc[j - full] += a[j] * b[j];
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
 pub fn solve_row(
     red: &Reduced,
     cfg: &SolverConfig,
@@ -111,8 +132,12 @@ pub fn solve_row(
 
     let mut targets_b = Vec::with_capacity(n_t);
     let mut targets_c = Vec::with_capacity(n_t);
+    let q_small = with_simd(
+        #[inline(always)]
+        || Exped::new(&red.zs, &mut sc.eb),
+    );
     for t in 0..n_t {
-        let (b, c) = kl_pair_finite(red.expert(t), &red.zs, &mut sc.ea, &mut sc.eb);
+        let (b, c) = kl_pair_finite_with(red.expert(t), &red.zs, &mut sc.ea, &q_small);
         targets_b.push(b);
         targets_c.push(c);
     }
@@ -125,38 +150,54 @@ pub fn solve_row(
     );
     let s = sum_lanes(&sc.p);
     let lse = mx + s.ln();
-    for i in 0..n {
-        sc.lp[i] = red.zl[i] - lse;
-        sc.p[i] /= s;
-    }
-    let psum = sum_lanes(&sc.p);
+    let (psum, dirs) = with_simd(
+        #[inline(always)]
+        || {
+            for ((lp, p), &z) in sc.lp.iter_mut().zip(sc.p.iter_mut()).zip(&red.zl) {
+                *lp = z - lse;
+                *p /= s;
+            }
+            let psum = sum_lanes(&sc.p);
+            let mut dirs = Vec::with_capacity(n_t);
+            for (t, d) in sc.d.chunks_exact_mut(n).enumerate().take(n_t) {
+                // Tokens impossible under L carry no weight anywhere; 0 keeps them out of max/min.
+                for ((x, &lp), (&zt, &zs)) in d
+                    .iter_mut()
+                    .zip(&sc.lp)
+                    .zip(red.expert(t).iter().zip(&red.zs))
+                {
+                    *x = if lp > f64::NEG_INFINITY { zt - zs } else { 0.0 };
+                }
+                let mu = dot_lanes(&sc.p, d) / psum;
+                let mut hi = [0.0f64; LANES];
+                let mut lo = [0.0f64; LANES];
+                let chunks = d.chunks_exact_mut(LANES).zip(sc.lp.chunks_exact(LANES));
+                for (x4, lp4) in chunks {
+                    for l in 0..LANES {
+                        if lp4[l] > f64::NEG_INFINITY {
+                            x4[l] -= mu;
+                        }
+                        hi[l] = if x4[l] > hi[l] { x4[l] } else { hi[l] };
+                        lo[l] = if x4[l] < lo[l] { x4[l] } else { lo[l] };
+                    }
+                }
+                let full = n / LANES * LANES;
+                for (x, &lp) in d[full..].iter_mut().zip(&sc.lp[full..]) {
+                    if lp > f64::NEG_INFINITY {
+                        *x -= mu;
+                    }
+                    hi[0] = hi[0].max(*x);
+                    lo[0] = lo[0].min(*x);
+                }
+                let dmax = hi.iter().fold(0.0f64, |a, &b| a.max(b));
+                let dmin = lo.iter().fold(0.0f64, |a, &b| a.min(b));
+                dirs.push(Direction { dmax, dmin });
+            }
+            (psum, dirs)
+        },
+    );
     // log sum P, ~0; the log-domain evaluations subtract it so that g(0) = 0.
     let lse_lp = psum.ln();
-    let mut dirs = Vec::with_capacity(n_t);
-    for t in 0..n_t {
-        let zt = red.expert(t);
-        let d = &mut sc.d[t * n..(t + 1) * n];
-        let mut mu = 0.0;
-        for i in 0..n {
-            // Tokens impossible under L carry no weight anywhere; 0 keeps them out of max/min.
-            d[i] = if sc.lp[i] > f64::NEG_INFINITY {
-                zt[i] - red.zs[i]
-            } else {
-                0.0
-            };
-            mu += sc.p[i] * d[i];
-        }
-        mu /= psum;
-        let (mut dmax, mut dmin) = (0.0f64, 0.0f64);
-        for (i, x) in d.iter_mut().enumerate() {
-            if sc.lp[i] > f64::NEG_INFINITY {
-                *x -= mu;
-                dmax = dmax.max(*x);
-                dmin = dmin.min(*x);
-            }
-        }
-        dirs.push(Direction { dmax, dmin });
-    }
 
     let n_pts = grid_len(cfg.alpha_min, cfg.alpha_max, cfg.grid_step) as usize;
     sc.k1.resize(n_pts * n_t, 0.0);
@@ -375,19 +416,34 @@ fn lattice_moments(
 ) {
     let n = p.len();
     let (grid_acc, zero_acc) = acc.split_at_mut(2 * n_lat);
+    // Simple maps (each vectorises on its own); the a = 0 moments as lane sums.
+    for (x, &dj) in xs.iter_mut().zip(d) {
+        *x = dj - dmax;
+    }
+    for (e, &x) in es.iter_mut().zip(xs.iter()) {
+        *e = fast_exp(h * x);
+    }
+    if a0 == 0.0 {
+        ws.copy_from_slice(p);
+    } else {
+        for ((w, &x), &pj) in ws.iter_mut().zip(xs.iter()).zip(p) {
+            *w = pj * fast_exp(a0 * x);
+        }
+    }
     let mut z0 = [[0.0f64; LANES]; 2];
-    for j in 0..n {
-        let x = d[j] - dmax;
-        let l = j % LANES;
-        z0[0][l] += p[j];
-        z0[1][l] += p[j] * x;
-        xs[j] = x;
-        es[j] = fast_exp(h * x);
-        ws[j] = if a0 == 0.0 {
-            p[j]
-        } else {
-            p[j] * fast_exp(a0 * x)
-        };
+    let full = n / LANES * LANES;
+    for (p4, x4) in p[..full]
+        .chunks_exact(LANES)
+        .zip(xs[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            z0[0][l] += p4[l];
+            z0[1][l] += p4[l] * x4[l];
+        }
+    }
+    for j in full..n {
+        z0[0][j - full] += p[j];
+        z0[1][j - full] += p[j] * xs[j];
     }
     zero_acc[0] = z0[0];
     zero_acc[1] = z0[1];
@@ -396,14 +452,95 @@ fn lattice_moments(
         let left = n_lat - start;
         let out = &mut grid_acc[2 * start..];
         let g = if left >= 4 {
-            lattice_group::<4>(xs, ws, es, out)
+            lattice_group_dispatch::<4>(xs, ws, es, out)
         } else if left >= 2 {
-            lattice_group::<2>(xs, ws, es, out)
+            lattice_group_dispatch::<2>(xs, ws, es, out)
         } else {
-            lattice_group::<1>(xs, ws, es, out)
+            lattice_group_dispatch::<1>(xs, ws, es, out)
         };
         start += g;
     }
+}
+
+/// `lattice_group` with explicit AVX2 vectors when the CPU has them. LLVM did not keep the
+/// generic version's accumulators in ymm registers (it split them into xmm halves and spilled),
+/// which made this, the hottest loop of the full-vocabulary grid, several times slower. Lane l
+/// adds the same values in the same order in both versions (no FMA), so results are identical.
+#[inline(always)]
+fn lattice_group_dispatch<const G: usize>(
+    xs: &[f64],
+    ws: &mut [f64],
+    es: &[f64],
+    out: &mut [[f64; LANES]],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected at run time just above; the slices are read and written
+            // within their lengths (checked in the function).
+            return unsafe { lattice_group_avx2::<G>(xs, ws, es, out) };
+        }
+    }
+    lattice_group::<G>(xs, ws, es, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lattice_group_avx2<const G: usize>(
+    xs: &[f64],
+    ws: &mut [f64],
+    es: &[f64],
+    out: &mut [[f64; LANES]],
+) -> usize {
+    use std::arch::x86_64::*;
+    let n = xs.len();
+    assert!(ws.len() == n && es.len() == n && out.len() >= 2 * G);
+    let full = n / LANES * LANES;
+    let mut s = [_mm256_setzero_pd(); G];
+    let mut m = [_mm256_setzero_pd(); G];
+    let (xp, ep, wp) = (xs.as_ptr(), es.as_ptr(), ws.as_mut_ptr());
+    let mut j = 0;
+    while j < full {
+        // SAFETY: j + LANES <= full <= n for all three slices.
+        let (x, e, mut w) = unsafe {
+            (
+                _mm256_loadu_pd(xp.add(j)),
+                _mm256_loadu_pd(ep.add(j)),
+                _mm256_loadu_pd(wp.add(j)),
+            )
+        };
+        for q in 0..G {
+            s[q] = _mm256_add_pd(s[q], w);
+            m[q] = _mm256_add_pd(m[q], _mm256_mul_pd(w, x));
+            w = _mm256_mul_pd(w, e);
+        }
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_pd(wp.add(j), w) };
+        j += LANES;
+    }
+    let mut s_out = [[0.0f64; LANES]; G];
+    let mut m_out = [[0.0f64; LANES]; G];
+    for q in 0..G {
+        // SAFETY: each destination is a [f64; 4].
+        unsafe {
+            _mm256_storeu_pd(s_out[q].as_mut_ptr(), s[q]);
+            _mm256_storeu_pd(m_out[q].as_mut_ptr(), m[q]);
+        }
+    }
+    for j in full..n {
+        let mut w = ws[j];
+        for q in 0..G {
+            s_out[q][j - full] += w;
+            m_out[q][j - full] += w * xs[j];
+            w *= es[j];
+        }
+        ws[j] = w;
+    }
+    for q in 0..G {
+        out[2 * q] = s_out[q];
+        out[2 * q + 1] = m_out[q];
+    }
+    G
 }
 
 /// G consecutive lattice points in one pass over the tokens (accumulators in registers); the
@@ -837,6 +974,28 @@ mod tests {
             assert!(((kp.0 - km.0) / (2.0 * h) - a * g2).abs() < 1e-8);
             assert!(((kp.1 - km.1) / (2.0 * h) - (g1 - g1_0)).abs() < 1e-8);
             let _ = g;
+        }
+    }
+
+    /// The AVX2 lattice kernel adds the same numbers in the same order as the generic one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lattice_group_avx2_is_bit_identical() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for n in [1usize, 3, 4, 7, 64, 1001] {
+            let xs: Vec<f64> = (0..n).map(|i| -((i * 37 % 101) as f64) * 0.13).collect();
+            let es: Vec<f64> = xs.iter().map(|x| (0.1 * x).exp()).collect();
+            let w0: Vec<f64> = (0..n).map(|i| 1.0 / (1.0 + i as f64)).collect();
+            let (mut wa, mut wb) = (w0.clone(), w0);
+            let mut oa = vec![[0.0; LANES]; 8];
+            let mut ob = vec![[0.0; LANES]; 8];
+            lattice_group::<4>(&xs, &mut wa, &es, &mut oa);
+            // SAFETY: AVX2 detected above.
+            unsafe { lattice_group_avx2::<4>(&xs, &mut wb, &es, &mut ob) };
+            assert_eq!(oa, ob, "n = {n}");
+            assert_eq!(wa, wb, "n = {n}");
         }
     }
 

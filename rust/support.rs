@@ -67,16 +67,16 @@ impl Reduced {
                 resize(&mut self.zl, v);
                 resize(&mut self.zs, v);
                 resize(&mut self.zt, v * n_t);
-                for i in 0..v {
-                    self.zl[i] = large.z[i] as f64;
-                    self.zs[i] = small.get(i) as f64;
-                }
-                for (t, e) in experts.iter().enumerate() {
-                    let dst = &mut self.zt[t * v..(t + 1) * v];
-                    for (i, o) in dst.iter_mut().enumerate() {
-                        *o = e.get(i) as f64;
-                    }
-                }
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        widen(large, &mut self.zl);
+                        widen(small, &mut self.zs);
+                        for (e, dst) in experts.iter().zip(self.zt.chunks_exact_mut(v)) {
+                            widen(*e, dst);
+                        }
+                    },
+                );
             }
         }
     }
@@ -143,6 +143,15 @@ impl Reduced {
         for &i in &self.idx {
             self.mask[i] = false;
         }
+    }
+}
+
+/// dst[i] = row.get(i) as f64, as one vectorisable map.
+#[inline(always)]
+fn widen(row: ModelRow<'_>, dst: &mut [f64]) {
+    let rep = row.rep;
+    for (o, &x) in dst.iter_mut().zip(row.z) {
+        *o = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
     }
 }
 
