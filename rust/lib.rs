@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod kl;
 pub mod sample;
+pub mod simd;
 pub mod solver;
 pub mod step;
 pub mod support;

@@ -448,43 +448,8 @@ pub(crate) fn scan_row(model: &str, row: usize, z: &[f32]) -> Result<f32, DlfErr
     scan_row_named(|| model.to_string(), row, z)
 }
 
-/// (minimum of the finite values, whether any value is NaN or +inf), in eight lanes.
-#[inline(always)]
-fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
-    let mut min = [f32::INFINITY; 8];
-    let mut bad = [false; 8];
-    let chunks = z.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            let x = c[l];
-            // -inf is ignored by the finite minimum.
-            bad[l] |= x.is_nan() | (x == f32::INFINITY);
-            let m = if x > f32::NEG_INFINITY {
-                x
-            } else {
-                f32::INFINITY
-            };
-            min[l] = if m < min[l] { m } else { min[l] };
-        }
-    }
-    for (l, &x) in rest.iter().enumerate() {
-        bad[l] |= x.is_nan() | (x == f32::INFINITY);
-        if x > f32::NEG_INFINITY && x < min[l] {
-            min[l] = x;
-        }
-    }
-    let m = min
-        .iter()
-        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
-    (m, bad.iter().any(|&b| b))
-}
-
 fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
-    let (min, bad) = with_simd(
-        #[inline(always)]
-        || finite_min_and_bad(z),
-    );
+    let (min, bad) = crate::simd::finite_min_and_bad(z);
     if bad {
         let (token, &value) = z
             .iter()

@@ -6,7 +6,7 @@
 //! -inf in the small model or an expert has already been mapped to that row's replacement value
 //! (`ModelRow::rep`); -inf in the large model is kept (P(x) = 0).
 
-use crate::kl::{fast_exp, fast_exp_f32, with_simd};
+use crate::kl::{fast_exp, with_simd};
 
 /// One model's logits for one row and the value its -inf entries stand for.
 #[derive(Debug, Clone, Copy)]
@@ -235,45 +235,10 @@ fn candidates_above_guess(
         return false;
     }
     cand.clear();
-    with_simd(
-        #[inline(always)]
-        || filter_at_least(row.z, g, cand),
-    );
+    // -inf (and its replacement, below every finite value) is below any finite guess, so the
+    // raw values can be compared.
+    crate::simd::filter_at_least(row.z, g, cand);
     cand.len() >= k
-}
-
-/// Pushes (value, index) of every raw value >= g, in index order. -inf (and its replacement,
-/// below every finite value) is below any finite guess, so raw values can be compared. Chunks
-/// whose maximum is below g (most of them) cost one vectorised pass.
-#[inline(always)]
-fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
-    const CHUNK: usize = 16;
-    let mut chunks = z.chunks_exact(CHUNK);
-    let mut base = 0;
-    for c in &mut chunks {
-        let mut cm = f32::NEG_INFINITY;
-        for &x in c {
-            cm = if x > cm { x } else { cm };
-        }
-        if cm >= g {
-            // One compare per lane into a bit mask, then only the hits are visited.
-            let mut bits = 0u32;
-            for (j, &x) in c.iter().enumerate() {
-                bits |= u32::from(x >= g) << j;
-            }
-            while bits != 0 {
-                let j = bits.trailing_zeros() as usize;
-                cand.push((c[j], base + j));
-                bits &= bits - 1;
-            }
-        }
-        base += CHUNK;
-    }
-    for (j, &x) in chunks.remainder().iter().enumerate() {
-        if x >= g {
-            cand.push((x, base + j));
-        }
-    }
 }
 
 /// log sum exp over the tokens outside the support, in f64 (-inf when they are all -inf).
@@ -283,10 +248,7 @@ fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
 /// maximum.
 fn tail_lse(row: ModelRow<'_>, mask: &[bool], mx: f64) -> f64 {
     if mx.is_finite() {
-        let s = with_simd(
-            #[inline(always)]
-            || masked_exp_sum(row, mask, mx),
-        );
+        let s = crate::simd::masked_exp_sum(row.z, mask, row.rep, mx as f32);
         // Below this the f32 terms may have flushed to 0: redo it exactly in f64.
         if s > 1e-30 {
             return mx + s.ln();
@@ -308,45 +270,6 @@ fn tail_lse(row: ModelRow<'_>, mask: &[bool], mx: f64) -> f64 {
         }
     }
     tmx + s.ln()
-}
-
-/// sum over unmasked tokens of exp(z - shift): f32 exponentials in eight lanes, each block of
-/// 1024 tokens added into an f64 total (fixed order: deterministic). `shift` is the row maximum,
-/// an f32 value, so the f32 differences lose nothing beyond the inputs' own rounding.
-#[inline(always)]
-fn masked_exp_sum(row: ModelRow<'_>, mask: &[bool], shift: f64) -> f64 {
-    const LANES: usize = 8;
-    const BLOCK: usize = 1024;
-    let shift = shift as f32;
-    let rep = row.rep;
-    let mut total = 0.0f64;
-    for (zb, mb) in row.z.chunks(BLOCK).zip(mask.chunks(BLOCK)) {
-        let mut acc = [0.0f32; LANES];
-        let zc = zb.chunks_exact(LANES);
-        let mc = mb.chunks_exact(LANES);
-        let (zr, mr) = (zc.remainder(), mc.remainder());
-        for (z8, m8) in zc.zip(mc) {
-            for l in 0..LANES {
-                let x = if z8[l] == f32::NEG_INFINITY {
-                    rep
-                } else {
-                    z8[l]
-                };
-                let e = fast_exp_f32(x - shift);
-                acc[l] += if m8[l] { 0.0 } else { e };
-            }
-        }
-        for (l, (&x, &m)) in zr.iter().zip(mr).enumerate() {
-            if !m {
-                let x = if x == f32::NEG_INFINITY { rep } else { x };
-                acc[l] += fast_exp_f32(x - shift);
-            }
-        }
-        let lanes: f32 =
-            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        total += lanes as f64;
-    }
-    total
 }
 
 #[cfg(test)]

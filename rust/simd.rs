@@ -1,0 +1,394 @@
+//! Hand-written AVX2 kernels for the three passes that touch every logit of every model row:
+//! validation (finite minimum, NaN/+inf), the top-k candidate filter, and the tail-bucket
+//! exponential sum. They run once per model row per step, so on pruned supports they are most
+//! of `fuse_step`'s time; LLVM's auto-vectorisation of the portable versions gave four lanes at
+//! best (and scalar compares in the filter). Each kernel has a portable twin, used when the CPU
+//! lacks AVX2, that performs the same IEEE operations lane for lane in the same order, so both
+//! give identical results (checked in the tests).
+
+use crate::kl::fast_exp_f32;
+
+const LANES: usize = 8;
+
+#[inline(always)]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// (minimum of the values above -inf, whether any value is NaN or +inf); +inf when none is.
+pub fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 detected at run time.
+        return unsafe { avx2::finite_min_and_bad(z) };
+    }
+    portable::finite_min_and_bad(z)
+}
+
+/// Pushes (value, index) of every value >= g, in index order.
+pub fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 detected at run time.
+        return unsafe { avx2::filter_at_least(z, g, cand) };
+    }
+    portable::filter_at_least(z, g, cand)
+}
+
+/// Tokens per block of the exponential sum: eight f32 lanes sum a block, then the block's total
+/// is added in f64, which keeps the f32 partial sums short.
+const BLOCK: usize = 1024;
+
+/// sum over tokens with `mask[i] == false` of exp(z_i - shift) (-inf read as `rep`), f32
+/// exponentials (`fast_exp_f32`), f32 lane sums per block of 1024, f64 across blocks.
+pub fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
+    assert_eq!(
+        z.len(),
+        mask.len(),
+        "masked_exp_sum: z and mask lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 detected at run time; lengths checked above.
+        return unsafe { avx2::masked_exp_sum(z, mask, rep, shift) };
+    }
+    portable::masked_exp_sum(z, mask, rep, shift)
+}
+
+#[inline(always)]
+fn fold_lanes(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+pub(crate) mod portable {
+    use super::*;
+
+    pub fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+        let mut min = [f32::INFINITY; LANES];
+        let mut bad = false;
+        let chunks = z.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                let x = c[l];
+                bad |= x.is_nan() | (x == f32::INFINITY);
+                let m = if x > f32::NEG_INFINITY {
+                    x
+                } else {
+                    f32::INFINITY
+                };
+                min[l] = if m < min[l] { m } else { min[l] };
+            }
+        }
+        for (l, &x) in rest.iter().enumerate() {
+            bad |= x.is_nan() | (x == f32::INFINITY);
+            if x > f32::NEG_INFINITY && x < min[l] {
+                min[l] = x;
+            }
+        }
+        (
+            min.iter()
+                .fold(f32::INFINITY, |a, &b| if b < a { b } else { a }),
+            bad,
+        )
+    }
+
+    pub fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
+        for (i, &x) in z.iter().enumerate() {
+            if x >= g {
+                cand.push((x, i));
+            }
+        }
+    }
+
+    pub fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
+        let mut total = 0.0f64;
+        for (zb, mb) in z.chunks(BLOCK).zip(mask.chunks(BLOCK)) {
+            let mut acc = [0.0f32; LANES];
+            let zc = zb.chunks_exact(LANES);
+            let mc = mb.chunks_exact(LANES);
+            let (zr, mr) = (zc.remainder(), mc.remainder());
+            for (z8, m8) in zc.zip(mc) {
+                for l in 0..LANES {
+                    let x = if z8[l] == f32::NEG_INFINITY {
+                        rep
+                    } else {
+                        z8[l]
+                    };
+                    let e = fast_exp_f32(x - shift);
+                    acc[l] += if m8[l] { 0.0 } else { e };
+                }
+            }
+            for (l, (&x, &m)) in zr.iter().zip(mr).enumerate() {
+                let x = if x == f32::NEG_INFINITY { rep } else { x };
+                let e = fast_exp_f32(x - shift);
+                acc[l] += if m { 0.0 } else { e };
+            }
+            total += fold_lanes(&acc) as f64;
+        }
+        total
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+        let n = z.len();
+        let full = n / LANES * LANES;
+        let p = z.as_ptr();
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut minv = inf;
+        let mut badv = _mm256_setzero_ps();
+        let mut j = 0;
+        while j < full {
+            // SAFETY: j + 8 <= n.
+            let x = unsafe { _mm256_loadu_ps(p.add(j)) };
+            let bad = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
+                _mm256_cmp_ps::<_CMP_EQ_OQ>(x, inf),
+            );
+            badv = _mm256_or_ps(badv, bad);
+            let valid = _mm256_cmp_ps::<_CMP_GT_OQ>(x, ninf);
+            let m = _mm256_blendv_ps(inf, x, valid);
+            // m < min ? m : min, as the portable twin (operands never NaN here).
+            minv = _mm256_blendv_ps(minv, m, _mm256_cmp_ps::<_CMP_LT_OQ>(m, minv));
+            j += LANES;
+        }
+        let mut min = [0.0f32; LANES];
+        // SAFETY: min holds 8 f32.
+        unsafe { _mm256_storeu_ps(min.as_mut_ptr(), minv) };
+        let mut bad = _mm256_movemask_ps(badv) != 0;
+        for (l, &x) in z[full..].iter().enumerate() {
+            bad |= x.is_nan() | (x == f32::INFINITY);
+            if x > f32::NEG_INFINITY && x < min[l] {
+                min[l] = x;
+            }
+        }
+        (
+            min.iter()
+                .fold(f32::INFINITY, |a, &b| if b < a { b } else { a }),
+            bad,
+        )
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
+        let n = z.len();
+        let full = n / LANES * LANES;
+        let p = z.as_ptr();
+        let gv = _mm256_set1_ps(g);
+        let mut j = 0;
+        while j < full {
+            // SAFETY: j + 8 <= n.
+            let x = unsafe { _mm256_loadu_ps(p.add(j)) };
+            let mut bits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, gv)) as u32;
+            while bits != 0 {
+                let l = bits.trailing_zeros() as usize;
+                cand.push((z[j + l], j + l));
+                bits &= bits - 1;
+            }
+            j += LANES;
+        }
+        for (i, &x) in z.iter().enumerate().skip(full) {
+            if x >= g {
+                cand.push((x, i));
+            }
+        }
+    }
+
+    /// `fast_exp_f32` on eight lanes, operation for operation.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn exp8(x: __m256) -> __m256 {
+        let xc = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let kf = _mm256_add_ps(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _mm256_set1_ps(12_582_912.0),
+        );
+        let kbits = _mm256_castps_si256(kf);
+        let k = _mm256_sub_ps(kf, _mm256_set1_ps(12_582_912.0));
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(xc, _mm256_mul_ps(k, _mm256_set1_ps(0.693_145_75))),
+            _mm256_mul_ps(k, _mm256_set1_ps(1.428_606_8e-6)),
+        );
+        let mut p = _mm256_set1_ps(1.0 / 5_040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+        }
+        let scale = _mm256_castsi256_ps(_mm256_add_epi32(
+            _mm256_slli_epi32::<23>(kbits),
+            _mm256_set1_epi32(127 << 23),
+        ));
+        let y = _mm256_mul_ps(p, scale);
+        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
+        _mm256_andnot_ps(under, y)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let repv = _mm256_set1_ps(rep);
+        let shiftv = _mm256_set1_ps(shift);
+        let zero = _mm256_setzero_si256();
+        let mut total = 0.0f64;
+        for (zb, mb) in z.chunks(BLOCK).zip(mask.chunks(BLOCK)) {
+            let full = zb.len() / LANES * LANES;
+            let (zp, mp) = (zb.as_ptr(), mb.as_ptr());
+            let mut accv = _mm256_setzero_ps();
+            let mut j = 0;
+            while j < full {
+                // SAFETY: j + 8 <= zb.len() == mb.len(); bool is one byte, 0 or 1.
+                let (x, m8) = unsafe {
+                    (
+                        _mm256_loadu_ps(zp.add(j)),
+                        _mm_loadl_epi64(mp.add(j) as *const __m128i),
+                    )
+                };
+                let x = _mm256_blendv_ps(x, repv, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, ninf));
+                let e = exp8(_mm256_sub_ps(x, shiftv));
+                let keep = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(m8), zero);
+                accv = _mm256_add_ps(accv, _mm256_and_ps(e, _mm256_castsi256_ps(keep)));
+                j += LANES;
+            }
+            let mut acc = [0.0f32; LANES];
+            // SAFETY: acc holds 8 f32.
+            unsafe { _mm256_storeu_ps(acc.as_mut_ptr(), accv) };
+            for (l, (&x, &m)) in zb[full..].iter().zip(&mb[full..]).enumerate() {
+                let x = if x == f32::NEG_INFINITY { rep } else { x };
+                let e = fast_exp_f32(x - shift);
+                acc[l] += if m { 0.0 } else { e };
+            }
+            total += fold_lanes(&acc) as f64;
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows() -> Vec<Vec<f32>> {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut out = Vec::new();
+        for n in [0usize, 1, 7, 8, 9, 1023, 1024, 1025, 5000] {
+            let z: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    match r % 50 {
+                        0 => f32::NEG_INFINITY,
+                        1 => -1e30,
+                        _ => ((r >> 20) % 4000) as f32 * 0.01 - 30.0,
+                    }
+                })
+                .collect();
+            out.push(z);
+        }
+        out
+    }
+
+    #[test]
+    fn kernels_match_portable_twins_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !has_avx2() {
+                return;
+            }
+            for (k, z) in rows().into_iter().enumerate() {
+                let mask: Vec<bool> = (0..z.len()).map(|i| (i * 7 + k) % 5 == 0).collect();
+                // SAFETY: AVX2 detected above.
+                unsafe {
+                    let (a, b) = (
+                        avx2::finite_min_and_bad(&z),
+                        portable::finite_min_and_bad(&z),
+                    );
+                    assert_eq!(a.0.to_bits(), b.0.to_bits());
+                    assert_eq!(a.1, b.1);
+                    for g in [-10.0f32, 0.0, 9.5] {
+                        let (mut ca, mut cb) = (Vec::new(), Vec::new());
+                        avx2::filter_at_least(&z, g, &mut ca);
+                        portable::filter_at_least(&z, g, &mut cb);
+                        assert_eq!(ca, cb);
+                    }
+                    for rep in [f32::NEG_INFINITY, -60.0] {
+                        let a = avx2::masked_exp_sum(&z, &mask, rep, 10.0);
+                        let b = portable::masked_exp_sum(&z, &mask, rep, 10.0);
+                        assert_eq!(a.to_bits(), b.to_bits(), "row {k} rep {rep}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn validation_flags_nan_and_pos_inf_only() {
+        let mut z = vec![1.0f32; 20];
+        z[3] = f32::NEG_INFINITY;
+        z[5] = -2.0;
+        assert_eq!(finite_min_and_bad(&z), (-2.0, false));
+        for bad in [f32::NAN, f32::INFINITY] {
+            for pos in [0usize, 17] {
+                let mut w = z.clone();
+                w[pos] = bad;
+                assert!(finite_min_and_bad(&w).1);
+            }
+        }
+        assert_eq!(
+            finite_min_and_bad(&[f32::NEG_INFINITY; 9]),
+            (f32::INFINITY, false)
+        );
+    }
+
+    #[test]
+    fn masked_sum_against_f64() {
+        for z in rows() {
+            let mask: Vec<bool> = (0..z.len()).map(|i| i % 3 == 0).collect();
+            let want: f64 = z
+                .iter()
+                .zip(&mask)
+                .filter(|(_, &m)| !m)
+                .map(|(&x, _)| {
+                    if x == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (x as f64 - 10.0).exp()
+                    }
+                })
+                .sum();
+            let got = masked_exp_sum(&z, &mask, f32::NEG_INFINITY, 10.0);
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1e-30),
+                "{got} vs {want}"
+            );
+        }
+    }
+}
