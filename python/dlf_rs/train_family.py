@@ -264,8 +264,10 @@ def train_family(cfg: FamilyConfig, out: Path, device: str) -> dict[str, Any]:
         ("large_base", cfg.large, cfg.pretrain_lr_large),
     ):
         model = make_model(size, vocab, tok, cfg.seeds[name])
-        stats = train(model, docs, steps=steps, batch=cfg.pretrain_batch, lr=lr,
-                      seed=cfg.seeds[name], pad=pad, device=device, desc=name)
+        stats: dict[str, Any] = dict(
+            train(model, docs, steps=steps, batch=cfg.pretrain_batch, lr=lr,
+                  seed=cfg.seeds[name], pad=pad, device=device, desc=name)
+        )
         stats |= {"steps": steps, "lr": lr, "seed": cfg.seeds[name], "docs": cfg.pretrain_docs}
         bases[name] = record(name, model, "base", None, stats)
 
@@ -286,14 +288,16 @@ def train_family(cfg: FamilyConfig, out: Path, device: str) -> dict[str, Any]:
         torch.manual_seed(seed)
         model = make_model(cfg.small if init == "small_base" else cfg.large, vocab, tok, seed)
         model.load_state_dict(bases[init].state_dict())
-        stats = train(model, data, steps=n_steps, batch=cfg.finetune_batch, lr=lr, seed=seed,
-                      pad=pad, device=device, desc=name)
+        stats = dict(
+            train(model, data, steps=n_steps, batch=cfg.finetune_batch, lr=lr, seed=seed,
+                  pad=pad, device=device, desc=name)
+        )
         stats |= {"steps": n_steps, "lr": lr, "seed": seed, "examples": len(data),
                   "task": name.rsplit("_", 1)[-1] if role == "expert" or "ft" in name else "all"}
         record(name, model, role, init, stats)
     manifest["total_seconds"] = round(time.time() - t_start, 1)
-    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
-    manifest["checkpoint_bytes"] = size
+    n_bytes = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    manifest["checkpoint_bytes"] = n_bytes
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
