@@ -527,20 +527,7 @@ unsafe fn lattice_group_avx2<const G: usize>(
             _mm256_storeu_pd(m_out[q].as_mut_ptr(), m[q]);
         }
     }
-    for j in full..n {
-        let mut w = ws[j];
-        for q in 0..G {
-            s_out[q][j - full] += w;
-            m_out[q][j - full] += w * xs[j];
-            w *= es[j];
-        }
-        ws[j] = w;
-    }
-    for q in 0..G {
-        out[2 * q] = s_out[q];
-        out[2 * q + 1] = m_out[q];
-    }
-    G
+    finish_group(s_out, m_out, full, xs, ws, es, out)
 }
 
 /// G consecutive lattice points in one pass over the tokens (accumulators in registers); the
@@ -572,7 +559,22 @@ fn lattice_group<const G: usize>(
         }
         w4.copy_from_slice(&w);
     }
-    for j in full..n {
+    finish_group(s, m, full, xs, ws, es, out)
+}
+
+/// The tokens past the last full lane group (scalar, into lanes 0..), then the group's sums into
+/// `out`; shared by both kernels so their results stay identical. Returns G.
+#[inline(always)]
+fn finish_group<const G: usize>(
+    mut s: [[f64; LANES]; G],
+    mut m: [[f64; LANES]; G],
+    full: usize,
+    xs: &[f64],
+    ws: &mut [f64],
+    es: &[f64],
+    out: &mut [[f64; LANES]],
+) -> usize {
+    for j in full..xs.len() {
         let mut w = ws[j];
         for q in 0..G {
             s[q][j - full] += w;
