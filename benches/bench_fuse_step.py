@@ -116,9 +116,23 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
         )
 
 
-def pruning_figures(n_rows: int = 200, vocab: int = 32000, k: int = 256) -> None:
+def flat_logits(rng: np.random.Generator, n_rows: int, vocab: int) -> tuple[np.ndarray, ...]:
+    """High-entropy rows (Gaussian logits, sd 1): the hard case for pruning, where the tail holds
+    most of the mass."""
+    large = rng.standard_normal((n_rows, vocab)).astype(np.float32)
+    small = (large + 0.5 * rng.standard_normal((n_rows, vocab))).astype(np.float32)
+    expert = (small + 0.8 * rng.standard_normal((n_rows, vocab))).astype(np.float32)
+    return large, small, expert[None]
+
+
+def pruning_figures(
+    n_rows: int = 200, vocab: int = 32000, k: int = 256, flat: bool = False
+) -> None:
     rng = np.random.default_rng(2024)
-    large, small, experts = zipf_logits(rng, n_rows, vocab, 1)
+    if flat:
+        large, small, experts = flat_logits(rng, n_rows, vocab)
+    else:
+        large, small, experts = zipf_logits(rng, n_rows, vocab, 1)
     full = dlf_rs.fuse_step(large, small, experts)
     pruned = dlf_rs.fuse_step(large, small, experts, support_k=k)
     j_err, subopt = [], []
@@ -131,7 +145,8 @@ def pruning_figures(n_rows: int = 200, vocab: int = 32000, k: int = 256) -> None
         subopt.append((j_p - j_f) / j0)
     differs = float(np.mean(np.any(full.alphas != pruned.alphas, axis=1)))
     print(
-        f"\nPruning support_k={k} vs full vocabulary (grid, {n_rows} Zipf rows, V={vocab}, T=1): "
+        f"\nPruning support_k={k} vs full vocabulary (grid, {n_rows} {'flat Gaussian' if flat else 'Zipf'}"
+        f" rows, V={vocab}, T=1): "
         f"alpha differs in {differs:.1%} of rows (max |d alpha| "
         f"{np.max(np.abs(full.alphas - pruned.alphas)):.2f}); |J_pruned - J_full| at the pruned "
         f"alpha / J(0): max {max(j_err):.1e}, median {np.median(j_err):.1e}; J_full suboptimality"
@@ -147,8 +162,9 @@ def main() -> None:
     bench_case(1, 32000, 1, repeats=15)
     bench_case(8, 32000, 1, repeats=9)
     bench_case(32, 32000, 4, repeats=5)
-    pruning_figures(k=256)
-    pruning_figures(k=1024)
+    for flat in (False, True):
+        pruning_figures(k=256, flat=flat)
+        pruning_figures(k=1024, flat=flat)
 
 
 if __name__ == "__main__":
