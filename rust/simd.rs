@@ -62,9 +62,32 @@ pub fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
     portable::masked_exp_sum(z, mask, rep, shift)
 }
 
+/// The last partial lane group of a validation pass (scalar, into lanes 0..) and the lanes'
+/// minimum; shared by both kernels so their results cannot drift apart.
 #[inline(always)]
-fn fold_lanes(acc: &[f32; LANES]) -> f32 {
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+fn finish_min(mut min: [f32; LANES], mut bad: bool, rest: &[f32]) -> (f32, bool) {
+    for (l, &x) in rest.iter().enumerate() {
+        bad |= x.is_nan() | (x == f32::INFINITY);
+        if x > f32::NEG_INFINITY && x < min[l] {
+            min[l] = x;
+        }
+    }
+    let m = min
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    (m, bad)
+}
+
+/// The last partial lane group of one block of the exponential sum, then the block's total in a
+/// fixed order; shared by both kernels.
+#[inline(always)]
+fn finish_block(mut acc: [f32; LANES], zr: &[f32], mr: &[bool], rep: f32, shift: f32) -> f64 {
+    for (l, (&x, &m)) in zr.iter().zip(mr).enumerate() {
+        let x = if x == f32::NEG_INFINITY { rep } else { x };
+        let e = fast_exp_f32(x - shift);
+        acc[l] += if m { 0.0 } else { e };
+    }
+    (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) as f64
 }
 
 pub(crate) mod portable {
@@ -87,17 +110,7 @@ pub(crate) mod portable {
                 min[l] = if m < min[l] { m } else { min[l] };
             }
         }
-        for (l, &x) in rest.iter().enumerate() {
-            bad |= x.is_nan() | (x == f32::INFINITY);
-            if x > f32::NEG_INFINITY && x < min[l] {
-                min[l] = x;
-            }
-        }
-        (
-            min.iter()
-                .fold(f32::INFINITY, |a, &b| if b < a { b } else { a }),
-            bad,
-        )
+        finish_min(min, bad, rest)
     }
 
     pub fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
@@ -126,12 +139,7 @@ pub(crate) mod portable {
                     acc[l] += if m8[l] { 0.0 } else { e };
                 }
             }
-            for (l, (&x, &m)) in zr.iter().zip(mr).enumerate() {
-                let x = if x == f32::NEG_INFINITY { rep } else { x };
-                let e = fast_exp_f32(x - shift);
-                acc[l] += if m { 0.0 } else { e };
-            }
-            total += fold_lanes(&acc) as f64;
+            total += finish_block(acc, zr, mr, rep, shift);
         }
         total
     }
@@ -169,18 +177,7 @@ pub(crate) mod avx2 {
         let mut min = [0.0f32; LANES];
         // SAFETY: min holds 8 f32.
         unsafe { _mm256_storeu_ps(min.as_mut_ptr(), minv) };
-        let mut bad = _mm256_movemask_ps(badv) != 0;
-        for (l, &x) in z[full..].iter().enumerate() {
-            bad |= x.is_nan() | (x == f32::INFINITY);
-            if x > f32::NEG_INFINITY && x < min[l] {
-                min[l] = x;
-            }
-        }
-        (
-            min.iter()
-                .fold(f32::INFINITY, |a, &b| if b < a { b } else { a }),
-            bad,
-        )
+        finish_min(min, _mm256_movemask_ps(badv) != 0, &z[full..])
     }
 
     #[target_feature(enable = "avx2")]
@@ -276,12 +273,7 @@ pub(crate) mod avx2 {
             let mut acc = [0.0f32; LANES];
             // SAFETY: acc holds 8 f32.
             unsafe { _mm256_storeu_ps(acc.as_mut_ptr(), accv) };
-            for (l, (&x, &m)) in zb[full..].iter().zip(&mb[full..]).enumerate() {
-                let x = if x == f32::NEG_INFINITY { rep } else { x };
-                let e = fast_exp_f32(x - shift);
-                acc[l] += if m { 0.0 } else { e };
-            }
-            total += fold_lanes(&acc) as f64;
+            total += finish_block(acc, &zb[full..], &mb[full..], rep, shift);
         }
         total
     }
