@@ -160,19 +160,6 @@ pub fn kl_from_logprobs(la: &[f64], lb: &[f64]) -> f64 {
     s.max(0.0)
 }
 
-/// KL(softmax(za) || softmax(zb)) and KL(softmax(zb) || softmax(za)) in one call, for logits that
-/// are finite (the -inf replacement has been applied: S and expert rows are always finite).
-/// `ea`/`eb` are scratch of the same length.
-pub fn kl_pair_finite(za: &[f64], zb: &[f64], ea: &mut [f64], eb: &mut [f64]) -> (f64, f64) {
-    with_simd(
-        #[inline(always)]
-        || {
-            let b = Exped::new(zb, eb);
-            kl_pair_kernel(za, zb, ea, &b)
-        },
-    )
-}
-
 /// exp(z - max z) of one row with its max and sum, computed once and shared by several KL pairs
 /// (the small model's row is the second argument of every expert's target pair).
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +179,9 @@ impl<'a> Exped<'a> {
     }
 }
 
-/// `kl_pair_finite` with the second row already exponentiated.
+/// KL(softmax(za) || softmax(zb)) and KL(softmax(zb) || softmax(za)) in one call, for logits that
+/// are finite (the -inf replacement has been applied: S and expert rows are always finite), with
+/// the second row already exponentiated (`Exped`). `ea` is scratch of the same length.
 pub fn kl_pair_finite_with(za: &[f64], zb: &[f64], ea: &mut [f64], b: &Exped<'_>) -> (f64, f64) {
     with_simd(
         #[inline(always)]
@@ -288,7 +277,7 @@ mod tests {
             log_softmax_into(&zb, &mut lb);
             let mut ea = vec![0.0; za.len()];
             let mut eb = vec![0.0; za.len()];
-            let (ab, ba) = kl_pair_finite(&za, &zb, &mut ea, &mut eb);
+            let (ab, ba) = kl_pair_finite_with(&za, &zb, &mut ea, &Exped::new(&zb, &mut eb));
             prop_assert!((ab - kl_from_logprobs(&la, &lb)).abs() < 1e-11);
             prop_assert!((ba - kl_from_logprobs(&lb, &la)).abs() < 1e-11);
         }

@@ -306,6 +306,7 @@ mod tests {
             state ^= state << 17;
             state
         };
+        let mut guessed = 0;
         for case in 0..60 {
             let v = 4096 + (next() % 5000) as usize;
             let levels = [8u64, 64, 100_000][case % 3];
@@ -328,6 +329,8 @@ mod tests {
             };
             let row = ModelRow { z: &z, rep };
             for k in [1usize, 5, 64, 256] {
+                let (mut s, mut c) = (Vec::new(), Vec::new());
+                guessed += usize::from(candidates_above_guess(row, k, &mut s, &mut c));
                 let mut mask = vec![false; v];
                 let (mut idx, mut sel, mut cand) = (Vec::new(), Vec::new(), Vec::new());
                 mark_top_k(row, k, &mut mask, &mut idx, &mut sel, &mut cand);
@@ -344,6 +347,27 @@ mod tests {
                 assert_eq!(idx, want_idx);
             }
         }
+        assert_eq!(guessed, 240, "the sampled guess should serve these rows");
+        // A row whose largest values sit exactly on the sampled positions: the guess admits too
+        // few tokens and the exact fallback must give the same set.
+        let v = 32_000;
+        let stride = v / 1024;
+        let mut z: Vec<f32> = (0..v).map(|i| ((i * 7919) % 1000) as f32 * 0.001).collect();
+        for j in 0..300 {
+            z[j * stride] = 10.0 + j as f32 * 0.01;
+        }
+        let row = ModelRow {
+            z: &z,
+            rep: f32::NEG_INFINITY,
+        };
+        let (mut s, mut c) = (Vec::new(), Vec::new());
+        assert!(!candidates_above_guess(row, 256, &mut s, &mut c));
+        let mut mask = vec![false; v];
+        let (mut idx, mut sel, mut cand) = (Vec::new(), Vec::new(), Vec::new());
+        mark_top_k(row, 256, &mut mask, &mut idx, &mut sel, &mut cand);
+        idx.sort_unstable();
+        let want: Vec<usize> = (44..300).map(|j| j * stride).collect();
+        assert_eq!(idx, want);
     }
 
     /// The shifted-by-row-max tail sum and its fallback agree with a direct log-sum-exp, including
