@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import PROMPTS, Family
 from dlf_rs.cli import main
-from dlf_rs.generate import FusedGenerator, row_seed
+from dlf_rs.generate import FusedGenerator
+from dlf_rs.seeds import row_seed
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +93,19 @@ def test_generate_to_stdout(saved: dict[str, str], capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--large", "MISSING", "--prompt", "w1"], "large"),
-        (["--large", "LARGE", "--prompt", ""], "prompts[0]"),
-        (["--large", "LARGE", "--prompt", "w1", "--max-new-tokens", "0"], "max_new_tokens"),
-        (["--large", "LARGE", "--prompt", "w1", "--method", "static"], "small"),
+        (["--large", "MISSING", "--prompt", "w1", "--method", "large"], "large"),
+        (["--large", "LARGE", "--prompt", "", "--method", "large"], "prompts[0]"),
+        (["--large", "LARGE", "--prompt", "w1", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--large", "LARGE", "--prompt", "w1", "--method", "static"], "--alpha"),
+        (["--large", "LARGE", "--prompt", "w1", "--alpha", "1"], "--small"),
+        (["--large", "LARGE", "--prompt", "w1", "--method", "dlf", "--alpha", "1"], "--alpha"),
+        (["--large", "LARGE", "--prompt", "w1", "--top-p", "2"], "--top-p"),
+        (["--large", "LARGE", "--prompt", "w1", "--seed", "-1"], "--seed"),
+        (["--large", "LARGE", "--prompt", "w1", "--method", "large", "-o", "/nope/x.jsonl"],
+         "--output"),
+        (["--family", "/nope", "--prompt", "w1"], "--family"),
         (["--large", "LARGE", "--prompt", "w1", "--method", "nope"], "invalid choice"),
-        (["--large", "LARGE", "--prompts", "MISSING"], "--prompts"),
+        (["--large", "LARGE", "--prompts", "MISSING", "--method", "large"], "--prompts"),
         (["--large", "LARGE"], "--prompt"),
     ],
 )
@@ -134,7 +142,7 @@ def test_demo_delegates_to_the_demo_module(
     import types
 
     seen: dict[str, Any] = {}
-    fake = types.ModuleType("dlf_rs.demo")
+    fake = types.ModuleType("dlf_rs.family.demo")
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--quick", action="store_true")
@@ -145,10 +153,10 @@ def test_demo_delegates_to_the_demo_module(
 
     fake.add_arguments = add_arguments  # type: ignore[attr-defined]
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "dlf_rs.demo", fake)
-    import dlf_rs
+    monkeypatch.setitem(sys.modules, "dlf_rs.family.demo", fake)
+    import dlf_rs.family
 
-    monkeypatch.setattr(dlf_rs, "demo", fake, raising=False)
+    monkeypatch.setattr(dlf_rs.family, "demo", fake, raising=False)
     assert main(["demo", "--quick"]) == 0
     assert seen == {"quick": True}
     assert main(["demo", "--bogus"]) == 2

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dlf_rs import demo
-from dlf_rs.world import TASKS
+from dlf_rs.family import demo
+from dlf_rs.family.world import TASKS
 
 # DLF_RS_FAMILY points the test at another trained family (e.g. a fresh train_family --out DIR).
 FAMILY = Path(os.environ.get("DLF_RS_FAMILY", demo.DEFAULT_FAMILY))

@@ -57,8 +57,10 @@ def test_alpha_errors(data):
     large, small, experts = data
     with raises(DlfError, "experts"):
         dlf_rs.fuse_step(large, small, [])
-    with raises(DlfError, "alpha", "T=2"):
-        dlf_rs.fuse_step(large, small, experts, alpha=1.0)
+    # One float applies to every expert (StepOptions' rule, the same in generate).
+    one = dlf_rs.fuse_step(large, small, experts, alpha=1.0)
+    both = dlf_rs.fuse_step(large, small, experts, alpha=[1.0, 1.0])
+    assert np.array_equal(one.tokens, both.tokens) and np.array_equal(one.alphas, both.alphas)
     with raises(DlfError, "alpha", "2"):
         dlf_rs.fuse_step(large, small, experts, alpha=[1.0])
     with raises(DlfError, "alpha"):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import EOS, PROMPTS, VOCAB, Family, make_llama, make_tokenizer
-from dlf_rs.generate import FusedGenerator, GenerationResult, row_seed, splitmix64
+from dlf_rs.generate import FusedGenerator, GenerationResult
+from dlf_rs.seeds import row_seed, splitmix64
 
 MAX_NEW = 10
 

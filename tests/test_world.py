@@ -1,10 +1,10 @@
-"""Tests of the synthetic world behind the default family (dlf_rs.world): determinism from seeds,
+"""Tests of the synthetic world behind the default family (dlf_rs.family.world): determinism from seeds,
 metric correctness on hand-made cases, task formats, and disjoint fine-tuning/evaluation splits."""
 
 from __future__ import annotations
 
 import pytest
-from dlf_rs.world import (
+from dlf_rs.family.world import (
     SEEN_TASKS,
     TASKS,
     UNSEEN_TASKS,

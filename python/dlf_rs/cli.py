@@ -1,9 +1,11 @@
-"""The ``dlf-rs`` command line: the outermost layer of the flow.
+"""The ``dlf-rs`` command line (also ``python -m dlf_rs``): the outermost layer of the flow.
 
-``dlf-rs generate`` loads the models with :meth:`FusedGenerator.from_pretrained`, reads prompts
-from ``--prompt`` or a JSONL file, decodes them in batches and writes one JSON line per prompt
-(text, token ids, per-step weights). ``dlf-rs demo`` delegates to :mod:`dlf_rs.demo` and
-``dlf-rs bench`` to :mod:`dlf_rs.bench` (each imported only when used). Errors print one line to stderr and exit with status 2, no traceback.
+``dlf-rs generate`` checks every argument and builds the options record first, then loads the
+models with :meth:`FusedGenerator.from_pretrained`, reads prompts from ``--prompt`` or a JSONL
+file, decodes them in batches and writes one JSON line per prompt. ``dlf-rs demo`` delegates to
+:mod:`dlf_rs.family.demo` and ``dlf-rs bench`` to :mod:`dlf_rs.bench` (imported only when used).
+Errors print one line to stderr and exit with status 2, no traceback (``DLF_RS_DEBUG=1`` shows
+it for an unexpected error).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import pickle
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["build_parser", "main"]
@@ -26,19 +31,26 @@ commands:
   generate   fused generation with Hugging Face checkpoints (local paths or cached hub ids)
   demo       the shipped tiny model family: DLF vs the baselines, tables and alpha plots
   bench      end-to-end decode benchmark: per-step breakdown, tokens/s, ratios to a naive
-             loop, to the models' own steps and to the bandwidth floor (dlf-rs bench --help)
+             loop, to the models' own decode steps and to the bandwidth floor
 
-example:
-  dlf-rs generate --large L --small S --expert MATH --expert QA --prompt "Q: 2+3=?" \\
-      --method dlf --max-new-tokens 32 --output out.jsonl
+examples:
+  dlf-rs generate --family default --expert qa \\
+      --prompt "question : where does ana live ? answer :" --max-new-tokens 12
+  dlf-rs generate --large L --small S --expert MATH --expert QA --prompts in.jsonl -o out.jsonl
 """
 
 GENERATE_EPILOG = """\
+--family default: the shipped tiny family (python/dlf_rs/family/checkpoints); --large and
+--small default to its large_base and small_base, and --expert takes its task names (math, qa,
+summary). Its vocabulary is the words of its synthetic world; prompts follow its task formats,
+e.g. "question : where does <name> live ? answer :" (see README, "The shipped family").
 --prompts FILE.jsonl: one JSON object per line with a "prompt" field (or a bare JSON string).
 Output (--output, default stdout): one JSON object per prompt with "prompt", "text",
 "token_ids", "alphas" ([steps][T] weights), "active", "finish_reason", "method".
 Seeds: row seeds are derived from --seed and the prompt's index in the whole input, so the
 output does not depend on --batch-size.
+Threads: --threads N sets torch's CPU threads and the core's worker threads (default 1: on a
+busy 2-core machine one torch thread decoded the shipped family fastest; see README).
 """
 
 
@@ -52,10 +64,27 @@ class _Parser(argparse.ArgumentParser):
         raise _Failure(message)
 
 
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dlf_rs import __version__
+
     parser = _Parser(
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"dlf-rs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{generate,demo,bench}", parser_class=_Parser)
 
     gen = sub.add_parser(
@@ -65,76 +94,80 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--large", required=True, help="large model L: local path or hub id")
-    gen.add_argument("--small", help="small base model S (needed by dlf and static)")
-    gen.add_argument(
+    models = gen.add_argument_group("models")
+    models.add_argument("--family", help='"default" (the shipped family) or a family directory')
+    models.add_argument("--large", help="large model L: local path or cached hub id")
+    models.add_argument("--small", help="small base model S (needed by dlf and static)")
+    models.add_argument(
         "--expert", action="append", default=[], metavar="PATH",
-        help="small expert (full checkpoint or LoRA adapter dir); repeat for several",
+        help="small expert (checkpoint or LoRA adapter dir; a task name with --family); repeat",
     )  # fmt: skip
-    gen.add_argument("--tokenizer", help="tokenizer path (default: the large model's)")
+    models.add_argument("--tokenizer", help="tokenizer path (default: the large model's)")
+    models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    models.add_argument("--device-map", default=None, help='e.g. "auto" (needs accelerate)')
+    models.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
+        help="weights dtype (default: float32 on CPU, the checkpoint's on a GPU)",
+    )  # fmt: skip
+    models.add_argument("--allow-download", action="store_true",
+                        help="fetch hub ids that are not in the local cache (default: never)")
+    models.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickle weights (pytorch_model.bin); trusted files only")
+    models.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with a checkpoint; trusted files only")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeatable")
     src.add_argument("--prompts", metavar="FILE.jsonl", help="JSONL file of prompts")
-    gen.add_argument("--method", default="dlf", choices=("dlf", "static", "large", "expert"))
-    gen.add_argument(
+    step = gen.add_argument_group("decoding (dlf_rs.StepOptions)")
+    step.add_argument("--method", default=None, choices=("dlf", "static", "large", "expert"),
+                      help="default: dlf, or static when --alpha is given")
+    step.add_argument(
         "--alpha", type=float, action="append", default=None,
         help="static weight (method static); once for all experts or once per expert",
     )  # fmt: skip
-    gen.add_argument("--expert-index", type=int, default=None, help="expert for method expert")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--solver", choices=("grid", "exact"), default=None)
-    gen.add_argument("--support-k", type=int, default=None, help="top-k support (default: full)")
-    gen.add_argument("--alpha-range", type=float, nargs=2, default=(0.0, 2.0), metavar=("LO", "HI"))
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
-    gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: as loaded)")
-    gen.add_argument("--device-map", default=None, help='e.g. "auto" (needs accelerate)')
-    gen.add_argument(
-        "--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
-        help="model weights dtype",
-    )  # fmt: skip
-    gen.add_argument("--output", "-o", default=None, help="JSONL output file (default: stdout)")
-    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    step.add_argument("--expert-index", type=int, default=None, help="expert for method expert")
+    step.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    step.add_argument("--solver", choices=("grid", "exact"), default=None)
+    step.add_argument("--support-k", type=_int_at_least(1), default=None,
+                      help="top-k support (default: the full vocabulary)")
+    step.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    step.add_argument("--grid-step", type=float, default=None, help="grid spacing (default 0.1)")
+    step.add_argument("--multi-expert", choices=("one-active",), default=None)
+    step.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    step.add_argument("--top-k", type=_int_at_least(0), default=None)
+    step.add_argument("--top-p", type=float, default=None)
+    step.add_argument("--min-p", type=float, default=None)
+    step.add_argument("--seed", type=_int_at_least(0), default=None)
+    step.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    run = gen.add_argument_group("run")
+    run.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    run.add_argument("--threads", type=_int_at_least(1), default=1,
+                     help="CPU threads for torch and the core (default 1)")
+    run.add_argument("--output", "-o", default=None, help="JSONL output file (default: stdout)")
+    run.add_argument("--no-progress", action="store_true", help="hide every progress bar")
 
-    # The demo's own options are parsed by a second parser built only when the demo runs, so that
-    # `dlf-rs --help` and `dlf-rs generate` never import it (see `_demo`).
-    demo = sub.add_parser(
-        "demo", help="run the shipped tiny-family demo (dlf-rs demo --help)", add_help=False
-    )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
-    bench = sub.add_parser(
-        "bench", help="end-to-end decode benchmark (dlf-rs bench --help)", add_help=False
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    # The demo's and bench's own options are parsed by parsers built only when they run, so that
+    # `dlf-rs --help` and `dlf-rs generate` never import them (see `_delegate`).
+    sub.add_parser("demo", help="run the shipped tiny-family demo (dlf-rs demo --help)",
+                   add_help=False)  # fmt: skip
+    sub.add_parser("bench", help="end-to-end decode benchmark (dlf-rs bench --help)",
+                   add_help=False)  # fmt: skip
     return parser
 
 
-def _demo(argv: list[str]) -> int:
-    from dlf_rs import demo
-
-    parser = _Parser(
-        prog="dlf-rs demo",
-        description="The shipped tiny model family: DLF against the baselines, with alpha plots.",
-    )
-    demo.add_arguments(parser)
-    return int(demo.run(parser.parse_args(argv)) or 0)
-
-
-def _bench(argv: list[str]) -> int:
-    from dlf_rs import bench
-
-    parser = _Parser(
-        prog="dlf-rs bench",
-        description=bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench.add_arguments(parser)
-    return int(bench.run(parser.parse_args(argv)) or 0)
+def _delegate(command: str, argv: list[str]) -> int:
+    if command == "demo":
+        from dlf_rs.family import demo as module
+    else:
+        from dlf_rs import bench as module  # type: ignore[no-redef]
+    parser = _Parser(prog=f"dlf-rs {command}", description=module.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except ValueError as err:  # the tools' own argument errors name their option
+        raise _Failure(str(err)) from None
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -142,8 +175,8 @@ def _read_prompts(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
-    except OSError as err:
-        raise _Failure(f"--prompts: cannot read {path!r}: {err.strerror or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _Failure(f"--prompts: cannot read {path!r}: {err}") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -161,26 +194,105 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _family_sources(args: argparse.Namespace) -> tuple[str, str | None, list[str]]:
+    """--large/--small/--expert, resolving --family names to its checkpoint directories."""
+    if args.family is None:
+        if args.large is None:
+            raise _Failure("--large: required (or --family default for the shipped family)")
+        return args.large, args.small, list(args.expert)
+    from dlf_rs.family import CHECKPOINTS
+
+    root = CHECKPOINTS if args.family == "default" else Path(args.family)
+    if not (root / "manifest.json").is_file() and not (root / "large_base").is_dir():
+        raise _Failure(f"--family: {args.family!r} is not a model family directory "
+                       "(expected 'default' or a directory with large_base/ and small_base/)")
+
+    def pick(name: str) -> str:
+        for cand in (name, f"small_expert_{name}"):
+            if (root / cand / "config.json").is_file():
+                return str(root / cand)
+        return name  # a path or hub id of the user's own
+
+    return (args.large or str(root / "large_base"), args.small or str(root / "small_base"),
+            [pick(e) for e in args.expert])  # fmt: skip
+
+
+def _step_options(args: argparse.Namespace) -> Any:
+    from dlf_rs.options import StepOptions
+
+    fields = {
+        "method": args.method, "expert": args.expert_index, "solver": args.solver,
+        "support_k": args.support_k, "grid_step": args.grid_step,
+        "multi_expert": args.multi_expert, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "alpha_range": tuple(args.alpha_range) if args.alpha_range else None,
+    }  # fmt: skip
+    if args.alpha is not None:
+        fields["alpha"] = args.alpha[0] if len(args.alpha) == 1 else tuple(args.alpha)
+    given = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return StepOptions(**given)
+    except (TypeError, ValueError) as err:
+        name, _, rest = str(err).partition(":")
+        flag = {"expert": "expert-index"}.get(name.split("[")[0], name.split("[")[0])
+        raise _Failure(f"--{flag.replace('_', '-')}:{rest}") from None
+
+
+def _check_output(path: str | None) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise _Failure(f"--output: {path!r} is a directory; expected a file path")
+    if not os.path.isdir(parent):
+        raise _Failure(f"--output: the folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise _Failure(f"--output: the folder {parent!r} is not writable")
+
+
+def set_threads(n: int) -> None:
+    """torch's intra-op threads and the Rust core's worker threads (rayon reads
+    RAYON_NUM_THREADS when its pool starts, i.e. on the first core call of the process)."""
+    import torch
+
+    torch.set_num_threads(n)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(n))
+
+
+def _quiet_loading() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(ImportError, AttributeError):
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
+
+
 def _generate(args: argparse.Namespace) -> int:
+    # Every argument error comes before the (slow) model loading.
+    large, small, experts = _family_sources(args)
+    opts = _step_options(args)
+    if opts.fused and small is None:
+        raise _Failure(f"--small: method {opts.method!r} needs the small base model")
+    if opts.fused and not experts:
+        raise _Failure(f"--expert: method {opts.method!r} needs at least one expert")
+    _check_output(args.output)
+    prompts = list(args.prompt) if args.prompt else _read_prompts(args.prompts)
     from tqdm import tqdm
 
-    from dlf_rs.generate import FusedGenerator, row_seed
+    from dlf_rs.generate import FusedGenerator
+    from dlf_rs.seeds import row_seed
 
-    if args.batch_size < 1:
-        raise _Failure(f"--batch-size: must be >= 1, got {args.batch_size}")
-    prompts = list(args.prompt) if args.prompt else _read_prompts(args.prompts)
-    alpha: Any = None
-    if args.alpha is not None:
-        alpha = args.alpha[0] if len(args.alpha) == 1 else list(args.alpha)
+    set_threads(args.threads)
+    if args.no_progress:
+        _quiet_loading()
     gen = FusedGenerator.from_pretrained(
-        large=args.large,
-        small=args.small,
-        experts=args.expert,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        torch_dtype=args.dtype,
-        device_map=args.device_map,
-    )
+        large=large, small=small, experts=experts, tokenizer=args.tokenizer,
+        device=args.device, torch_dtype=args.dtype, device_map=args.device_map,
+        local_files_only=not args.allow_download, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
     with contextlib.ExitStack() as stack:
         out: TextIO = (
             stack.enter_context(open(args.output, "w", encoding="utf-8"))
@@ -195,22 +307,7 @@ def _generate(args: argparse.Namespace) -> int:
                 if args.seed is None
                 else [row_seed(args.seed, start + i) for i in range(len(batch))]
             )
-            res = gen.generate(
-                batch,
-                max_new_tokens=args.max_new_tokens,
-                method=args.method,
-                alpha=alpha,
-                expert=args.expert_index,
-                solver=args.solver,
-                support_k=args.support_k,
-                alpha_range=tuple(args.alpha_range),
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                min_p=args.min_p,
-                seed=seeds,
-                stop=args.stop,
-            )
+            res = gen.generate(batch, args.max_new_tokens, opts, seed=seeds, stop=args.stop)
             out.writelines(
                 json.dumps({"prompt": prompt, **record}) + "\n"
                 for prompt, record in zip(batch, res.to_records())
@@ -220,13 +317,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dlf-rs``; returns the exit status (0 ok, 2 error)."""
+    """Entry point of ``dlf-rs``; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     try:
         args_list = list(sys.argv[1:] if argv is None else argv)
-        if args_list[:1] == ["demo"]:  # argparse's REMAINDER would not pass on --help or --x
-            return _demo(args_list[1:])
-        if args_list[:1] == ["bench"]:
-            return _bench(args_list[1:])
+        if args_list[:1] in (["demo"], ["bench"]):  # their parsers see --help and --x themselves
+            return _delegate(args_list[0], args_list[1:])
         parser = build_parser()
         args = parser.parse_args(args_list)
         if args.command == "generate":
@@ -239,10 +334,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dlf-rs: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError,
+            pickle.UnpicklingError) as err:  # fmt: skip
         # OSError covers FileNotFoundError; RuntimeError covers CUDA out of memory (with a hint).
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"dlf-rs: error: {msg}", file=sys.stderr)
+        if os.environ.get("DLF_RS_DEBUG"):
+            raise
         return 2
 
 

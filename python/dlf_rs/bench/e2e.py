@@ -249,6 +249,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from dlf_rs.fastpath import cache_length, kv_cache_bytes
     from dlf_rs.generate import FusedGenerator
+    from dlf_rs.options import StepOptions
 
     _check(args)
     if args.threads:
@@ -292,10 +293,8 @@ def run(args: argparse.Namespace) -> int:
         f"{'xnaive':>7s} {'xown':>7s} {'xfloor':>7s}"
     )
     g = torch.Generator().manual_seed(0)
-    dlf_kw: dict[str, Any] = {
-        "method": "dlf", "solver": args.solver, "support_k": args.support_k,
-        "max_new_tokens": args.steps,
-    }  # fmt: skip
+    options = StepOptions(method="dlf", solver=args.solver, support_k=args.support_k)
+    dlf_kw: dict[str, Any] = {"options": options, "max_new_tokens": args.steps}
     for n_exp in args.experts:
         models = [large, small, *experts[:n_exp]]
         for batch in args.batch:

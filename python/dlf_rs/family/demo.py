@@ -1,7 +1,7 @@
 """`dlf-rs demo`: the paper's experiments, in miniature, on the shipped default family.
 
 Where it sits: the last step of the default-family flow. It loads the checkpoints that
-`dlf_rs.train_family` wrote to `python/dlf_rs/default_family/`, builds the held-out evaluation sets
+`dlf_rs.family.train` wrote to `python/dlf_rs/family/checkpoints/`, builds the held-out evaluation sets
 of `dlf_rs.world`, decodes them greedily with every method (the large base, the small experts,
 static alpha 0.5/1.0/1.5, DLF with one expert and with all experts, the large fine-tuned
 references, few-shot prompting with and without DLF), scores them with each task's metric, and
@@ -24,9 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from dlf_rs.world import SEEN_TASKS, TASKS, UNSEEN_TASKS, Example, World, eval_set, few_shot_prompt
+from dlf_rs.family.world import (
+    SEEN_TASKS,
+    TASKS,
+    UNSEEN_TASKS,
+    Example,
+    World,
+    eval_set,
+    few_shot_prompt,
+)
 
-DEFAULT_FAMILY = Path(__file__).resolve().parent / "default_family"
+DEFAULT_FAMILY = Path(__file__).resolve().parent / "checkpoints"
 STATIC_ALPHAS = (0.5, 1.0, 1.5)
 ALL_TASKS = SEEN_TASKS + UNSEEN_TASKS
 
@@ -57,13 +65,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for results.md, results.json and the PNG plots")
     parser.add_argument("--family", type=Path, default=DEFAULT_FAMILY,
                         help="directory of the model family (default: the shipped one)")
-    parser.add_argument("-n", "--examples", type=int, default=None,
+    parser.add_argument("-n", "--examples", type=_positive, default=None,
                         help="examples per task (default: 200, or 8 with --quick)")
-    parser.add_argument("--shots", type=int, default=2, help="shots for the few-shot rows")
+    parser.add_argument("--shots", type=_positive, default=2, help="shots for the few-shot rows")
     parser.add_argument("--solver", default="grid", choices=("grid", "exact"),
                         help="DLF alpha solver (grid: the paper's Algorithm 1)")
     # One thread: on a shared 2-core machine two intra-op threads were measured far slower.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------- models
@@ -193,14 +211,29 @@ def execute(family: Family, runs: list[Run], n: int, shots: int, solver: str) ->
         scores = [task.score(p, e) for p, e in zip(preds, exs)]
         run.score = float(np.mean(scores))
         if run.method == "dlf" and not run.shots:
-            # The figure shows the first example DLF got right (row 0 if none), and says which.
-            row = next((i for i, sc in enumerate(scores) if sc == 1.0), 0)
+            # The figure shows an example DLF got right as a reader would say it (see
+            # `readable_row`), and says which.
+            row = readable_row(preds, [e.answer for e in exs], scores)
             traces[f"{run.task}:{len(run.experts)}"] = {
                 "alphas": alphas[row], "row": row, "prompt": prompts[row], "output": preds[row],
                 "reference": exs[row].answer, "score": scores[row],
                 "experts": [e.removeprefix("small_expert_") for e in run.experts],
             }
     return traces
+
+
+def readable_row(preds: list[str], refs: list[str], scores: list[float]) -> int:
+    """The row to show as "right": a full-score row whose output, up to the shot separator,
+    starts with the whole reference and adds the least after it (a metric can give full marks
+    to "... #### 13 . 12 . #### 12 plus 9"); the best-scoring row if none is clean."""
+    from dlf_rs.family.world.metrics import first_segment
+
+    def rank(i: int) -> tuple[float, int, int]:
+        pred, ref = first_segment(preds[i]), first_segment(refs[i])
+        clean = pred.startswith(ref)
+        return (-scores[i], 0 if clean else 1, len(pred) - len(ref) if clean else len(pred))
+
+    return min(range(len(preds)), key=rank) if preds else 0
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -299,63 +332,23 @@ def markdown(tabs: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_trace(trace: dict[str, Any], path: Path, title: str) -> None:
-    """Alpha over decoding steps of one row (the paper's Figures 2-3)."""
-    try:
-        from dlf_rs.plotting import plot_alphas
-
-        plot_alphas(np.asarray(trace["alphas"]), row=0, expert_names=trace["experts"],
-                    path=str(path))
-        return
-    except ImportError:
-        pass
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    a = np.asarray(trace["alphas"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for t, name in enumerate(trace["experts"]):
-        ax.plot(range(a.shape[0]), a[:, t], marker="o", ms=3, label=name)
-    ax.set_xlabel("decoding step")
-    ax.set_ylabel("alpha")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_ablation(tabs: dict[str, Any], path: Path) -> None:
-    """Fixed alpha 0.5/1.0/1.5 against DLF per seen task (the paper's Figure 2, left)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {r[0]: r[1:] for r in tabs["table1"]["rows"]}
-    labels = [k for k in rows if k.startswith(("Static", "Proxy", "DLF"))]
-    cols = tabs["table1"]["columns"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    width = 0.8 / len(labels)
-    for i, lab in enumerate(labels):
-        vals = [100 * (v or 0.0) for v in rows[lab]]
-        ax.bar(np.arange(len(cols)) + i * width, vals, width, label=lab)
-    ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, cols)
-    ax.set_ylabel("score (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def check_arguments(args: argparse.Namespace) -> None:
+    """Errors about --out and --family before anything is loaded (each names its option)."""
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {str(out)!r} is a file; expected a directory (created if absent)")
+    family: Path = args.family
+    if not (family / "manifest.json").is_file():
+        raise ValueError(f"--family: {str(family)!r} is not a model family directory "
+                         "(no manifest.json; the shipped one is the default)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dlf-rs demo`; returns the process exit code."""
     import torch
 
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
+    check_arguments(args)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     n = args.examples or (8 if args.quick else 200)
     out: Path = args.out
@@ -368,33 +361,40 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     meta = {"family": str(args.family), "n": n, "shots": args.shots, "solver": args.solver,
             "seconds": seconds, "quick": bool(args.quick)}
-    md = markdown(tabs, meta)
-    plots = {}
-    for key, fname, title in (
-        (f"{SEEN_TASKS[0]}:1", "alpha_one_expert.png",
-         f"DLF, {SEEN_TASKS[0]} expert on a held-out {SEEN_TASKS[0]} example"),
-        (f"{UNSEEN_TASKS[0]}:{len(SEEN_TASKS)}", "alpha_all_experts_unseen.png",
-         f"DLF, all experts on an unseen {UNSEEN_TASKS[0]} example"),
-    ):
-        if key in traces:
-            plot_trace(traces[key], out / fname, title)
-            plots[fname] = traces[key]
-    plot_ablation(tabs, out / "alpha_ablation.png")
-    md += "\n## Alpha over decoding steps\n\n" + "\n".join(
+    figures = {
+        "alpha_one_expert.png": (f"{SEEN_TASKS[0]}:1",
+                                 f"DLF, {SEEN_TASKS[0]} expert on a held-out {SEEN_TASKS[0]} example"),
+        "alpha_all_experts_unseen.png": (f"{UNSEEN_TASKS[0]}:{len(SEEN_TASKS)}",
+                                         f"DLF, all experts on an unseen {UNSEEN_TASKS[0]} example"),
+    }
+    shown = {f: traces[key] for f, (key, _) in figures.items() if key in traces}
+    md = markdown(tabs, meta) + "\n## Alpha over decoding steps\n\n" + "\n".join(
         f"- `{f}` (example {tr['row']}, score {tr['score']:.2f}): prompt `{tr['prompt']}` -> "
-        f"`{tr['output']}` (reference `{tr['reference']}`)" for f, tr in plots.items()
+        f"`{tr['output']}` (reference `{tr['reference']}`)" for f, tr in shown.items()
     ) + "\n- `alpha_ablation.png`: fixed alpha vs DLF per seen task\n"
+    # Results first: a missing plotting library must not cost the numbers.
     (out / "results.md").write_text(md)
     payload = {
         "meta": meta,
         "tables": tabs,
         "runs": [vars(r) for r in runs],
         "alpha_traces": {f: {**tr, "alphas": np.asarray(tr["alphas"]).tolist()}
-                         for f, tr in plots.items()},
+                         for f, tr in shown.items()},
     }
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     print(md)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and plots in {seconds:.1f} s")
+    try:
+        from dlf_rs.family.plots import plot_ablation, plot_trace
+
+        for fname, tr in shown.items():
+            plot_trace(tr, out / fname, figures[fname][1])
+        plot_ablation(tabs, out / "alpha_ablation.png",
+                      "Fixed alpha (static) against DLF, one expert per seen task")
+        wrote = "and plots "
+    except ImportError as err:
+        print(f"dlf-rs demo: plots skipped ({err}); pip install 'dlf_rs[plot]' for them")
+        wrote = "(no plots) "
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} {wrote}in {seconds:.1f} s")
     return 0
 
 

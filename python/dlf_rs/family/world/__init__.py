@@ -2,8 +2,8 @@
 
 Flow: `World.build(seed)` (entities and facts) -> `pretraining_documents` (prose corpus for the
 bases) -> `TASKS` with `finetune_set` / `eval_set` (task formats on disjoint entity halves) ->
-`build_tokenizer` (shared word-level tokenizer). `dlf_rs.train_family` trains the family from
-these; `dlf_rs.demo` evaluates fused decoding on the evaluation sets.
+`build_tokenizer` (shared word-level tokenizer). `dlf_rs.family.train` trains the family from
+these; `dlf_rs.family.demo` evaluates fused decoding on the evaluation sets.
 """
 
 from .corpus import pretraining_documents

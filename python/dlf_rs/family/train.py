@@ -1,12 +1,12 @@
 """Train dlf_rs's default family of tiny Llama models on the synthetic world, from fixed seeds.
 
-Where it sits: `dlf_rs.world` defines the data; this script turns it into the checkpoints shipped
-in `python/dlf_rs/default_family/` (small base, one small expert per seen task, large base, and as
+Where it sits: `dlf_rs.family.world` defines the data; this script turns it into the checkpoints shipped
+in `python/dlf_rs/family/checkpoints/` (small base, one small expert per seen task, large base, and as
 references the large fine-tuned per task and the large multi-task tuned), plus `manifest.json`
 with seeds, configs and the metrics each model reaches. `dlf_rs.demo` then decodes with them.
 
-    python -m dlf_rs.train_family --out DIR            # train everything (about 20 min, 2 cores)
-    python -m dlf_rs.train_family --out DIR --check    # ... and compare with the shipped manifest
+    python -m dlf_rs.family.train --out DIR            # train everything (about 20 min, 2 cores)
+    python -m dlf_rs.family.train --out DIR --check    # ... and compare with the shipped manifest
 
 Reproducibility: every model's initialisation and data order come from its own seed
 (`torch.manual_seed`, seeded `random`); runs on CPU are bit-for-bit repeatable on one machine, and
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dlf_rs.world import (
+from dlf_rs.family.world import (
     SEEN_TASKS,
     TASKS,
     Example,
@@ -38,7 +38,7 @@ from dlf_rs.world import (
     pretraining_documents,
 )
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "default_family"
+DEFAULT_DIR = Path(__file__).resolve().parent / "checkpoints"
 CHECK_TOLERANCE = 0.08  # absolute, on metrics in [0, 1] measured over N_EVAL examples
 
 

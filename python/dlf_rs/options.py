@@ -1,0 +1,254 @@
+"""One record for every option of a decoding step: :class:`StepOptions`.
+
+Where it sits: the first thing every entry point builds (``fuse_step``, ``sample``,
+``FusedGenerator.generate`` and ``score``, the CLI, the bench), then passes down whole; no layer
+below re-defaults a field. The defaults come from the Rust core (``dlf_rs._core.DEFAULTS``, built
+from ``rust/config.rs``), the value rules are the core's own (``_core.validate_options``, the same
+functions ``fuse_step`` runs), and this file adds only what the core cannot see: Python types.
+
+Type rules (decided once, here): no coercion that turns a wrong value into a right-looking one.
+A float where an int is expected is a ``TypeError`` (2.7 is not 2); ``bool`` is never an int or a
+float; numpy scalars count as the Python numbers they hold. Values are the core's business
+(``DlfError``, a ``ValueError``): see the field list below, and README "Options".
+
+Seeds are not part of the record (they change every call and every step); their one rule is
+:func:`check_seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._core import DlfError
+
+__all__ = ["METHODS", "StepOptions", "check_int", "check_real", "check_seed"]
+
+METHODS = ("dlf", "static", "large", "expert")
+_D: dict[str, Any] = dict(_core.DEFAULTS)
+_INT_LIMIT = 1 << 63  # counts (top_k, support_k) must fit the core's usize on every platform
+_U64 = 1 << 64
+
+
+def check_real(x: object, name: str) -> float:
+    """A real number (int, float or numpy scalar; not bool, not complex) as a float."""
+    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
+def check_int(x: object, name: str, low: int = 0, high: int = _INT_LIMIT) -> int:
+    """An int in [low, high) (int or numpy integer; not bool, not a float however round)."""
+    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iu":
+        x = x.item()
+    if isinstance(x, bool):
+        raise TypeError(f"{name}: expected an int, got bool {x!r}")
+    try:
+        v = operator.index(x)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__} {x!r}") from None
+    if not low <= v < high:
+        hi = "2**63" if high == _INT_LIMIT else "2**64" if high == _U64 else str(high)
+        raise DlfError(f"{name}: expected an int in [{low}, {hi}), got {v}")
+    return v
+
+
+def _check_str(x: object, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {x!r}")
+    return x
+
+
+def check_seed(seed: object, name: str = "seed") -> int | tuple[int, ...] | None:
+    """The seed rule of every entry point: None (fresh entropy), an int in [0, 2**64), or a
+    sequence of such ints (one per row / prompt). Negative seeds are refused, never masked."""
+    if seed is None:
+        return None
+    if isinstance(seed, np.ndarray) and seed.ndim == 1:
+        seed = seed.tolist()
+    if isinstance(seed, (list, tuple)):
+        return tuple(check_int(s, f"{name}[{i}]", 0, _U64) for i, s in enumerate(seed))
+    if isinstance(seed, (str, bytes)) or not (
+        isinstance(seed, (numbers.Integral, np.integer))
+        or (isinstance(seed, np.ndarray) and seed.ndim == 0)
+    ):
+        raise TypeError(
+            f"{name}: expected None, an int in [0, 2**64) or a list of such ints, "
+            f"got {type(seed).__name__} {seed!r}"
+        )
+    return check_int(seed, name, 0, _U64)
+
+
+def _check_alpha(alpha: object) -> float | tuple[float, ...] | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, np.ndarray):
+        if alpha.ndim > 1:
+            raise DlfError(
+                f"alpha: expected a float or one float per expert, got an array of shape "
+                f"{list(alpha.shape)}"
+            )
+        if alpha.dtype.kind not in "iuf":
+            raise TypeError(f"alpha: expected real numbers, got an array of dtype {alpha.dtype}")
+        alpha = alpha.item() if alpha.ndim == 0 else alpha.tolist()
+    if isinstance(alpha, (list, tuple)):  # [] with no experts: the large model alone
+        return tuple(check_real(a, f"alpha[{t}]") for t, a in enumerate(alpha))
+    return check_real(alpha, "alpha")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Every option of a decoding step, with its default, checked when the record is built.
+
+    - ``method``: "dlf" (weights solved per row and step, the paper's method), "static" (fixed
+      ``alpha``; proxy-tuning is 1.0 with one expert), "large" (L alone) or "expert" (expert
+      number ``expert`` alone). ``None`` infers "static" when ``alpha`` is given, else "dlf".
+    - ``alpha``: static weight(s): one float (applied to every expert) or one per expert; each
+      finite with ``|alpha| <= 100`` (negative values subtract an expert: an anti-expert).
+    - ``expert``: index of the expert for ``method="expert"``.
+    - ``alpha_range``: (lo, hi) searched by the solver, finite, ``-100 <= lo <= hi <= 100``.
+    - ``grid_step``: spacing of the paper's grid, > 0, at most 10,001 grid points.
+    - ``solver``: "grid" (the paper's Algorithm 1) or "exact" (never worse than the grid).
+    - ``multi_expert``: "one-active" (the paper's rule for T > 1).
+    - ``support_k``: None (KLs over the full vocabulary: Algorithm 1 exactly) or k >= 1 (union
+      of every model's top-k tokens plus an exact tail bucket; faster, approximate).
+    - ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` in (0, 1], ``min_p`` in
+      [0, 1]: how the token is drawn from the fused logits (the weights always use the raw
+      logits).
+    """
+
+    method: str | None = None
+    alpha: float | tuple[float, ...] | None = None
+    expert: int | None = None
+    alpha_range: tuple[float, float] = (_D["alpha_min"], _D["alpha_max"])
+    grid_step: float = _D["grid_step"]
+    solver: str = _D["solver"]
+    multi_expert: str = _D["multi_expert"]
+    support_k: int | None = _D["support_k"]
+    temperature: float = _D["temperature"]
+    top_k: int = _D["top_k"]
+    top_p: float = _D["top_p"]
+    min_p: float = _D["min_p"]
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__  # frozen: normalise the checked values once, here
+        alpha = _check_alpha(self.alpha)
+        put(self, "alpha", alpha)
+        method = self.method
+        if method is None:
+            method = "static" if alpha is not None else "dlf"
+        method = _check_str(method, "method", METHODS)
+        if method not in METHODS:
+            raise DlfError(f"method: expected one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        put(self, "method", method)
+        if method == "static" and alpha is None:
+            raise DlfError("alpha: method='static' needs the static weight(s), e.g. alpha=1.0")
+        if method != "static" and alpha is not None:
+            raise DlfError(f"alpha: only used by method='static' (method={method!r})")
+        if method == "expert":
+            if self.expert is None:
+                raise DlfError("expert: method='expert' needs the index of the expert to run")
+            put(self, "expert", check_int(self.expert, "expert"))
+        elif self.expert is not None:
+            raise DlfError(f"expert: only used by method='expert' (method={method!r})")
+        rng = self.alpha_range
+        if isinstance(rng, np.ndarray):
+            rng = tuple(rng.tolist())
+        if not isinstance(rng, (tuple, list)) or len(rng) != 2:
+            raise TypeError(f"alpha_range: expected a (low, high) pair of floats, got {rng!r}")
+        put(self, "alpha_range", (check_real(rng[0], "alpha_range[0]"),
+                                  check_real(rng[1], "alpha_range[1]")))  # fmt: skip
+        put(self, "grid_step", check_real(self.grid_step, "grid_step"))
+        _check_str(self.solver, "solver", ("grid", "exact"))
+        _check_str(self.multi_expert, "multi_expert", ("one-active",))
+        if self.support_k is not None:
+            put(self, "support_k", check_int(self.support_k, "support_k"))
+        put(self, "temperature", check_real(self.temperature, "temperature"))
+        put(self, "top_k", check_int(self.top_k, "top_k"))
+        put(self, "top_p", check_real(self.top_p, "top_p"))
+        put(self, "min_p", check_real(self.min_p, "min_p"))
+        # Values: the core's rules, the very functions fuse_step runs.
+        _core.validate_options(**self._core_kwargs(alpha_list=self._alpha_list()))
+
+    @classmethod
+    def build(cls, options: StepOptions | None = None, **overrides: Any) -> StepOptions:
+        """``options`` with ``overrides`` applied (checked), or a new record from the overrides.
+
+        Loose keywords are folded in the way ``GenerationConfig`` does: an unknown name is a
+        ``TypeError`` naming it and the known fields.
+        """
+        if options is not None and not isinstance(options, StepOptions):
+            raise TypeError(
+                f"options: expected a dlf_rs.StepOptions, got {type(options).__name__}"
+            )
+        unknown = sorted(set(overrides) - _FIELDS)
+        if unknown:
+            raise TypeError(
+                f"{unknown[0]}: unknown option; expected one of {', '.join(sorted(_FIELDS))}"
+            )
+        if options is None:
+            return cls(**overrides)
+        if "alpha" in overrides and "method" not in overrides and options.method in (
+            "dlf", "static"
+        ):  # fmt: skip
+            overrides["method"] = None  # re-infer: alpha given -> static, alpha=None -> dlf
+        return dataclasses.replace(options, **overrides) if overrides else options
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are the argmax (temperature 0); computed once from the record."""
+        return self.temperature == 0.0
+
+    @property
+    def fused(self) -> bool:
+        """Whether the step fuses several models ("dlf" or "static")."""
+        return self.method in ("dlf", "static")
+
+    def _alpha_list(self, n_experts: int | None = None) -> list[float] | None:
+        if self.alpha is None:
+            return None
+        if isinstance(self.alpha, tuple):
+            return list(self.alpha)
+        return [float(self.alpha)] * (1 if n_experts is None else n_experts)
+
+    def _core_kwargs(self, alpha_list: list[float] | None) -> dict[str, Any]:
+        return {
+            "alpha": alpha_list,
+            "alpha_min": self.alpha_range[0],
+            "alpha_max": self.alpha_range[1],
+            "grid_step": self.grid_step,
+            "solver": self.solver,
+            "multi_expert": self.multi_expert,
+            "support_k": self.support_k,
+            **self.sampling_kwargs,
+        }
+
+    @cached_property
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``_core.sample`` (every one given: the core holds no defaults)."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+        }
+
+    def core_kwargs(self, n_experts: int) -> dict[str, Any]:
+        """The keywords of ``_core.fuse_step`` for ``n_experts`` experts (cached per T)."""
+        cache: dict[int, dict[str, Any]] = self.__dict__.setdefault("_kwargs_by_t", {})
+        if n_experts not in cache:
+            cache[n_experts] = self._core_kwargs(self._alpha_list(n_experts))
+        return cache[n_experts]
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(StepOptions))

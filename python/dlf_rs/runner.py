@@ -1,0 +1,232 @@
+"""The forward side of the generation loop: one :class:`ModelSlot` per model taking part.
+
+Where it sits: :mod:`dlf_rs.generate` builds the slots, then for every step calls
+:meth:`ModelRunner.prefill` once and :meth:`ModelRunner.decode` per token; each forward's
+last-position logits go into the host staging buffers (:mod:`dlf_rs.staging`). Every model keeps
+its own prompt tokens, attention mask, position ids and KV cache (a growing ``DynamicCache``, or
+with ``fast=True`` a reused static cache and compiled decode forwards, :mod:`dlf_rs.fastpath`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fastpath import FastModel, FastOptions, cache_length
+from .loading import oom_hint
+from .staging import LogitStaging
+
+__all__ = ["ModelRunner", "ModelSlot", "context_length", "model_device", "model_vocab"]
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        dev = model.get_input_embeddings().weight.device
+    except AttributeError:
+        dev = next(model.parameters()).device
+    return dev if dev.type != "meta" else torch.device("cpu")
+
+
+def model_vocab(model: Any) -> int:
+    emb = model.get_output_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def context_length(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _forward_params(model: Any) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+@dataclass
+class ModelSlot:
+    """One model taking part in a call: its prompts, device and per-call decoding state."""
+
+    name: str  # "large", "small", "expert:<i>"
+    model: Any
+    prompts: list[str]
+    device: torch.device
+    takes_logits_to_keep: bool
+    takes_position_ids: bool
+    fast: FastModel | None = None  # set when the generator was built with fast=True
+    cache: Any = None
+    attention_mask: torch.Tensor | None = None
+    last_position: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, name: str, model: Any, prompts: list[str], fast: FastModel | None) -> ModelSlot:
+        params = _forward_params(model)
+        return cls(name, model, prompts, model_device(model), "logits_to_keep" in params,
+                   "position_ids" in params, fast)  # fmt: skip
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, call: Any = None) -> Any:
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": self.attention_mask,
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+        if self.takes_position_ids:
+            kwargs["position_ids"] = positions
+        if self.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        try:
+            out = (call or self.model)(**kwargs)
+        except torch.cuda.OutOfMemoryError as err:
+            raise oom_hint(self.name, err) from err
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+
+class ModelRunner:
+    """Runs the slots' forwards and stages their logits, accounting the time in ``timings``:
+    "forward" (all forwards), "prefill", "forward:<name>" (decode forwards per model) and
+    "copy" (host transfers)."""
+
+    def __init__(
+        self,
+        slots: list[ModelSlot],
+        staging: LogitStaging,
+        timings: dict[str, float],
+        tokenize: Callable[[str], list[int]],
+        pad_id: int,
+        fast: FastOptions | None,
+        side_stream: Callable[[torch.device], torch.cuda.Stream],
+        sync: bool,
+    ) -> None:
+        self.slots, self.staging, self.timings = slots, staging, timings
+        self.tokenize, self.pad_id, self.fast = tokenize, pad_id, fast
+        self.side_stream, self.sync = side_stream, sync
+        for slot in slots:
+            timings.setdefault(f"forward:{slot.name}", 0.0)
+
+    def _run(
+        self, i: int, slot: ModelSlot, key: str, ids: torch.Tensor, pos: torch.Tensor,
+        call: Any = None,
+    ) -> None:  # fmt: skip
+        """Time one forward (synchronised when ``sync``), add it up, stage its logits."""
+        t0 = time.perf_counter()
+        logits = slot.forward(ids, pos, call)
+        if self.sync and slot.device.type == "cuda":
+            torch.cuda.synchronize(slot.device)
+        elapsed = time.perf_counter() - t0
+        self.timings["forward"] += elapsed
+        self.timings[key] += elapsed
+        t0 = time.perf_counter()
+        self.staging.stage(i, logits)  # its event is recorded on the stream it ran on
+        self.timings["copy"] += time.perf_counter() - t0
+
+    def prompt_ids(self, slot: ModelSlot, max_new_tokens: int) -> list[list[int]]:
+        ids = [self.tokenize(p) for p in slot.prompts]
+        ctx = context_length(slot.model)
+        for b, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompts[{b}]: tokenizes to no tokens for the {slot.name} model")
+            if ctx is not None and len(row) + max_new_tokens > ctx:
+                raise ValueError(
+                    f"prompts[{b}]: {len(row)} prompt tokens + max_new_tokens={max_new_tokens} "
+                    f"exceed the {slot.name} model's context of {ctx} tokens "
+                    "(max_position_embeddings); shorten the prompt or lower max_new_tokens"
+                )
+        return ids
+
+    def prefill(self, ids_per_slot: list[list[list[int]]], max_new_tokens: int) -> None:
+        """Left-pad each model's prompts, run the prompt forward, stage the last logits."""
+        for i, (slot, ids) in enumerate(zip(self.slots, ids_per_slot)):
+            width = max(len(r) for r in ids)
+            input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for b, row in enumerate(ids):
+                input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                mask[b, width - len(row) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            slot.last_position = positions[:, -1:].to(slot.device)
+            if slot.fast is not None:
+                max_len = cache_length(width + max_new_tokens, context_length(slot.model))
+                slot.fast.prepare(len(ids), max_len, mask.to(slot.device))
+                slot.attention_mask = slot.fast.mask
+                slot.cache = slot.fast.cache
+            else:
+                slot.attention_mask = mask.to(slot.device)
+                slot.cache = _new_cache(slot.model)
+            self._run(i, slot, "prefill", input_ids.to(slot.device), positions.to(slot.device))
+
+    def decode(self, feed: np.ndarray) -> None:
+        """One decode forward per model on the tokens ``feed`` (int64 [B])."""
+        if self.fast is not None:
+            self._decode_fast(feed)
+            return
+        for i, slot in enumerate(self.slots):
+            t0 = time.perf_counter()
+            tokens = self.staging.tokens_to(feed, slot.device)
+            assert slot.attention_mask is not None and slot.last_position is not None
+            # Finished rows keep attending (mask 1) like HF generate; their outputs are ignored.
+            slot.attention_mask = torch.cat(
+                [slot.attention_mask, slot.attention_mask.new_ones((feed.shape[0], 1))], dim=-1
+            )
+            slot.last_position = slot.last_position + 1
+            self.timings["copy"] += time.perf_counter() - t0
+            self._run(i, slot, f"forward:{slot.name}", tokens, slot.last_position)
+
+    def _decode_fast(self, feed: np.ndarray) -> None:
+        """One decode step on static caches: the mask stays as it is (the causal mask hides the
+        unwritten positions) and the token ids go to each device once. With ``overlap`` every
+        model after the large one runs on a side stream; the side stream waits for the main one
+        before the large forward is enqueued (so it sees this step's token ids and the prefill,
+        and does not wait for the large forward)."""
+        assert self.fast is not None
+        overlap = self.fast.overlap and not self.sync  # syncing would serialise it anyway
+        t0 = time.perf_counter()
+        tokens_on: dict[torch.device, torch.Tensor] = {}
+        for slot in self.slots:
+            if slot.device not in tokens_on:
+                tokens_on[slot.device] = self.staging.tokens_to(feed, slot.device)
+        side_on: dict[torch.device, torch.cuda.Stream] = {}
+        for slot in self.slots[1:] if overlap else []:
+            if slot.device.type == "cuda" and slot.device not in side_on:
+                side_on[slot.device] = self.side_stream(slot.device)
+                side_on[slot.device].wait_stream(torch.cuda.current_stream(slot.device))
+        self.timings["copy"] += time.perf_counter() - t0
+        for i, slot in enumerate(self.slots):
+            assert slot.fast is not None and slot.last_position is not None
+            tokens = tokens_on[slot.device]
+            context: Any = contextlib.nullcontext()
+            if i > 0 and slot.device in side_on:
+                side = side_on[slot.device]
+                # Allocated on the main stream, read on the side one: keep the allocator from
+                # handing their memory to the main stream while the side stream may still read.
+                tokens.record_stream(side)
+                slot.last_position.record_stream(side)
+                context = torch.cuda.stream(side)
+            with context:
+                slot.last_position = slot.last_position + 1
+                self._run(i, slot, f"forward:{slot.name}", tokens, slot.last_position,
+                          slot.fast.decode_call())  # fmt: skip

@@ -1,0 +1,135 @@
+"""The checked step API: ``fuse_step``, ``fuse_logits`` and ``sample`` over numpy or torch.
+
+Where it sits: between the caller and the Rust extension ``dlf_rs._core``. It builds the options
+record (:class:`dlf_rs.options.StepOptions`), turns the logits into C-contiguous float32 numpy
+arrays (:mod:`dlf_rs.arrays`) and calls the core, which borrows them without copying, checks
+values and shapes, and runs the whole batch with the GIL released. The core's errors reach the
+caller unchanged. The generation loop calls :func:`fuse_step_prepared` instead: its staging
+buffers are already float32 and its options already checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._core import DlfError, StepResult
+from .arrays import as_f32, experts_f32, torch_to_numpy
+from .options import StepOptions, check_real, check_seed
+
+__all__ = ["fuse_logits", "fuse_step", "fuse_step_prepared", "sample"]
+
+
+def _seed_kwargs(seed: object) -> dict[str, Any]:
+    checked = check_seed(seed)
+    if checked is None:
+        return {}
+    if isinstance(checked, tuple):
+        return {"seeds": list(checked)}
+    return {"seed": checked}
+
+
+def fuse_step_prepared(
+    large: np.ndarray,
+    small: np.ndarray,
+    experts: list[np.ndarray],
+    options: StepOptions,
+    seeds: list[int] | None,
+) -> StepResult:
+    """``fuse_step`` for callers that hold float32 C-contiguous arrays and a checked record
+    (the generation loop): no conversion, no re-validation of the record in Python."""
+    return _core.fuse_step(
+        large, small, experts, **options.core_kwargs(len(experts)), seed=None, seeds=seeds
+    )
+
+
+def fuse_step(
+    large: Any,
+    small: Any,
+    experts: Any,
+    options: StepOptions | None = None,
+    *,
+    seed: int | list[int] | None = None,
+    **overrides: Any,
+) -> StepResult:
+    """One Dynamic Logit Fusion decoding step for a batch.
+
+    large, small: float32 logits [B, V] of the large model and its small base; experts: a
+    [T, B, V] array or a list of T [B, V] arrays (small fine-tuned experts). numpy arrays or CPU
+    torch tensors (see :mod:`dlf_rs.arrays` for conversions).
+
+    ``options`` (a :class:`StepOptions`) and/or its fields as keywords (``alpha``, ``solver``,
+    ``support_k``, ``alpha_range``, ``grid_step``, ``multi_expert``, ``temperature``, ``top_k``,
+    ``top_p``, ``min_p``; keywords override the record). Without ``alpha`` the weights are solved
+    per row (the paper's Algorithm 1 on the full vocabulary by default); with ``alpha`` they are
+    fixed (proxy-tuning: ``alpha=1.0``). Methods "large"/"expert" are for the generator; here use
+    :func:`sample` on one model's logits.
+
+    ``seed``: None (fresh entropy), an int (row b draws from stream b), or B ints (one per row).
+    Raises ``DlfError`` (a ValueError) on bad values or shapes, ``TypeError`` on bad types.
+    """
+    opts = StepOptions.build(options, **overrides)
+    if not opts.fused:
+        raise DlfError(
+            f"method: fuse_step fuses models ('dlf' or 'static'), got {opts.method!r}; "
+            "use dlf_rs.sample on that model's logits"
+        )
+    zl = as_f32(large, "large", 2)
+    zs = as_f32(small, "small", 2)
+    ze = experts_f32(experts)
+    return _core.fuse_step(zl, zs, ze, **opts.core_kwargs(len(ze)), **_seed_kwargs(seed))
+
+
+def fuse_logits(large: Any, small: Any, experts: Any, alphas: Any) -> np.ndarray:
+    """Fused logits z_L + sum_t alphas_t (z_t - z_S), float32 [B, V].
+
+    ``alphas``: one float (every expert), T floats (the same for every row) or a [B, T] array (e.g. ``StepResult.alphas``
+    of a call with the same experts). -inf in the large model stays -inf; -inf in the small model
+    or an expert is replaced by that row's smallest finite logit minus 30 before differencing.
+    """
+    zl = as_f32(large, "large", 2)
+    zs = as_f32(small, "small", 2)
+    ze = experts_f32(experts)
+    t = len(ze)
+    if type(alphas).__module__.split(".")[0] == "torch":
+        alphas = torch_to_numpy(alphas, "alphas")
+    if isinstance(alphas, (list, tuple)):
+        alphas = [check_real(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
+    elif not isinstance(alphas, np.ndarray):
+        alphas = [check_real(alphas, "alphas")] * t  # one float: every expert, as StepOptions
+    elif alphas.dtype.kind not in "iuf":
+        raise TypeError(f"alphas: expected real numbers, got an array of dtype {alphas.dtype}")
+    a = np.asarray(alphas, dtype=np.float64)
+    if a.ndim == 1 and a.shape[0] == t:
+        a = np.broadcast_to(a, (zl.shape[0], t))
+    elif a.ndim != 2:
+        raise DlfError(
+            f"alphas: expected T={t} floats or shape [{zl.shape[0]}, {t}], "
+            f"got shape {list(a.shape)}"
+        )
+    if not np.isfinite(a).all() or (np.abs(a) > np.finfo(np.float32).max).any():
+        bad = a[~(np.isfinite(a) & (np.abs(a) <= np.finfo(np.float32).max))][0]
+        raise DlfError(f"alphas: expected finite float32 values, got {bad}")
+    a32 = np.require(a, dtype=np.float32, requirements=["C", "A"])
+    return _core.fuse_logits(zl, zs, ze, a32)
+
+
+def sample(
+    logits: Any,
+    options: StepOptions | None = None,
+    *,
+    seed: int | list[int] | None = None,
+    **overrides: Any,
+) -> np.ndarray:
+    """Draw one token per row from float32 logits [B, V]; int64 [B].
+
+    Sampling fields of :class:`StepOptions` as a record and/or keywords: ``temperature=0`` is
+    greedy (argmax, lowest index on ties); otherwise softmax((z - max z) / temperature), then
+    top-k, top-p and min-p filter before drawing. ``-inf`` tokens are never drawn. ``seed`` as in
+    :func:`fuse_step`.
+    """
+    opts = StepOptions.build(options, **overrides)
+    z = as_f32(logits, "logits", 2)
+    return _core.sample(z, **opts.sampling_kwargs, **_seed_kwargs(seed))

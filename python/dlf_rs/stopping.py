@@ -1,0 +1,80 @@
+"""When a row ends, and its text: EOS ids and stop strings.
+
+Where it sits: after the token of a step is chosen, :meth:`Stopping.record` appends it to every
+live row and ends rows that produced EOS or completed a stop string; at the end of the call
+:meth:`Stopping.text` decodes each row. Decisions: ``token_ids`` keep the token that completed
+the stop string and the EOS token; ``texts`` are cut just before the stop string and leave EOS
+out (special tokens are skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Stopping", "check_stop", "eos_ids"]
+
+
+def eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    """EOS ids of the tokenizer and of the large model's generation config."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif isinstance(cfg_eos, (list, tuple)):
+        ids.update(int(e) for e in cfg_eos)
+    return ids
+
+
+def check_stop(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, Sequence):
+        stops = list(stop)
+    else:
+        raise TypeError(f"stop: expected a string or a list of strings, got {type(stop).__name__}")
+    for i, s in enumerate(stops):
+        if not isinstance(s, str):
+            raise TypeError(f"stop[{i}]: expected a string, got {type(s).__name__}")
+        if not s:
+            raise ValueError(f"stop[{i}]: stop strings must be non-empty")
+    return stops
+
+
+class Stopping:
+    """Per-call row state: tokens so far, which rows ended and why."""
+
+    def __init__(self, batch: int, tokenizer: Any, eos: set[int], stops: list[str]) -> None:
+        self.tokenizer, self.eos, self.stops = tokenizer, eos, stops
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.finished = np.zeros(batch, dtype=bool)
+        self.reasons = ["length"] * batch
+
+    def live(self) -> np.ndarray:
+        return np.flatnonzero(~self.finished)
+
+    def record(self, next_tokens: np.ndarray, live: np.ndarray) -> None:
+        for b in live:
+            tok = int(next_tokens[b])
+            self.tokens[b].append(tok)
+            if tok in self.eos:
+                self.finished[b] = True
+                self.reasons[b] = "eos"
+            elif self.stops:
+                text = self.tokenizer.decode(self.tokens[b], skip_special_tokens=True)
+                if any(s in text for s in self.stops):
+                    self.finished[b] = True
+                    self.reasons[b] = "stop"
+
+    def text(self, b: int) -> str:
+        text = str(self.tokenizer.decode(self.tokens[b], skip_special_tokens=True))
+        if self.reasons[b] == "stop":
+            cut = min((text.find(s) for s in self.stops if s in text), default=len(text))
+            text = text[:cut]
+        return text
