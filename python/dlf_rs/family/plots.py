@@ -13,15 +13,15 @@ import numpy as np
 __all__ = ["plot_ablation", "plot_trace"]
 
 
-def plot_trace(trace: dict[str, Any], path: Path, title: str) -> None:
+def plot_trace(trace: dict[str, Any], path: Path, title: str) -> Any:
     """Alpha over decoding steps of one row, titled with what the row is."""
     from dlf_rs.plotting import plot_alphas
 
-    plot_alphas(np.asarray(trace["alphas"]), row=0, expert_names=trace["experts"],
+    return plot_alphas(np.asarray(trace["alphas"]), row=0, expert_names=trace["experts"],
                 path=str(path), title=title)  # fmt: skip
 
 
-def plot_ablation(tabs: dict[str, Any], path: Path, title: str) -> None:
+def plot_ablation(tabs: dict[str, Any], path: Path, title: str) -> Any:
     """Fixed alpha 0.5/1.0/1.5 against DLF per seen task."""
     import matplotlib
 
@@ -43,3 +43,4 @@ def plot_ablation(tabs: dict[str, Any], path: Path, title: str) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
+    return fig
