@@ -8,17 +8,20 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv develop test test-rust test-python demo demo-quick bench bench-rust bench-python lint fmt wheel clean
 
+# pip and maturin print their progress (a first install downloads torch: several minutes).
 $(VENV)/.deps: pyproject.toml
+	@echo "== creating $(VENV) and installing the dependencies (torch is large on a first run)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy
 	touch $@
 
 venv: $(VENV)/.deps
 
 # Build the Rust extension in release mode into the venv (editable: python/ is used in place).
 develop: venv
-	$(VENV)/bin/maturin develop --release -q
+	@echo "== building the Rust extension (release) into $(VENV)"
+	$(VENV)/bin/maturin develop --release
 
 test-rust:
 	cargo test --release

@@ -108,7 +108,7 @@ def test_good_values_pass_everywhere(family: Family) -> None:
 def test_seed_rule_is_one_rule(family: Family, seed: Any) -> None:
     gen = FusedGenerator(family.large, family.small, family.experts[:1], family.tokenizer)
     calls = [
-        lambda: dlf_rs.fuse_step(ZL, ZS, ZE, seed=seed if not isinstance(seed, list) else seed),
+        lambda: dlf_rs.fuse_step(ZL, ZS, ZE, seed=seed),
         lambda: dlf_rs.sample(ZL, temperature=1.0, seed=seed),
         lambda: gen.generate(PROMPTS[:2], 2, temperature=1.0, seed=seed),
         lambda: gen.generate(PROMPTS[:2], 2, seed=seed),  # greedy: still checked
