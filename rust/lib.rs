@@ -1,21 +1,27 @@
 //! dlf_rs: the decode core of Dynamic Logit Fusion (arXiv 2406.15480).
 //!
-//! Flow of one decoding step, one file per concern:
-//! - `config`: what the caller asks for (weights mode, solver, pruning, sampling, seeds);
-//! - `kl`: log-softmax, log-sum-exp and KL divergences over a support;
-//! - `support`: top-k support pruning with an exact tail bucket;
-//! - `solver`: the DLF objective J, its derivatives, the paper's grid and the exact solver;
-//! - `sample`: greedy / temperature / top-k / top-p / min-p sampling with a reproducible generator;
-//! - `step`: validation and the batch loop (rayon over rows) tying it all together;
+//! Modules in the order of the flow of one decoding step:
+//! - `config`: what the caller asks for (weights mode, solver, pruning, sampling, seeds) and the
+//!   defaults of every option (the single source, exposed to Python as `_core.DEFAULTS`);
+//! - `validate`: every rule on options and shapes, and the per-row scan of the logits;
+//! - `support`: the vectors the solver works on (full vocabulary, or top-k plus an exact tail);
+//! - `solver`: the DLF objective J and its minimisation per row (`objective`, `grid`, `exact`);
+//! - `fuse`: the fused full-vocabulary logits of one row;
+//! - `sample`: greedy / temperature / top-k / top-p / min-p sampling with reproducible seeds;
+//! - `step`: the batch loops (rayon over rows) tying the stages together;
+//! - helpers: `kl` (KL divergences), `numerics` (exponentials, lane sums, the one SIMD dispatch
+//!   and the AVX2 passes over every logit), `error` (the one error type);
 //! - `python` (feature `python`): the only file that touches PyO3.
 //!
 //! The core is plain Rust over `&[f32]` slices so that `cargo test` and criterion need no Python.
+//! Each stage imports only from stages above it and from the helpers (no module cycle).
 
 pub mod config;
 pub mod error;
+pub mod fuse;
 pub mod kl;
+pub mod numerics;
 pub mod sample;
-pub mod simd;
 pub mod solver;
 pub mod step;
 pub mod support;

@@ -305,7 +305,14 @@ fn validate_options(
     top_p: f64,
     min_p: f64,
 ) -> PyResult<()> {
-    let cfg = solver_of(alpha_min, alpha_max, grid_step, solver, multi_expert, support_k)?;
+    let cfg = solver_of(
+        alpha_min,
+        alpha_max,
+        grid_step,
+        solver,
+        multi_expert,
+        support_k,
+    )?;
     let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
     validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)
 }
@@ -338,7 +345,14 @@ fn fuse_step(
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<StepResult> {
-    let cfg = solver_of(alpha_min, alpha_max, grid_step, solver, multi_expert, support_k)?;
+    let cfg = solver_of(
+        alpha_min,
+        alpha_max,
+        grid_step,
+        solver,
+        multi_expert,
+        support_k,
+    )?;
     let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
     // Every option is checked, even those static weights do not use, so that an options record
     // valid for one call is valid for every call (same function as `validate_options`).

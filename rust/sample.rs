@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::config::{Sampling, Seeds};
 use crate::error::DlfError;
-use crate::kl::fast_exp;
+use crate::numerics::{fast_exp, with_simd};
 use crate::validate::{check_matrix, scan_row, validate_sampling, validate_seeds};
 
 /// Per-thread buffers reused across rows.
@@ -75,7 +75,7 @@ fn entropy_seed() -> u64 {
 
 /// Greedy: the first index holding the maximum (NaN never reaches here: validated).
 pub fn argmax(z: &[f32]) -> usize {
-    crate::kl::with_simd(
+    with_simd(
         #[inline(always)]
         || {
             // Two vectorisable passes (eight-lane maximum, then the first index holding it) are

@@ -1,15 +1,12 @@
-//! The batch step: validate inputs, then per row (in parallel with rayon) solve the weights,
-//! fuse the full-vocabulary logits and draw the next token.
+//! Last in the flow: the batch loops. `fuse_step` validates (`validate`), then per row, in
+//! parallel with rayon: scan the rows (`validate`), reduce the support (`support`), solve the
+//! weights (`solver`), fuse the full-vocabulary logits (`fuse`) and draw the token (`sample`).
+//! `fuse_logits` is the same loop with given weights and no draw.
 //!
 //! CONTRACT (used by rust/python.rs, benches and tests; do not rename):
 //! - `StepInputs`: `large`, `small` and each `experts[t]` are row-major `batch * vocab` f32.
 //! - `fuse_step(&inputs, &weights, &sampling, &seeds) -> Result<StepOutput, DlfError>`.
 //! - `fuse_logits(&inputs, alphas /* batch * T, row-major */, out /* batch * vocab */)`.
-//!
-//! Fused logits are computed in f32 exactly as `out = z_L; for t: out += (alpha_t as f32) *
-//! (z_t' - z_S')` (no FMA; z' with -inf replaced), so a numpy reference reproduces them bit for
-//! bit. -inf in z_L stays -inf; an element that overflows while z_L is finite is recomputed in
-//! f64 and saturated to +-f32::MAX.
 //!
 //! Rows are independent: each is processed on a rayon worker with that thread's scratch buffers,
 //! and errors are reported for the lowest failing row, so the result never depends on scheduling.
@@ -19,15 +16,15 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::config::{Sampling, Seeds, Weights};
-use crate::validate::{
-    scan_row, scan_row_named, shape, validate_inputs, validate_sampling, validate_seeds,
-    validate_weights,
-};
 use crate::error::DlfError;
-use crate::kl::with_simd;
+use crate::fuse::fuse_row;
+use crate::numerics::with_simd;
 use crate::sample::{sample_row, RowSeeds, SampleScratch};
 use crate::solver::{solve_row, SolverScratch};
-use crate::support::{ModelRow, Reduced};
+use crate::support::Reduced;
+use crate::validate::{
+    scan_models, shape, validate_inputs, validate_sampling, validate_seeds, validate_weights,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct StepInputs<'a> {
@@ -173,31 +170,6 @@ pub(crate) fn fuse_step_impl(
     Ok(out)
 }
 
-/// Scans one row of each model and returns the rows with their -inf replacements.
-fn row_models<'a>(
-    inputs: &StepInputs<'a>,
-    b: usize,
-) -> Result<(ModelRow<'a>, ModelRow<'a>, Vec<ModelRow<'a>>), DlfError> {
-    let v = inputs.vocab;
-    let span = b * v..(b + 1) * v;
-    let large = &inputs.large[span.clone()];
-    scan_row("large", b, large)?;
-    let small = &inputs.small[span.clone()];
-    let rep = scan_row("small", b, small)?;
-    let small = ModelRow { z: small, rep };
-    let mut experts = Vec::with_capacity(inputs.experts.len());
-    for (t, e) in inputs.experts.iter().enumerate() {
-        let z = &e[span.clone()];
-        let rep = scan_row_named(|| format!("experts[{t}]"), b, z)?;
-        experts.push(ModelRow { z, rep });
-    }
-    let large = ModelRow {
-        z: large,
-        rep: f32::NEG_INFINITY,
-    };
-    Ok((large, small, experts))
-}
-
 fn step_row(
     inputs: &StepInputs<'_>,
     b: usize,
@@ -205,7 +177,8 @@ fn step_row(
     sampling: &Sampling,
     seeds: &RowSeeds<'_>,
 ) -> Result<RowOut, DlfError> {
-    let (large, small, experts) = row_models(inputs, b)?;
+    let (large, small, experts) =
+        scan_models(inputs.large, inputs.small, inputs.experts, inputs.vocab, b)?;
     let n_t = experts.len();
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
@@ -248,49 +221,6 @@ fn step_row(
     })
 }
 
-/// The fused f32 logits of one row (see the module docs for the exact arithmetic).
-#[inline(always)]
-fn fuse_row(
-    large: &[f32],
-    small: ModelRow<'_>,
-    experts: &[ModelRow<'_>],
-    alphas: &[f32],
-    out: &mut [f32],
-) {
-    out.copy_from_slice(large);
-    for (e, &a) in experts.iter().zip(alphas) {
-        // a * diff adds +-0 when a == 0 unless diff overflowed, and that case is recomputed below
-        // to the same value, so skipping is bit-identical.
-        if a == 0.0 {
-            continue;
-        }
-        let (er, sr) = (e.rep, small.rep);
-        for ((o, &ze), &zs) in out.iter_mut().zip(e.z).zip(small.z) {
-            let ze = if ze == f32::NEG_INFINITY { er } else { ze };
-            let zs = if zs == f32::NEG_INFINITY { sr } else { zs };
-            *o += a * (ze - zs);
-        }
-    }
-    // -inf in the large model and overflow are rare: one vectorised check, then the fix-up pass.
-    let rare = out.iter().zip(large).fold(false, |acc, (&o, &l)| {
-        acc | (l == f32::NEG_INFINITY) | !o.is_finite()
-    });
-    if !rare {
-        return;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        if large[i] == f32::NEG_INFINITY {
-            *o = f32::NEG_INFINITY;
-        } else if !o.is_finite() {
-            let mut x = large[i] as f64;
-            for (e, &a) in experts.iter().zip(alphas) {
-                x += a as f64 * (e.get(i) as f64 - small.get(i) as f64);
-            }
-            *o = x.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32;
-        }
-    }
-}
-
 pub fn fuse_logits(
     inputs: &StepInputs<'_>,
     alphas: &[f32],
@@ -320,7 +250,13 @@ pub fn fuse_logits(
         .par_chunks_mut(v)
         .enumerate()
         .map(|(row, o)| {
-            let (large, small, experts) = row_models(inputs, row)?;
+            let (large, small, experts) = scan_models(
+                inputs.large,
+                inputs.small,
+                inputs.experts,
+                inputs.vocab,
+                row,
+            )?;
             let a = &alphas[row * n_t..(row + 1) * n_t];
             with_simd(
                 #[inline(always)]

@@ -6,27 +6,10 @@
 //! -inf in the small model or an expert has already been mapped to that row's replacement value
 //! (`ModelRow::rep`); -inf in the large model is kept (P(x) = 0).
 
-use crate::kl::{fast_exp, with_simd};
+use crate::numerics::passes::{filter_at_least, masked_exp_sum};
+use crate::numerics::{fast_exp, with_simd};
 
-/// One model's logits for one row and the value its -inf entries stand for.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelRow<'a> {
-    pub z: &'a [f32],
-    /// Replacement for -inf (row minimum minus 30); -inf itself for the large model.
-    pub rep: f32,
-}
-
-impl ModelRow<'_> {
-    #[inline(always)]
-    pub fn get(&self, i: usize) -> f32 {
-        let v = self.z[i];
-        if v == f32::NEG_INFINITY {
-            self.rep
-        } else {
-            v
-        }
-    }
-}
+use crate::validate::ModelRow;
 
 /// Reduced vectors of one row, reused across rows on the same thread (no per-row allocation once
 /// the buffers have grown to the vocabulary size).
@@ -237,7 +220,7 @@ fn candidates_above_guess(
     cand.clear();
     // -inf (and its replacement, below every finite value) is below any finite guess, so the
     // raw values can be compared.
-    crate::simd::filter_at_least(row.z, g, cand);
+    filter_at_least(row.z, g, cand);
     cand.len() >= k
 }
 
@@ -248,7 +231,7 @@ fn candidates_above_guess(
 /// maximum.
 fn tail_lse(row: ModelRow<'_>, mask: &[bool], mx: f64) -> f64 {
     if mx.is_finite() {
-        let s = crate::simd::masked_exp_sum(row.z, mask, row.rep, mx as f32);
+        let s = masked_exp_sum(row.z, mask, row.rep, mx as f32);
         // Below this the f32 terms may have flushed to 0: redo it exactly in f64.
         if s > 1e-30 {
             return mx + s.ln();
@@ -275,7 +258,7 @@ fn tail_lse(row: ModelRow<'_>, mask: &[bool], mx: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kl::log_sum_exp;
+    use crate::kl::reference::log_sum_exp;
 
     fn mr(z: &[f32]) -> ModelRow<'_> {
         ModelRow {

@@ -1,5 +1,5 @@
 //! First in the flow: every rule on a step's options and inputs, and the per-row scan of the
-//! logits. Each rule is written once here; `step`, `sample` and the Python binding's
+//! logits (NaN / +inf refused, the value -inf stands for in each small-model and expert row). Each rule is written once here; `step`, `sample` and the Python binding's
 //! `validate_options` all call these functions, so a message never differs between entry points.
 //!
 //! Rules (rules.md, "Rules of the step options"):
@@ -75,7 +75,10 @@ pub fn to_usize(arg: &str, x: u64) -> Result<usize, DlfError> {
     usize::try_from(x).map_err(|_| {
         DlfError::invalid(
             arg,
-            format!("an int that fits this platform's usize (< {})", usize::MAX as u128 + 1),
+            format!(
+                "an int that fits this platform's usize (< {})",
+                usize::MAX as u128 + 1
+            ),
             x,
         )
     })
@@ -172,10 +175,18 @@ pub fn validate_sampling(s: &Sampling) -> Result<(), DlfError> {
         ));
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(DlfError::invalid("top_p", "a value in (0, 1]", num(s.top_p)));
+        return Err(DlfError::invalid(
+            "top_p",
+            "a value in (0, 1]",
+            num(s.top_p),
+        ));
     }
     if !(s.min_p >= 0.0 && s.min_p <= 1.0) {
-        return Err(DlfError::invalid("min_p", "a value in [0, 1]", num(s.min_p)));
+        return Err(DlfError::invalid(
+            "min_p",
+            "a value in [0, 1]",
+            num(s.min_p),
+        ));
     }
     Ok(())
 }
@@ -208,18 +219,62 @@ pub fn validate_options(
     validate_sampling(sampling)
 }
 
+/// One model's logits for one row and the value its -inf entries stand for.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelRow<'a> {
+    pub z: &'a [f32],
+    /// Replacement for -inf (row minimum minus 30); -inf itself for the large model.
+    pub rep: f32,
+}
+
+impl ModelRow<'_> {
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        let v = self.z[i];
+        if v == f32::NEG_INFINITY {
+            self.rep
+        } else {
+            v
+        }
+    }
+}
+
+/// Scans one row of each model and returns the rows with their -inf replacements.
+#[allow(clippy::type_complexity)]
+pub(crate) fn scan_models<'a>(
+    large: &'a [f32],
+    small: &'a [f32],
+    experts: &[&'a [f32]],
+    v: usize,
+    b: usize,
+) -> Result<(ModelRow<'a>, ModelRow<'a>, Vec<ModelRow<'a>>), DlfError> {
+    let span = b * v..(b + 1) * v;
+    let large = &large[span.clone()];
+    scan_row("large", b, large)?;
+    let small = &small[span.clone()];
+    let rep = scan_row("small", b, small)?;
+    let small = ModelRow { z: small, rep };
+    let mut rows = Vec::with_capacity(experts.len());
+    for (t, e) in experts.iter().enumerate() {
+        let z = &e[span.clone()];
+        let rep = scan_row_named(|| format!("experts[{t}]"), b, z)?;
+        rows.push(ModelRow { z, rep });
+    }
+    let large = ModelRow {
+        z: large,
+        rep: f32::NEG_INFINITY,
+    };
+    Ok((large, small, rows))
+}
+
 /// Checks one row (NaN / +inf are errors, at least one finite value) and returns the value -inf
 /// stands for in that row: its smallest finite logit minus 30 (f32 arithmetic).
 pub(crate) fn scan_row(model: &str, row: usize, z: &[f32]) -> Result<f32, DlfError> {
     scan_row_named(|| model.to_string(), row, z)
 }
 
-pub(crate) fn scan_row_named(
-    model: impl Fn() -> String,
-    row: usize,
-    z: &[f32],
-) -> Result<f32, DlfError> {
-    let (min, bad) = crate::simd::finite_min_and_bad(z);
+fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
+    let (min, bad) = crate::numerics::passes::finite_min_and_bad(z);
     if bad {
         // The vectorised pass saw NaN or +inf; find it for the message. If it is gone, another
         // thread wrote to the array during the call (the binding documents that as an error).
@@ -235,10 +290,7 @@ pub(crate) fn scan_row_named(
                     token,
                     value,
                 },
-                None => DlfError::InputChanged {
-                    arg: model(),
-                    row,
-                },
+                None => DlfError::InputChanged { arg: model(), row },
             },
         );
     }

@@ -1,4 +1,4 @@
-//! Hand-written AVX2 kernels for the three passes that touch every logit of every model row:
+//! Hand-written AVX2 kernels (dispatched by `simd_dispatch!`) for the three passes that touch every logit of every model row:
 //! validation (finite minimum, NaN/+inf), the top-k candidate filter, and the tail-bucket
 //! exponential sum. They run once per model row per step, so on pruned supports they are most
 //! of `fuse_step`'s time; LLVM's auto-vectorisation of the portable versions gave four lanes at
@@ -6,40 +6,24 @@
 //! lacks AVX2, that performs the same IEEE operations lane for lane in the same order, so both
 //! give identical results (checked in the tests).
 
-use crate::kl::fast_exp_f32;
+use super::{fast_exp_f32, simd_dispatch};
 
 const LANES: usize = 8;
 
-#[inline(always)]
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// (minimum of the values above -inf, whether any value is NaN or +inf); +inf when none is.
 pub fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 detected at run time.
-        return unsafe { avx2::finite_min_and_bad(z) };
-    }
-    portable::finite_min_and_bad(z)
+    simd_dispatch!(
+        avx2: avx2::finite_min_and_bad(z),
+        portable: portable::finite_min_and_bad(z),
+    )
 }
 
 /// Pushes (value, index) of every value >= g, in index order.
 pub fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 detected at run time.
-        return unsafe { avx2::filter_at_least(z, g, cand) };
-    }
-    portable::filter_at_least(z, g, cand)
+    simd_dispatch!(
+        avx2: avx2::filter_at_least(z, g, cand),
+        portable: portable::filter_at_least(z, g, cand),
+    )
 }
 
 /// Tokens per block of the exponential sum: eight f32 lanes sum a block, then the block's total
@@ -54,12 +38,11 @@ pub fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
         mask.len(),
         "masked_exp_sum: z and mask lengths differ"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 detected at run time; lengths checked above.
-        return unsafe { avx2::masked_exp_sum(z, mask, rep, shift) };
-    }
-    portable::masked_exp_sum(z, mask, rep, shift)
+    // Lengths checked above (the AVX2 kernel reads both slices by pointer).
+    simd_dispatch!(
+        avx2: avx2::masked_exp_sum(z, mask, rep, shift),
+        portable: portable::masked_exp_sum(z, mask, rep, shift),
+    )
 }
 
 /// The last partial lane group of a validation pass (scalar, into lanes 0..) and the lanes'
@@ -312,7 +295,7 @@ mod tests {
     fn kernels_match_portable_twins_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
         {
-            if !has_avx2() {
+            if !crate::numerics::has_avx2() {
                 return;
             }
             for (k, z) in rows().into_iter().enumerate() {

@@ -1,0 +1,223 @@
+//! Numerical building blocks shared by every stage: vectorisable exponentials, lane sums, and THE
+//! one SIMD dispatch of the crate (`has_avx2` + `simd_dispatch!`, with `with_simd` for
+//! auto-vectorised closures). Hand-written AVX2 kernels for the passes over every logit are in
+//! `passes`; the grid's lattice kernel (in `solver::grid`) dispatches through the same macro.
+//!
+//! The wheel targets baseline x86-64 (SSE2). Every AVX2 path performs the same IEEE operations in
+//! the same order as its portable twin (no FMA: Rust never contracts a * b + c on its own), so
+//! results are bit-identical whichever path runs.
+
+pub mod passes;
+
+/// Whether the CPU has AVX2: the only place the crate asks (std caches the answer).
+#[inline(always)]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `simd_dispatch!(avx2: unsafe_expr, portable: expr)`: evaluates the first (an AVX2
+/// `#[target_feature]` call) when `has_avx2()`, else the second. The single dispatch used by every
+/// kernel of the crate.
+macro_rules! simd_dispatch {
+    (avx2: $avx2:expr, portable: $portable:expr $(,)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        let r = if $crate::numerics::has_avx2() {
+            // SAFETY: AVX2 was detected at run time by `has_avx2`.
+            #[allow(unused_unsafe)]
+            unsafe {
+                $avx2
+            }
+        } else {
+            $portable
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let r = $portable;
+        r
+    }};
+}
+pub(crate) use simd_dispatch;
+
+/// Upper bound on the argument of `exp` below which the fast exponential is used as is; past it
+/// (or below -FAST_EXP_MIN) the value is saturated, which only happens on the overflow fallbacks.
+const FAST_EXP_MIN: f64 = -708.0;
+
+/// exp(x) for x <= ~709, accurate to a few ulp, written as plain arithmetic so that loops over
+/// slices vectorise (std's exp is a libm call per element). Arguments below -708 give 0, which is
+/// what every caller wants (they only exponentiate shifted values <= 0 or small multiples of d).
+#[inline(always)]
+pub fn fast_exp(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // Adding 1.5 * 2^52 rounds to an integer and leaves it in the low mantissa bits, which avoids
+    // f64 -> i64 conversions that baseline x86-64 cannot vectorise.
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    let xc = x.clamp(FAST_EXP_MIN, 709.0);
+    let kf = xc * LOG2E + MAGIC;
+    let kbits = kf.to_bits();
+    let k = kf - MAGIC;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    // Taylor to degree 12 on |r| <= ln2/2: truncation error < 2e-16.
+    let mut p = 1.0 / 479_001_600.0;
+    p = p * r + 1.0 / 39_916_800.0;
+    p = p * r + 1.0 / 3_628_800.0;
+    p = p * r + 1.0 / 362_880.0;
+    p = p * r + 1.0 / 40_320.0;
+    p = p * r + 1.0 / 5_040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // k (two's complement, low bits of kbits) shifted into the exponent field, plus the bias.
+    let scale = f64::from_bits((kbits << 52).wrapping_add(1023u64 << 52));
+    let y = p * scale;
+    if x < FAST_EXP_MIN {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// exp(x) in f32 for the bulk sums where the inputs are f32 logits anyway: relative error below
+/// 2e-7 (degree-7 Taylor on |r| <= ln2/2), 0 below -87. Eight lanes under AVX2 against four for
+/// `fast_exp`, and a shorter polynomial.
+#[inline(always)]
+pub fn fast_exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let kf = xc * LOG2E + MAGIC;
+    let kbits = kf.to_bits();
+    let k = kf - MAGIC;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let mut p = 1.0 / 5_040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits((kbits << 23).wrapping_add(127u32 << 23));
+    let y = p * scale;
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// Runs `f` compiled for AVX2 when the CPU has it, else for baseline x86-64: the hot loops are
+/// plain lane-wise arithmetic that LLVM widens to four f64 lanes under AVX2.
+#[inline(always)]
+pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    simd_dispatch!(avx2: avx2(f), portable: f())
+}
+
+/// Independent accumulators of the f64 lane sums (four: one AVX2 vector).
+pub const LANES: usize = 4;
+
+/// Sum with four independent lanes (vectorisable; fixed order, so deterministic).
+#[inline(always)]
+pub fn sum_lanes(x: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut chunks = x.chunks_exact(4);
+    for c in &mut chunks {
+        for l in 0..4 {
+            acc[l] += c[l];
+        }
+    }
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        acc[l] += v;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// dst[i] = exp(src[i] - shift): a pure map, so it vectorises.
+#[inline(always)]
+pub fn exp_shifted_into(src: &[f64], shift: f64, dst: &mut [f64]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = fast_exp(s - shift);
+    }
+}
+
+/// Maximum of the values that are not -inf; -inf when every value is -inf (or the slice is empty).
+pub fn finite_max(z: &[f64]) -> f64 {
+    z.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// sum a[i] * b[i] in LANES independent sums (vectorisable, fixed order).
+#[inline(always)]
+pub fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let n = a.len().min(b.len());
+    let full = n / LANES * LANES;
+    for (a4, b4) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += a4[l] * b4[l];
+        }
+    }
+    for j in full..n {
+        acc[j - full] += a[j] * b[j];
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_std() {
+        let mut x: f64 = -745.0;
+        while x < 709.0 {
+            let e = x.exp();
+            let f = fast_exp(x);
+            if x >= FAST_EXP_MIN {
+                assert!(((f - e) / e).abs() < 4e-16, "x={x} f={f} e={e}");
+            } else {
+                assert_eq!(f, 0.0);
+            }
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(f64::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn fast_exp_f32_matches_std() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = fast_exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp_f32(-100.0), 0.0);
+        assert_eq!(fast_exp_f32(0.0), 1.0);
+    }
+}

@@ -1,0 +1,462 @@
+//! The solver stage: for one row, on the vectors built by `support`, the weights alpha that
+//! minimise the DLF objective J (method.md), with the KL traces.
+//!
+//! Flow of `solve_row`: the targets KL(Q_t || Q), KL(Q || Q_t) (`kl`); log P and each expert's
+//! direction d = z_t - z_S, centred under P (a constant shift of the fused logits changes no KL)
+//! to limit cancellation; K1, K2 at every grid point (`grid`); then the multi-expert rule picks the
+//! weights: one-active (the paper's) scans the candidates a * e_t and, with the exact solver,
+//! refines each expert's best (`exact`). `objective` holds J and the KLs as functions of a.
+
+mod exact;
+mod grid;
+mod objective;
+
+use crate::config::{MultiExpert, SolverConfig, SolverKind};
+use crate::kl::{kl_pair_finite_with, Exped};
+use crate::numerics::{dot_lanes, exp_shifted_into, finite_max, sum_lanes, with_simd, LANES};
+use crate::support::Reduced;
+use exact::exact_expert;
+use grid::{grid_kls, Lattice};
+use objective::objective;
+
+/// What the solver returns for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSolution {
+    pub alphas: Vec<f64>,
+    pub active: i64,
+    pub loss: f64,
+    pub kl_fused_large: f64,
+    pub kl_large_fused: f64,
+    pub targets_b: Vec<f64>,
+    pub targets_c: Vec<f64>,
+}
+
+/// Per-thread buffers: grown to the support size once, then reused for every row.
+#[derive(Debug, Default)]
+pub struct SolverScratch {
+    lp: Vec<f64>,
+    p: Vec<f64>,
+    d: Vec<f64>,
+    ea: Vec<f64>,
+    eb: Vec<f64>,
+    k1: Vec<f64>,
+    k2: Vec<f64>,
+    lattice: Lattice,
+}
+
+/// Per expert: the centred direction and the constants the evaluations need.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Direction {
+    pub(super) dmax: f64,
+    pub(super) dmin: f64,
+}
+
+pub fn solve_row(
+    red: &Reduced,
+    cfg: &SolverConfig,
+    n_t: usize,
+    sc: &mut SolverScratch,
+) -> RowSolution {
+    let n = red.n;
+    for v in [&mut sc.lp, &mut sc.p, &mut sc.ea, &mut sc.eb] {
+        v.resize(n, 0.0);
+    }
+    sc.d.resize(n * n_t, 0.0);
+
+    let mut targets_b = Vec::with_capacity(n_t);
+    let mut targets_c = Vec::with_capacity(n_t);
+    let q_small = with_simd(
+        #[inline(always)]
+        || Exped::new(&red.zs, &mut sc.eb),
+    );
+    for t in 0..n_t {
+        let (b, c) = kl_pair_finite_with(red.expert(t), &red.zs, &mut sc.ea, &q_small);
+        targets_b.push(b);
+        targets_c.push(c);
+    }
+
+    // One exponential pass: p = exp(z_L - max) / s, log P = z_L - (max + ln s).
+    let mx = finite_max(&red.zl);
+    with_simd(
+        #[inline(always)]
+        || exp_shifted_into(&red.zl, mx, &mut sc.p),
+    );
+    let s = sum_lanes(&sc.p);
+    let lse = mx + s.ln();
+    let (psum, dirs) = with_simd(
+        #[inline(always)]
+        || {
+            for ((lp, p), &z) in sc.lp.iter_mut().zip(sc.p.iter_mut()).zip(&red.zl) {
+                *lp = z - lse;
+                *p /= s;
+            }
+            let psum = sum_lanes(&sc.p);
+            let mut dirs = Vec::with_capacity(n_t);
+            for (t, d) in sc.d.chunks_exact_mut(n).enumerate().take(n_t) {
+                // Tokens impossible under L carry no weight anywhere; 0 keeps them out of max/min.
+                for ((x, &lp), (&zt, &zs)) in d
+                    .iter_mut()
+                    .zip(&sc.lp)
+                    .zip(red.expert(t).iter().zip(&red.zs))
+                {
+                    *x = if lp > f64::NEG_INFINITY { zt - zs } else { 0.0 };
+                }
+                let mu = dot_lanes(&sc.p, d) / psum;
+                let mut hi = [0.0f64; LANES];
+                let mut lo = [0.0f64; LANES];
+                let chunks = d.chunks_exact_mut(LANES).zip(sc.lp.chunks_exact(LANES));
+                for (x4, lp4) in chunks {
+                    for l in 0..LANES {
+                        if lp4[l] > f64::NEG_INFINITY {
+                            x4[l] -= mu;
+                        }
+                        hi[l] = if x4[l] > hi[l] { x4[l] } else { hi[l] };
+                        lo[l] = if x4[l] < lo[l] { x4[l] } else { lo[l] };
+                    }
+                }
+                let full = n / LANES * LANES;
+                for (x, &lp) in d[full..].iter_mut().zip(&sc.lp[full..]) {
+                    if lp > f64::NEG_INFINITY {
+                        *x -= mu;
+                    }
+                    hi[0] = hi[0].max(*x);
+                    lo[0] = lo[0].min(*x);
+                }
+                let dmax = hi.iter().fold(0.0f64, |a, &b| a.max(b));
+                let dmin = lo.iter().fold(0.0f64, |a, &b| a.min(b));
+                dirs.push(Direction { dmax, dmin });
+            }
+            (psum, dirs)
+        },
+    );
+    // log sum P, ~0; the log-domain evaluations subtract it so that g(0) = 0.
+    let lse_lp = psum.ln();
+
+    let best = match cfg.multi_expert {
+        MultiExpert::OneActive => one_active(sc, cfg, &dirs, lse_lp, &targets_b, &targets_c),
+    };
+
+    let mut alphas = vec![0.0; n_t];
+    let active = if best.a != 0.0 && n_t > 0 {
+        alphas[best.t] = best.a;
+        best.t as i64
+    } else {
+        -1
+    };
+    RowSolution {
+        alphas,
+        active,
+        loss: best.j,
+        kl_fused_large: best.k1,
+        kl_large_fused: best.k2,
+        targets_b,
+        targets_c,
+    }
+}
+
+/// The paper's rule for T > 1 (and the only choice for T = 1): candidates a * e_t for every grid
+/// value a and expert t, each scored with the full J; the best wins, every other weight is 0.
+/// With the exact solver each expert's candidate is then refined off the grid.
+fn one_active(
+    sc: &mut SolverScratch,
+    cfg: &SolverConfig,
+    dirs: &[Direction],
+    lse_lp: f64,
+    targets_b: &[f64],
+    targets_c: &[f64],
+) -> Best {
+    let (n, n_t) = (sc.p.len(), dirs.len());
+    let n_pts = cfg.grid_len() as usize;
+    sc.k1.resize(n_pts * n_t, 0.0);
+    sc.k2.resize(n_pts * n_t, 0.0);
+    for (t, dir) in dirs.iter().enumerate() {
+        grid_kls(
+            &sc.p,
+            &sc.lp,
+            lse_lp,
+            &sc.d[t * n..(t + 1) * n],
+            *dir,
+            cfg,
+            n_pts,
+            &mut sc.k1[t * n_pts..(t + 1) * n_pts],
+            &mut sc.k2[t * n_pts..(t + 1) * n_pts],
+            &mut sc.lattice,
+        );
+    }
+
+    // Paper's scan: a ascending, experts in order, strict '<'.
+    let mut best = Best {
+        j: f64::INFINITY,
+        a: 0.0,
+        t: 0,
+        k1: 0.0,
+        k2: 0.0,
+    };
+    for i in 0..n_pts {
+        let a = cfg.grid_value(i);
+        for t in 0..n_t {
+            let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
+            let j = objective(k1, k2, targets_b, targets_c);
+            if j < best.j {
+                best = Best { j, a, t, k1, k2 };
+            }
+        }
+    }
+
+    if cfg.solver == SolverKind::Exact {
+        for t in 0..n_t {
+            let cand = exact_expert(
+                &sc.lp,
+                lse_lp,
+                &sc.d[t * n..(t + 1) * n],
+                cfg,
+                n_pts,
+                &sc.k1[t * n_pts..(t + 1) * n_pts],
+                &sc.k2[t * n_pts..(t + 1) * n_pts],
+                targets_b,
+                targets_c,
+            );
+            let cand = Best { t, ..cand };
+            if cand.j < best.j || (cand.j == best.j && (cand.a < best.a)) {
+                best = cand;
+            }
+        }
+    }
+
+    best
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Best {
+    pub(super) j: f64,
+    pub(super) a: f64,
+    pub(super) t: usize,
+    pub(super) k1: f64,
+    pub(super) k2: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kl::reference::log_softmax_into;
+    use crate::validate::ModelRow;
+    use proptest::prelude::*;
+
+    /// Naive per-token KLs at weight vector `alphas` (tests and debugging): builds the fused logits,
+    /// log-softmaxes everything and sums A (log A - log B) directly.
+    fn naive_kls(red: &Reduced, alphas: &[f64]) -> (f64, f64) {
+        let n = red.n;
+        let mut f = red.zl.clone();
+        for (t, &a) in alphas.iter().enumerate() {
+            if a == 0.0 {
+                continue;
+            }
+            let zt = red.expert(t);
+            for i in 0..n {
+                if f[i] > f64::NEG_INFINITY {
+                    f[i] += a * (zt[i] - red.zs[i]);
+                }
+            }
+        }
+        let mut lf = vec![0.0; n];
+        let mut lpv = vec![0.0; n];
+        log_softmax_into(&f, &mut lf);
+        log_softmax_into(&red.zl, &mut lpv);
+        let kl = |la: &[f64], lb: &[f64]| -> f64 {
+            la.iter()
+                .zip(lb)
+                .filter(|(a, _)| **a > f64::NEG_INFINITY)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>()
+                .max(0.0)
+        };
+        (kl(&lf, &lpv), kl(&lpv, &lf))
+    }
+
+    fn reduced(zl: &[f32], zs: &[f32], zts: &[Vec<f32>], k: Option<usize>) -> Reduced {
+        let rep = |z: &[f32]| {
+            z.iter()
+                .copied()
+                .filter(|x| x.is_finite())
+                .fold(f32::INFINITY, f32::min)
+                - 30.0
+        };
+        let experts: Vec<ModelRow<'_>> = zts.iter().map(|z| ModelRow { z, rep: rep(z) }).collect();
+        let mut r = Reduced::default();
+        r.fill(
+            ModelRow {
+                z: zl,
+                rep: f32::NEG_INFINITY,
+            },
+            ModelRow {
+                z: zs,
+                rep: rep(zs),
+            },
+            &experts,
+            k,
+        );
+        r
+    }
+
+    fn naive_j(red: &Reduced, alphas: &[f64], b: &[f64], c: &[f64]) -> f64 {
+        let (k1, k2) = naive_kls(red, alphas);
+        objective(k1, k2, b, c)
+    }
+
+    fn cfg(solver: SolverKind) -> SolverConfig {
+        SolverConfig {
+            solver,
+            ..Default::default()
+        }
+    }
+
+    fn row_strategy(
+        v: usize,
+        t: usize,
+    ) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> {
+        (
+            prop::collection::vec(-8.0f32..8.0, v),
+            prop::collection::vec(-8.0f32..8.0, v),
+            prop::collection::vec(prop::collection::vec(-2.0f32..2.0, v), t),
+        )
+            .prop_map(|(l, s, pert)| {
+                let e = pert
+                    .into_iter()
+                    .map(|p| s.iter().zip(p).map(|(x, y)| x + y).collect())
+                    .collect();
+                (l, s, e)
+            })
+    }
+
+    #[test]
+    fn grid_kls_match_naive_kls_at_every_grid_point() {
+        let (zl, zs, zts) = (
+            vec![1.0f32, 3.0, -2.0, f32::NEG_INFINITY, 0.5, 2.5],
+            vec![0.0f32, 2.0, 1.0, 0.0, f32::NEG_INFINITY, 2.0],
+            vec![vec![1.5f32, 1.0, 1.0, 3.0, 0.0, 2.2]],
+        );
+        let red = reduced(&zl, &zs, &zts, None);
+        for (amin, amax) in [(0.0, 2.0), (-1.0, 1.5), (0.25, 3.0)] {
+            let c = SolverConfig {
+                alpha_min: amin,
+                alpha_max: amax,
+                ..cfg(SolverKind::Grid)
+            };
+            let mut sc = SolverScratch::default();
+            let s = solve_row(&red, &c, 1, &mut sc);
+            let n_pts = c.grid_len() as usize;
+            for i in 0..n_pts {
+                let a = c.grid_value(i);
+                let (k1, k2) = naive_kls(&red, &[a]);
+                assert!(
+                    (sc.k1[i] - k1).abs() < 1e-12 * (1.0 + k1),
+                    "a={a} {} {k1}",
+                    sc.k1[i]
+                );
+                assert!(
+                    (sc.k2[i] - k2).abs() < 1e-12 * (1.0 + k2),
+                    "a={a} {} {k2}",
+                    sc.k2[i]
+                );
+            }
+            let j = naive_j(&red, &s.alphas, &s.targets_b, &s.targets_c);
+            assert!((s.loss - j).abs() <= 1e-10 * j.max(1e-12), "{} {j}", s.loss);
+        }
+    }
+
+    #[test]
+    fn identical_to_small_expert_gives_zero_weight() {
+        let zl = vec![1.0f32, 2.0, 3.0, 0.0];
+        let zs = vec![0.5f32, 1.0, -1.0, 0.0];
+        let red = reduced(&zl, &zs, std::slice::from_ref(&zs), None);
+        let s = solve_row(
+            &red,
+            &cfg(SolverKind::Grid),
+            1,
+            &mut SolverScratch::default(),
+        );
+        assert_eq!((s.active, s.alphas[0], s.loss), (-1, 0.0, 0.0));
+    }
+
+    #[test]
+    fn ties_go_to_the_earlier_expert() {
+        let zl = vec![1.0f32, 2.0, 3.0, 0.0, -1.0];
+        let zs = vec![0.5f32, 1.0, -1.0, 0.0, 0.0];
+        let e = vec![1.5f32, 0.0, -1.0, 0.5, 0.0];
+        let other = vec![0.5f32, 1.2, -1.0, 0.0, 0.1];
+        for solver in [SolverKind::Grid, SolverKind::Exact] {
+            let red = reduced(&zl, &zs, &[e.clone(), e.clone()], None);
+            let s = solve_row(&red, &cfg(solver), 2, &mut SolverScratch::default());
+            assert_eq!(s.active, 0, "{solver:?}");
+            // Distinct experts: the scan still prefers a later expert only when strictly better.
+            let red = reduced(&zl, &zs, &[other.clone(), e.clone()], None);
+            let s2 = solve_row(&red, &cfg(solver), 2, &mut SolverScratch::default());
+            let red1 = reduced(&zl, &zs, &[e.clone(), other.clone()], None);
+            let s1 = solve_row(&red1, &cfg(solver), 2, &mut SolverScratch::default());
+            assert_eq!(s1.alphas[0], s2.alphas[1], "{solver:?}");
+            assert_eq!(s1.active, 0);
+            assert_eq!(s2.active, 1);
+        }
+    }
+
+    #[test]
+    fn grid_argmin_matches_naive_scan() {
+        let (zl, zs) = (
+            vec![2.0f32, 1.0, 0.0, -1.0, 3.0, 0.2],
+            vec![1.0f32, 1.5, 0.0, 0.5, 2.0, 0.0],
+        );
+        let zts = vec![
+            vec![3.0f32, 1.0, 0.0, 0.5, 1.0, 0.0],
+            vec![1.0f32, 2.5, -1.0, 0.5, 2.0, 1.0],
+        ];
+        let red = reduced(&zl, &zs, &zts, None);
+        let c = cfg(SolverKind::Grid);
+        let s = solve_row(&red, &c, 2, &mut SolverScratch::default());
+        let n_pts = c.grid_len() as usize;
+        let (mut best, mut arg) = (f64::INFINITY, (0.0, 0));
+        for i in 0..n_pts {
+            for t in 0..2 {
+                let mut al = vec![0.0; 2];
+                al[t] = c.grid_value(i);
+                let j = naive_j(&red, &al, &s.targets_b, &s.targets_c);
+                if j < best {
+                    (best, arg) = (j, (al[t], t));
+                }
+            }
+        }
+        assert_eq!(s.alphas[arg.1], arg.0);
+        assert!((s.loss - best).abs() <= 1e-10 * best.max(1e-12));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn exact_never_worse_than_grid((zl, zs, zts) in row_strategy(24, 2), amin in -1.0f64..0.5, width in 0.1f64..3.0) {
+            let mut c = cfg(SolverKind::Grid);
+            c.alpha_min = amin;
+            c.alpha_max = amin + width;
+            for k in [None, Some(4)] {
+                let red = reduced(&zl, &zs, &zts, k);
+                let g = solve_row(&red, &c, 2, &mut SolverScratch::default());
+                let e = solve_row(&red, &SolverConfig { solver: SolverKind::Exact, ..c.clone() }, 2, &mut SolverScratch::default());
+                prop_assert!(e.loss <= g.loss * (1.0 + 1e-12), "exact {} grid {}", e.loss, g.loss);
+                // The reported J is the J of the reported weights.
+                let j = naive_j(&red, &e.alphas, &e.targets_b, &e.targets_c);
+                prop_assert!((e.loss - j).abs() <= 1e-9 * j + 1e-15, "{} {}", e.loss, j);
+            }
+        }
+
+        #[test]
+        fn wide_logits_use_the_safe_path((zl, zs, zts) in row_strategy(16, 1), scale in 1.0f32..200.0) {
+            let zl: Vec<f32> = zl.iter().map(|x| x * scale).collect();
+            let zts: Vec<Vec<f32>> = zts.iter().map(|z| z.iter().zip(&zs).map(|(e, s)| s + (e - s) * scale).collect()).collect();
+            let red = reduced(&zl, &zs, &zts, None);
+            for solver in [SolverKind::Grid, SolverKind::Exact] {
+                let s = solve_row(&red, &cfg(solver), 1, &mut SolverScratch::default());
+                prop_assert!(s.loss.is_finite() && s.kl_fused_large.is_finite() && s.kl_large_fused.is_finite());
+                let j = naive_j(&red, &s.alphas, &s.targets_b, &s.targets_c);
+                prop_assert!((s.loss - j).abs() <= 1e-8 * j.max(1.0), "{} {}", s.loss, j);
+            }
+        }
+    }
+}
