@@ -264,7 +264,7 @@ class FusedGenerator:
                     views = staging.views()
                     r = fuse_step_prepared(views[0], views[1], views[2:], opts, seeds)
                     timings["fuse_step"] += time.perf_counter() - t0
-                    next_tokens = np.asarray(r.tokens)
+                    next_tokens = r.tokens
                     trace.fused(live, r)
                 else:
                     next_tokens = _core.sample(staging.view(0), **opts.sampling_kwargs,
@@ -273,7 +273,7 @@ class FusedGenerator:
                     trace.single(live, 0.0 if opts.method == "large" else np.nan)
                 steps = step + 1
                 rows.record(next_tokens, live)
-                if step == max_new_tokens - 1 or rows.finished.all():
+                if step == max_new_tokens - 1 or rows.all_finished():
                     break
                 runner.decode(np.where(rows.finished, self.pad_token_id, next_tokens))
 

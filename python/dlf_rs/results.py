@@ -75,12 +75,20 @@ class TraceRecorder:
 
     def __init__(self, batch: int, n_experts: int) -> None:
         self.batch, self.n_exp = batch, n_experts
-        self._steps: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # (live rows, columns)
+        # (live rows, the step's StepResult or the fill value of a single-model step)
+        self._steps: list[tuple[list[int], StepResult | float]] = []
 
-    def fused(self, live: np.ndarray, r: StepResult) -> None:
-        """A fused step (dlf or static): the core's per-row results."""
+    def fused(self, live: list[int], r: StepResult) -> None:
+        """A fused step (dlf or static): the core's per-row results, read out at the end."""
+        self._steps.append((live, r))
+
+    def single(self, live: list[int], alpha_fill: float) -> None:
+        """A single-model step ("large": weights 0; "expert": NaN); no solver trace."""
+        self._steps.append((live, alpha_fill))
+
+    def _arrays(self, r: StepResult) -> dict[str, np.ndarray]:
         b, t = self.batch, self.n_exp
-        self._steps.append((live, {
+        return {
             "alphas": np.asarray(r.alphas, np.float32).reshape(b, t),
             "active": np.asarray(r.active, np.int64),
             "loss": np.asarray(r.loss, np.float32),
@@ -89,11 +97,7 @@ class TraceRecorder:
             "kl_expert_small": np.asarray(r.kl_expert_small, np.float32).reshape(b, t),
             "kl_small_expert": np.asarray(r.kl_small_expert, np.float32).reshape(b, t),
             "support_size": np.asarray(r.support_size, np.uint32),
-        }))  # fmt: skip
-
-    def single(self, live: np.ndarray, alpha_fill: float) -> None:
-        """A single-model step ("large": weights 0; "expert": NaN); no solver trace."""
-        self._steps.append((live, {"alpha_fill": np.float32(alpha_fill)}))  # type: ignore[dict-item]
+        }
 
     def rows(self) -> tuple[list[np.ndarray], list[RowTrace]]:
         """Per-row ``alphas`` [steps, T] and :class:`RowTrace`."""
@@ -105,16 +109,17 @@ class TraceRecorder:
         alphas: list[list[Any]] = [[] for _ in range(self.batch)]
         cols: list[dict[str, list[Any]]] = [{k: [] for k in single} for _ in range(self.batch)]
         for live, step in self._steps:
-            fill = step.get("alpha_fill")
-            for row in live:
-                if fill is not None:
-                    alphas[row].append(np.full(t, fill, np.float32))
+            if not isinstance(step, StepResult):
+                for row in live:
+                    alphas[row].append(np.full(t, step, np.float32))
                     for k, v in single.items():
                         cols[row][k].append(v)
-                else:
-                    alphas[row].append(step["alphas"][row])
-                    for k in single:
-                        cols[row][k].append(step[k][row])
+                continue
+            arrays = self._arrays(step)
+            for row in live:
+                alphas[row].append(arrays["alphas"][row])
+                for k in single:
+                    cols[row][k].append(arrays[k][row])
         out_alphas = [np.asarray(a, np.float32).reshape(len(a), t) for a in alphas]
         traces = []
         for c in cols:

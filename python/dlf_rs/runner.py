@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,11 +51,19 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def _forward_params(model: Any) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+_PARAMS: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _forward_params(model: Any) -> frozenset[str]:
+    """The keyword names of ``model.forward``, looked up once per model (``inspect`` is slow)."""
+    params = _PARAMS.get(model)
+    if params is None:
+        try:
+            params = frozenset(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            params = frozenset()
+        _PARAMS[model] = params
+    return params
 
 
 def _new_cache(model: Any) -> Any:
@@ -184,17 +193,28 @@ class ModelRunner:
         if self.fast is not None:
             self._decode_fast(feed)
             return
-        for i, slot in enumerate(self.slots):
-            t0 = time.perf_counter()
-            tokens = self.staging.tokens_to(feed, slot.device)
+        t0 = time.perf_counter()
+        tokens_on = self._tokens_on(feed)
+        for slot in self.slots:
             assert slot.attention_mask is not None and slot.last_position is not None
             # Finished rows keep attending (mask 1) like HF generate; their outputs are ignored.
             slot.attention_mask = torch.cat(
                 [slot.attention_mask, slot.attention_mask.new_ones((feed.shape[0], 1))], dim=-1
             )
             slot.last_position = slot.last_position + 1
-            self.timings["copy"] += time.perf_counter() - t0
-            self._run(i, slot, f"forward:{slot.name}", tokens, slot.last_position)
+        self.timings["copy"] += time.perf_counter() - t0
+        for i, slot in enumerate(self.slots):
+            assert slot.last_position is not None
+            self._run(i, slot, f"forward:{slot.name}", tokens_on[slot.device], slot.last_position)
+
+    def _tokens_on(self, feed: np.ndarray) -> dict[torch.device, torch.Tensor]:
+        """The step's token ids, sent once to each device the models live on (the models only
+        read them)."""
+        tokens_on: dict[torch.device, torch.Tensor] = {}
+        for slot in self.slots:
+            if slot.device not in tokens_on:
+                tokens_on[slot.device] = self.staging.tokens_to(feed, slot.device)
+        return tokens_on
 
     def _decode_fast(self, feed: np.ndarray) -> None:
         """One decode step on static caches: the mask stays as it is (the causal mask hides the
@@ -205,10 +225,7 @@ class ModelRunner:
         assert self.fast is not None
         overlap = self.fast.overlap and not self.sync  # syncing would serialise it anyway
         t0 = time.perf_counter()
-        tokens_on: dict[torch.device, torch.Tensor] = {}
-        for slot in self.slots:
-            if slot.device not in tokens_on:
-                tokens_on[slot.device] = self.staging.tokens_to(feed, slot.device)
+        tokens_on = self._tokens_on(feed)
         side_on: dict[torch.device, torch.cuda.Stream] = {}
         for slot in self.slots[1:] if overlap else []:
             if slot.device.type == "cuda" and slot.device not in side_on:

@@ -55,22 +55,31 @@ class Stopping:
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.finished = np.zeros(batch, dtype=bool)
         self.reasons = ["length"] * batch
+        self._live = list(range(batch))
 
-    def live(self) -> np.ndarray:
-        return np.flatnonzero(~self.finished)
+    def live(self) -> list[int]:
+        """The rows still generating (a fresh list: the caller may keep it)."""
+        return list(self._live)
 
-    def record(self, next_tokens: np.ndarray, live: np.ndarray) -> None:
+    def all_finished(self) -> bool:
+        return not self._live
+
+    def record(self, next_tokens: np.ndarray, live: list[int]) -> None:
+        values = next_tokens.tolist()
         for b in live:
-            tok = int(next_tokens[b])
+            tok = values[b]
             self.tokens[b].append(tok)
             if tok in self.eos:
-                self.finished[b] = True
-                self.reasons[b] = "eos"
+                self._finish(b, "eos")
             elif self.stops:
                 text = self.tokenizer.decode(self.tokens[b], skip_special_tokens=True)
                 if any(s in text for s in self.stops):
-                    self.finished[b] = True
-                    self.reasons[b] = "stop"
+                    self._finish(b, "stop")
+
+    def _finish(self, b: int, reason: str) -> None:
+        self.finished[b] = True
+        self.reasons[b] = reason
+        self._live.remove(b)
 
     def text(self, b: int) -> str:
         text = str(self.tokenizer.decode(self.tokens[b], skip_special_tokens=True))
