@@ -44,7 +44,12 @@ def check_real(x: object, name: str) -> float:
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(x).__name__} {x!r}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond the float range
+        raise DlfError(
+            f"{name}: expected a finite number, got an int of {int(x).bit_length()} bits"  # type: ignore[call-overload]
+        ) from None
 
 
 def check_int(x: object, name: str, low: int = 0, high: int = _INT_LIMIT) -> int:
