@@ -1,4 +1,7 @@
-//! What a caller asks of one decoding step. Plain data; validated in `step`.
+//! What a caller asks of one decoding step. Plain data with its defaults (the single source the
+//! Python layer reads through `dlf_rs._core.DEFAULTS`); validated in `validate`.
+
+use crate::error::DlfError;
 
 /// How the expert weights alpha are chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +26,50 @@ pub enum MultiExpert {
     OneActive,
 }
 
+impl SolverKind {
+    /// The name callers use (`solver="grid"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SolverKind::Grid => "grid",
+            SolverKind::Exact => "exact",
+        }
+    }
+
+    /// Parses the caller's name; the error names the argument `solver`.
+    pub fn parse(name: &str) -> Result<Self, DlfError> {
+        match name {
+            "grid" => Ok(SolverKind::Grid),
+            "exact" => Ok(SolverKind::Exact),
+            other => Err(DlfError::invalid(
+                "solver",
+                "'grid' or 'exact'",
+                format!("{other:?}"),
+            )),
+        }
+    }
+}
+
+impl MultiExpert {
+    /// The name callers use (`multi_expert="one-active"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MultiExpert::OneActive => "one-active",
+        }
+    }
+
+    /// Parses the caller's name; the error names the argument `multi_expert`.
+    pub fn parse(name: &str) -> Result<Self, DlfError> {
+        match name {
+            "one-active" => Ok(MultiExpert::OneActive),
+            other => Err(DlfError::invalid(
+                "multi_expert",
+                "'one-active'",
+                format!("{other:?}"),
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SolverConfig {
     pub alpha_min: f64,
@@ -32,6 +79,20 @@ pub struct SolverConfig {
     pub multi_expert: MultiExpert,
     /// `None`: KLs over the full vocabulary. `Some(k)`: union of every model's top-k plus a tail.
     pub support_k: Option<usize>,
+}
+
+impl SolverConfig {
+    /// Number of grid points, exactly as the numpy reference: n = floor((max - min) / step + 1e-9)
+    /// + 1. A float so that validation can refuse absurd counts before any cast.
+    pub fn grid_len(&self) -> f64 {
+        ((self.alpha_max - self.alpha_min) / self.grid_step + 1e-9).floor() + 1.0
+    }
+
+    /// Grid value i: min(alpha_min + i * step, alpha_max).
+    #[inline]
+    pub fn grid_value(&self, i: usize) -> f64 {
+        (self.alpha_min + i as f64 * self.grid_step).min(self.alpha_max)
+    }
 }
 
 impl Default for SolverConfig {

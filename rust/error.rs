@@ -23,6 +23,13 @@ pub enum DlfError {
     /// A row in which every logit is -inf has no distribution.
     #[error("{model}: row {row} has no finite logit (every token is -inf)")]
     NoFiniteLogit { model: String, row: usize },
+    /// A value the first scan saw as NaN/+inf was gone when looked at again: another thread wrote
+    /// to the array while the core read it (the binding borrows arrays without copying).
+    #[error(
+        "{arg}: the input changed during the call (row {row}); another thread wrote to the array \
+         while dlf_rs was reading it, which is not supported"
+    )]
+    InputChanged { arg: String, row: usize },
     /// A scalar or list argument outside its domain.
     #[error("{arg}: expected {expected}, got {got}")]
     InvalidArgument {

@@ -19,6 +19,7 @@ pub mod simd;
 pub mod solver;
 pub mod step;
 pub mod support;
+pub mod validate;
 
 #[cfg(feature = "python")]
 mod python;

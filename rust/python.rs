@@ -11,10 +11,12 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
 use crate::error::DlfError as CoreError;
 use crate::step::{StepInputs, StepOutput};
+use crate::validate::{self, to_usize, MAX_ABS_ALPHA, MAX_GRID_POINTS};
 
 create_exception!(
     dlf_rs,
@@ -22,6 +24,13 @@ create_exception!(
     PyValueError,
     "Invalid input to the dlf_rs decode core; the message names the argument, the expected and \
      the actual value or shape."
+);
+
+create_exception!(
+    dlf_rs,
+    DlfInternalError,
+    DlfError,
+    "A bug in the dlf_rs decode core (a caught Rust panic); the message says how to report it."
 );
 
 fn to_py(err: CoreError) -> PyErr {
@@ -69,13 +78,35 @@ fn seeds_of(seed: Option<u64>, seeds: Option<Vec<u64>>) -> PyResult<Seeds> {
     }
 }
 
-fn sampling_of(temperature: f64, top_k: usize, top_p: f64, min_p: f64) -> Sampling {
-    Sampling {
+fn sampling_of(temperature: f64, top_k: u64, top_p: f64, min_p: f64) -> PyResult<Sampling> {
+    Ok(Sampling {
         temperature,
-        top_k,
+        top_k: to_usize("top_k", top_k).map_err(to_py)?,
         top_p,
         min_p,
-    }
+    })
+}
+
+/// The solver's settings from the caller's keywords (names parsed, integers fitted to usize).
+fn solver_of(
+    alpha_min: f64,
+    alpha_max: f64,
+    grid_step: f64,
+    solver: &str,
+    multi_expert: &str,
+    support_k: Option<u64>,
+) -> PyResult<SolverConfig> {
+    Ok(SolverConfig {
+        alpha_min,
+        alpha_max,
+        grid_step,
+        solver: SolverKind::parse(solver).map_err(to_py)?,
+        multi_expert: MultiExpert::parse(multi_expert).map_err(to_py)?,
+        support_k: support_k
+            .map(|k| to_usize("support_k", k))
+            .transpose()
+            .map_err(to_py)?,
+    })
 }
 
 /// Borrowed model logits with their shapes checked against `large`.
@@ -231,35 +262,61 @@ impl StepResult {
     }
 }
 
-fn solver_kind(solver: &str) -> PyResult<SolverKind> {
-    match solver {
-        "grid" => Ok(SolverKind::Grid),
-        "exact" => Ok(SolverKind::Exact),
-        other => Err(to_py(CoreError::invalid(
-            "solver",
-            "'grid' or 'exact'",
-            format!("{other:?}"),
-        ))),
-    }
+/// The defaults of every step option, from the core's `Default` impls: the one place they are
+/// written. Exposed as `dlf_rs._core.DEFAULTS`; the Python options record reads it.
+fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let cfg = SolverConfig::default();
+    let smp = Sampling::default();
+    let d = PyDict::new(py);
+    d.set_item("alpha_min", cfg.alpha_min)?;
+    d.set_item("alpha_max", cfg.alpha_max)?;
+    d.set_item("grid_step", cfg.grid_step)?;
+    d.set_item("solver", cfg.solver.name())?;
+    d.set_item("multi_expert", cfg.multi_expert.name())?;
+    d.set_item("support_k", cfg.support_k)?;
+    d.set_item("temperature", smp.temperature)?;
+    d.set_item("top_k", smp.top_k)?;
+    d.set_item("top_p", smp.top_p)?;
+    d.set_item("min_p", smp.min_p)?;
+    d.set_item("max_grid_points", MAX_GRID_POINTS)?;
+    d.set_item("max_abs_alpha", MAX_ABS_ALPHA)?;
+    Ok(d)
 }
 
-fn multi_expert_mode(mode: &str) -> PyResult<MultiExpert> {
-    match mode {
-        "one-active" => Ok(MultiExpert::OneActive),
-        other => Err(to_py(CoreError::invalid(
-            "multi_expert",
-            "'one-active'",
-            format!("{other:?}"),
-        ))),
-    }
+/// Checks every step option with the core's own rules (`validate::validate_options`, which
+/// `fuse_step` runs too) and raises `DlfError` with the same message `fuse_step` would. The count
+/// of static weights against T is left to `fuse_step` (it needs the experts).
+#[pyfunction]
+#[pyo3(signature = (
+    *, alpha, alpha_min, alpha_max, grid_step, solver, multi_expert, support_k,
+    temperature, top_k, top_p, min_p,
+))]
+#[allow(clippy::too_many_arguments)]
+fn validate_options(
+    alpha: Option<Vec<f64>>,
+    alpha_min: f64,
+    alpha_max: f64,
+    grid_step: f64,
+    solver: &str,
+    multi_expert: &str,
+    support_k: Option<u64>,
+    temperature: f64,
+    top_k: u64,
+    top_p: f64,
+    min_p: f64,
+) -> PyResult<()> {
+    let cfg = solver_of(alpha_min, alpha_max, grid_step, solver, multi_expert, support_k)?;
+    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+    validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)
 }
 
 /// One DLF decoding step over a batch. Arguments are checked by `dlf_rs.fuse_step`; see there.
+/// Every option is a required keyword: the defaults live in `DEFAULTS` only.
 #[pyfunction]
 #[pyo3(signature = (
-    large, small, experts, *, alpha=None, alpha_min=0.0, alpha_max=2.0, grid_step=0.1,
-    solver="grid", multi_expert="one-active", support_k=None,
-    temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, seeds=None,
+    large, small, experts, *, alpha, alpha_min, alpha_max, grid_step,
+    solver, multi_expert, support_k,
+    temperature, top_k, top_p, min_p, seed=None, seeds=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn fuse_step(
@@ -273,26 +330,23 @@ fn fuse_step(
     grid_step: f64,
     solver: &str,
     multi_expert: &str,
-    support_k: Option<usize>,
+    support_k: Option<u64>,
     temperature: f64,
-    top_k: usize,
+    top_k: u64,
     top_p: f64,
     min_p: f64,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<StepResult> {
+    let cfg = solver_of(alpha_min, alpha_max, grid_step, solver, multi_expert, support_k)?;
+    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+    // Every option is checked, even those static weights do not use, so that an options record
+    // valid for one call is valid for every call (same function as `validate_options`).
+    validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
     let weights = match alpha {
         Some(a) => Weights::Static(a),
-        None => Weights::Dynamic(SolverConfig {
-            alpha_min,
-            alpha_max,
-            grid_step,
-            solver: solver_kind(solver)?,
-            multi_expert: multi_expert_mode(multi_expert)?,
-            support_k,
-        }),
+        None => Weights::Dynamic(cfg),
     };
-    let sampling = sampling_of(temperature, top_k, top_p, min_p);
     let seeds = seeds_of(seed, seeds)?;
     let m = borrow_models(&large, &small, &experts)?;
     let inputs = StepInputs {
@@ -339,19 +393,19 @@ fn fuse_logits<'py>(
 
 /// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`.
 #[pyfunction]
-#[pyo3(signature = (logits, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, seeds=None))]
+#[pyo3(signature = (logits, *, temperature, top_k, top_p, min_p, seed=None, seeds=None))]
 #[allow(clippy::too_many_arguments)]
 fn sample<'py>(
     py: Python<'py>,
     logits: PyReadonlyArray2<'py, f32>,
     temperature: f64,
-    top_k: usize,
+    top_k: u64,
     top_p: f64,
     min_p: f64,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
-    let sampling = sampling_of(temperature, top_k, top_p, min_p);
+    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
     let seeds = seeds_of(seed, seeds)?;
     let [batch, vocab] = [logits.shape()[0], logits.shape()[1]];
     let z = slice_of(&logits, "logits")?;
@@ -366,6 +420,9 @@ fn sample<'py>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DlfError", m.py().get_type::<DlfError>())?;
+    m.add("DlfInternalError", m.py().get_type::<DlfInternalError>())?;
+    m.add("DEFAULTS", defaults(m.py())?)?;
+    m.add_function(wrap_pyfunction!(validate_options, m)?)?;
     m.add_class::<StepResult>()?;
     m.add_function(wrap_pyfunction!(fuse_step, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_logits, m)?)?;

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::config::{Sampling, Seeds};
 use crate::error::DlfError;
 use crate::kl::fast_exp;
-use crate::step::{check_matrix, scan_row, validate_sampling, validate_seeds};
+use crate::validate::{check_matrix, scan_row, validate_sampling, validate_seeds};
 
 /// Per-thread buffers reused across rows.
 #[derive(Debug, Default)]

@@ -20,20 +20,6 @@ use crate::kl::{
 };
 use crate::support::Reduced;
 
-/// Beyond this many grid points the request is refused (validated in `step`).
-pub const MAX_GRID_POINTS: usize = 1_000_000;
-
-/// Number of grid points, exactly as the numpy reference: n = floor((max - min) / step + 1e-9).
-pub fn grid_len(alpha_min: f64, alpha_max: f64, grid_step: f64) -> f64 {
-    ((alpha_max - alpha_min) / grid_step + 1e-9).floor() + 1.0
-}
-
-/// Grid value i: min(alpha_min + i * step, alpha_max).
-#[inline]
-pub fn grid_value(cfg: &SolverConfig, i: usize) -> f64 {
-    (cfg.alpha_min + i as f64 * cfg.grid_step).min(cfg.alpha_max)
-}
-
 /// What the solver returns for one row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowSolution {
@@ -199,7 +185,7 @@ pub fn solve_row(
     // log sum P, ~0; the log-domain evaluations subtract it so that g(0) = 0.
     let lse_lp = psum.ln();
 
-    let n_pts = grid_len(cfg.alpha_min, cfg.alpha_max, cfg.grid_step) as usize;
+    let n_pts = cfg.grid_len() as usize;
     sc.k1.resize(n_pts * n_t, 0.0);
     sc.k2.resize(n_pts * n_t, 0.0);
     for (t, dir) in dirs.iter().enumerate() {
@@ -226,7 +212,7 @@ pub fn solve_row(
         k2: 0.0,
     };
     for i in 0..n_pts {
-        let a = grid_value(cfg, i);
+        let a = cfg.grid_value(i);
         for t in 0..n_t {
             let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
             let j = objective(k1, k2, &targets_b, &targets_c);
@@ -313,7 +299,7 @@ fn grid_kls(
     if !fast {
         let g1_0 = cgf(lp, lse_lp, d, 0.0).1;
         for i in 0..n_pts {
-            let a = grid_value(cfg, i);
+            let a = cfg.grid_value(i);
             let (g, g1, _, _) = cgf(lp, lse_lp, d, a);
             (k1[i], k2[i]) = kls(a, g, g1, g1_0);
         }
@@ -322,7 +308,7 @@ fn grid_kls(
     // Lattice points a_i = alpha_min + i * step; the last grid value may be clamped to alpha_max
     // (by rounding only, at most 1e-9 * step away); it is then evaluated on its own.
     let last = n_pts - 1;
-    let a_last = grid_value(cfg, last);
+    let a_last = cfg.grid_value(last);
     let n_lat = if a_last == cfg.alpha_min + last as f64 * cfg.grid_step {
         n_pts
     } else {
@@ -701,7 +687,7 @@ fn exact_expert(
         let (k1, k2) = (gk1[i], gk2[i]);
         consider(
             &mut best,
-            grid_value(cfg, i),
+            cfg.grid_value(i),
             k1,
             k2,
             objective(k1, k2, b, c),
@@ -728,7 +714,7 @@ fn exact_expert(
         consider(&mut best, bl, el.k1, el.k2, el.j);
         cands.push((bl, el.j));
         for i in 0..n_pts {
-            let a = grid_value(cfg, i);
+            let a = cfg.grid_value(i);
             if a > bl && a < br {
                 cands.push((a, objective(gk1[i], gk2[i], b, c)));
             }
@@ -931,9 +917,9 @@ mod tests {
             };
             let mut sc = SolverScratch::default();
             let s = solve_row(&red, &c, 1, &mut sc);
-            let n_pts = grid_len(amin, amax, c.grid_step) as usize;
+            let n_pts = c.grid_len() as usize;
             for i in 0..n_pts {
-                let a = grid_value(&c, i);
+                let a = c.grid_value(i);
                 let (k1, k2) = naive_kls(&red, &[a]);
                 assert!(
                     (sc.k1[i] - k1).abs() < 1e-12 * (1.0 + k1),
@@ -1049,12 +1035,12 @@ mod tests {
         let red = reduced(&zl, &zs, &zts, None);
         let c = cfg(SolverKind::Grid);
         let s = solve_row(&red, &c, 2, &mut SolverScratch::default());
-        let n_pts = grid_len(c.alpha_min, c.alpha_max, c.grid_step) as usize;
+        let n_pts = c.grid_len() as usize;
         let (mut best, mut arg) = (f64::INFINITY, (0.0, 0));
         for i in 0..n_pts {
             for t in 0..2 {
                 let mut al = vec![0.0; 2];
-                al[t] = grid_value(&c, i);
+                al[t] = c.grid_value(i);
                 let j = naive_j(&red, &al, &s.targets_b, &s.targets_c);
                 if j < best {
                     (best, arg) = (j, (al[t], t));

@@ -18,11 +18,15 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::config::{Sampling, Seeds, SolverConfig, Weights};
+use crate::config::{Sampling, Seeds, Weights};
+use crate::validate::{
+    scan_row, scan_row_named, shape, validate_inputs, validate_sampling, validate_seeds,
+    validate_weights,
+};
 use crate::error::DlfError;
 use crate::kl::with_simd;
 use crate::sample::{sample_row, RowSeeds, SampleScratch};
-use crate::solver::{grid_len, solve_row, SolverScratch, MAX_GRID_POINTS};
+use crate::solver::{solve_row, SolverScratch};
 use crate::support::{ModelRow, Reduced};
 
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +122,13 @@ pub(crate) fn fuse_step_impl(
     seeds: &Seeds,
     parallel: bool,
 ) -> Result<StepOutput, DlfError> {
-    validate_inputs(inputs)?;
+    validate_inputs(
+        inputs.large,
+        inputs.small,
+        inputs.experts,
+        inputs.batch,
+        inputs.vocab,
+    )?;
     let n_t = inputs.experts.len();
     validate_weights(weights, n_t)?;
     validate_sampling(sampling)?;
@@ -286,7 +296,13 @@ pub fn fuse_logits(
     alphas: &[f32],
     out: &mut [f32],
 ) -> Result<(), DlfError> {
-    validate_inputs(inputs)?;
+    validate_inputs(
+        inputs.large,
+        inputs.small,
+        inputs.experts,
+        inputs.batch,
+        inputs.vocab,
+    )?;
     let (b, v, n_t) = (inputs.batch, inputs.vocab, inputs.experts.len());
     if alphas.len() != b * n_t {
         return Err(shape("alphas", format!("[{b}, {n_t}]"), alphas.len()));
@@ -316,166 +332,10 @@ pub fn fuse_logits(
     res.into_iter().collect()
 }
 
-fn shape(arg: &str, expected: String, got_len: usize) -> DlfError {
-    DlfError::Shape {
-        arg: arg.to_string(),
-        expected,
-        got: format!("{got_len} elements"),
-    }
-}
-
-/// Shapes of the three inputs: every array is `batch * vocab`, and `vocab > 0` when `batch > 0`.
-pub(crate) fn validate_inputs(inputs: &StepInputs<'_>) -> Result<(), DlfError> {
-    let (b, v) = (inputs.batch, inputs.vocab);
-    check_matrix("large", inputs.large.len(), b, v)?;
-    check_matrix("small", inputs.small.len(), b, v)?;
-    for (t, e) in inputs.experts.iter().enumerate() {
-        check_matrix(&format!("experts[{t}]"), e.len(), b, v)?;
-    }
-    Ok(())
-}
-
-pub(crate) fn check_matrix(arg: &str, len: usize, b: usize, v: usize) -> Result<(), DlfError> {
-    let want = b.checked_mul(v);
-    if b > 0 && v == 0 {
-        return Err(DlfError::Shape {
-            arg: arg.to_string(),
-            expected: format!("[{b}, vocab > 0]"),
-            got: format!("[{b}, 0]"),
-        });
-    }
-    if want != Some(len) {
-        return Err(shape(
-            arg,
-            format!("[{b}, {v}] ({} elements)", b.saturating_mul(v)),
-            len,
-        ));
-    }
-    Ok(())
-}
-
-fn validate_weights(weights: &Weights, n_t: usize) -> Result<(), DlfError> {
-    match weights {
-        Weights::Static(a) => {
-            if a.len() != n_t {
-                return Err(DlfError::invalid(
-                    "alpha",
-                    format!("{n_t} static weights (one per expert)"),
-                    format!("{} values", a.len()),
-                ));
-            }
-            if let Some(x) = a.iter().find(|x| !x.is_finite()) {
-                return Err(DlfError::invalid("alpha", "finite values", x));
-            }
-            Ok(())
-        }
-        Weights::Dynamic(cfg) => {
-            if n_t == 0 {
-                return Err(DlfError::invalid(
-                    "experts",
-                    "at least one expert for dynamic weights",
-                    "0 experts",
-                ));
-            }
-            validate_solver(cfg)
-        }
-    }
-}
-
-fn validate_solver(cfg: &SolverConfig) -> Result<(), DlfError> {
-    let (lo, hi) = (cfg.alpha_min, cfg.alpha_max);
-    if !lo.is_finite() || !hi.is_finite() || lo > hi {
-        return Err(DlfError::invalid(
-            "alpha_range",
-            "finite alpha_min <= alpha_max",
-            format!("({lo}, {hi})"),
-        ));
-    }
-    if !(cfg.grid_step.is_finite() && cfg.grid_step > 0.0) {
-        return Err(DlfError::invalid(
-            "grid_step",
-            "a finite value > 0",
-            cfg.grid_step,
-        ));
-    }
-    let n = grid_len(lo, hi, cfg.grid_step);
-    if n.is_nan() || n > MAX_GRID_POINTS as f64 {
-        return Err(DlfError::invalid(
-            "grid_step",
-            format!("at most {MAX_GRID_POINTS} grid points"),
-            format!("{n} points for step {} on [{lo}, {hi}]", cfg.grid_step),
-        ));
-    }
-    if cfg.support_k == Some(0) {
-        return Err(DlfError::invalid("support_k", "None or k >= 1", 0));
-    }
-    Ok(())
-}
-
-pub(crate) fn validate_sampling(s: &Sampling) -> Result<(), DlfError> {
-    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        return Err(DlfError::invalid(
-            "temperature",
-            "a finite value >= 0",
-            s.temperature,
-        ));
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(DlfError::invalid("top_p", "a value in (0, 1]", s.top_p));
-    }
-    if !(s.min_p >= 0.0 && s.min_p <= 1.0) {
-        return Err(DlfError::invalid("min_p", "a value in [0, 1]", s.min_p));
-    }
-    Ok(())
-}
-
-pub(crate) fn validate_seeds(seeds: &Seeds, batch: usize) -> Result<(), DlfError> {
-    if let Seeds::PerRow(v) = seeds {
-        if v.len() != batch {
-            return Err(DlfError::invalid(
-                "seed",
-                format!("{batch} per-row seeds"),
-                format!("{} seeds", v.len()),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Checks one row (NaN / +inf are errors, at least one finite value) and returns the value -inf
-/// stands for in that row: its smallest finite logit minus 30 (f32 arithmetic).
-pub(crate) fn scan_row(model: &str, row: usize, z: &[f32]) -> Result<f32, DlfError> {
-    scan_row_named(|| model.to_string(), row, z)
-}
-
-fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
-    let (min, bad) = crate::simd::finite_min_and_bad(z);
-    if bad {
-        let (token, &value) = z
-            .iter()
-            .enumerate()
-            .find(|(_, x)| x.is_nan() || **x == f32::INFINITY)
-            .expect("a bad value was seen");
-        return Err(DlfError::NonFinite {
-            model: model(),
-            row,
-            token,
-            value,
-        });
-    }
-    if min == f32::INFINITY {
-        return Err(DlfError::NoFiniteLogit {
-            model: model(),
-            row,
-        });
-    }
-    Ok(min - 30.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SolverKind;
+    use crate::config::{SolverConfig, SolverKind};
 
     /// Deterministic LM-like logits: a Zipf-ish head under a scrambled order, plus noise.
     pub(crate) fn lm_logits(seed: u64, b: usize, v: usize) -> Vec<f32> {
@@ -730,6 +590,7 @@ mod tests {
             Err(DlfError::NonFinite { model, .. }) | Err(DlfError::NoFiniteLogit { model, .. }) => {
                 model
             }
+            Err(DlfError::InputChanged { arg, .. }) => arg,
             Ok(_) => "ok".into(),
         };
         let sc = |f: fn(&mut SolverConfig)| {

@@ -3,14 +3,39 @@ wrappers in `dlf_rs` (`fuse_step`, `fuse_logits`, `sample`): they convert and ch
 this layer expects (C-contiguous float32 2-D numpy arrays)."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
 
+DEFAULTS: dict[str, Any]
+"""Every step option's default, from the Rust `Default` impls (the single source): alpha_min,
+alpha_max, grid_step, solver, multi_expert, support_k, temperature, top_k, top_p, min_p, and the
+limits max_grid_points and max_abs_alpha."""
+
 class DlfError(ValueError):
     """Invalid input to the decode core; the message names the argument, expected and actual."""
+
+class DlfInternalError(DlfError):
+    """A bug in the core (a caught Rust panic): one message per call saying how to report it."""
+
+def validate_options(
+    *,
+    alpha: Sequence[float] | None,
+    alpha_min: float,
+    alpha_max: float,
+    grid_step: float,
+    solver: str,
+    multi_expert: str,
+    support_k: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+) -> None:
+    """Raise DlfError exactly as fuse_step would for these options (all but alpha's count)."""
 
 class StepResult:
     """Per-row results of one `fuse_step`; every array getter returns a fresh copy."""
@@ -44,17 +69,17 @@ def fuse_step(
     small: npt.NDArray[np.float32],
     experts: Sequence[npt.NDArray[np.float32]],
     *,
-    alpha: Sequence[float] | None = None,
-    alpha_min: float = 0.0,
-    alpha_max: float = 2.0,
-    grid_step: float = 0.1,
-    solver: str = "grid",
-    multi_expert: str = "one-active",
-    support_k: int | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
+    alpha: Sequence[float] | None,
+    alpha_min: float,
+    alpha_max: float,
+    grid_step: float,
+    solver: str,
+    multi_expert: str,
+    support_k: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
 ) -> StepResult: ...
@@ -67,10 +92,10 @@ def fuse_logits(
 def sample(
     logits: npt.NDArray[np.float32],
     *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
 ) -> npt.NDArray[np.int64]: ...
