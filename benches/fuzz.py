@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,18 @@ LABELS = {
     "wrong_class": "errors of the wrong class",
     "harness": "harness faults (a bug in the oracle)",
 }
+
+
+def cause(verdict: dict[str, str]) -> str:
+    """A failure's kind: its category and detail with the numbers and shapes taken out."""
+    detail = verdict["detail"].split("; refused:")[0].split("; rules:")[0]
+    if detail.startswith("accepted"):  # which argument should have been refused
+        names = re.findall(r"\('([\w\[\]]+)', \(", verdict["detail"])
+        detail += f" ({', '.join(sorted(set(names)))})"
+    detail = re.sub(r"np\.float\d+\(([^)]*)\)", r"\1", detail)
+    detail = re.sub(r"-?\d[\d.e+-]*", "#", detail)
+    detail = re.sub(r"\[[#, ]*\]", "[..]", detail)
+    return f"{verdict['cat']}: {detail[:160]}"
 
 
 def table(counts: collections.Counter[str], n: int, seconds: float) -> str:
@@ -81,6 +94,8 @@ def main() -> int:
     cases = [gen_case(RandomDrawer(case_rng(args.seed, i))) for i in range(args.cases)]
     counts: collections.Counter[str] = collections.Counter()
     bad: dict[str, list[str]] = collections.defaultdict(list)
+    causes: collections.Counter[str] = collections.Counter()
+    first: dict[str, int] = {}
     pool = Pool(
         args.workers,
         timeout_s=args.timeout,
@@ -93,6 +108,8 @@ def main() -> int:
             done += 1
             counts[verdict["cat"]] += 1
             if verdict["cat"] in BAD:
+                causes[cause(verdict)] += 1
+                first.setdefault(cause(verdict), i)
                 bad[verdict["cat"]].append(
                     f"  --seed {args.seed} --case {i}: {verdict['detail'][:400]}\n"
                     f"      {describe(cases[i])[:600]}"
@@ -106,8 +123,12 @@ def main() -> int:
         f"{args.timeout:.0f} s / {args.mem_mb:.0f} MB per case"
     )
     print(table(counts, done, time.monotonic() - t0))
+    if causes:
+        print("\nfailures by cause (count, first case):")
+        for c, k in causes.most_common():
+            print(f"  {k:>6}  --case {first[c]:<6} {c}")
     for cat in BAD:
-        if bad[cat]:
+        if bad[cat] and args.show:
             print(f"\n{LABELS[cat]}: {len(bad[cat])} (replay with python benches/fuzz.py ...)")
             print("\n".join(bad[cat][: args.show]))
     return 1 if args.strict and any(counts.get(c, 0) for c in BAD) else 0

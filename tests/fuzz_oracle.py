@@ -36,6 +36,7 @@ from fuzz_cases import MAX_GRID_POINTS, build_call, truth_arrays
 from reference import fuse_row, grid_values, kl, log_softmax, replace_neg_inf
 
 DlfError = dlf_rs.DlfError
+# A caught panic (a bug). Not re-exported by every version of dlf_rs: also matched by name.
 DlfInternalError = getattr(dlf_rs, "DlfInternalError", None)
 U64 = 1 << 64
 I63 = 1 << 63
@@ -688,7 +689,9 @@ def _classify_error(exc: BaseException, e: Expected) -> tuple[str, str]:
     cls = type(exc).__name__
     msg = str(exc)
     head = f"{cls}: {msg[:300]}"
-    if DlfInternalError is not None and isinstance(exc, DlfInternalError):
+    if cls == "DlfInternalError" or (
+        DlfInternalError is not None and isinstance(exc, DlfInternalError)
+    ):
         return "panic", f"internal error: {head}"
     if not isinstance(exc, Exception) or cls == "PanicException":
         return "panic", head
