@@ -27,8 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _core, loading
+from ._core import sample as core_sample
 from .fastpath import FastModel, FastOptions, resolve_options
+from .loading import (
+    LoadOptions,
+    has_tokenizer_files,
+    is_adapter,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    resolve_sources,
+)  # fmt: skip
 from .options import StepOptions, check_int
 from .results import GenerationResult, TraceRecorder
 from .runner import ModelRunner, ModelSlot, model_device, model_vocab
@@ -157,38 +167,38 @@ class FusedGenerator:
         unless ``torch_dtype`` says otherwise. ``device_map`` is passed to accelerate (sharding);
         otherwise the models are moved to ``device``.
         """
-        opts = loading.LoadOptions(
+        opts = LoadOptions(
             device=device, torch_dtype=torch_dtype, device_map=device_map,
             local_files_only=local_files_only, allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code, extra=model_kwargs,
         )  # fmt: skip
         # Every argument is checked before the first (slow) load.
-        large_src = loading.resolve_source("large", large)
-        small_src = loading.resolve_source("small", small) if small is not None else None
-        expert_srcs = loading.sources("experts", experts)
+        large_src = resolve_source("large", large)
+        small_src = resolve_source("small", small) if small is not None else None
+        expert_srcs = resolve_sources("experts", experts)
         if isinstance(tokenizer, (str, os.PathLike)):
-            tok_src: str | None = loading.resolve_source("tokenizer", tokenizer)
+            tok_src: str | None = resolve_source("tokenizer", tokenizer)
         else:
             tok_src = large_src if tokenizer is None else None
 
-        large_model = loading.load_model("large", large_src, opts)
-        small_model = loading.load_model("small", small_src, opts) if small_src else None
+        large_model = load_model("large", large_src, opts)
+        small_model = load_model("small", small_src, opts) if small_src else None
         expert_models = []
         sources: dict[str, str] = {"large": large_src}
         if small_src:
             sources["small"] = small_src
         for i, src in enumerate(expert_srcs):
             sources[f"expert:{i}"] = src
-            if loading.is_adapter(src):
-                expert_models.append(loading.load_adapter(f"experts[{i}]", src, small_src, opts))
+            if is_adapter(src):
+                expert_models.append(load_adapter(f"experts[{i}]", src, small_src, opts))
             else:
-                expert_models.append(loading.load_model(f"experts[{i}]", src, opts))
-        tok = tokenizer if tok_src is None else loading.load_tokenizer("tokenizer", tok_src, opts)
+                expert_models.append(load_model(f"experts[{i}]", src, opts))
+        tok = tokenizer if tok_src is None else load_tokenizer("tokenizer", tok_src, opts)
         model_tokenizers: dict[str, Any] = {}
         for name, src in sources.items():
-            if os.path.isdir(src) and loading.has_tokenizer_files(src):
+            if os.path.isdir(src) and has_tokenizer_files(src):
                 try:
-                    model_tokenizers[f"{name} ({src})"] = loading.load_tokenizer(name, src, opts)
+                    model_tokenizers[f"{name} ({src})"] = load_tokenizer(name, src, opts)
                 except (OSError, ValueError):
                     continue
         names = [os.path.basename(os.path.normpath(s)) or s for s in expert_srcs]
@@ -267,7 +277,7 @@ class FusedGenerator:
                     next_tokens = r.tokens
                     trace.fused(live, r)
                 else:
-                    next_tokens = _core.sample(staging.view(0), **opts.sampling_kwargs,
+                    next_tokens = core_sample(staging.view(0), **opts.sampling_kwargs,
                                                seed=None, seeds=seeds)  # fmt: skip
                     timings["sample"] += time.perf_counter() - t0
                     trace.single(live, 0.0 if opts.method == "large" else np.nan)

@@ -115,7 +115,7 @@ def resolve_source(arg: str, value: object) -> str:
     return s
 
 
-def sources(arg: str, values: object) -> list[str]:
+def resolve_sources(arg: str, values: object) -> list[str]:
     """A list of sources (``experts``): a str is refused, not iterated character by character."""
     if values is None:
         return []

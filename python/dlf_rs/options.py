@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from ._core import DlfError
+from ._core import DEFAULTS, DlfError, validate_options
 
 __all__ = ["METHODS", "StepOptions", "check_int", "check_real", "check_seed"]
 
 METHODS = ("dlf", "static", "large", "expert")
-_D: dict[str, Any] = dict(_core.DEFAULTS)
+_D: dict[str, Any] = dict(DEFAULTS)
 _INT_LIMIT = 1 << 63  # counts (top_k, support_k) must fit the core's usize on every platform
 _U64 = 1 << 64
 
@@ -183,7 +182,7 @@ class StepOptions:
         put(self, "top_p", check_real(self.top_p, "top_p"))
         put(self, "min_p", check_real(self.min_p, "min_p"))
         # Values: the core's rules, the very functions fuse_step runs.
-        _core.validate_options(**self._core_kwargs(alpha_list=self._alpha_list()))
+        validate_options(**self._core_kwargs(alpha_list=self._alpha_list()))
 
     @classmethod
     def build(cls, options: StepOptions | None = None, **overrides: Any) -> StepOptions:

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
 from ._core import DlfError, StepResult
+from ._core import fuse_logits as core_fuse_logits
+from ._core import fuse_step as core_fuse_step
+from ._core import sample as core_sample
 from .arrays import as_f32, experts_f32, torch_to_numpy
 from .options import StepOptions, check_real, check_seed
 
@@ -40,7 +42,7 @@ def fuse_step_prepared(
 ) -> StepResult:
     """``fuse_step`` for callers that hold float32 C-contiguous arrays and a checked record
     (the generation loop): no conversion, no re-validation of the record in Python."""
-    return _core.fuse_step(
+    return core_fuse_step(
         large, small, experts, **options.core_kwargs(len(experts)), seed=None, seeds=seeds
     )
 
@@ -79,7 +81,7 @@ def fuse_step(
     zl = as_f32(large, "large", 2)
     zs = as_f32(small, "small", 2)
     ze = experts_f32(experts)
-    return _core.fuse_step(zl, zs, ze, **opts.core_kwargs(len(ze)), **_seed_kwargs(seed))
+    return core_fuse_step(zl, zs, ze, **opts.core_kwargs(len(ze)), **_seed_kwargs(seed))
 
 
 def fuse_logits(large: Any, small: Any, experts: Any, alphas: Any) -> np.ndarray:
@@ -113,7 +115,7 @@ def fuse_logits(large: Any, small: Any, experts: Any, alphas: Any) -> np.ndarray
         bad = a[~(np.isfinite(a) & (np.abs(a) <= np.finfo(np.float32).max))][0]
         raise DlfError(f"alphas: expected finite float32 values, got {bad}")
     a32 = np.require(a, dtype=np.float32, requirements=["C", "A"])
-    return _core.fuse_logits(zl, zs, ze, a32)
+    return core_fuse_logits(zl, zs, ze, a32)
 
 
 def sample(
@@ -132,4 +134,4 @@ def sample(
     """
     opts = StepOptions.build(options, **overrides)
     z = as_f32(logits, "logits", 2)
-    return _core.sample(z, **opts.sampling_kwargs, **_seed_kwargs(seed))
+    return core_sample(z, **opts.sampling_kwargs, **_seed_kwargs(seed))
