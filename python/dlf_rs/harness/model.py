@@ -16,6 +16,8 @@ Configured by the harness's ``model_args`` string (``lm_eval --model dlf --model
   solver, grid_step, multi_expert, support_k, alpha_range (lo:hi)   passed to fuse_step
   dtype (float32), device (cuda if available, else cpu), batch_size (16), threads, seed,
   max_length (default: the shortest model context)
+batch_size and device may also come from the harness's --batch_size/--device; a value in
+model_args wins. A cuda device without CUDA falls back to cpu (the harness's default is cuda:0).
 Data parallel: under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1) every process loads
 the models, the harness gives each rank its share of the documents (as for its own ``hf`` model)
 and gathers the metrics through ``all_gather`` / ``gather_object`` below.
@@ -168,6 +170,9 @@ class DLFLM(TemplateLM):
         self.accelerator = None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device: %s requested but CUDA is not available; using cpu", device)
+            device = "cpu"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
@@ -201,6 +206,25 @@ class DLFLM(TemplateLM):
         self._max_length = None if max_length is None else _int(max_length, "max_length")
 
     # ------------------------------------------------------------------ harness plumbing
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> DLFLM:
+        # The harness always adds its --batch_size/--device values (1 and cuda:0 by default):
+        # a value given in model_args wins instead of colliding with them.
+        extra = {
+            k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict
+        }
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> DLFLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def _expert_index(self, expert: Any) -> int | None:
         if expert is None or isinstance(expert, int):
             return expert
