@@ -68,7 +68,7 @@ def mc_records(w: Any, n: int = N_EXAMPLES) -> list[dict[str, Any]]:
     """qa as multiple choice: the reference sentence and MC_CHOICES - 1 sentences about the same
     entity with another value of the asked fact, in a seeded order."""
     corpus = world.corpus
-    values = {"city": list(world.CITIES), "job": list(world.JOBS),
+    values: dict[str, list[Any]] = {"city": list(world.CITIES), "job": list(world.JOBS),
               "apples": list(range(1, world.entities.MAX_APPLES + 1))}
     sentence = {"city": corpus.city_sentence, "job": corpus.job_sentence,
                 "apples": corpus.apples_sentence}
