@@ -1,0 +1,395 @@
+"""Fused scoring: log-probabilities of given continuations under DLF, static fusion or one model.
+
+Where it sits: beside the decode loop (``dlf_rs.generate``), on the same generator and the same
+core. Decoding asks "which token next?" one position at a time; scoring asks "how likely is this
+known continuation?", so every position is known in advance and each model runs ONE forward over
+context + continuation (all positions at once, a left-padded batch with its attention mask and
+position ids). The logits at the continuation positions become the rows of one core call:
+``fuse_step`` solves the weights of every position exactly as decoding would from that position's
+three distributions (or takes the static ones), ``fuse_logits`` builds the fused logits, and a
+float64 log-softmax gives the log-probabilities. This is what lm-evaluation-harness's
+``loglikelihood`` needs (``dlf_rs.harness``) and what perplexity needs (:func:`score_rolling`).
+
+Decisions:
+- Tokens: a context is tokenized like a generation prompt (special tokens added); the
+  continuation's tokens are those the tokenizer gives for context + continuation after the
+  context's tokens (lm-evaluation-harness's rule, so merges across the boundary are honoured),
+  falling back to the continuation tokenized alone when the context's tokens are not a prefix.
+- Length: a pair longer than the shortest model context keeps its continuation and drops context
+  tokens from the left (lm-evaluation-harness's rule); a continuation that alone does not fit is
+  refused: use :func:`score_rolling` for long texts.
+- ``is_greedy``: every continuation token is the token greedy decoding would emit there (the
+  core's greedy token of the fused logits; the argmax, lowest index on ties, for one model).
+- Alphas: [n_tokens, T]; zeros for method "large", NaN for "expert" (as ``generate`` reports).
+- Options are passed straight through to ``fuse_step`` under their own names; nothing here
+  re-defaults them beyond the signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# The checked step API lives in the package root today; the lead's restructuring moves it, and
+# this one import is what changes with it.
+import dlf_rs
+
+__all__ = [
+    "METHODS", "ScoreResult", "context_limit", "rolling_windows", "score", "score_ids",
+    "score_rolling",
+]
+
+METHODS = ("dlf", "static", "large", "expert")
+
+
+@dataclass
+class ScoreResult:
+    """The fused log-probabilities of one continuation (one entry per continuation token)."""
+
+    token_ids: list[int]  # the continuation's tokens
+    logprobs: np.ndarray  # float64[n_tokens], log p(token | everything before it)
+    total: float  # sum of logprobs (float64)
+    is_greedy: bool  # every token is the fused greedy token at its position
+    alphas: np.ndarray  # float32[n_tokens, T], the weights used at each position
+    truncated: int = 0  # context tokens dropped from the left to fit the context length
+
+
+def _model_device(model: Any) -> torch.device:
+    dev = next(model.parameters()).device
+    return dev if dev.type != "meta" else torch.device("cpu")
+
+
+def _context_length(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _takes(model: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _models(gen: Any, method: str, expert: int | None) -> list[Any]:
+    """The models a method runs, in core order: large, small, experts (or the single one)."""
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {', '.join(METHODS)}")
+    n_exp = len(gen.experts)
+    if method == "expert":
+        if expert is None:
+            raise ValueError("expert: method='expert' needs the index of the expert to run")
+        if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)):
+            raise TypeError(f"expert: expected an int index, got {type(expert).__name__}")
+        if not 0 <= expert < n_exp:
+            raise ValueError(f"expert: index {expert} out of range for {n_exp} experts")
+        return [gen.experts[int(expert)]]
+    if expert is not None:
+        raise ValueError(f"expert: only used by method='expert' (method={method!r})")
+    if method == "large":
+        return [gen.large]
+    if gen.small is None:
+        raise ValueError(f"small: method={method!r} needs the small base model")
+    if n_exp == 0:
+        raise ValueError(f"experts: method={method!r} needs at least one expert")
+    return [gen.large, gen.small, *gen.experts]
+
+
+def context_limit(gen: Any, method: str = "dlf", expert: int | None = None) -> int | None:
+    """The longest input (tokens) every model of ``method`` accepts, or None if unknown."""
+    lengths = [n for m in _models(gen, method, expert) if (n := _context_length(m)) is not None]
+    return min(lengths) if lengths else None
+
+
+def _encode(gen: Any, text: str, special: bool) -> list[int]:
+    return [int(t) for t in gen.tokenizer(text, add_special_tokens=special)["input_ids"]]
+
+
+def _split_pair(gen: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    ctx = _encode(gen, context, True)
+    whole = _encode(gen, context + continuation, True)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
+    return ctx, _encode(gen, continuation, False)
+
+
+def _continuation_logits(
+    model: Any, rows: list[list[int]], keep: int, pad_id: int, vocab: int
+) -> np.ndarray:
+    """Float32 logits [B, keep, vocab] of the last ``keep`` positions of each left-padded row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[b, width - len(row) :] = 1
+    dev = _model_device(model)
+    kwargs: dict[str, Any] = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+    if _takes(model, "position_ids"):
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(dev)
+    if _takes(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep  # only the scored positions reach the LM head
+    if _takes(model, "use_cache"):
+        kwargs["use_cache"] = False
+    logits = model(**kwargs).logits[:, -keep:, :vocab]
+    return np.ascontiguousarray(logits.float().cpu().numpy())
+
+
+def _log_softmax64(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    m = np.max(z, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # an all -inf row stays -inf, never NaN
+    shifted = z - m
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def _score_batch(
+    gen: Any,
+    models: list[Any],
+    pairs: list[tuple[list[int], list[int]]],
+    method: str,
+    fuse_options: dict[str, Any],
+    n_exp: int,
+) -> list[ScoreResult]:
+    rows = [ctx + cont[:-1] for ctx, cont in pairs]
+    keep = max(len(cont) for _, cont in pairs)
+    with torch.inference_mode():
+        per_model = [
+            _continuation_logits(m, rows, keep, gen.pad_token_id, gen.vocab_size) for m in models
+        ]
+    # Row b's continuation occupies the last len(cont_b) of the kept positions.
+    sel_b = np.concatenate([np.full(len(c), b) for b, (_, c) in enumerate(pairs)])
+    sel_p = np.concatenate([np.arange(keep - len(c), keep) for _, c in pairs])
+    flat = [np.ascontiguousarray(z[sel_b, sel_p]) for z in per_model]  # [N, V] each
+    targets = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in pairs])
+    if method in ("dlf", "static"):
+        res = dlf_rs.fuse_step(flat[0], flat[1], flat[2:], **fuse_options)
+        alphas = np.asarray(res.alphas, dtype=np.float32).reshape(len(targets), n_exp)
+        fused = dlf_rs.fuse_logits(flat[0], flat[1], flat[2:], alphas)
+        greedy = np.asarray(res.tokens, dtype=np.int64)
+    else:
+        fused = flat[0]
+        fill = 0.0 if method == "large" else np.nan
+        alphas = np.full((len(targets), n_exp), fill, dtype=np.float32)
+        greedy = np.argmax(fused, axis=-1)
+    logp = _log_softmax64(fused)[np.arange(len(targets)), targets]
+    out: list[ScoreResult] = []
+    start = 0
+    for ctx, cont in pairs:
+        sl = slice(start, start + len(cont))
+        start += len(cont)
+        out.append(
+            ScoreResult(
+                token_ids=list(cont),
+                logprobs=logp[sl].copy(),
+                total=float(np.sum(logp[sl])),
+                is_greedy=bool(np.all(greedy[sl] == targets[sl])),
+                alphas=alphas[sl].copy(),
+            )
+        )
+    return out
+
+
+def score_ids(
+    gen: Any,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    method: str = "dlf",
+    alpha: float | Sequence[float] | None = None,
+    expert: int | None = None,
+    alpha_range: tuple[float, float] = (0.0, 2.0),
+    grid_step: float = 0.1,
+    solver: str = "grid",
+    multi_expert: str = "one-active",
+    support_k: int | None = None,
+    batch_size: int = 16,
+) -> list[ScoreResult]:
+    """:func:`score` on token ids: ``contexts[i]`` (at least one token) and ``continuations[i]``
+    (at least one token) are lists of ints of ``gen.tokenizer``. Batches are formed in the given
+    order, ``batch_size`` pairs per forward."""
+    if len(contexts) != len(continuations):
+        raise ValueError(
+            f"continuations: {len(continuations)} continuations for {len(contexts)} contexts"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size: expected an int, got {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
+    models = _models(gen, method, expert)
+    if method == "static" and alpha is None:
+        raise ValueError("alpha: method='static' needs the static weight(s), e.g. alpha=1.0")
+    if method != "static" and alpha is not None:
+        raise ValueError(f"alpha: only used by method='static' (method={method!r})")
+    fuse_options: dict[str, Any] = {}
+    if method in ("dlf", "static"):
+        fuse_options = {
+            "alpha": alpha,
+            "alpha_range": alpha_range,
+            "grid_step": grid_step,
+            "solver": solver,
+            "multi_expert": multi_expert,
+            "support_k": support_k,
+        }
+    limit = context_limit(gen, method, expert)
+    pairs: list[tuple[list[int], list[int]]] = []
+    dropped: list[int] = []
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        ctx_l, cont_l = [int(t) for t in ctx], [int(t) for t in cont]
+        if not ctx_l:
+            raise ValueError(f"contexts[{i}]: no tokens (a context needs at least one, e.g. BOS)")
+        if not cont_l:
+            raise ValueError(f"continuations[{i}]: no tokens to score")
+        cut = 0
+        if limit is not None and len(ctx_l) + len(cont_l) - 1 > limit:
+            if len(cont_l) > limit:
+                raise ValueError(
+                    f"continuations[{i}]: {len(cont_l)} tokens exceed the models' context of "
+                    f"{limit} tokens; use score_rolling for long texts"
+                )
+            cut = len(ctx_l) + len(cont_l) - 1 - limit
+            ctx_l = ctx_l[cut:]
+        pairs.append((ctx_l, cont_l))
+        dropped.append(cut)
+    out: list[ScoreResult] = []
+    for start in range(0, len(pairs), int(batch_size)):
+        out += _score_batch(
+            gen, models, pairs[start : start + int(batch_size)], method, fuse_options,
+            len(gen.experts),
+        )
+    for res, cut in zip(out, dropped):
+        res.truncated = cut
+    return out
+
+
+def score(
+    gen: Any,
+    contexts: str | Sequence[str],
+    continuations: str | Sequence[str],
+    *,
+    method: str = "dlf",
+    alpha: float | Sequence[float] | None = None,
+    expert: int | None = None,
+    alpha_range: tuple[float, float] = (0.0, 2.0),
+    grid_step: float = 0.1,
+    solver: str = "grid",
+    multi_expert: str = "one-active",
+    support_k: int | None = None,
+    batch_size: int = 16,
+) -> list[ScoreResult]:
+    """Log-probabilities of ``continuations[i]`` after ``contexts[i]`` under the fused model.
+
+    method: "dlf" (weights solved at every continuation position from the three distributions
+    there, as decoding would), "static" (fixed ``alpha``), "large" (L alone) or "expert" (expert
+    number ``expert`` alone). ``alpha_range``, ``grid_step``, ``solver``, ``multi_expert`` and
+    ``support_k`` go to ``dlf_rs.fuse_step`` unchanged. One forward per model and batch of
+    ``batch_size`` pairs; one core call per batch over all continuation positions.
+    Returns one :class:`ScoreResult` per pair, in order.
+    """
+    ctxs = [contexts] if isinstance(contexts, str) else list(contexts)
+    conts = [continuations] if isinstance(continuations, str) else list(continuations)
+    if len(ctxs) != len(conts):
+        raise ValueError(f"continuations: {len(conts)} continuations for {len(ctxs)} contexts")
+    ids_ctx: list[list[int]] = []
+    ids_cont: list[list[int]] = []
+    for i, (c, x) in enumerate(zip(ctxs, conts)):
+        if not isinstance(c, str) or not isinstance(x, str):
+            raise TypeError(f"contexts[{i}], continuations[{i}]: expected strings")
+        a, b = _split_pair(gen, c, x)
+        ids_ctx.append(a)
+        ids_cont.append(b)
+    return score_ids(
+        gen, ids_ctx, ids_cont, method=method, alpha=alpha, expert=expert,
+        alpha_range=alpha_range, grid_step=grid_step, solver=solver, multi_expert=multi_expert,
+        support_k=support_k, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def rolling_windows(n_tokens: int, max_len: int) -> list[tuple[int, int, int]]:
+    """Windows ``(a, start, end)`` over ``full = [prefix] + tokens``: the window's input is
+    ``full[a:end]`` and it scores ``tokens[start:end]`` (= ``full[start + 1 : end + 1]``). Every
+    token is scored exactly once, each with as much context as ``max_len`` input tokens allow
+    (lm-evaluation-harness's rolling windows)."""
+    if max_len < 1:
+        raise ValueError(f"max_length: expected an int >= 1, got {max_len}")
+    out = []
+    start = 0
+    while start < n_tokens:
+        end = min(start + max_len, n_tokens)
+        out.append((max(0, end - max_len), start, end))
+        start = end
+    return out
+
+
+def score_rolling(
+    gen: Any,
+    texts: str | Sequence[str],
+    *,
+    method: str = "dlf",
+    alpha: float | Sequence[float] | None = None,
+    expert: int | None = None,
+    alpha_range: tuple[float, float] = (0.0, 2.0),
+    grid_step: float = 0.1,
+    solver: str = "grid",
+    multi_expert: str = "one-active",
+    support_k: int | None = None,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    prefix_token_id: int | None = None,
+) -> list[ScoreResult]:
+    """Rolling log-likelihood of whole texts (perplexity): every token of ``texts[i]`` (tokenized
+    without special tokens) is scored once after ``prefix_token_id`` (default: BOS, else EOS) and
+    as many previous tokens as fit ``max_length`` (default: the shortest model context). Texts
+    longer than that are cut into windows. Returns one result per text (all its tokens)."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if prefix_token_id is None:
+        tok = gen.tokenizer
+        prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if prefix_token_id is None:
+            raise ValueError("prefix_token_id: the tokenizer has no BOS or EOS token; pass one")
+    limit = max_length if max_length is not None else context_limit(gen, method, expert)
+    if limit is None:
+        raise ValueError("max_length: the models do not state a context length; pass one")
+    ctxs: list[list[int]] = []
+    conts: list[list[int]] = []
+    owner: list[int] = []
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}]: expected a string, got {type(text).__name__}")
+        ids = _encode(gen, text, False)
+        if not ids:
+            raise ValueError(f"texts[{i}]: tokenizes to no tokens")
+        full = [int(prefix_token_id), *ids]
+        for a, start, end in rolling_windows(len(ids), int(limit)):
+            ctxs.append(full[a : start + 1])
+            conts.append(full[start + 1 : end + 1])
+            owner.append(i)
+    parts = score_ids(
+        gen, ctxs, conts, method=method, alpha=alpha, expert=expert, alpha_range=alpha_range,
+        grid_step=grid_step, solver=solver, multi_expert=multi_expert, support_k=support_k,
+        batch_size=batch_size,
+    )  # fmt: skip
+    out: list[ScoreResult] = []
+    for i in range(len(items)):
+        mine = [p for p, o in zip(parts, owner) if o == i]
+        logp = np.concatenate([p.logprobs for p in mine])
+        out.append(
+            ScoreResult(
+                token_ids=[t for p in mine for t in p.token_ids],
+                logprobs=logp,
+                total=float(np.sum(logp)),
+                is_greedy=all(p.is_greedy for p in mine),
+                alphas=np.concatenate([p.alphas for p in mine]),
+            )
+        )
+    return out
