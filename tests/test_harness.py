@@ -130,7 +130,7 @@ def test_model_args_string(family) -> None:
     )
     assert lm.batch_size == 4 and str(lm.device) == "cpu"
     assert lm.gen.expert_names == ["small_expert_qa", "small_expert_math"]
-    assert lm.alpha == [0.5, 1.5] and lm.solver_options["alpha_range"] == (0.0, 1.5)
+    assert lm.options.alpha == (0.5, 1.5) and lm.options.alpha_range == (0.0, 1.5)
     assert lm.max_length == 256
     assert parse_alpha("1") == 1.0 and parse_alpha(None) is None
     assert parse_alpha_range("-1:2") == (-1.0, 2.0)

@@ -205,7 +205,7 @@ def test_argument_errors(family) -> None:
         scoring.score_ids(gen, ctx, cont, method="static")
     with pytest.raises(ValueError, match="alpha: only used"):
         scoring.score_ids(gen, ctx, cont, method="dlf", alpha=1.0)
-    with pytest.raises(ValueError, match="method: unknown"):
+    with pytest.raises(ValueError, match="^method: expected one of"):
         scoring.score_ids(gen, ctx, cont, method="proxy")
     with pytest.raises(ValueError, match="continuations\\[0\\]: no tokens"):
         scoring.score_ids(gen, ctx, [[]])

@@ -32,6 +32,8 @@ commands:
   demo       the shipped tiny model family: DLF vs the baselines, tables and alpha plots
   bench      end-to-end decode benchmark: per-step breakdown, tokens/s, ratios to a naive
              loop, to the models' own decode steps and to the bandwidth floor
+  eval       lm-evaluation-harness with the fused model "dlf" registered (dlf_rs[eval]);
+             arguments go to lm_eval, e.g. --model dlf --model_args family=default --tasks dlf_qa
 
 examples:
   dlf-rs generate --family default --expert qa \\
@@ -85,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"dlf-rs {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,bench,eval}",
+                                parser_class=_Parser)  # fmt: skip
 
     gen = sub.add_parser(
         "generate",
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the shipped tiny-family demo (dlf-rs demo --help)",
                    add_help=False)  # fmt: skip
     sub.add_parser("bench", help="end-to-end decode benchmark (dlf-rs bench --help)",
+                   add_help=False)  # fmt: skip
+    sub.add_parser("eval", help="lm-evaluation-harness with the 'dlf' model (dlf-rs eval --help)",
                    add_help=False)  # fmt: skip
     return parser
 
@@ -322,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list = list(sys.argv[1:] if argv is None else argv)
         if args_list[:1] in (["demo"], ["bench"]):  # their parsers see --help and --x themselves
             return _delegate(args_list[0], args_list[1:])
+        if args_list[:1] == ["eval"]:
+            try:
+                from dlf_rs.harness.cli import main as eval_main
+            except ImportError as err:
+                raise _Failure(f"eval: needs lm_eval ({err}); pip install 'dlf_rs[eval]'") from None
+            return int(eval_main(args_list[1:]) or 0)
         parser = build_parser()
         args = parser.parse_args(args_list)
         if args.command == "generate":

@@ -301,6 +301,20 @@ class FusedGenerator:
             expert_names=list(self.expert_names),
         )
 
+    # ------------------------------------------------------------------ scoring
+    def score(self, contexts: Any, continuations: Any, options: StepOptions | None = None,
+              **kwargs: Any) -> Any:  # fmt: skip
+        """Fused log-probabilities of continuations: :func:`dlf_rs.scoring.score`."""
+        from .scoring import score
+
+        return score(self, contexts, continuations, options, **kwargs)
+
+    def score_rolling(self, texts: Any, options: StepOptions | None = None, **kwargs: Any) -> Any:
+        """Rolling log-likelihood of whole texts: :func:`dlf_rs.scoring.score_rolling`."""
+        from .scoring import score_rolling
+
+        return score_rolling(self, texts, options, **kwargs)
+
     # ------------------------------------------------------------------ helpers
     def _named_models(self) -> list[tuple[str, Any]]:
         named = [("large", self.large)]

@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-# The checked step API lives in the package root today; the lead's restructuring moves it, and
-# this one import is what changes with it.
-import dlf_rs
+from .options import StepOptions
+from .step import fuse_logits, fuse_step
 
 __all__ = [
     "METHODS", "ScoreResult", "context_limit", "rolling_windows", "score", "score_ids",
@@ -173,9 +172,9 @@ def _score_batch(
     flat = [np.ascontiguousarray(z[sel_b, sel_p]) for z in per_model]  # [N, V] each
     targets = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in pairs])
     if method in ("dlf", "static"):
-        res = dlf_rs.fuse_step(flat[0], flat[1], flat[2:], **fuse_options)
+        res = fuse_step(flat[0], flat[1], flat[2:], **fuse_options)
         alphas = np.asarray(res.alphas, dtype=np.float32).reshape(len(targets), n_exp)
-        fused = dlf_rs.fuse_logits(flat[0], flat[1], flat[2:], alphas)
+        fused = fuse_logits(flat[0], flat[1], flat[2:], alphas)
         greedy = np.asarray(res.tokens, dtype=np.int64)
     else:
         fused = flat[0]
@@ -204,16 +203,10 @@ def score_ids(
     gen: Any,
     contexts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
+    options: StepOptions | None = None,
     *,
-    method: str = "dlf",
-    alpha: float | Sequence[float] | None = None,
-    expert: int | None = None,
-    alpha_range: tuple[float, float] = (0.0, 2.0),
-    grid_step: float = 0.1,
-    solver: str = "grid",
-    multi_expert: str = "one-active",
-    support_k: int | None = None,
     batch_size: int = 16,
+    **overrides: Any,
 ) -> list[ScoreResult]:
     """:func:`score` on token ids: ``contexts[i]`` (at least one token) and ``continuations[i]``
     (at least one token) are lists of ints of ``gen.tokenizer``. Batches are formed in the given
@@ -226,21 +219,10 @@ def score_ids(
         raise TypeError(f"batch_size: expected an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
+    opts = StepOptions.build(options, **overrides)
+    method, expert = opts.method or "dlf", opts.expert
     models = _models(gen, method, expert)
-    if method == "static" and alpha is None:
-        raise ValueError("alpha: method='static' needs the static weight(s), e.g. alpha=1.0")
-    if method != "static" and alpha is not None:
-        raise ValueError(f"alpha: only used by method='static' (method={method!r})")
-    fuse_options: dict[str, Any] = {}
-    if method in ("dlf", "static"):
-        fuse_options = {
-            "alpha": alpha,
-            "alpha_range": alpha_range,
-            "grid_step": grid_step,
-            "solver": solver,
-            "multi_expert": multi_expert,
-            "support_k": support_k,
-        }
+    fuse_options: dict[str, Any] = {"options": opts} if opts.fused else {}
     limit = context_limit(gen, method, expert)
     pairs: list[tuple[list[int], list[int]]] = []
     dropped: list[int] = []
@@ -276,23 +258,18 @@ def score(
     gen: Any,
     contexts: str | Sequence[str],
     continuations: str | Sequence[str],
+    options: StepOptions | None = None,
     *,
-    method: str = "dlf",
-    alpha: float | Sequence[float] | None = None,
-    expert: int | None = None,
-    alpha_range: tuple[float, float] = (0.0, 2.0),
-    grid_step: float = 0.1,
-    solver: str = "grid",
-    multi_expert: str = "one-active",
-    support_k: int | None = None,
     batch_size: int = 16,
+    **overrides: Any,
 ) -> list[ScoreResult]:
     """Log-probabilities of ``continuations[i]`` after ``contexts[i]`` under the fused model.
 
-    method: "dlf" (weights solved at every continuation position from the three distributions
-    there, as decoding would), "static" (fixed ``alpha``), "large" (L alone) or "expert" (expert
-    number ``expert`` alone). ``alpha_range``, ``grid_step``, ``solver``, ``multi_expert`` and
-    ``support_k`` go to ``dlf_rs.fuse_step`` unchanged. One forward per model and batch of
+    ``options`` (a :class:`dlf_rs.StepOptions`) and/or its fields as keywords, as in
+    ``generate``: ``method`` "dlf" (weights solved at every continuation position from the three
+    distributions there, as decoding would), "static" (fixed ``alpha``), "large" (L alone) or
+    "expert" (expert number ``expert`` alone); the solver fields go to ``fuse_step`` unchanged
+    (the sampling fields do not matter for scoring). One forward per model and batch of
     ``batch_size`` pairs; one core call per batch over all continuation positions.
     Returns one :class:`ScoreResult` per pair, in order.
     """
@@ -308,11 +285,8 @@ def score(
         a, b = _split_pair(gen, c, x)
         ids_ctx.append(a)
         ids_cont.append(b)
-    return score_ids(
-        gen, ids_ctx, ids_cont, method=method, alpha=alpha, expert=expert,
-        alpha_range=alpha_range, grid_step=grid_step, solver=solver, multi_expert=multi_expert,
-        support_k=support_k, batch_size=batch_size,
-    )  # fmt: skip
+    return score_ids(gen, ids_ctx, ids_cont, StepOptions.build(options, **overrides),
+                     batch_size=batch_size)  # fmt: skip
 
 
 def rolling_windows(n_tokens: int, max_len: int) -> list[tuple[int, int, int]]:
@@ -334,30 +308,26 @@ def rolling_windows(n_tokens: int, max_len: int) -> list[tuple[int, int, int]]:
 def score_rolling(
     gen: Any,
     texts: str | Sequence[str],
+    options: StepOptions | None = None,
     *,
-    method: str = "dlf",
-    alpha: float | Sequence[float] | None = None,
-    expert: int | None = None,
-    alpha_range: tuple[float, float] = (0.0, 2.0),
-    grid_step: float = 0.1,
-    solver: str = "grid",
-    multi_expert: str = "one-active",
-    support_k: int | None = None,
     batch_size: int = 16,
     max_length: int | None = None,
     prefix_token_id: int | None = None,
+    **overrides: Any,
 ) -> list[ScoreResult]:
     """Rolling log-likelihood of whole texts (perplexity): every token of ``texts[i]`` (tokenized
     without special tokens) is scored once after ``prefix_token_id`` (default: BOS, else EOS) and
     as many previous tokens as fit ``max_length`` (default: the shortest model context). Texts
     longer than that are cut into windows. Returns one result per text (all its tokens)."""
+    opts = StepOptions.build(options, **overrides)
     items = [texts] if isinstance(texts, str) else list(texts)
     if prefix_token_id is None:
         tok = gen.tokenizer
         prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if prefix_token_id is None:
             raise ValueError("prefix_token_id: the tokenizer has no BOS or EOS token; pass one")
-    limit = max_length if max_length is not None else context_limit(gen, method, expert)
+    limit = max_length if max_length is not None else context_limit(gen, opts.method or "dlf",
+                                                                     opts.expert)  # fmt: skip
     if limit is None:
         raise ValueError("max_length: the models do not state a context length; pass one")
     ctxs: list[list[int]] = []
@@ -374,11 +344,7 @@ def score_rolling(
             ctxs.append(full[a : start + 1])
             conts.append(full[start + 1 : end + 1])
             owner.append(i)
-    parts = score_ids(
-        gen, ctxs, conts, method=method, alpha=alpha, expert=expert, alpha_range=alpha_range,
-        grid_step=grid_step, solver=solver, multi_expert=multi_expert, support_k=support_k,
-        batch_size=batch_size,
-    )  # fmt: skip
+    parts = score_ids(gen, ctxs, conts, opts, batch_size=batch_size)
     out: list[ScoreResult] = []
     for i in range(len(items)):
         mine = [p for p, o in zip(parts, owner) if o == i]

@@ -5,7 +5,7 @@ prompts, metrics) and its tests compare with the demo's own scoring; importing b
 module keeps a move of those tools a one-line change here.
 """
 
-from dlf_rs import demo, world
+from dlf_rs.family import demo, world
 
 DEFAULT_FAMILY = demo.DEFAULT_FAMILY
 

@@ -25,7 +25,6 @@ and gathers the metrics through ``all_gather`` / ``gather_object`` below.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -36,12 +35,12 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from dlf_rs import scoring
+from dlf_rs.options import StepOptions
 
 from . import _family
 
 log = logging.getLogger(__name__)
 
-_SOLVER_ARGS = ("alpha_range", "grid_step", "solver", "multi_expert", "support_k")
 
 
 def _split_list(value: Any, name: str) -> list[str]:
@@ -127,14 +126,14 @@ class DLFLM(TemplateLM):
         small: str | None = None,
         experts: str | None = None,
         family: str | None = None,
-        method: str = "dlf",
+        method: str | None = None,
         alpha: Any = None,
         expert: Any = None,
-        solver: str = "grid",
-        grid_step: Any = 0.1,
-        multi_expert: str = "one-active",
+        solver: str | None = None,
+        grid_step: Any = None,
+        multi_expert: str | None = None,
         support_k: Any = None,
-        alpha_range: Any = "0:2",
+        alpha_range: Any = None,
         dtype: str = "float32",
         device: str | None = None,
         batch_size: Any = 16,
@@ -156,16 +155,22 @@ class DLFLM(TemplateLM):
         if threads is not None:
             torch.set_num_threads(_int(threads, "threads"))
         self.seed = _int(seed, "seed")
-        self.method = method
-        self.alpha = parse_alpha(alpha)
-        solver_options: dict[str, Any] = {
-            "alpha_range": parse_alpha_range(alpha_range),
-            "grid_step": _float(grid_step, "grid_step"),
+        # model_args left out take the record's defaults (dlf_rs.StepOptions, the core's).
+        given: dict[str, Any] = {
+            "method": method,
+            "alpha": parse_alpha(alpha),
+            "alpha_range": None if alpha_range is None else parse_alpha_range(alpha_range),
+            "grid_step": None if grid_step is None else _float(grid_step, "grid_step"),
             "solver": solver,
             "multi_expert": multi_expert,
             "support_k": None if support_k is None else _int(support_k, "support_k"),
         }
-        self.solver_options = solver_options
+        self._given_options = {k: v for k, v in given.items() if v is not None}
+        # Checked before any model loads (the expert's name is resolved after loading).
+        early: dict[str, Any] = dict(self._given_options)
+        if method == "expert":
+            early["expert"] = 0
+        StepOptions(**early)
 
         self.accelerator = None
         if device is None:
@@ -196,13 +201,15 @@ class DLFLM(TemplateLM):
             )
         self.gen = generator
         self.tokenizer = generator.tokenizer
-        self.expert = self._expert_index(expert)
-        # Checks method/alpha/expert against the loaded models now, not at the first request.
-        self.limit = scoring.context_limit(generator, method, self.expert)
-        if method == "static" and self.alpha is None:
-            raise ValueError("alpha: method=static needs the static weight(s), e.g. alpha=1.0")
-        if method != "static" and self.alpha is not None:
-            raise ValueError(f"alpha: only used by method=static (method={method})")
+        idx = self._expert_index(expert)
+        # One record for every request, checked now (not at the first request).
+        final: dict[str, Any] = dict(self._given_options)
+        if idx is not None:
+            final["expert"] = idx
+        self.options = StepOptions(**final)
+        self.method = self.options.method or "dlf"
+        self.expert = self.options.expert
+        self.limit = scoring.context_limit(generator, self.method, self.expert)
         self._max_length = None if max_length is None else _int(max_length, "max_length")
 
     # ------------------------------------------------------------------ harness plumbing
@@ -279,14 +286,7 @@ class DLFLM(TemplateLM):
             self.accelerator.wait_for_everyone()
 
     def _score_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"method": self.method, "batch_size": self.batch_size}
-        if self.method == "expert":
-            opts["expert"] = self.expert
-        if self.method == "static":
-            opts["alpha"] = self.alpha
-        if self.method in ("dlf", "static"):
-            opts.update(self.solver_options)
-        return opts
+        return {"options": self.options, "batch_size": self.batch_size}
 
     # ------------------------------------------------------------------ requests
     def _loglikelihood_tokens(
@@ -354,7 +354,7 @@ class DLFLM(TemplateLM):
         temperature = _float(gk.pop("temperature", 1.0 if do_sample else 0.0), "temperature")
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
-            "method": self.method,
+            "options": self.options,
             "stop": [s for s in stops if s] or None,
             "temperature": temperature if do_sample else 0.0,
         }
@@ -366,22 +366,6 @@ class DLFLM(TemplateLM):
             gk.pop(key, None)
         if gk:
             log.warning("dlf: generation settings ignored: %s", sorted(gk))
-        if self.method == "expert":
-            kwargs["expert"] = self.expert
-        if self.method == "static":
-            kwargs["alpha"] = self.alpha
-        if self.method == "dlf":
-            params = inspect.signature(self.gen.generate).parameters
-            defaults = {"alpha_range": (0.0, 2.0), "grid_step": 0.1, "solver": "grid",
-                        "multi_expert": "one-active", "support_k": None}
-            for key in _SOLVER_ARGS:
-                value = self.solver_options[key]
-                if key in params:
-                    kwargs[key] = value
-                elif value != defaults[key]:
-                    raise ValueError(
-                        f"{key}: this FusedGenerator.generate does not take it; leave it unset"
-                    )
         return kwargs
 
     def _fit(self, context: str, max_new_tokens: int) -> str:
