@@ -138,7 +138,7 @@ def test_model_args_string(family) -> None:
         parse_alpha_range("0-2")
     with pytest.raises(FileNotFoundError, match="experts"):
         resolve_family("default", None, None, ["nope"])
-    with pytest.raises(ValueError, match="alpha: method=static"):
+    with pytest.raises(ValueError, match="^alpha: method=.static. needs"):
         DLFLM(generator=family.generator(["small_expert_qa"]), method="static")
     one = DLFLM(generator=family.generator(["small_expert_qa"]), method="expert", expert="qa")
     assert one.expert == 0
