@@ -30,6 +30,10 @@ pub enum DlfError {
          while dlf_rs was reading it, which is not supported"
     )]
     InputChanged { arg: String, row: usize },
+    /// The caller set the cancellation flag (`cancel::Cancel`); the Python binding raises the
+    /// pending `KeyboardInterrupt` instead of this.
+    #[error("the call was cancelled before it finished")]
+    Cancelled,
     /// A scalar or list argument outside its domain.
     #[error("{arg}: expected {expected}, got {got}")]
     InvalidArgument {

@@ -10,12 +10,14 @@
 //! - `sample`: greedy / temperature / top-k / top-p / min-p sampling with reproducible seeds;
 //! - `step`: the batch loops (rayon over rows) tying the stages together;
 //! - helpers: `kl` (KL divergences), `numerics` (exponentials, lane sums, the one SIMD dispatch
-//!   and the AVX2 passes over every logit), `error` (the one error type);
+//!   and the AVX2 passes over every logit), `error` (the one error type), `cancel` (the flag a
+//!   long call checks between rows and grid groups);
 //! - `python` (feature `python`): the only file that touches PyO3.
 //!
 //! The core is plain Rust over `&[f32]` slices so that `cargo test` and criterion need no Python.
 //! Each stage imports only from stages above it and from the helpers (no module cycle).
 
+pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod fuse;
@@ -30,7 +32,10 @@ pub mod validate;
 #[cfg(feature = "python")]
 mod python;
 
+pub use cancel::Cancel;
 pub use config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
 pub use error::DlfError;
-pub use sample::sample_batch;
-pub use step::{fuse_logits, fuse_step, StepInputs, StepOutput};
+pub use sample::{sample_batch, sample_batch_with_cancel};
+pub use step::{
+    fuse_logits, fuse_logits_with_cancel, fuse_step, fuse_step_with_cancel, StepInputs, StepOutput,
+};

@@ -4,8 +4,28 @@
 //! lists) into C-contiguous float32 numpy arrays and checks types; this file borrows those arrays
 //! without copying, checks that their shapes agree, releases the GIL for the whole computation and
 //! maps `DlfError` to the Python exception `dlf_rs.DlfError` (a `ValueError` subclass).
-//! Every core entry point returns `Result`, so no panic is expected to reach the FFI boundary;
-//! nothing here unwraps on user input.
+//!
+//! Guarantees at this boundary:
+//! - No panic reaches Python. Every core entry point returns `Result`; as the last line, each
+//!   `#[pyfunction]` body runs under `catch_unwind` (`guarded`, and `run_core` for the worker
+//!   thread) and a caught panic becomes one `DlfInternalError` per call. The panic hook installed
+//!   at import stays quiet for panics inside a dlf_rs call (see `install_quiet_panic_hook`), so a
+//!   panic in every one of 100,000 rows prints nothing instead of 100,000 messages.
+//! - Ctrl-C stops a long call (`run_core`): the work runs on a scoped worker thread while the
+//!   calling thread, detached, wakes every 50 ms to run the signal handlers; on KeyboardInterrupt
+//!   it sets the core's cancellation flag (checked between rows and between groups of grid points)
+//!   and raises once the worker has stopped, typically a few milliseconds later.
+//! - Inputs are borrowed without copying while the GIL is released. Another thread writing to an
+//!   input array during a call is not supported: when the core notices (a value the validation
+//!   pass saw as NaN/+inf is gone) the call raises `DlfError` saying the input changed during the
+//!   call; otherwise the result is computed from a mix of old and new values. It never panics.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Mutex, Once};
+use std::time::Duration;
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -13,6 +33,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::cancel::Cancel;
 use crate::config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
 use crate::error::DlfError as CoreError;
 use crate::step::{StepInputs, StepOutput};
@@ -35,6 +56,180 @@ create_exception!(
 
 fn to_py(err: CoreError) -> PyErr {
     DlfError::new_err(err.to_string())
+}
+
+// ---- The last line of defence: panics, and the interruptible runner ----
+
+/// Number of dlf_rs calls in flight (process-wide) and whether this thread is running one.
+static CALLS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static IN_CALL: Cell<bool> = const { Cell::new(false) };
+}
+/// The first caught panic's message with its location, taken by the call that reports it.
+static FIRST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Installs, once per process, a panic hook that stays quiet for panics raised inside a dlf_rs
+/// call (on the calling thread, the worker thread, or a rayon worker while a call is in flight)
+/// and records the first one's message and location for the `DlfInternalError`; every other
+/// panic goes to the previous hook unchanged. Chosen over a hook swapped around each call because
+/// `set_hook` is process-global: swapping it per call would race between concurrent calls and
+/// with other extensions. The cost: while a dlf_rs call runs, a panic of some other library on
+/// a rayon worker thread of the global pool is not printed (it still propagates as usual).
+fn install_quiet_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let ours = IN_CALL.with(|c| c.get())
+                || (CALLS_IN_FLIGHT.load(Ordering::SeqCst) > 0
+                    && rayon::current_thread_index().is_some());
+            if !ours {
+                return prev(info);
+            }
+            if let Ok(mut slot) = FIRST_PANIC.lock() {
+                if slot.is_none() {
+                    let loc = info
+                        .location()
+                        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                        .unwrap_or_default();
+                    *slot = Some(format!("{}{loc}", payload_text(info.payload())));
+                }
+            }
+        }));
+    });
+}
+
+fn payload_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
+fn internal_error(func: &str, payload: &(dyn std::any::Any + Send)) -> PyErr {
+    let recorded = FIRST_PANIC.lock().ok().and_then(|mut s| s.take());
+    let msg = recorded.unwrap_or_else(|| payload_text(payload));
+    DlfInternalError::new_err(format!(
+        "internal error in dlf_rs {func} (a bug): {msg}; please report it with the inputs' shapes"
+    ))
+}
+
+/// Marks this thread as inside a dlf_rs call for the quiet hook, for the guard's lifetime.
+struct InCall {
+    was: bool,
+}
+
+impl InCall {
+    fn enter() -> Self {
+        CALLS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        InCall {
+            was: IN_CALL.with(|c| c.replace(true)),
+        }
+    }
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        IN_CALL.with(|c| c.set(self.was));
+        CALLS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs a `#[pyfunction]` body; a panic in it becomes one `DlfInternalError`.
+fn guarded<R>(func: &str, body: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+    let _in_call = InCall::enter();
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|p| Err(internal_error(func, &*p)))
+}
+
+/// Below this estimate of a call's work (logit reads x passes, see the callers) the core runs
+/// on the calling thread: such a call takes a few milliseconds at most, so Ctrl-C is served
+/// promptly anyway, and a decode step is spared the ~20-50 us of starting a worker thread.
+const INLINE_WORK: u64 = 1 << 22;
+
+/// How often the detached calling thread wakes to run Python's signal handlers.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Runs the core work `work` with the GIL released. Small calls run inline; large ones run on a
+/// scoped worker thread while this thread polls for signals every `SIGNAL_POLL`: on
+/// KeyboardInterrupt (or any exception a signal handler raises) it sets the cancellation flag,
+/// waits for the worker to stop (it checks the flag between rows and between groups of grid
+/// points) and raises that exception. A panic in the work becomes one `DlfInternalError`.
+fn run_core<R: Send>(
+    py: Python<'_>,
+    func: &str,
+    work_estimate: u64,
+    work: impl FnOnce(Cancel<'_>) -> Result<R, CoreError> + Send,
+) -> PyResult<R> {
+    let flag = AtomicBool::new(false);
+    let caught = |r: std::thread::Result<Result<R, CoreError>>| match r {
+        Ok(res) => res.map_err(to_py),
+        Err(p) => Err(internal_error(func, &*p)),
+    };
+    if work_estimate < INLINE_WORK {
+        return caught(py.detach(|| catch_unwind(AssertUnwindSafe(|| work(Cancel::NEVER)))));
+    }
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::scope(|scope| {
+        let flag = &flag;
+        let worker = std::thread::Builder::new()
+            .name("dlf_rs-core".into())
+            .spawn_scoped(scope, move || {
+                let _in_call = InCall::enter();
+                let r = catch_unwind(AssertUnwindSafe(|| work(Cancel::new(flag))));
+                // The receiver outlives the scope; a send can only fail if it is gone.
+                let _ = tx.send(r);
+            });
+        if let Err(e) = worker {
+            return Err(DlfError::new_err(format!(
+                "dlf_rs {func}: could not start a worker thread: {e}"
+            )));
+        }
+        // The receiver is not Sync, so it moves into each detached wait and back out.
+        let mut rx = rx;
+        loop {
+            let (got, back) = py.detach(move || (rx.recv_timeout(SIGNAL_POLL), rx));
+            rx = back;
+            match got {
+                Ok(r) => return caught(r),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(interrupt) = py.check_signals() {
+                        flag.store(true, Ordering::Relaxed);
+                        // Wait (detached) for the worker to notice; its result is dropped.
+                        let _ = py.detach(move || rx.recv());
+                        return Err(interrupt);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(DlfInternalError::new_err(format!(
+                        "internal error in dlf_rs {func} (a bug): the worker thread ended \
+                         without a result; please report it with the inputs' shapes"
+                    )));
+                }
+            }
+        }
+    })
+}
+
+/// A rough count of a step's work for `run_core`: logit reads per pass times passes (the grid's
+/// points per expert count as passes, the exact solver as a few dozen more).
+fn step_work(b: usize, v: usize, n_t: usize, weights: &Weights) -> u64 {
+    let reads = (b as u64) * (v as u64) * (n_t as u64 + 2);
+    let passes = match weights {
+        Weights::Static(_) => 1,
+        Weights::Dynamic(cfg) => {
+            let pts = cfg.grid_len().clamp(1.0, MAX_GRID_POINTS as f64) as u64;
+            let exact = if cfg.solver == SolverKind::Exact {
+                64
+            } else {
+                0
+            };
+            1 + pts / 4 + exact
+        }
+    };
+    reads.saturating_mul(passes)
 }
 
 fn shape_str(shape: &[usize]) -> String {
@@ -305,16 +500,18 @@ fn validate_options(
     top_p: f64,
     min_p: f64,
 ) -> PyResult<()> {
-    let cfg = solver_of(
-        alpha_min,
-        alpha_max,
-        grid_step,
-        solver,
-        multi_expert,
-        support_k,
-    )?;
-    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-    validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)
+    guarded("validate_options", move || {
+        let cfg = solver_of(
+            alpha_min,
+            alpha_max,
+            grid_step,
+            solver,
+            multi_expert,
+            support_k,
+        )?;
+        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)
+    })
 }
 
 /// One DLF decoding step over a batch. Arguments are checked by `dlf_rs.fuse_step`; see there.
@@ -345,38 +542,41 @@ fn fuse_step(
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<StepResult> {
-    let cfg = solver_of(
-        alpha_min,
-        alpha_max,
-        grid_step,
-        solver,
-        multi_expert,
-        support_k,
-    )?;
-    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-    // Every option is checked, even those static weights do not use, so that an options record
-    // valid for one call is valid for every call (same function as `validate_options`).
-    validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
-    let weights = match alpha {
-        Some(a) => Weights::Static(a),
-        None => Weights::Dynamic(cfg),
-    };
-    let seeds = seeds_of(seed, seeds)?;
-    let m = borrow_models(&large, &small, &experts)?;
-    let inputs = StepInputs {
-        large: m.large,
-        small: m.small,
-        experts: &m.experts,
-        batch: m.batch,
-        vocab: m.vocab,
-    };
-    // The arrays are borrowed read-only (zero-copy) while the GIL is released: the caller must not
-    // mutate them from another thread until this call returns. `dlf_rs.FusedGenerator` owns its
-    // staging buffers and never does.
-    let out = py
-        .detach(|| crate::step::fuse_step(&inputs, &weights, &sampling, &seeds))
-        .map_err(to_py)?;
-    Ok(StepResult { out })
+    guarded("fuse_step", move || {
+        let cfg = solver_of(
+            alpha_min,
+            alpha_max,
+            grid_step,
+            solver,
+            multi_expert,
+            support_k,
+        )?;
+        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+        // Every option is checked, even those static weights do not use, so that an options record
+        // valid for one call is valid for every call (same function as `validate_options`).
+        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
+        let weights = match alpha {
+            Some(a) => Weights::Static(a),
+            None => Weights::Dynamic(cfg),
+        };
+        let seeds = seeds_of(seed, seeds)?;
+        let m = borrow_models(&large, &small, &experts)?;
+        let inputs = StepInputs {
+            large: m.large,
+            small: m.small,
+            experts: &m.experts,
+            batch: m.batch,
+            vocab: m.vocab,
+        };
+        // The arrays are borrowed read-only (zero-copy) while the GIL is released: the caller must not
+        // mutate them from another thread until this call returns (see the module docs for what
+        // happens if it does). `dlf_rs.FusedGenerator` owns its staging buffers and never does.
+        let work = step_work(m.batch, m.vocab, m.experts.len(), &weights);
+        let out = run_core(py, "fuse_step", work, |cancel| {
+            crate::step::fuse_step_with_cancel(&inputs, &weights, &sampling, &seeds, cancel)
+        })?;
+        Ok(StepResult { out })
+    })
 }
 
 /// Fused logits z_L + sum_t alphas[b, t] (z_t - z_S) for every row, float32 [B, V].
@@ -388,21 +588,25 @@ fn fuse_logits<'py>(
     experts: Vec<PyReadonlyArray2<'py, f32>>,
     alphas: PyReadonlyArray2<'py, f32>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let m = borrow_models(&large, &small, &experts)?;
-    check_shape(&alphas, "alphas", [m.batch, m.experts.len()])?;
-    let alpha_slice = slice_of(&alphas, "alphas")?;
-    let inputs = StepInputs {
-        large: m.large,
-        small: m.small,
-        experts: &m.experts,
-        batch: m.batch,
-        vocab: m.vocab,
-    };
-    let mut out = vec![0.0f32; m.batch * m.vocab];
-    // Borrowed read-only without copying while detached; see `fuse_step`.
-    py.detach(|| crate::step::fuse_logits(&inputs, alpha_slice, &mut out))
-        .map_err(to_py)?;
-    vec2(py, &out, m.batch, m.vocab)
+    guarded("fuse_logits", move || {
+        let m = borrow_models(&large, &small, &experts)?;
+        check_shape(&alphas, "alphas", [m.batch, m.experts.len()])?;
+        let alpha_slice = slice_of(&alphas, "alphas")?;
+        let inputs = StepInputs {
+            large: m.large,
+            small: m.small,
+            experts: &m.experts,
+            batch: m.batch,
+            vocab: m.vocab,
+        };
+        let mut out = vec![0.0f32; m.batch * m.vocab];
+        // Borrowed read-only without copying while detached; see `fuse_step`.
+        let work = (m.batch as u64) * (m.vocab as u64) * (m.experts.len() as u64 + 2);
+        run_core(py, "fuse_logits", work, |cancel| {
+            crate::step::fuse_logits_with_cancel(&inputs, alpha_slice, &mut out, cancel)
+        })?;
+        vec2(py, &out, m.batch, m.vocab)
+    })
 }
 
 /// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`.
@@ -419,19 +623,45 @@ fn sample<'py>(
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
-    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-    let seeds = seeds_of(seed, seeds)?;
-    let [batch, vocab] = [logits.shape()[0], logits.shape()[1]];
-    let z = slice_of(&logits, "logits")?;
-    // Borrowed read-only without copying while detached; see `fuse_step`.
-    let tokens = py
-        .detach(|| crate::sample_batch(z, batch, vocab, &sampling, &seeds))
-        .map_err(to_py)?;
-    Ok(PyArray1::from_vec(py, tokens))
+    guarded("sample", move || {
+        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+        let seeds = seeds_of(seed, seeds)?;
+        let [batch, vocab] = [logits.shape()[0], logits.shape()[1]];
+        let z = slice_of(&logits, "logits")?;
+        // Borrowed read-only without copying while detached; see `fuse_step`. Sorting for top-p
+        // makes a row cost up to ~log V passes.
+        let work = (batch as u64) * (vocab as u64) * 16;
+        let tokens = run_core(py, "sample", work, |cancel| {
+            crate::sample_batch_with_cancel(z, batch, vocab, &sampling, &seeds, cancel)
+        })?;
+        Ok(PyArray1::from_vec(py, tokens))
+    })
+}
+
+/// Not API: panics inside `rows` rayon rows of a core call (on the worker thread when
+/// `threaded`), so that tests can check that a panic becomes one `DlfInternalError` and prints
+/// nothing. The panic path cannot be reached from valid or invalid inputs otherwise (that is the
+/// point), hence this hook.
+#[pyfunction]
+#[pyo3(signature = (rows, *, threaded=false))]
+fn _panic_for_tests(py: Python<'_>, rows: usize, threaded: bool) -> PyResult<()> {
+    guarded("_panic_for_tests", || {
+        let work = if threaded { INLINE_WORK } else { 0 };
+        run_core(py, "_panic_for_tests", work, |_cancel| {
+            use rayon::prelude::*;
+            (0..rows).into_par_iter().for_each(|r| {
+                if r < rows {
+                    panic!("test panic in row {r}");
+                }
+            });
+            Ok(())
+        })
+    })
 }
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    install_quiet_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DlfError", m.py().get_type::<DlfError>())?;
     m.add("DlfInternalError", m.py().get_type::<DlfInternalError>())?;
@@ -441,5 +671,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fuse_step, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_logits, m)?)?;
     m.add_function(wrap_pyfunction!(sample, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }

@@ -2,8 +2,12 @@
 //!
 //! Order (Hugging Face's warpers): temperature, top-k, top-p, min-p, renormalise, then an inverse
 //! CDF with one uniform u over the kept tokens in ascending token order. Probabilities are in f64:
-//! l = logit / temperature, p = exp(l - max) / sum. `temperature == 0` is greedy (argmax, lowest
-//! index on ties) and draws nothing.
+//! l = (logit - max logit) / temperature, p = exp(l) / sum. Subtracting the max before dividing
+//! keeps every l in [-inf, 0] with l = 0 at the maxima, so any finite temperature > 0, however
+//! small (even subnormal), gives a valid distribution: one that underflows to the tied maxima is
+//! exactly "uniform over the tied maxima", the greedy-like limit (rules.md). -inf logits get
+//! p = 0 and are never drawn. `temperature == 0` is greedy (argmax, lowest index on ties) and
+//! draws nothing.
 //!
 //! Randomness: ChaCha8, u = (next_u64 >> 11) * 2^-53. `Seeds::One(s)`: row b uses seed s on
 //! stream b; `Seeds::PerRow(v)`: row b uses seed v[b] on stream 0; `Seeds::Entropy`: one seed per
@@ -19,6 +23,7 @@ use rand_core::{Rng, SeedableRng};
 
 use rayon::prelude::*;
 
+use crate::cancel::Cancel;
 use crate::config::{Sampling, Seeds};
 use crate::error::DlfError;
 use crate::numerics::{fast_exp, with_simd};
@@ -31,6 +36,13 @@ pub struct SampleScratch {
     p: Vec<f64>,
     sel: Vec<f64>,
     order: Vec<u32>,
+}
+
+impl SampleScratch {
+    pub(crate) fn heap_bytes(&self) -> usize {
+        (self.l.capacity() + self.p.capacity() + self.sel.capacity()) * 8
+            + self.order.capacity() * 4
+    }
 }
 
 /// The seed and stream a row draws from; resolves `Entropy` once per call.
@@ -114,25 +126,30 @@ pub fn sample_row(
     let total: f64 = p.iter().sum();
     let target = u() * total;
     let mut cum = 0.0;
-    let mut last = 0;
+    // Kept tokens always include a maximum (p = 1), so `last` is set; the argmax is only a guard.
+    let mut last = None;
     for (i, &x) in p.iter().enumerate() {
         if x > 0.0 {
             cum += x;
-            last = i;
+            last = Some(i);
             if target < cum {
                 return i;
             }
         }
     }
-    last
+    last.unwrap_or_else(|| argmax(z))
 }
 
 /// Temperature, top-k, top-p, min-p: leaves the kept tokens' unnormalised probabilities in
 /// `sc.p` (0 for filtered tokens).
 fn warp(z: &[f32], s: &Sampling, sc: &mut SampleScratch) {
     let v = z.len();
+    // The row holds a finite value (validated), so zmax is finite and every l is <= 0 or -inf.
+    let zmax = z
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }) as f64;
     sc.l.clear();
-    sc.l.extend(z.iter().map(|&x| x as f64 / s.temperature));
+    sc.l.extend(z.iter().map(|&x| (x as f64 - zmax) / s.temperature));
     let l = &mut sc.l;
 
     if s.top_k > 0 && s.top_k < v {
@@ -149,9 +166,8 @@ fn warp(z: &[f32], s: &Sampling, sc: &mut SampleScratch) {
         }
     }
 
-    let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     sc.p.clear();
-    sc.p.extend(l.iter().map(|&x| fast_exp(x - m)));
+    sc.p.extend(l.iter().map(|&x| fast_exp(x)));
     let p = &mut sc.p;
 
     if s.top_p < 1.0 {
@@ -171,7 +187,7 @@ fn warp(z: &[f32], s: &Sampling, sc: &mut SampleScratch) {
                 break;
             }
         }
-        for &i in &sc.order[cut.max(1)..] {
+        for &i in &sc.order[cut.max(1).min(sc.order.len())..] {
             p[i as usize] = 0.0;
         }
     }
@@ -196,6 +212,18 @@ pub fn sample_batch(
     sampling: &Sampling,
     seeds: &Seeds,
 ) -> Result<Vec<i64>, DlfError> {
+    sample_batch_with_cancel(logits, batch, vocab, sampling, seeds, Cancel::NEVER)
+}
+
+/// `sample_batch` that stops with `DlfError::Cancelled` soon after `cancel` is set.
+pub fn sample_batch_with_cancel(
+    logits: &[f32],
+    batch: usize,
+    vocab: usize,
+    sampling: &Sampling,
+    seeds: &Seeds,
+    cancel: Cancel<'_>,
+) -> Result<Vec<i64>, DlfError> {
     check_matrix("logits", logits.len(), batch, vocab)?;
     validate_sampling(sampling)?;
     validate_seeds(seeds, batch)?;
@@ -207,6 +235,7 @@ pub fn sample_batch(
         .par_chunks(vocab)
         .enumerate()
         .map_init(SampleScratch::default, |sc, (b, z)| {
+            cancel.check()?;
             scan_row("logits", b, z)?;
             Ok(sample_row(z, sampling, || row_seeds.uniform(b), sc) as i64)
         })

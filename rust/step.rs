@@ -15,6 +15,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use crate::cancel::Cancel;
 use crate::config::{Sampling, Seeds, Weights};
 use crate::error::DlfError;
 use crate::fuse::fuse_row;
@@ -23,7 +24,8 @@ use crate::sample::{sample_row, RowSeeds, SampleScratch};
 use crate::solver::{solve_row, SolverScratch};
 use crate::support::Reduced;
 use crate::validate::{
-    scan_models, shape, validate_inputs, validate_sampling, validate_seeds, validate_weights,
+    scan_models, shape, validate_inputs, validate_sampling, validate_seeds, validate_weight_values,
+    validate_weights,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +88,21 @@ struct Scratch {
     fused: Vec<f32>,
 }
 
+/// Per-thread scratch above this size is freed at the end of the row that grew it, so one
+/// unusually large call does not pin its memory on every rayon thread afterwards. 64 MiB is far
+/// above a decode step's needs (V = 128,256 with T = 4 on the full vocabulary, the largest
+/// benched case, uses about 12 MiB), so normal calls keep their buffers and never reallocate.
+pub const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+
+impl Scratch {
+    fn heap_bytes(&self) -> usize {
+        self.red.heap_bytes()
+            + self.solver.heap_bytes()
+            + self.sample.heap_bytes()
+            + self.fused.capacity() * std::mem::size_of::<f32>()
+    }
+}
+
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
@@ -109,7 +126,18 @@ pub fn fuse_step(
     sampling: &Sampling,
     seeds: &Seeds,
 ) -> Result<StepOutput, DlfError> {
-    fuse_step_impl(inputs, weights, sampling, seeds, true)
+    fuse_step_impl(inputs, weights, sampling, seeds, true, Cancel::NEVER)
+}
+
+/// `fuse_step` that stops with `DlfError::Cancelled` soon after `cancel` is set.
+pub fn fuse_step_with_cancel(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &Seeds,
+    cancel: Cancel<'_>,
+) -> Result<StepOutput, DlfError> {
+    fuse_step_impl(inputs, weights, sampling, seeds, true, cancel)
 }
 
 pub(crate) fn fuse_step_impl(
@@ -118,6 +146,7 @@ pub(crate) fn fuse_step_impl(
     sampling: &Sampling,
     seeds: &Seeds,
     parallel: bool,
+    cancel: Cancel<'_>,
 ) -> Result<StepOutput, DlfError> {
     validate_inputs(
         inputs.large,
@@ -134,7 +163,7 @@ pub(crate) fn fuse_step_impl(
         return Ok(StepOutput::empty(n_t));
     }
     let row_seeds = RowSeeds::new(seeds);
-    let run = |b: usize| step_row(inputs, b, weights, sampling, &row_seeds);
+    let run = |b: usize| step_row(inputs, b, weights, sampling, &row_seeds, cancel);
     let rows: Vec<Result<RowOut, DlfError>> = if parallel {
         (0..inputs.batch).into_par_iter().map(run).collect()
     } else {
@@ -176,13 +205,34 @@ fn step_row(
     weights: &Weights,
     sampling: &Sampling,
     seeds: &RowSeeds<'_>,
+    cancel: Cancel<'_>,
+) -> Result<RowOut, DlfError> {
+    cancel.check()?;
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let out = row_with_scratch(inputs, b, weights, sampling, seeds, cancel, &mut guard);
+        if guard.heap_bytes() > SCRATCH_KEEP_BYTES {
+            *guard = Scratch::default();
+        }
+        out
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_with_scratch(
+    inputs: &StepInputs<'_>,
+    b: usize,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &RowSeeds<'_>,
+    cancel: Cancel<'_>,
+    sc: &mut Scratch,
 ) -> Result<RowOut, DlfError> {
     let (large, small, experts) =
         scan_models(inputs.large, inputs.small, inputs.experts, inputs.vocab, b)?;
     let n_t = experts.len();
-    SCRATCH.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let sc = &mut *guard;
+    {
         let mut out = match weights {
             Weights::Static(a) => RowOut {
                 token: 0,
@@ -197,7 +247,7 @@ fn step_row(
             },
             Weights::Dynamic(cfg) => {
                 sc.red.fill(large, small, &experts, cfg.support_k);
-                let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver);
+                let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver, cancel)?;
                 RowOut {
                     token: 0,
                     alphas: s.alphas.iter().map(|&x| x as f32).collect(),
@@ -218,13 +268,23 @@ fn step_row(
         );
         out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
         Ok(out)
-    })
+    }
 }
 
 pub fn fuse_logits(
     inputs: &StepInputs<'_>,
     alphas: &[f32],
     out: &mut [f32],
+) -> Result<(), DlfError> {
+    fuse_logits_with_cancel(inputs, alphas, out, Cancel::NEVER)
+}
+
+/// `fuse_logits` that stops with `DlfError::Cancelled` soon after `cancel` is set.
+pub fn fuse_logits_with_cancel(
+    inputs: &StepInputs<'_>,
+    alphas: &[f32],
+    out: &mut [f32],
+    cancel: Cancel<'_>,
 ) -> Result<(), DlfError> {
     validate_inputs(
         inputs.large,
@@ -240,9 +300,7 @@ pub fn fuse_logits(
     if out.len() != b * v {
         return Err(shape("out", format!("[{b}, {v}]"), out.len()));
     }
-    if let Some(x) = alphas.iter().find(|x| !x.is_finite()) {
-        return Err(DlfError::invalid("alphas", "finite values", x));
-    }
+    validate_weight_values("alphas", alphas.iter().map(|&x| x as f64))?;
     if b == 0 {
         return Ok(());
     }
@@ -250,6 +308,7 @@ pub fn fuse_logits(
         .par_chunks_mut(v)
         .enumerate()
         .map(|(row, o)| {
+            cancel.check()?;
             let (large, small, experts) = scan_models(
                 inputs.large,
                 inputs.small,
@@ -392,8 +451,8 @@ mod tests {
             dyn_cfg(None, SolverKind::Grid),
             dyn_cfg(Some(8), SolverKind::Exact),
         ] {
-            let par = fuse_step_impl(&inp, &w, &smp, &Seeds::One(3), true).unwrap();
-            let seq = fuse_step_impl(&inp, &w, &smp, &Seeds::One(3), false).unwrap();
+            let par = fuse_step_impl(&inp, &w, &smp, &Seeds::One(3), true, Cancel::NEVER).unwrap();
+            let seq = fuse_step_impl(&inp, &w, &smp, &Seeds::One(3), false, Cancel::NEVER).unwrap();
             assert_eq!(par, seq);
             assert_eq!(par, fuse_step(&inp, &w, &smp, &Seeds::One(3)).unwrap());
         }
@@ -527,6 +586,7 @@ mod tests {
                 model
             }
             Err(DlfError::InputChanged { arg, .. }) => arg,
+            Err(DlfError::Cancelled) => "cancelled".into(),
             Ok(_) => "ok".into(),
         };
         let sc = |f: fn(&mut SolverConfig)| {

@@ -28,6 +28,14 @@ pub struct Reduced {
 }
 
 impl Reduced {
+    pub(crate) fn heap_bytes(&self) -> usize {
+        (self.zl.capacity() + self.zs.capacity() + self.zt.capacity()) * 8
+            + self.mask.capacity()
+            + self.sel.capacity() * 4
+            + self.cand.capacity() * std::mem::size_of::<(f32, usize)>()
+            + self.idx.capacity() * std::mem::size_of::<usize>()
+    }
+
     pub fn expert(&self, t: usize) -> &[f64] {
         &self.zt[t * self.n..(t + 1) * self.n]
     }

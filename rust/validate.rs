@@ -86,14 +86,19 @@ pub fn to_usize(arg: &str, x: u64) -> Result<usize, DlfError> {
 
 /// Values of static weights (not their count, which depends on T).
 pub fn validate_static_alpha(alpha: &[f64]) -> Result<(), DlfError> {
-    if let Some(x) = alpha
-        .iter()
-        .find(|x| !(x.is_finite() && x.abs() <= MAX_ABS_ALPHA))
-    {
+    validate_weight_values("alpha", alpha.iter().copied())
+}
+
+/// Every weight finite with |w| <= `MAX_ABS_ALPHA`: static `alpha` and `fuse_logits`' `alphas`.
+pub(crate) fn validate_weight_values(
+    arg: &str,
+    mut values: impl Iterator<Item = f64>,
+) -> Result<(), DlfError> {
+    if let Some(x) = values.find(|x| !(x.is_finite() && x.abs() <= MAX_ABS_ALPHA)) {
         return Err(DlfError::invalid(
-            "alpha",
-            format!("finite values with |alpha| <= {MAX_ABS_ALPHA}"),
-            num(*x),
+            arg,
+            format!("finite values with |{arg}| <= {MAX_ABS_ALPHA}"),
+            num(x),
         ));
     }
     Ok(())

@@ -2,13 +2,24 @@
 //!
 //! exp(a_i x) = exp(a_0 x) r^i with r = exp(step * x), x = d - max d <= 0: one exponential per
 //! token and expert, then multiplies, for all grid points in one pass (the "lattice"). Every weight
-//! stays <= P(x), so nothing overflows; when the spread of d is so wide that underflow could lose
-//! mass, or alpha_min < 0, a log-domain evaluation per grid point is used.
+//! stays <= P(x), so nothing overflows. When alpha_min < 0, or the spread of d is so wide that
+//! p e^{a x} could underflow, the weights restart from the log domain every few points
+//! (`restarted_lattice`): same kernels, one extra exponential per token per block.
+//!
+//! Cancellation is checked between groups of lattice points (a few tens of microseconds apart at
+//! V = 32000), so even a 10,001-point grid on a huge vocabulary stops promptly.
 
-use super::objective::{cgf, kls, shifted_kls};
+use super::objective::{cgf, kls, shifted_kls, shifted_kls_ln};
 use super::Direction;
+use crate::cancel::Cancel;
 use crate::config::SolverConfig;
-use crate::numerics::{fast_exp, simd_dispatch, with_simd, LANES};
+use crate::error::DlfError;
+use crate::numerics::{fast_exp, finite_max, simd_dispatch, with_simd, LANES};
+
+/// Within one block of the restarted lattice every weight shrinks by at most e^{-BLOCK_SPAN}
+/// relative to the block's largest (which is 1 at the restart), so no weight that matters to the
+/// sums (relative 1e-16) comes near f64's underflow at e^{-708}.
+const BLOCK_SPAN: f64 = 500.0;
 
 /// Scratch of `lattice_moments`: accumulators and the per-token running weights.
 #[derive(Debug, Default)]
@@ -17,6 +28,13 @@ pub(super) struct Lattice {
     x: Vec<f64>,
     w: Vec<f64>,
     e: Vec<f64>,
+}
+
+impl Lattice {
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.acc.capacity() * std::mem::size_of::<[f64; LANES]>()
+            + (self.x.capacity() + self.w.capacity() + self.e.capacity()) * 8
+    }
 }
 
 /// K1, K2 at every grid point for one expert.
@@ -32,19 +50,10 @@ pub(super) fn grid_kls(
     k1: &mut [f64],
     k2: &mut [f64],
     lat: &mut Lattice,
-) {
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
     let n = p.len() as f64;
     let spread = dir.dmax - dir.dmin;
-    let fast = cfg.alpha_min >= 0.0 && cfg.alpha_max * spread + n.ln() < 600.0;
-    if !fast {
-        let g1_0 = cgf(lp, lse_lp, d, 0.0).1;
-        for i in 0..n_pts {
-            let a = cfg.grid_value(i);
-            let (g, g1, _, _) = cgf(lp, lse_lp, d, a);
-            (k1[i], k2[i]) = kls(a, g, g1, g1_0);
-        }
-        return;
-    }
     // Lattice points a_i = alpha_min + i * step; the last grid value may be clamped to alpha_max
     // (by rounding only, at most 1e-9 * step away); it is then evaluated on its own.
     let last = n_pts - 1;
@@ -54,6 +63,10 @@ pub(super) fn grid_kls(
     } else {
         last
     };
+    let fast = cfg.alpha_min >= 0.0 && cfg.alpha_max * spread + n.ln() < 600.0;
+    if !fast {
+        return restarted_lattice(lp, lse_lp, d, dir, cfg, n_pts, n_lat, k1, k2, lat, cancel);
+    }
     lat.acc.clear();
     lat.acc.resize(2 * n_lat + 2, [0.0; LANES]);
     for v in [&mut lat.x, &mut lat.w, &mut lat.e] {
@@ -74,9 +87,10 @@ pub(super) fn grid_kls(
                 x,
                 w,
                 e,
+                cancel,
             )
         },
-    );
+    )?;
     let sum = |v: &[f64; LANES]| v.iter().sum::<f64>();
     // acc[2 * n_lat]: sum p, acc[2 * n_lat + 1]: sum p (d - dmax), i.e. the a = 0 moments.
     let s0_0 = sum(&acc[2 * n_lat]);
@@ -97,6 +111,97 @@ pub(super) fn grid_kls(
         }
         (k1[last], k2[last]) = shifted_kls(a_last, s0 / s0_0, s1 / s0, m1_0);
     }
+    Ok(())
+}
+
+/// The lattice for ranges the plain one cannot take: alpha_min < 0 (e^{a x} would grow) or
+/// a * spread so large that p e^{a x} could underflow. Every `r` points the weights restart from
+/// the log domain, w = exp(lp + a_b x - c_b) with c_b = max(lp + a_b x), so the largest is 1; within
+/// a block they are advanced by e^{h x} <= 1 exactly as in the plain lattice, and r h spread <=
+/// `BLOCK_SPAN` keeps every weight that matters far from underflow. Then
+/// ln E_P[e^{a x}] = c_b + ln(sum w) - ln(sum P). One exponential per token per block plus the
+/// plain lattice's multiplies: a small multiple of the plain grid's cost, where the per-point
+/// log-domain evaluation it replaces cost about 50 times as much.
+#[allow(clippy::too_many_arguments)]
+fn restarted_lattice(
+    lp: &[f64],
+    lse_lp: f64,
+    d: &[f64],
+    dir: Direction,
+    cfg: &SolverConfig,
+    n_pts: usize,
+    n_lat: usize,
+    k1: &mut [f64],
+    k2: &mut [f64],
+    lat: &mut Lattice,
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
+    let h = cfg.grid_step;
+    let step_span = h * (dir.dmax - dir.dmin);
+    let r = if step_span > 0.0 {
+        ((BLOCK_SPAN / step_span).floor() as usize).clamp(1, n_lat.max(1))
+    } else {
+        n_lat.max(1)
+    };
+    // E_P[d] from the log domain (as the exact solver): m1_0 = E_P[x] = E_P[d] - dmax.
+    let g1_0 = cgf(lp, lse_lp, d, 0.0).1;
+    let m1_0 = g1_0 - dir.dmax;
+    for v in [&mut lat.x, &mut lat.w, &mut lat.e] {
+        v.resize(lp.len(), 0.0);
+    }
+    lat.acc.clear();
+    lat.acc.resize(2 * r, [0.0; LANES]);
+    let Lattice {
+        acc,
+        x: xs,
+        w: ws,
+        e: es,
+    } = lat;
+    with_simd(
+        #[inline(always)]
+        || {
+            for ((x, e), &dj) in xs.iter_mut().zip(es.iter_mut()).zip(d) {
+                *x = dj - dir.dmax;
+                *e = fast_exp(h * *x);
+            }
+        },
+    );
+    let sum = |v: &[f64; LANES]| v.iter().sum::<f64>();
+    let mut start = 0;
+    while start < n_lat {
+        cancel.check()?;
+        let len = r.min(n_lat - start);
+        let a_b = cfg.alpha_min + start as f64 * h;
+        let c_b = with_simd(
+            #[inline(always)]
+            || {
+                // -inf + a * x stays -inf (x is finite): impossible tokens get weight 0.
+                for ((w, &l), &x) in ws.iter_mut().zip(lp).zip(xs.iter()) {
+                    *w = l + a_b * x;
+                }
+                let c = finite_max(ws);
+                for w in ws.iter_mut() {
+                    *w = fast_exp(*w - c);
+                }
+                c
+            },
+        );
+        lattice_points(xs, ws, es, &mut acc[..2 * len], len, cancel)?;
+        for q in 0..len {
+            let i = start + q;
+            let a = cfg.alpha_min + i as f64 * h;
+            let s0 = sum(&acc[2 * q]);
+            let m1 = sum(&acc[2 * q + 1]) / s0;
+            (k1[i], k2[i]) = shifted_kls_ln(a, c_b + s0.ln() - lse_lp, m1, m1_0);
+        }
+        start += len;
+    }
+    if n_lat < n_pts {
+        let a_last = cfg.grid_value(n_pts - 1);
+        let (g, g1, _, _) = cgf(lp, lse_lp, d, a_last);
+        (k1[n_pts - 1], k2[n_pts - 1]) = kls(a_last, g, g1, g1_0);
+    }
+    Ok(())
 }
 
 /// acc[2i] += p e^{a_i x}, acc[2i+1] += p x e^{a_i x} with x = d - dmax, for the n_lat lattice
@@ -120,7 +225,8 @@ fn lattice_moments(
     xs: &mut [f64],
     ws: &mut [f64],
     es: &mut [f64],
-) {
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
     let n = p.len();
     let (grid_acc, zero_acc) = acc.split_at_mut(2 * n_lat);
     // Simple maps (each vectorises on its own); the a = 0 moments as lane sums.
@@ -154,10 +260,26 @@ fn lattice_moments(
     }
     zero_acc[0] = z0[0];
     zero_acc[1] = z0[1];
+    lattice_points(xs, ws, es, grid_acc, n_lat, cancel)
+}
+
+/// `n_points` consecutive lattice points from the running weights `ws`, in groups of four (then
+/// two, one) with their accumulators in registers; out[2q], out[2q + 1] get point q's sums.
+/// Checks for cancellation before each group.
+#[inline(always)]
+fn lattice_points(
+    xs: &[f64],
+    ws: &mut [f64],
+    es: &[f64],
+    out: &mut [[f64; LANES]],
+    n_points: usize,
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
     let mut start = 0;
-    while start < n_lat {
-        let left = n_lat - start;
-        let out = &mut grid_acc[2 * start..];
+    while start < n_points {
+        cancel.check()?;
+        let left = n_points - start;
+        let out = &mut out[2 * start..];
         let g = if left >= 4 {
             lattice_group_dispatch::<4>(xs, ws, es, out)
         } else if left >= 2 {
@@ -167,6 +289,7 @@ fn lattice_moments(
         };
         start += g;
     }
+    Ok(())
 }
 
 /// `lattice_group` with explicit AVX2 vectors when the CPU has them. LLVM did not keep the

@@ -11,7 +11,9 @@ mod exact;
 mod grid;
 mod objective;
 
+use crate::cancel::Cancel;
 use crate::config::{MultiExpert, SolverConfig, SolverKind};
+use crate::error::DlfError;
 use crate::kl::{kl_pair_finite_with, Exped};
 use crate::numerics::{dot_lanes, exp_shifted_into, finite_max, sum_lanes, with_simd, LANES};
 use crate::support::Reduced;
@@ -45,6 +47,15 @@ pub struct SolverScratch {
 }
 
 /// Per expert: the centred direction and the constants the evaluations need.
+impl SolverScratch {
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let v = [
+            &self.lp, &self.p, &self.d, &self.ea, &self.eb, &self.k1, &self.k2,
+        ];
+        v.iter().map(|x| x.capacity() * 8).sum::<usize>() + self.lattice.heap_bytes()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Direction {
     pub(super) dmax: f64,
@@ -56,7 +67,8 @@ pub fn solve_row(
     cfg: &SolverConfig,
     n_t: usize,
     sc: &mut SolverScratch,
-) -> RowSolution {
+    cancel: Cancel<'_>,
+) -> Result<RowSolution, DlfError> {
     let n = red.n;
     for v in [&mut sc.lp, &mut sc.p, &mut sc.ea, &mut sc.eb] {
         v.resize(n, 0.0);
@@ -133,7 +145,9 @@ pub fn solve_row(
     let lse_lp = psum.ln();
 
     let best = match cfg.multi_expert {
-        MultiExpert::OneActive => one_active(sc, cfg, &dirs, lse_lp, &targets_b, &targets_c),
+        MultiExpert::OneActive => {
+            one_active(sc, cfg, &dirs, lse_lp, &targets_b, &targets_c, cancel)?
+        }
     };
 
     let mut alphas = vec![0.0; n_t];
@@ -143,7 +157,7 @@ pub fn solve_row(
     } else {
         -1
     };
-    RowSolution {
+    Ok(RowSolution {
         alphas,
         active,
         loss: best.j,
@@ -151,7 +165,7 @@ pub fn solve_row(
         kl_large_fused: best.k2,
         targets_b,
         targets_c,
-    }
+    })
 }
 
 /// The paper's rule for T > 1 (and the only choice for T = 1): candidates a * e_t for every grid
@@ -164,7 +178,8 @@ fn one_active(
     lse_lp: f64,
     targets_b: &[f64],
     targets_c: &[f64],
-) -> Best {
+    cancel: Cancel<'_>,
+) -> Result<Best, DlfError> {
     let (n, n_t) = (sc.p.len(), dirs.len());
     let n_pts = cfg.grid_len() as usize;
     sc.k1.resize(n_pts * n_t, 0.0);
@@ -181,13 +196,16 @@ fn one_active(
             &mut sc.k1[t * n_pts..(t + 1) * n_pts],
             &mut sc.k2[t * n_pts..(t + 1) * n_pts],
             &mut sc.lattice,
-        );
+            cancel,
+        )?;
     }
 
     // Paper's scan: a ascending, experts in order, strict '<'.
+    // Starts at the range's lower end (not 0) so that even a row whose J is NaN everywhere
+    // reports a weight inside alpha_range.
     let mut best = Best {
         j: f64::INFINITY,
-        a: 0.0,
+        a: cfg.alpha_min,
         t: 0,
         k1: 0.0,
         k2: 0.0,
@@ -223,7 +241,7 @@ fn one_active(
         }
     }
 
-    best
+    Ok(best)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -298,6 +316,10 @@ mod tests {
         r
     }
 
+    fn solve(red: &Reduced, cfg: &SolverConfig, n_t: usize, sc: &mut SolverScratch) -> RowSolution {
+        solve_row(red, cfg, n_t, sc, Cancel::NEVER).unwrap()
+    }
+
     fn naive_j(red: &Reduced, alphas: &[f64], b: &[f64], c: &[f64]) -> f64 {
         let (k1, k2) = naive_kls(red, alphas);
         objective(k1, k2, b, c)
@@ -343,7 +365,7 @@ mod tests {
                 ..cfg(SolverKind::Grid)
             };
             let mut sc = SolverScratch::default();
-            let s = solve_row(&red, &c, 1, &mut sc);
+            let s = solve(&red, &c, 1, &mut sc);
             let n_pts = c.grid_len() as usize;
             for i in 0..n_pts {
                 let a = c.grid_value(i);
@@ -369,7 +391,7 @@ mod tests {
         let zl = vec![1.0f32, 2.0, 3.0, 0.0];
         let zs = vec![0.5f32, 1.0, -1.0, 0.0];
         let red = reduced(&zl, &zs, std::slice::from_ref(&zs), None);
-        let s = solve_row(
+        let s = solve(
             &red,
             &cfg(SolverKind::Grid),
             1,
@@ -386,13 +408,13 @@ mod tests {
         let other = vec![0.5f32, 1.2, -1.0, 0.0, 0.1];
         for solver in [SolverKind::Grid, SolverKind::Exact] {
             let red = reduced(&zl, &zs, &[e.clone(), e.clone()], None);
-            let s = solve_row(&red, &cfg(solver), 2, &mut SolverScratch::default());
+            let s = solve(&red, &cfg(solver), 2, &mut SolverScratch::default());
             assert_eq!(s.active, 0, "{solver:?}");
             // Distinct experts: the scan still prefers a later expert only when strictly better.
             let red = reduced(&zl, &zs, &[other.clone(), e.clone()], None);
-            let s2 = solve_row(&red, &cfg(solver), 2, &mut SolverScratch::default());
+            let s2 = solve(&red, &cfg(solver), 2, &mut SolverScratch::default());
             let red1 = reduced(&zl, &zs, &[e.clone(), other.clone()], None);
-            let s1 = solve_row(&red1, &cfg(solver), 2, &mut SolverScratch::default());
+            let s1 = solve(&red1, &cfg(solver), 2, &mut SolverScratch::default());
             assert_eq!(s1.alphas[0], s2.alphas[1], "{solver:?}");
             assert_eq!(s1.active, 0);
             assert_eq!(s2.active, 1);
@@ -411,7 +433,7 @@ mod tests {
         ];
         let red = reduced(&zl, &zs, &zts, None);
         let c = cfg(SolverKind::Grid);
-        let s = solve_row(&red, &c, 2, &mut SolverScratch::default());
+        let s = solve(&red, &c, 2, &mut SolverScratch::default());
         let n_pts = c.grid_len() as usize;
         let (mut best, mut arg) = (f64::INFINITY, (0.0, 0));
         for i in 0..n_pts {
@@ -437,8 +459,8 @@ mod tests {
             c.alpha_max = amin + width;
             for k in [None, Some(4)] {
                 let red = reduced(&zl, &zs, &zts, k);
-                let g = solve_row(&red, &c, 2, &mut SolverScratch::default());
-                let e = solve_row(&red, &SolverConfig { solver: SolverKind::Exact, ..c.clone() }, 2, &mut SolverScratch::default());
+                let g = solve(&red, &c, 2, &mut SolverScratch::default());
+                let e = solve(&red, &SolverConfig { solver: SolverKind::Exact, ..c.clone() }, 2, &mut SolverScratch::default());
                 prop_assert!(e.loss <= g.loss * (1.0 + 1e-12), "exact {} grid {}", e.loss, g.loss);
                 // The reported J is the J of the reported weights.
                 let j = naive_j(&red, &e.alphas, &e.targets_b, &e.targets_c);
@@ -452,7 +474,7 @@ mod tests {
             let zts: Vec<Vec<f32>> = zts.iter().map(|z| z.iter().zip(&zs).map(|(e, s)| s + (e - s) * scale).collect()).collect();
             let red = reduced(&zl, &zs, &zts, None);
             for solver in [SolverKind::Grid, SolverKind::Exact] {
-                let s = solve_row(&red, &cfg(solver), 1, &mut SolverScratch::default());
+                let s = solve(&red, &cfg(solver), 1, &mut SolverScratch::default());
                 prop_assert!(s.loss.is_finite() && s.kl_fused_large.is_finite() && s.kl_large_fused.is_finite());
                 let j = naive_j(&red, &s.alphas, &s.targets_b, &s.targets_c);
                 prop_assert!((s.loss - j).abs() <= 1e-8 * j.max(1.0), "{} {}", s.loss, j);

@@ -23,7 +23,15 @@ pub(super) fn shifted_kls(a: f64, ratio: f64, m1: f64, m1_0: f64) -> (f64, f64) 
         return (0.0, 0.0);
     }
     // g(a) - a dmax = ln ratio; the dmax terms cancel in both KLs.
-    let lr = ratio.ln();
+    shifted_kls_ln(a, ratio.ln(), m1, m1_0)
+}
+
+/// `shifted_kls` with ln ratio given (the restarted lattice knows it as a sum of logs).
+#[inline]
+pub(super) fn shifted_kls_ln(a: f64, lr: f64, m1: f64, m1_0: f64) -> (f64, f64) {
+    if a == 0.0 {
+        return (0.0, 0.0);
+    }
     ((a * m1 - lr).max(0.0), (lr - a * m1_0).max(0.0))
 }
 
