@@ -112,5 +112,46 @@ fn bench_fuse_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_fuse_step);
+/// The same number of grid points (2001) on the plain lattice (alpha_min >= 0, narrow range) and
+/// on the restarted lattice (a negative lower bound, or a range so wide that weights could
+/// underflow): issue 14 asks the latter to cost at most a small multiple of the former.
+fn bench_grid_ranges(c: &mut Criterion) {
+    let mut group = c.benchmark_group("grid_range");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let (b, v, n_t) = (8usize, 32_000usize, 1usize);
+    let fam = family(b, v, n_t);
+    let ex: Vec<&[f32]> = fam.experts.iter().map(|e| e.as_slice()).collect();
+    let inputs = StepInputs {
+        large: &fam.large,
+        small: &fam.small,
+        experts: &ex,
+        batch: b,
+        vocab: v,
+    };
+    for (name, lo, hi, step) in [
+        ("plain_0_2_step0.001", 0.0, 2.0, 0.001),
+        ("restarted_-1_1_step0.001", -1.0, 1.0, 0.001),
+        ("restarted_-100_100_step0.1", -100.0, 100.0, 0.1),
+        ("restarted_0_100_step0.05", 0.0, 100.0, 0.05),
+    ] {
+        let w = Weights::Dynamic(SolverConfig {
+            alpha_min: lo,
+            alpha_max: hi,
+            grid_step: step,
+            ..Default::default()
+        });
+        let id = BenchmarkId::new(name, format!("B{b}_V{v}_T{n_t}_2001pts"));
+        group.bench_with_input(id, &inputs, |bch, inp| {
+            bch.iter(|| {
+                fuse_step(black_box(inp), &w, &Sampling::default(), &Seeds::One(0)).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_grid_ranges, bench_fuse_step);
 criterion_main!(benches);

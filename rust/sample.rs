@@ -383,6 +383,38 @@ mod tests {
         assert_eq!(RowSeeds::new(&Seeds::One(42)).uniform(3), u);
     }
 
+    /// Issue 14: a temperature so small that logit / T overflows used to panic (top-p on an empty
+    /// order) or draw token 0 (NaN probabilities), even when token 0 was -inf.
+    #[test]
+    fn tiny_temperatures_are_the_greedy_limit() {
+        let ninf = f32::NEG_INFINITY;
+        for t in [5e-324, 1e-310, 1e-300, 1e-45] {
+            for top_p in [1.0, 0.5, 1e-9] {
+                let s = smp(t, 0, top_p, 0.0);
+                assert_eq!(
+                    sample_batch(&[1.0, 2.0], 1, 2, &s, &Seeds::One(0)),
+                    Ok(vec![1])
+                );
+                for seed in 0..20 {
+                    let got = sample_batch(&[ninf, 1.0, 2.0], 1, 3, &s, &Seeds::One(seed));
+                    assert_eq!(got, Ok(vec![2]));
+                }
+                // Tied maxima: uniform over them, never another token.
+                let z = [2.0f32, ninf, 2.0, 1.0];
+                let toks =
+                    sample_batch(&z.repeat(400), 400, 4, &smp(t, 0, 1.0, 0.0), &Seeds::One(3))
+                        .unwrap();
+                assert!(toks.iter().all(|&x| x == 0 || x == 2));
+                let zeros = toks.iter().filter(|&&x| x == 0).count();
+                assert!((120..280).contains(&zeros), "{zeros} of 400");
+            }
+        }
+        // Huge logits with a tiny temperature: still finite probabilities.
+        let big = [3.4e38f32, -3.4e38, 3.4e38, ninf];
+        let toks = sample_batch(&big, 1, 4, &smp(1e-30, 2, 0.3, 0.5), &Seeds::One(1)).unwrap();
+        assert!(toks[0] == 0 || toks[0] == 2);
+    }
+
     #[test]
     fn sample_batch_validates() {
         let s = Sampling::default();

@@ -1,6 +1,12 @@
 """Typed stub of the Rust extension `dlf_rs._core` (rust/python.rs). Call it through the checked
 wrappers in `dlf_rs` (`fuse_step`, `fuse_logits`, `sample`): they convert and check the inputs
-this layer expects (C-contiguous float32 2-D numpy arrays)."""
+this layer expects (C-contiguous float32 2-D numpy arrays).
+
+Every option is a required keyword here (the defaults live in `DEFAULTS` only); seeds are
+optional. A long call can be interrupted with Ctrl-C (KeyboardInterrupt within about 50 ms). A
+Rust panic (a bug) surfaces as one `DlfInternalError` per call. Input arrays are borrowed without
+copying: writing to them from another thread during a call is not supported (a `DlfError` saying
+the input changed when detected)."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +26,9 @@ class DlfError(ValueError):
 
 class DlfInternalError(DlfError):
     """A bug in the core (a caught Rust panic): one message per call saying how to report it."""
+
+def _panic_for_tests(rows: int, *, threaded: bool = False) -> None:
+    """Not API: panics inside `rows` core rows, to test the panic boundary."""
 
 def validate_options(
     *,

@@ -386,6 +386,49 @@ mod tests {
         }
     }
 
+    /// The restarted lattice (negative or wide ranges, with restarts forced by a wide spread)
+    /// against the naive KLs at every grid point.
+    #[test]
+    fn restarted_lattice_matches_naive_kls() {
+        let zl = vec![1.0f32, 3.0, -2.0, f32::NEG_INFINITY, 0.5, 2.5, -6.0, 4.0];
+        let zs = vec![0.0f32, 2.0, 1.0, 0.0, f32::NEG_INFINITY, 2.0, 0.0, 1.0];
+        for scale in [1.0f32, 8.0, 40.0] {
+            let ze: Vec<f32> = [1.5f32, 1.0, 1.0, 3.0, 0.0, 2.2, -1.0, 0.0]
+                .iter()
+                .zip(&zs)
+                .map(|(e, s)| s + (e - s) * scale)
+                .collect();
+            let red = reduced(&zl, &zs, std::slice::from_ref(&ze), None);
+            for (amin, amax, step) in [(-100.0, 100.0, 0.5), (-2.0, -0.5, 0.05), (0.0, 100.0, 0.25)]
+            {
+                let c = SolverConfig {
+                    alpha_min: amin,
+                    alpha_max: amax,
+                    grid_step: step,
+                    ..cfg(SolverKind::Grid)
+                };
+                let mut sc = SolverScratch::default();
+                let s = solve(&red, &c, 1, &mut sc);
+                for i in 0..c.grid_len() as usize {
+                    let a = c.grid_value(i);
+                    let (k1, k2) = naive_kls(&red, &[a]);
+                    let tol = |k: f64| 1e-9 * (1.0 + k);
+                    assert!(
+                        (sc.k1[i] - k1).abs() < tol(k1),
+                        "a={a} s={scale} {} {k1}",
+                        sc.k1[i]
+                    );
+                    assert!(
+                        (sc.k2[i] - k2).abs() < tol(k2),
+                        "a={a} s={scale} {} {k2}",
+                        sc.k2[i]
+                    );
+                }
+                assert!(amin <= s.alphas[0] && s.alphas[0] <= amax || s.active == -1);
+            }
+        }
+    }
+
     #[test]
     fn identical_to_small_expert_gives_zero_weight() {
         let zl = vec![1.0f32, 2.0, 3.0, 0.0];

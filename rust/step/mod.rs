@@ -1,0 +1,331 @@
+//! Last in the flow: the batch loops. `fuse_step` validates (`validate`), then per row, in
+//! parallel with rayon: scan the rows (`validate`), reduce the support (`support`), solve the
+//! weights (`solver`), fuse the full-vocabulary logits (`fuse`) and draw the token (`sample`).
+//! `fuse_logits` is the same loop with given weights and no draw.
+//!
+//! CONTRACT (used by rust/python.rs, benches and tests; do not rename):
+//! - `StepInputs`: `large`, `small` and each `experts[t]` are row-major `batch * vocab` f32.
+//! - `fuse_step(&inputs, &weights, &sampling, &seeds) -> Result<StepOutput, DlfError>`.
+//! - `fuse_logits(&inputs, alphas /* batch * T, row-major */, out /* batch * vocab */)`.
+//!
+//! Rows are independent: each is processed on a rayon worker with that thread's scratch buffers,
+//! and errors are reported for the lowest failing row, so the result never depends on scheduling.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::cancel::Cancel;
+use crate::config::{Sampling, Seeds, Weights};
+use crate::error::DlfError;
+use crate::fuse::fuse_row;
+use crate::numerics::with_simd;
+use crate::sample::{sample_row, RowSeeds, SampleScratch};
+use crate::solver::{solve_row, SolverScratch};
+use crate::support::Reduced;
+use crate::validate::{
+    scan_models, shape, validate_inputs, validate_sampling, validate_seeds, validate_weight_values,
+    validate_weights,
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs<'a> {
+    pub large: &'a [f32],
+    pub small: &'a [f32],
+    pub experts: &'a [&'a [f32]],
+    pub batch: usize,
+    pub vocab: usize,
+}
+
+/// Per-row results of one step. `[B, T]` fields are row-major `batch * n_experts`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    pub batch: usize,
+    pub n_experts: usize,
+    /// Next token per row.
+    pub tokens: Vec<i64>,
+    /// Weights used, `[B, T]`; in one-active mode at most one is non-zero per row.
+    pub alphas: Vec<f32>,
+    /// J at the chosen weights on the support used; 0 for static weights.
+    pub loss: Vec<f32>,
+    /// Index of the expert with the non-zero weight, -1 when every weight is 0 or weights are static.
+    pub active: Vec<i64>,
+    /// KL(P~ || P) at the chosen weights (NaN for static weights: not computed).
+    pub kl_fused_large: Vec<f32>,
+    /// KL(P || P~) at the chosen weights (NaN for static weights).
+    pub kl_large_fused: Vec<f32>,
+    /// Targets KL(Q_t || Q), `[B, T]` (NaN for static weights).
+    pub kl_expert_small: Vec<f32>,
+    /// Targets KL(Q || Q_t), `[B, T]` (NaN for static weights).
+    pub kl_small_expert: Vec<f32>,
+    /// Number of tokens (tail bucket included) the KLs were computed over; 0 for static weights.
+    pub support_size: Vec<u32>,
+}
+
+impl StepOutput {
+    fn empty(n_experts: usize) -> Self {
+        StepOutput {
+            batch: 0,
+            n_experts,
+            tokens: vec![],
+            alphas: vec![],
+            loss: vec![],
+            active: vec![],
+            kl_fused_large: vec![],
+            kl_large_fused: vec![],
+            kl_expert_small: vec![],
+            kl_small_expert: vec![],
+            support_size: vec![],
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    red: Reduced,
+    solver: SolverScratch,
+    sample: SampleScratch,
+    fused: Vec<f32>,
+}
+
+/// Per-thread scratch above this size is freed at the end of the row that grew it, so one
+/// unusually large call does not pin its memory on every rayon thread afterwards. 64 MiB is far
+/// above a decode step's needs (V = 128,256 with T = 4 on the full vocabulary, the largest
+/// benched case, uses about 12 MiB), so normal calls keep their buffers and never reallocate.
+pub const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+
+impl Scratch {
+    fn heap_bytes(&self) -> usize {
+        self.red.heap_bytes()
+            + self.solver.heap_bytes()
+            + self.sample.heap_bytes()
+            + self.fused.capacity() * std::mem::size_of::<f32>()
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// One row's results before they are scattered into the `[B]` / `[B, T]` outputs.
+struct RowOut {
+    token: i64,
+    alphas: Vec<f32>,
+    loss: f32,
+    active: i64,
+    kl_fused_large: f32,
+    kl_large_fused: f32,
+    targets_b: Vec<f32>,
+    targets_c: Vec<f32>,
+    support_size: u32,
+}
+
+pub fn fuse_step(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &Seeds,
+) -> Result<StepOutput, DlfError> {
+    fuse_step_impl(inputs, weights, sampling, seeds, true, Cancel::NEVER)
+}
+
+/// `fuse_step` that stops with `DlfError::Cancelled` soon after `cancel` is set.
+pub fn fuse_step_with_cancel(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &Seeds,
+    cancel: Cancel<'_>,
+) -> Result<StepOutput, DlfError> {
+    fuse_step_impl(inputs, weights, sampling, seeds, true, cancel)
+}
+
+pub(crate) fn fuse_step_impl(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &Seeds,
+    parallel: bool,
+    cancel: Cancel<'_>,
+) -> Result<StepOutput, DlfError> {
+    validate_inputs(
+        inputs.large,
+        inputs.small,
+        inputs.experts,
+        inputs.batch,
+        inputs.vocab,
+    )?;
+    let n_t = inputs.experts.len();
+    validate_weights(weights, n_t)?;
+    validate_sampling(sampling)?;
+    validate_seeds(seeds, inputs.batch)?;
+    if inputs.batch == 0 {
+        return Ok(StepOutput::empty(n_t));
+    }
+    let row_seeds = RowSeeds::new(seeds);
+    let run = |b: usize| step_row(inputs, b, weights, sampling, &row_seeds, cancel);
+    let rows: Vec<Result<RowOut, DlfError>> = if parallel {
+        (0..inputs.batch).into_par_iter().map(run).collect()
+    } else {
+        (0..inputs.batch).map(run).collect()
+    };
+
+    let b = inputs.batch;
+    let mut out = StepOutput {
+        batch: b,
+        n_experts: n_t,
+        tokens: Vec::with_capacity(b),
+        alphas: Vec::with_capacity(b * n_t),
+        loss: Vec::with_capacity(b),
+        active: Vec::with_capacity(b),
+        kl_fused_large: Vec::with_capacity(b),
+        kl_large_fused: Vec::with_capacity(b),
+        kl_expert_small: Vec::with_capacity(b * n_t),
+        kl_small_expert: Vec::with_capacity(b * n_t),
+        support_size: Vec::with_capacity(b),
+    };
+    for row in rows {
+        let r = row?;
+        out.tokens.push(r.token);
+        out.alphas.extend_from_slice(&r.alphas);
+        out.loss.push(r.loss);
+        out.active.push(r.active);
+        out.kl_fused_large.push(r.kl_fused_large);
+        out.kl_large_fused.push(r.kl_large_fused);
+        out.kl_expert_small.extend_from_slice(&r.targets_b);
+        out.kl_small_expert.extend_from_slice(&r.targets_c);
+        out.support_size.push(r.support_size);
+    }
+    Ok(out)
+}
+
+fn step_row(
+    inputs: &StepInputs<'_>,
+    b: usize,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &RowSeeds<'_>,
+    cancel: Cancel<'_>,
+) -> Result<RowOut, DlfError> {
+    cancel.check()?;
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let out = row_with_scratch(inputs, b, weights, sampling, seeds, cancel, &mut guard);
+        if guard.heap_bytes() > SCRATCH_KEEP_BYTES {
+            *guard = Scratch::default();
+        }
+        out
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_with_scratch(
+    inputs: &StepInputs<'_>,
+    b: usize,
+    weights: &Weights,
+    sampling: &Sampling,
+    seeds: &RowSeeds<'_>,
+    cancel: Cancel<'_>,
+    sc: &mut Scratch,
+) -> Result<RowOut, DlfError> {
+    let (large, small, experts) =
+        scan_models(inputs.large, inputs.small, inputs.experts, inputs.vocab, b)?;
+    let n_t = experts.len();
+    {
+        let mut out = match weights {
+            Weights::Static(a) => RowOut {
+                token: 0,
+                alphas: a.iter().map(|&x| x as f32).collect(),
+                loss: 0.0,
+                active: -1,
+                kl_fused_large: f32::NAN,
+                kl_large_fused: f32::NAN,
+                targets_b: vec![f32::NAN; n_t],
+                targets_c: vec![f32::NAN; n_t],
+                support_size: 0,
+            },
+            Weights::Dynamic(cfg) => {
+                sc.red.fill(large, small, &experts, cfg.support_k);
+                let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver, cancel)?;
+                RowOut {
+                    token: 0,
+                    alphas: s.alphas.iter().map(|&x| x as f32).collect(),
+                    loss: s.loss as f32,
+                    active: s.active,
+                    kl_fused_large: s.kl_fused_large as f32,
+                    kl_large_fused: s.kl_large_fused as f32,
+                    targets_b: s.targets_b.iter().map(|&x| x as f32).collect(),
+                    targets_c: s.targets_c.iter().map(|&x| x as f32).collect(),
+                    support_size: sc.red.n as u32,
+                }
+            }
+        };
+        sc.fused.resize(inputs.vocab, 0.0);
+        with_simd(
+            #[inline(always)]
+            || fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused),
+        );
+        out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
+        Ok(out)
+    }
+}
+
+pub fn fuse_logits(
+    inputs: &StepInputs<'_>,
+    alphas: &[f32],
+    out: &mut [f32],
+) -> Result<(), DlfError> {
+    fuse_logits_with_cancel(inputs, alphas, out, Cancel::NEVER)
+}
+
+/// `fuse_logits` that stops with `DlfError::Cancelled` soon after `cancel` is set.
+pub fn fuse_logits_with_cancel(
+    inputs: &StepInputs<'_>,
+    alphas: &[f32],
+    out: &mut [f32],
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
+    validate_inputs(
+        inputs.large,
+        inputs.small,
+        inputs.experts,
+        inputs.batch,
+        inputs.vocab,
+    )?;
+    let (b, v, n_t) = (inputs.batch, inputs.vocab, inputs.experts.len());
+    if alphas.len() != b * n_t {
+        return Err(shape("alphas", format!("[{b}, {n_t}]"), alphas.len()));
+    }
+    if out.len() != b * v {
+        return Err(shape("out", format!("[{b}, {v}]"), out.len()));
+    }
+    validate_weight_values("alphas", alphas.iter().map(|&x| x as f64))?;
+    if b == 0 {
+        return Ok(());
+    }
+    let res: Vec<Result<(), DlfError>> = out
+        .par_chunks_mut(v)
+        .enumerate()
+        .map(|(row, o)| {
+            cancel.check()?;
+            let (large, small, experts) = scan_models(
+                inputs.large,
+                inputs.small,
+                inputs.experts,
+                inputs.vocab,
+                row,
+            )?;
+            let a = &alphas[row * n_t..(row + 1) * n_t];
+            with_simd(
+                #[inline(always)]
+                || fuse_row(large.z, small, &experts, a, o),
+            );
+            Ok(())
+        })
+        .collect();
+    res.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests;

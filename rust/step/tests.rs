@@ -1,0 +1,547 @@
+//! Tests of the batch loops: both solvers end to end, pruning, rayon vs sequential, the fused
+//! logits recipe, -inf and degenerate rows, argument names, limits, scratch and cancellation.
+
+use super::*;
+use crate::config::{SolverConfig, SolverKind};
+
+/// Deterministic LM-like logits: a Zipf-ish head under a scrambled order, plus noise.
+pub(crate) fn lm_logits(seed: u64, b: usize, v: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(b * v);
+    for _ in 0..b {
+        let shift = (next() * v as f64) as usize;
+        for i in 0..v {
+            let rank = ((i * 7919 + shift) % v) as f64 + 1.0;
+            out.push((-1.2 * rank.ln() + 0.5 * next() + 3.0) as f32);
+        }
+    }
+    out
+}
+
+fn inputs<'a>(
+    l: &'a [f32],
+    s: &'a [f32],
+    e: &'a [&'a [f32]],
+    b: usize,
+    v: usize,
+) -> StepInputs<'a> {
+    StepInputs {
+        large: l,
+        small: s,
+        experts: e,
+        batch: b,
+        vocab: v,
+    }
+}
+
+#[test]
+fn smoke_grid_and_exact() {
+    let (b, v) = (3, 500);
+    let l = lm_logits(1, b, v);
+    let s = lm_logits(2, b, v);
+    let e1: Vec<f32> = s
+        .iter()
+        .zip(lm_logits(3, b, v))
+        .map(|(x, y)| x + 0.3 * y)
+        .collect();
+    let ex = [e1.as_slice()];
+    let inp = inputs(&l, &s, &ex, b, v);
+    for solver in [SolverKind::Grid, SolverKind::Exact] {
+        let w = Weights::Dynamic(SolverConfig {
+            solver,
+            ..Default::default()
+        });
+        let out = fuse_step(&inp, &w, &Sampling::default(), &Seeds::One(0)).unwrap();
+        assert_eq!(out.tokens.len(), b);
+        assert!(out.loss.iter().all(|x| x.is_finite()));
+        eprintln!("{solver:?} {:?} {:?}", out.alphas, out.loss);
+    }
+}
+
+fn dyn_cfg(k: Option<usize>, solver: SolverKind) -> Weights {
+    Weights::Dynamic(SolverConfig {
+        support_k: k,
+        solver,
+        ..Default::default()
+    })
+}
+
+fn family(b: usize, v: usize, n_t: usize) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+    let l = lm_logits(11, b, v);
+    let s = lm_logits(12, b, v);
+    let e = (0..n_t)
+        .map(|t| {
+            let p = lm_logits(20 + t as u64, b, v);
+            s.iter().zip(p).map(|(x, y)| x + 0.2 * y).collect()
+        })
+        .collect();
+    (l, s, e)
+}
+
+#[test]
+fn support_k_at_least_vocab_equals_full_vocabulary() {
+    let (b, v) = (4, 300);
+    let (l, s, e) = family(b, v, 2);
+    let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
+    let inp = inputs(&l, &s, &ex, b, v);
+    let smp = Sampling {
+        temperature: 0.8,
+        ..Default::default()
+    };
+    for solver in [SolverKind::Grid, SolverKind::Exact] {
+        let full = fuse_step(&inp, &dyn_cfg(None, solver), &smp, &Seeds::One(5)).unwrap();
+        for k in [v, v + 7] {
+            let pr = fuse_step(&inp, &dyn_cfg(Some(k), solver), &smp, &Seeds::One(5)).unwrap();
+            assert_eq!(full, pr);
+        }
+        let small = fuse_step(&inp, &dyn_cfg(Some(16), solver), &smp, &Seeds::One(5)).unwrap();
+        assert!(small
+            .support_size
+            .iter()
+            .all(|&n| n > 16 && (n as usize) < v));
+    }
+}
+
+#[test]
+fn rayon_equals_sequential() {
+    let (b, v) = (9, 257);
+    let (l, s, e) = family(b, v, 3);
+    let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
+    let inp = inputs(&l, &s, &ex, b, v);
+    let smp = Sampling {
+        temperature: 1.0,
+        top_p: 0.9,
+        ..Default::default()
+    };
+    for w in [
+        dyn_cfg(None, SolverKind::Grid),
+        dyn_cfg(Some(8), SolverKind::Exact),
+    ] {
+        let par = fuse_step_impl(&inp, &w, &smp, &Seeds::One(3), true, Cancel::NEVER).unwrap();
+        let seq = fuse_step_impl(&inp, &w, &smp, &Seeds::One(3), false, Cancel::NEVER).unwrap();
+        assert_eq!(par, seq);
+        assert_eq!(par, fuse_step(&inp, &w, &smp, &Seeds::One(3)).unwrap());
+    }
+}
+
+#[test]
+fn fused_logits_follow_the_f32_recipe() {
+    let l = [1.0f32, f32::NEG_INFINITY, 3e38, 0.5, -2.0];
+    let s = [0.0f32, 1.0, -3e38, f32::NEG_INFINITY, 1.0];
+    let e = [2.0f32, 0.0, 3e38, 1.0, f32::NEG_INFINITY];
+    let ex = [e.as_slice()];
+    let inp = inputs(&l, &s, &ex, 1, 5);
+    let mut out = [0.0f32; 5];
+    fuse_logits(&inp, &[0.7], &mut out).unwrap();
+    let rep_s = -3e38f32 - 30.0;
+    let rep_e = 0.0f32 - 30.0; // expert row minimum is 0
+    assert_eq!(out[0], 1.0 + 0.7f32 * (2.0 - 0.0));
+    assert_eq!(out[1], f32::NEG_INFINITY);
+    assert_eq!(out[2], f32::MAX); // overflow saturates
+    assert_eq!(out[3], 0.5 + 0.7f32 * (1.0 - rep_s));
+    assert_eq!(out[4], -2.0 + 0.7f32 * (rep_e - 1.0));
+    // Static weights give the same fused logits to the sampler.
+    let st = fuse_step(
+        &inp,
+        &Weights::Static(vec![0.7]),
+        &Sampling::default(),
+        &Seeds::One(0),
+    )
+    .unwrap();
+    assert_eq!(st.tokens, vec![2]);
+    assert!(st.kl_fused_large[0].is_nan() && st.active[0] == -1 && st.loss[0] == 0.0);
+}
+
+#[test]
+fn neg_inf_never_gives_nan() {
+    let v = 6;
+    let ninf = f32::NEG_INFINITY;
+    let l = [0.0f32, 1.0, ninf, ninf, 2.0, 0.5];
+    let s = [ninf, 1.0, 0.0, ninf, 2.0, 0.5];
+    let e1 = [1.0f32, ninf, 0.0, 3.0, 2.0, ninf];
+    let e2 = [ninf, ninf, ninf, ninf, ninf, 0.0];
+    let ex = [e1.as_slice(), e2.as_slice()];
+    let inp = inputs(&l, &s, &ex, 1, v);
+    for w in [
+        dyn_cfg(None, SolverKind::Grid),
+        dyn_cfg(None, SolverKind::Exact),
+        dyn_cfg(Some(1), SolverKind::Exact),
+        dyn_cfg(Some(2), SolverKind::Grid),
+    ] {
+        let o = fuse_step(
+            &inp,
+            &w,
+            &Sampling {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            &Seeds::One(1),
+        )
+        .unwrap();
+        for x in o
+            .loss
+            .iter()
+            .chain(&o.kl_fused_large)
+            .chain(&o.kl_large_fused)
+            .chain(&o.kl_expert_small)
+            .chain(&o.kl_small_expert)
+        {
+            assert!(x.is_finite(), "{o:?}");
+        }
+        assert!(l[o.tokens[0] as usize].is_finite());
+    }
+}
+
+#[test]
+fn degenerate_inputs_never_panic() {
+    let ninf = f32::NEG_INFINITY;
+    let w = dyn_cfg(None, SolverKind::Exact);
+    let smp = Sampling {
+        temperature: 1.0,
+        top_k: 3,
+        top_p: 0.5,
+        min_p: 0.1,
+    };
+    // all -inf row
+    let l = [ninf; 3];
+    let s = [0.0f32; 3];
+    let ex = [s.as_slice()];
+    let r = fuse_step(&inputs(&l, &s, &ex, 1, 3), &w, &smp, &Seeds::One(0));
+    assert!(matches!(r, Err(DlfError::NoFiniteLogit { ref model, row: 0 }) if model == "large"));
+    let r = fuse_step(&inputs(&s, &l, &ex, 1, 3), &w, &smp, &Seeds::One(0));
+    assert!(matches!(r, Err(DlfError::NoFiniteLogit { ref model, .. }) if model == "small"));
+    // V = 1
+    let one = [0.5f32];
+    let ex1 = [one.as_slice()];
+    let o = fuse_step(&inputs(&one, &one, &ex1, 1, 1), &w, &smp, &Seeds::One(0)).unwrap();
+    assert_eq!(o.tokens, vec![0]);
+    // B = 0
+    let o = fuse_step(&inputs(&[], &[], &[&[]], 0, 7), &w, &smp, &Seeds::One(0)).unwrap();
+    assert!(o.tokens.is_empty() && o.alphas.is_empty());
+    // huge logits
+    for big in [1e30f32, 1e38, -1e38, 3.4e38] {
+        let l = [big, -big, 0.0, 1.0];
+        let s = [-big, big, 1.0, 0.0];
+        let e = [big, big, -big, 0.0];
+        let ex = [e.as_slice()];
+        for w in [
+            dyn_cfg(None, SolverKind::Grid),
+            dyn_cfg(None, SolverKind::Exact),
+            dyn_cfg(Some(1), SolverKind::Exact),
+        ] {
+            if let Ok(o) = fuse_step(&inputs(&l, &s, &ex, 1, 4), &w, &smp, &Seeds::One(0)) {
+                assert!(o.alphas.iter().all(|a| a.is_finite()));
+                assert!(!o.loss[0].is_nan());
+            }
+        }
+    }
+}
+
+/// Issue 14: static weights beyond f32 (1e300 became inf and picked the wrong token) and
+/// ranges outside [-100, 100] are refused; results always lie in the range.
+#[test]
+fn weights_stay_finite_and_in_range() {
+    let l = [5.0f32, 0.0];
+    let s = [0.0f32, 0.0];
+    let e = [0.0f32, -1.0];
+    let ex = [e.as_slice()];
+    let inp = inputs(&l, &s, &ex, 1, 2);
+    let smp = Sampling::default();
+    for a in [1e300, -1e300, 100.5, f64::NAN] {
+        let r = fuse_step(&inp, &Weights::Static(vec![a]), &smp, &Seeds::One(0));
+        assert!(matches!(r, Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "alpha"));
+    }
+    let mut out = [0.0f32; 2];
+    let r = fuse_logits(&inp, &[1e30], &mut out);
+    assert!(matches!(r, Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "alphas"));
+    let cfg = |lo: f64, hi: f64, step: f64, solver| {
+        Weights::Dynamic(SolverConfig {
+            alpha_min: lo,
+            alpha_max: hi,
+            grid_step: step,
+            solver,
+            ..Default::default()
+        })
+    };
+    let r = fuse_step(
+        &inp,
+        &cfg(-1e300, -1e300, 0.1, SolverKind::Grid),
+        &smp,
+        &Seeds::One(0),
+    );
+    assert!(matches!(r, Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "alpha_range"));
+    let (b, v) = (6, 400);
+    let (zl, zs, ze) = family(b, v, 2);
+    let exs: Vec<&[f32]> = ze.iter().map(|x| x.as_slice()).collect();
+    let inp = inputs(&zl, &zs, &exs, b, v);
+    for (lo, hi, step) in [
+        (-100.0, -100.0, 0.1),
+        (-100.0, 100.0, 0.1),
+        (-3.0, -1.0, 0.05),
+        (0.5, 0.7, 0.1),
+        (97.0, 100.0, 0.3),
+    ] {
+        for solver in [SolverKind::Grid, SolverKind::Exact] {
+            let o = fuse_step(&inp, &cfg(lo, hi, step, solver), &smp, &Seeds::One(0)).unwrap();
+            for (r, a) in o.alphas.chunks(2).enumerate() {
+                let w = if o.active[r] >= 0 {
+                    a[o.active[r] as usize]
+                } else {
+                    0.0
+                };
+                assert!(a.iter().all(|x| x.is_finite()));
+                if o.active[r] >= 0 || lo <= 0.0 && 0.0 <= hi {
+                    assert!(
+                        (lo as f32) <= w && w <= (hi as f32),
+                        "{w} not in [{lo}, {hi}]"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A call that grows a thread's scratch beyond `SCRATCH_KEEP_BYTES` leaves it freed.
+#[test]
+fn large_scratch_is_returned() {
+    let (b, v) = (1, (SCRATCH_KEEP_BYTES / 8) / 4 + 1000);
+    let z = vec![0.5f32; v];
+    let ex = [z.as_slice(), z.as_slice(), z.as_slice(), z.as_slice()];
+    let inp = inputs(&z, &z, &ex, b, v);
+    let w = dyn_cfg(None, SolverKind::Grid);
+    let smp = Sampling::default();
+    fuse_step_impl(&inp, &w, &smp, &Seeds::One(0), false, Cancel::NEVER).unwrap();
+    let after = SCRATCH.with(|c| c.borrow().heap_bytes());
+    assert!(after <= SCRATCH_KEEP_BYTES, "{after} bytes kept");
+    // A normal call keeps its buffers (no reallocation per call).
+    let (l, s, e) = family(2, 300, 1);
+    let ex1 = [e[0].as_slice()];
+    fuse_step_impl(
+        &inputs(&l, &s, &ex1, 2, 300),
+        &w,
+        &smp,
+        &Seeds::One(0),
+        false,
+        Cancel::NEVER,
+    )
+    .unwrap();
+    assert!(SCRATCH.with(|c| c.borrow().heap_bytes()) > 0);
+}
+
+/// A set cancellation flag stops every entry point with `Cancelled`.
+#[test]
+fn cancellation_stops_the_call() {
+    use std::sync::atomic::AtomicBool;
+    let (l, s, e) = family(3, 200, 2);
+    let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
+    let inp = inputs(&l, &s, &ex, 3, 200);
+    let flag = AtomicBool::new(true);
+    let smp = Sampling::default();
+    for w in [
+        dyn_cfg(None, SolverKind::Grid),
+        Weights::Static(vec![1.0, 0.0]),
+    ] {
+        let r = fuse_step_with_cancel(&inp, &w, &smp, &Seeds::One(0), Cancel::new(&flag));
+        assert_eq!(r, Err(DlfError::Cancelled));
+    }
+    let mut out = vec![0.0f32; 600];
+    let r = fuse_logits_with_cancel(&inp, &[1.0; 6], &mut out, Cancel::new(&flag));
+    assert_eq!(r, Err(DlfError::Cancelled));
+    let r = crate::sample::sample_batch_with_cancel(
+        &l,
+        3,
+        200,
+        &smp,
+        &Seeds::One(0),
+        Cancel::new(&flag),
+    );
+    assert_eq!(r, Err(DlfError::Cancelled));
+}
+
+#[test]
+fn each_bad_argument_names_itself() {
+    let z = [0.0f32, 1.0, 2.0, 3.0];
+    let ex = [z.as_slice()];
+    let inp = inputs(&z, &z, &ex, 2, 2);
+    let ok_w = dyn_cfg(None, SolverKind::Grid);
+    let ok_s = Sampling::default();
+    let arg_of = |r: Result<StepOutput, DlfError>| match r {
+        Err(DlfError::InvalidArgument { arg, .. }) | Err(DlfError::Shape { arg, .. }) => arg,
+        Err(DlfError::NonFinite { model, .. }) | Err(DlfError::NoFiniteLogit { model, .. }) => {
+            model
+        }
+        Err(DlfError::InputChanged { arg, .. }) => arg,
+        Err(DlfError::Cancelled) => "cancelled".into(),
+        Ok(_) => "ok".into(),
+    };
+    let sc = |f: fn(&mut SolverConfig)| {
+        let mut c = SolverConfig::default();
+        f(&mut c);
+        Weights::Dynamic(c)
+    };
+    let cases: Vec<(Weights, Sampling, Seeds, &str)> = vec![
+        (
+            Weights::Static(vec![1.0, 2.0]),
+            ok_s,
+            Seeds::One(0),
+            "alpha",
+        ),
+        (
+            Weights::Static(vec![f64::NAN]),
+            ok_s,
+            Seeds::One(0),
+            "alpha",
+        ),
+        (
+            sc(|c| c.alpha_min = 3.0),
+            ok_s,
+            Seeds::One(0),
+            "alpha_range",
+        ),
+        (
+            sc(|c| c.alpha_max = f64::INFINITY),
+            ok_s,
+            Seeds::One(0),
+            "alpha_range",
+        ),
+        (sc(|c| c.grid_step = 0.0), ok_s, Seeds::One(0), "grid_step"),
+        (
+            sc(|c| c.grid_step = f64::NAN),
+            ok_s,
+            Seeds::One(0),
+            "grid_step",
+        ),
+        (sc(|c| c.grid_step = 1e-9), ok_s, Seeds::One(0), "grid_step"),
+        (
+            sc(|c| c.support_k = Some(0)),
+            ok_s,
+            Seeds::One(0),
+            "support_k",
+        ),
+        (
+            ok_w.clone(),
+            Sampling {
+                temperature: -1.0,
+                ..ok_s
+            },
+            Seeds::One(0),
+            "temperature",
+        ),
+        (
+            ok_w.clone(),
+            Sampling {
+                temperature: f64::NAN,
+                ..ok_s
+            },
+            Seeds::One(0),
+            "temperature",
+        ),
+        (
+            ok_w.clone(),
+            Sampling { top_p: 0.0, ..ok_s },
+            Seeds::One(0),
+            "top_p",
+        ),
+        (
+            ok_w.clone(),
+            Sampling { top_p: 1.5, ..ok_s },
+            Seeds::One(0),
+            "top_p",
+        ),
+        (
+            ok_w.clone(),
+            Sampling {
+                min_p: -0.1,
+                ..ok_s
+            },
+            Seeds::One(0),
+            "min_p",
+        ),
+        (ok_w.clone(), ok_s, Seeds::PerRow(vec![1]), "seed"),
+        (ok_w.clone(), ok_s, Seeds::PerRow(vec![1, 2]), "ok"),
+    ];
+    for (w, s, seeds, want) in cases {
+        assert_eq!(arg_of(fuse_step(&inp, &w, &s, &seeds)), want, "{w:?} {s:?}");
+    }
+    // shapes and non-finite values
+    assert_eq!(
+        arg_of(fuse_step(
+            &inputs(&z[..3], &z, &ex, 2, 2),
+            &ok_w,
+            &ok_s,
+            &Seeds::One(0)
+        )),
+        "large"
+    );
+    assert_eq!(
+        arg_of(fuse_step(
+            &inputs(&z, &z[..2], &ex, 2, 2),
+            &ok_w,
+            &ok_s,
+            &Seeds::One(0)
+        )),
+        "small"
+    );
+    let ex2 = [z.as_slice(), &z[..1]];
+    assert_eq!(
+        arg_of(fuse_step(
+            &inputs(&z, &z, &ex2, 2, 2),
+            &ok_w,
+            &ok_s,
+            &Seeds::One(0)
+        )),
+        "experts[1]"
+    );
+    assert_eq!(
+        arg_of(fuse_step(
+            &inputs(&[], &[], &[], 1, 0),
+            &Weights::Static(vec![]),
+            &ok_s,
+            &Seeds::One(0)
+        )),
+        "large"
+    );
+    assert_eq!(
+        arg_of(fuse_step(
+            &inputs(&z, &z, &[], 2, 2),
+            &ok_w,
+            &ok_s,
+            &Seeds::One(0)
+        )),
+        "experts"
+    );
+    assert_eq!(
+        arg_of(fuse_step(
+            &inputs(&z, &z, &[], 2, 2),
+            &Weights::Static(vec![]),
+            &ok_s,
+            &Seeds::One(0)
+        )),
+        "ok"
+    );
+    let bad = [0.0f32, 1.0, 2.0, f32::NAN];
+    let exb = [bad.as_slice()];
+    let r = fuse_step(&inputs(&z, &z, &exb, 2, 2), &ok_w, &ok_s, &Seeds::One(0));
+    assert!(
+        matches!(r, Err(DlfError::NonFinite { ref model, row: 1, token: 1, .. }) if model == "experts[0]"),
+        "{r:?}"
+    );
+    let pinf = [0.0f32, f32::INFINITY, 2.0, 1.0];
+    let r = fuse_step(&inputs(&pinf, &z, &ex, 2, 2), &ok_w, &ok_s, &Seeds::One(0));
+    assert!(
+        matches!(r, Err(DlfError::NonFinite { ref model, row: 0, token: 1, .. }) if model == "large")
+    );
+    let mut out = [0.0f32; 4];
+    assert!(
+        matches!(fuse_logits(&inp, &[1.0], &mut out), Err(DlfError::Shape { ref arg, .. }) if arg == "alphas")
+    );
+    assert!(
+        matches!(fuse_logits(&inp, &[1.0, 1.0], &mut out[..3]), Err(DlfError::Shape { ref arg, .. }) if arg == "out")
+    );
+}

@@ -1,0 +1,222 @@
+"""Hardening of the Rust core (issue 14, Rust side) and the options contract of `dlf_rs._core`
+(issue 9): DEFAULTS and validate_options, no panic reaching Python, tiny temperatures, weight
+limits, Ctrl-C on a long call. Calls `dlf_rs._core` directly, with every option spelled out from
+`DEFAULTS`, so it does not depend on the Python wrappers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dlf_rs import _core
+
+OPTION_KEYS = (
+    "alpha_min alpha_max grid_step solver multi_expert support_k temperature top_k top_p min_p"
+).split()
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def options(**overrides):
+    opts = {k: _core.DEFAULTS[k] for k in OPTION_KEYS}
+    opts["alpha"] = None
+    opts.update(overrides)
+    return opts
+
+
+def sampling(**overrides):
+    opts = {k: _core.DEFAULTS[k] for k in SAMPLING_KEYS}
+    opts.update(overrides)
+    return opts
+
+
+def f32(x):
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def lm_rows(rng, b, v):
+    ranks = rng.permuted(np.tile(np.arange(1, v + 1), (b, 1)), axis=1)
+    return f32(-1.1 * np.log(ranks) + 0.5 * rng.random((b, v)))
+
+
+def test_defaults_are_the_documented_ones():
+    assert _core.DEFAULTS == {
+        "alpha_min": 0.0,
+        "alpha_max": 2.0,
+        "grid_step": 0.1,
+        "solver": "grid",
+        "multi_expert": "one-active",
+        "support_k": None,
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "max_grid_points": 10001,
+        "max_abs_alpha": 100.0,
+    }
+    assert issubclass(_core.DlfInternalError, _core.DlfError)
+    assert _core.validate_options(**options()) is None
+
+
+BAD_OPTIONS = [
+    (dict(alpha=[1e300]), "alpha:"),
+    (dict(alpha=[0.5, float("nan")]), "alpha:"),
+    (dict(alpha=[-100.5]), "alpha:"),
+    (dict(alpha_min=-1e300, alpha_max=-1e300), "alpha_range:"),
+    (dict(alpha_min=-101.0, alpha_max=0.0), "alpha_range:"),
+    (dict(alpha_min=1.0, alpha_max=0.0), "alpha_range:"),
+    (dict(alpha_max=float("inf")), "alpha_range:"),
+    (dict(grid_step=0.0), "grid_step:"),
+    (dict(alpha_min=-50.0, alpha_max=50.0, grid_step=0.0099), "grid_step:"),
+    (dict(solver="newton"), "solver:"),
+    (dict(multi_expert="joint"), "multi_expert:"),
+    (dict(support_k=0), "support_k:"),
+    (dict(temperature=-1.0), "temperature:"),
+    (dict(temperature=float("inf")), "temperature:"),
+    (dict(top_p=0.0), "top_p:"),
+    (dict(top_p=1.5), "top_p:"),
+    (dict(min_p=-0.1), "min_p:"),
+]
+
+
+@pytest.mark.parametrize("bad,prefix", BAD_OPTIONS)
+def test_validate_options_raises_what_fuse_step_raises(bad, prefix):
+    with pytest.raises(_core.DlfError) as by_validate:
+        _core.validate_options(**options(**bad))
+    assert str(by_validate.value).startswith(prefix), by_validate.value
+    z = f32([[0.0, 1.0, 2.0]])
+    with pytest.raises(_core.DlfError) as by_step:
+        _core.fuse_step(z, z, [z], **options(**bad))
+    assert str(by_step.value) == str(by_validate.value)
+
+
+def test_limits_are_inclusive():
+    _core.validate_options(**options(alpha=[100.0, -100.0]))
+    _core.validate_options(**options(alpha_min=-50.0, alpha_max=50.0, grid_step=0.01))  # 10,001
+    _core.validate_options(**options(alpha_min=-100.0, alpha_max=100.0))
+
+
+def test_every_option_is_required():
+    z = f32([[0.0, 1.0]])
+    with pytest.raises(TypeError):
+        _core.fuse_step(z, z, [z])
+    with pytest.raises(TypeError):
+        _core.sample(z)
+
+
+# ---- issue 14 reproducers ----
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300])
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_tiny_temperature_is_greedy_like(temperature, top_p):
+    opts = sampling(temperature=temperature, top_p=top_p)
+    assert _core.sample(f32([[1.0, 2.0]]), seed=0, **opts).tolist() == [1]
+    z = f32([[-np.inf, 1.0, 2.0]] * 64)
+    assert set(_core.sample(z, seed=1, **opts).tolist()) == {2}
+    ties = f32([[2.0, -np.inf, 2.0, 1.0]] * 400)
+    drawn = set(_core.sample(ties, seed=2, **opts).tolist())
+    # Uniform over the tied maxima; top-p 0.5 keeps the first of them only (mass 0.5 reached).
+    assert drawn == ({0, 2} if top_p == 1.0 else {0})
+
+
+def test_static_alpha_above_float32_is_refused():
+    large, small, expert = f32([[5.0, 0.0]]), f32([[0.0, 0.0]]), f32([[0.0, -1.0]])
+    with pytest.raises(_core.DlfError, match="^alpha:"):
+        _core.fuse_step(large, small, [expert], **options(alpha=[1e300]))
+    with pytest.raises(_core.DlfError, match="^alphas:"):
+        _core.fuse_logits(large, small, [expert], f32([[1e30]]))
+
+
+@pytest.mark.parametrize("solver", ["grid", "exact"])
+@pytest.mark.parametrize(
+    "lo,hi,step", [(-100.0, 100.0, 0.1), (-3.0, -1.0, 0.05), (0.5, 0.7, 0.1), (-100.0, -100.0, 0.1)]
+)
+def test_results_lie_in_the_range(solver, lo, hi, step):
+    rng = np.random.default_rng(3)
+    b, v = 6, 500
+    large, small = lm_rows(rng, b, v), lm_rows(rng, b, v)
+    experts = [f32(small + rng.normal(0, 1, (b, v))) for _ in range(2)]
+    res = _core.fuse_step(
+        large, small, experts, **options(alpha_min=lo, alpha_max=hi, grid_step=step, solver=solver)
+    )
+    chosen = res.alphas[np.arange(b), np.maximum(res.active, 0)]
+    chosen = np.where(res.active >= 0, chosen, 0.0)
+    assert np.all(np.isfinite(res.alphas))
+    assert np.all((chosen >= np.float32(lo)) & (chosen <= np.float32(hi)) | (res.active < 0))
+    assert np.all(np.isfinite(res.loss))
+
+
+def run_python(code: str, timeout: float = 120.0, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_panic_is_one_internal_error_and_prints_nothing(threaded):
+    code = f"""
+        from dlf_rs import _core
+        try:
+            _core._panic_for_tests(100_000, threaded={threaded})
+        except _core.DlfInternalError as e:
+            print("CAUGHT", e)
+        except BaseException as e:
+            print("ESCAPED", type(e).__name__, e)
+        """
+    proc = run_python(code, RUST_BACKTRACE="1")
+    assert "CAUGHT internal error in dlf_rs _panic_for_tests (a bug): test panic in row" in proc.stdout
+    assert "please report it with the inputs' shapes" in proc.stdout
+    assert len(proc.stderr) < 2000, proc.stderr[:2000]
+
+
+def test_ctrl_c_stops_a_long_call_within_a_bound():
+    # A 10,001-point grid over (-50, 50) on B = 64, V = 32000, T = 4 runs for many seconds; SIGINT
+    # at 0.5 s must end it with KeyboardInterrupt within 3 s (a bound, not a benchmark).
+    code = """
+        import os, signal, threading, time
+        import numpy as np
+        from dlf_rs import _core
+        rng = np.random.default_rng(0)
+        b, v = 64, 32000
+        z = lambda: np.ascontiguousarray(rng.normal(0, 2, (b, v)).astype(np.float32))
+        large, small, experts = z(), z(), [z() for _ in range(4)]
+        opts = {k: _core.DEFAULTS[k] for k in
+                "solver multi_expert support_k temperature top_k top_p min_p".split()}
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.perf_counter()
+        try:
+            _core.fuse_step(large, small, experts, alpha=None, alpha_min=-50.0, alpha_max=50.0,
+                            grid_step=0.01, **opts)
+            print("FINISHED", time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            print("INTERRUPTED", time.perf_counter() - t0)
+        """
+    proc = run_python(code, timeout=300)
+    assert proc.stdout.startswith("INTERRUPTED"), proc.stdout + proc.stderr
+    elapsed = float(proc.stdout.split()[1])
+    print(f"KeyboardInterrupt {elapsed - 0.5:.3f} s after SIGINT")
+    assert elapsed < 3.5, elapsed
+
+
+def test_threaded_path_gives_the_same_result_as_inline():
+    # Large enough to run on the worker thread (see INLINE_WORK in rust/python.rs).
+    rng = np.random.default_rng(5)
+    b, v = 16, 32000
+    large, small = lm_rows(rng, b, v), lm_rows(rng, b, v)
+    experts = [f32(small + rng.normal(0, 1, (b, v)))]
+    big = _core.fuse_step(large, small, experts, **options(temperature=0.7), seed=4)
+    for r in range(0, b, 5):
+        one = _core.fuse_step(
+            large[r : r + 1], small[r : r + 1], [experts[0][r : r + 1]],
+            **options(temperature=0.7), seeds=[0],
+        )
+        assert one.alphas[0, 0] == big.alphas[r, 0]
