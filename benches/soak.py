@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import dlf_rs
 from reference import zipf_logits
 
-FAMILY = ROOT / "python" / "dlf_rs" / "default_family"
+FAMILY = ROOT / "python" / "dlf_rs" / "family" / "checkpoints"
 
 
 def rss_mb() -> float:

@@ -6,6 +6,9 @@
 //! to limit cancellation; K1, K2 at every grid point (`grid`); then the multi-expert rule picks the
 //! weights: one-active (the paper's) scans the candidates a * e_t and, with the exact solver,
 //! refines each expert's best (`exact`). `objective` holds J and the KLs as functions of a.
+//!
+//! Over 500 lines only because of its unit tests (more than half the file), kept beside the code
+//! they pin down.
 
 mod exact;
 mod grid;
