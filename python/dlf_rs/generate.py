@@ -330,8 +330,9 @@ class FusedGenerator:
                 return int(cand)
         return 0
 
-    def _tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (special tokens added, as the models were trained)."""
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     def _staging_for(self, n_models: int, batch: int) -> LogitStaging:
         if self._staging is None or not self._staging.matches(n_models, batch, self.vocab_size):

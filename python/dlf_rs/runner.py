@@ -125,7 +125,7 @@ class ModelRunner:
         slots: list[ModelSlot],
         staging: LogitStaging,
         timings: dict[str, float],
-        tokenize: Callable[[str], list[int]],
+        tokenize: Callable[[list[str]], list[list[int]]],
         pad_id: int,
         fast: FastOptions | None,
         side_stream: Callable[[torch.device], torch.cuda.Stream],
@@ -133,6 +133,7 @@ class ModelRunner:
     ) -> None:
         self.slots, self.staging, self.timings = slots, staging, timings
         self.tokenize, self.pad_id, self.fast = tokenize, pad_id, fast
+        self._ids: dict[tuple[str, ...], list[list[int]]] = {}  # models reading the same prompts
         self.side_stream, self.sync = side_stream, sync
         for slot in slots:
             timings.setdefault(f"forward:{slot.name}", 0.0)
@@ -154,7 +155,10 @@ class ModelRunner:
         self.timings["copy"] += time.perf_counter() - t0
 
     def prompt_ids(self, slot: ModelSlot, max_new_tokens: int) -> list[list[int]]:
-        ids = [self.tokenize(p) for p in slot.prompts]
+        key = tuple(slot.prompts)
+        if key not in self._ids:
+            self._ids[key] = self.tokenize(slot.prompts)
+        ids = self._ids[key]
         ctx = context_length(slot.model)
         for b, row in enumerate(ids):
             if not row:

@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                     rows[path]["peak"] = float(torch.cuda.max_memory_allocated(device))
                 if fast:
                     own = own_step_times(gen, prompts, args.steps)
-                    width = len(gen._tokenize(prompts[0]))
+                    width = len(gen._tokenize([prompts[0]])[0])
                     ctx = large.config.max_position_embeddings
                     kv = sum(
                         kv_cache_bytes(m, batch, cache_length(width + args.steps, ctx))
