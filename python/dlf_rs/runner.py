@@ -66,9 +66,27 @@ def _forward_params(model: Any) -> frozenset[str]:
     return params
 
 
+_PLAIN_CACHE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def _new_cache(model: Any) -> Any:
+    """A ``DynamicCache`` for one call. Built from the config only when some layer is not plain
+    full attention (sliding-window or chunked layers need their own cache layers); reading the
+    config costs ~60 us a model and call, which a per-token loop on small models feels."""
     from transformers import DynamicCache
 
+    plain = _PLAIN_CACHE.get(model)
+    if plain is None:
+        cfg = getattr(model, "config", None)
+        types = getattr(cfg, "layer_types", None)
+        plain = (
+            getattr(cfg, "sliding_window", None) is None
+            and getattr(cfg, "attention_chunk_size", None) is None
+            and (types is None or all(t == "full_attention" for t in types))
+        )
+        _PLAIN_CACHE[model] = plain
+    if plain:
+        return DynamicCache()
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # older transformers
@@ -134,6 +152,7 @@ class ModelRunner:
         self.slots, self.staging, self.timings = slots, staging, timings
         self.tokenize, self.pad_id, self.fast = tokenize, pad_id, fast
         self._ids: dict[tuple[str, ...], list[list[int]]] = {}  # models reading the same prompts
+        self._padded_by_ids: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.side_stream, self.sync = side_stream, sync
         for slot in slots:
             timings.setdefault(f"forward:{slot.name}", 0.0)
@@ -171,20 +190,32 @@ class ModelRunner:
                 )
         return ids
 
+    def _padded(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded input ids, attention mask and position ids (CPU), built once per prompt
+        set: models that read the same prompts share them (each step replaces, never writes,
+        a slot's mask and positions)."""
+        key = id(ids)
+        if key not in self._padded_by_ids:
+            width = max(len(r) for r in ids)
+            input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(ids), width), dtype=np.int64)
+            for b, row in enumerate(ids):
+                input_ids[b, width - len(row) :] = row
+                mask[b, width - len(row) :] = 1
+            positions = np.maximum(mask.cumsum(-1) - 1, 0)
+            self._padded_by_ids[key] = (torch.from_numpy(input_ids), torch.from_numpy(mask),
+                                        torch.from_numpy(positions))  # fmt: skip
+        return self._padded_by_ids[key]
+
     def prefill(self, ids_per_slot: list[list[list[int]]], max_new_tokens: int) -> None:
         """Left-pad each model's prompts, run the prompt forward, stage the last logits."""
         for i, (slot, ids) in enumerate(zip(self.slots, ids_per_slot)):
-            width = max(len(r) for r in ids)
-            input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for b, row in enumerate(ids):
-                input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-                mask[b, width - len(row) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            input_ids, mask, positions = self._padded(ids)
             slot.last_position = positions[:, -1:].to(slot.device)
             if slot.fast is not None:
+                width = input_ids.shape[1]
                 max_len = cache_length(width + max_new_tokens, context_length(slot.model))
-                slot.fast.prepare(len(ids), max_len, mask.to(slot.device))
+                slot.fast.prepare(len(ids), max_len, mask.to(slot.device, copy=True))
                 slot.attention_mask = slot.fast.mask
                 slot.cache = slot.fast.cache
             else:
