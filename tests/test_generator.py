@@ -425,7 +425,14 @@ def test_staging_buffers_are_reused_zero_copy() -> None:
     np.testing.assert_array_equal(first[1], np.arange(7, 12, dtype=np.float32))
     st.stage(0, torch.zeros(3, 5))
     st.wait()
-    assert st.view(0) is first and np.all(first == 0)  # same memory, overwritten in place
+    assert st.view(0) is not first  # a float32 CPU tensor is read in place, not copied
+    st.stage(0, torch.arange(21, dtype=torch.bfloat16).reshape(3, 7) * 0)
+    st.wait()
+    assert st.view(0) is first and np.all(first == 0)  # converted: same buffer, overwritten
+    logits = torch.randn(3, 5)
+    st.stage(1, logits)
+    st.wait()
+    assert st.view(1).ctypes.data == logits.data_ptr()  # zero-copy
     toks = st.tokens_to(np.array([4, 1, 2]), torch.device("cpu"))
     assert toks.shape == (3, 1) and toks.dtype == torch.long
 

@@ -8,8 +8,10 @@ vocabulary) into a host buffer -> :meth:`LogitStaging.wait` synchronises once fo
 
 The host buffers are allocated once per (batch, vocab, model count) and reused across steps and
 calls; they are pinned when CUDA is available so the device-to-host copies can be asynchronous.
+Logits that already are C-contiguous float32 CPU tensors (a CPU model's own output) are not
+copied at all: the view is the tensor's memory, kept alive until that slot's next ``stage``.
 While the Rust core reads the views (with the GIL released) nothing writes to them: the next
-``stage`` happens only after ``fuse_step`` returned.
+``stage`` happens only after ``fuse_step`` returned, and a forward writes a fresh output tensor.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class LogitStaging:
             for _ in range(n_models)
         ]
         # numpy views share memory with the torch buffers; created once.
-        self._views = [buf.numpy() for buf in self._host]
+        self._host_views = [buf.numpy() for buf in self._host]
+        self._views = list(self._host_views)
+        self._held: list[torch.Tensor | None] = [None] * n_models  # zero-copy sources
         self._token_host = torch.empty((batch,), dtype=torch.long, pin_memory=self.pinned)
         self._pending: dict[tuple[torch.device, int], torch.cuda.Event] = {}
 
@@ -49,6 +53,12 @@ class LogitStaging:
         conversion happens on the source device so the transfer itself is a plain f32 copy.
         """
         src = logits[:, : self.vocab]
+        if src.device.type == "cpu" and src.dtype == torch.float32 and src.is_contiguous():
+            self._held[slot] = src  # zero-copy: the core reads the forward's own output
+            self._views[slot] = src.numpy()
+            return
+        self._held[slot] = None
+        self._views[slot] = self._host_views[slot]
         if src.dtype != torch.float32:
             src = src.to(torch.float32)
         if src.device.type == "cuda":
