@@ -201,7 +201,7 @@ class StepOptions:
                 f"{unknown[0]}: unknown option; expected one of {', '.join(sorted(_FIELDS))}"
             )
         if options is None:
-            return cls(**overrides)
+            return _cached_record(cls, overrides)
         if "alpha" in overrides and "method" not in overrides and options.method in (
             "dlf", "static"
         ):  # fmt: skip
@@ -256,3 +256,21 @@ class StepOptions:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(StepOptions))
+_RECORDS: dict[tuple[Any, ...], StepOptions] = {}
+
+
+def _cached_record(cls: type[StepOptions], fields: dict[str, Any]) -> StepOptions:
+    """Records are frozen, so one built from the same keywords can be shared: a generation loop
+    that passes its options as keywords on every call checks them once (hashable values only;
+    the type goes into the key so 1 and 1.0 or True stay apart)."""
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in fields.items()))
+        hash(key)
+    except TypeError:  # unhashable values (lists, arrays): build, do not cache
+        return cls(**fields)
+    record = _RECORDS.get(key)
+    if record is None:
+        record = cls(**fields)
+        if len(_RECORDS) < 256:
+            _RECORDS[key] = record
+    return record

@@ -86,51 +86,34 @@ class TraceRecorder:
         """A single-model step ("large": weights 0; "expert": NaN); no solver trace."""
         self._steps.append((live, alpha_fill))
 
-    def _arrays(self, r: StepResult) -> dict[str, np.ndarray]:
-        b, t = self.batch, self.n_exp
-        return {
-            "alphas": np.asarray(r.alphas, np.float32).reshape(b, t),
-            "active": np.asarray(r.active, np.int64),
-            "loss": np.asarray(r.loss, np.float32),
-            "kl_fused_large": np.asarray(r.kl_fused_large, np.float32),
-            "kl_large_fused": np.asarray(r.kl_large_fused, np.float32),
-            "kl_expert_small": np.asarray(r.kl_expert_small, np.float32).reshape(b, t),
-            "kl_small_expert": np.asarray(r.kl_small_expert, np.float32).reshape(b, t),
-            "support_size": np.asarray(r.support_size, np.uint32),
-        }
-
     def rows(self) -> tuple[list[np.ndarray], list[RowTrace]]:
-        """Per-row ``alphas`` [steps, T] and :class:`RowTrace`."""
-        t = self.n_exp
-        nan_t = np.full(t, np.nan, np.float32)
-        single = {"active": -1, "loss": np.nan, "kl_fused_large": np.nan,
-                  "kl_large_fused": np.nan, "kl_expert_small": nan_t, "kl_small_expert": nan_t,
-                  "support_size": 0}  # fmt: skip
-        alphas: list[list[Any]] = [[] for _ in range(self.batch)]
-        cols: list[dict[str, list[Any]]] = [{k: [] for k in single} for _ in range(self.batch)]
-        for live, step in self._steps:
+        """Per-row ``alphas`` [steps, T] and :class:`RowTrace`: every field is stacked over the
+        steps once ([S, B, ...]), then each row takes the steps it was live for."""
+        b, t, s = self.batch, self.n_exp, len(self._steps)
+        live = np.zeros((s, b), dtype=bool)
+        alphas = np.full((s, b, t), np.nan, np.float32)
+        active = np.full((s, b), -1, np.int64)
+        loss, kfl, klf = (np.full((s, b), np.nan, np.float32) for _ in range(3))
+        kes, kse = (np.full((s, b, t), np.nan, np.float32) for _ in range(2))
+        support = np.zeros((s, b), np.uint32)
+        for i, (rows, step) in enumerate(self._steps):
+            live[i, rows] = True
             if not isinstance(step, StepResult):
-                for row in live:
-                    alphas[row].append(np.full(t, step, np.float32))
-                    for k, v in single.items():
-                        cols[row][k].append(v)
+                alphas[i] = step
                 continue
-            arrays = self._arrays(step)
-            for row in live:
-                alphas[row].append(arrays["alphas"][row])
-                for k in single:
-                    cols[row][k].append(arrays[k][row])
-        out_alphas = [np.asarray(a, np.float32).reshape(len(a), t) for a in alphas]
-        traces = []
-        for c in cols:
-            n = len(c["active"])
+            alphas[i] = np.asarray(step.alphas, np.float32).reshape(b, t)
+            active[i] = step.active
+            loss[i], kfl[i], klf[i] = step.loss, step.kl_fused_large, step.kl_large_fused
+            kes[i] = np.asarray(step.kl_expert_small, np.float32).reshape(b, t)
+            kse[i] = np.asarray(step.kl_small_expert, np.float32).reshape(b, t)
+            support[i] = step.support_size
+        out_alphas, traces = [], []
+        for row in range(b):
+            m = live[:, row]
+            out_alphas.append(np.ascontiguousarray(alphas[m, row]))
             traces.append(RowTrace(
-                active=np.asarray(c["active"], np.int64).reshape(n),
-                loss=np.asarray(c["loss"], np.float32).reshape(n),
-                kl_fused_large=np.asarray(c["kl_fused_large"], np.float32).reshape(n),
-                kl_large_fused=np.asarray(c["kl_large_fused"], np.float32).reshape(n),
-                kl_expert_small=np.asarray(c["kl_expert_small"], np.float32).reshape(n, t),
-                kl_small_expert=np.asarray(c["kl_small_expert"], np.float32).reshape(n, t),
-                support_size=np.asarray(c["support_size"], np.uint32).reshape(n),
+                active=active[m, row], loss=loss[m, row], kl_fused_large=kfl[m, row],
+                kl_large_fused=klf[m, row], kl_expert_small=kes[m, row],
+                kl_small_expert=kse[m, row], support_size=support[m, row],
             ))  # fmt: skip
         return out_alphas, traces
