@@ -87,8 +87,9 @@ class LogitStaging:
 
     def tokens_to(self, tokens: np.ndarray, device: torch.device) -> torch.Tensor:
         """Next tokens ``int64[batch]`` from the host to ``device`` as ``[batch, 1]``."""
-        host = self._token_host
-        host.copy_(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)))
+        ids = np.ascontiguousarray(tokens, dtype=np.int64)
         if device.type == "cpu":
-            return host.clone().view(-1, 1)
+            return torch.from_numpy(ids.copy()).view(-1, 1)  # its own memory: models may keep it
+        host = self._token_host
+        host.copy_(torch.from_numpy(ids))
         return host.to(device, non_blocking=True).view(-1, 1)
