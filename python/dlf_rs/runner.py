@@ -24,7 +24,9 @@ from .fastpath import FastModel, FastOptions, cache_length
 from .loading import oom_hint
 from .staging import LogitStaging
 
-__all__ = ["ModelRunner", "ModelSlot", "context_length", "model_device", "model_vocab"]
+__all__ = [
+    "ModelRunner", "ModelSlot", "context_length", "forward_params", "model_device", "model_vocab",
+]  # fmt: skip
 
 
 def model_device(model: Any) -> torch.device:
@@ -54,7 +56,7 @@ def context_length(model: Any) -> int | None:
 _PARAMS: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
-def _forward_params(model: Any) -> frozenset[str]:
+def forward_params(model: Any) -> frozenset[str]:
     """The keyword names of ``model.forward``, looked up once per model (``inspect`` is slow)."""
     params = _PARAMS.get(model)
     if params is None:
@@ -110,7 +112,7 @@ class ModelSlot:
 
     @classmethod
     def of(cls, name: str, model: Any, prompts: list[str], fast: FastModel | None) -> ModelSlot:
-        params = _forward_params(model)
+        params = forward_params(model)
         return cls(name, model, prompts, model_device(model), "logits_to_keep" in params,
                    "position_ids" in params, fast)  # fmt: skip
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .options import StepOptions
+from .runner import context_length, forward_params, model_device
 from .step import fuse_logits, fuse_step
 
 __all__ = [
@@ -57,27 +58,8 @@ class ScoreResult:
     truncated: int = 0  # context tokens dropped from the left to fit the context length
 
 
-def _model_device(model: Any) -> torch.device:
-    dev = next(model.parameters()).device
-    return dev if dev.type != "meta" else torch.device("cpu")
-
-
-def _context_length(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _takes(model: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return name in forward_params(model)
 
 
 def _models(gen: Any, method: str, expert: int | None) -> list[Any]:
@@ -106,7 +88,7 @@ def _models(gen: Any, method: str, expert: int | None) -> list[Any]:
 
 def context_limit(gen: Any, method: str = "dlf", expert: int | None = None) -> int | None:
     """The longest input (tokens) every model of ``method`` accepts, or None if unknown."""
-    lengths = [n for m in _models(gen, method, expert) if (n := _context_length(m)) is not None]
+    lengths = [n for m in _models(gen, method, expert) if (n := context_length(m)) is not None]
     return min(lengths) if lengths else None
 
 
@@ -132,7 +114,7 @@ def _continuation_logits(
     for b, row in enumerate(rows):
         ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[b, width - len(row) :] = 1
-    dev = _model_device(model)
+    dev = model_device(model)
     kwargs: dict[str, Any] = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
     if _takes(model, "position_ids"):
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(dev)
