@@ -232,13 +232,20 @@ class ModelRunner:
             return
         t0 = time.perf_counter()
         tokens_on = self._tokens_on(feed)
+        # Models that read the same prompts on one device share their mask and position tensors
+        # (prefill hands them the same ones): each grown tensor is made once and shared again.
+        grown: dict[int, torch.Tensor] = {}
+        old = [(slot.attention_mask, slot.last_position) for slot in self.slots]  # ids stay unique
         for slot in self.slots:
-            assert slot.attention_mask is not None and slot.last_position is not None
-            # Finished rows keep attending (mask 1) like HF generate; their outputs are ignored.
-            slot.attention_mask = torch.cat(
-                [slot.attention_mask, slot.attention_mask.new_ones((feed.shape[0], 1))], dim=-1
-            )
-            slot.last_position = slot.last_position + 1
+            mask, pos = slot.attention_mask, slot.last_position
+            assert mask is not None and pos is not None
+            if id(mask) not in grown:
+                # Finished rows keep attending (mask 1) like HF generate; outputs are ignored.
+                grown[id(mask)] = torch.cat([mask, mask.new_ones((feed.shape[0], 1))], dim=-1)
+            if id(pos) not in grown:
+                grown[id(pos)] = pos + 1
+            slot.attention_mask, slot.last_position = grown[id(mask)], grown[id(pos)]
+        del old
         self.timings["copy"] += time.perf_counter() - t0
         for i, slot in enumerate(self.slots):
             assert slot.last_position is not None
