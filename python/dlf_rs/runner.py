@@ -89,6 +89,9 @@ class ModelSlot:
     cache: Any = None
     attention_mask: torch.Tensor | None = None
     last_position: torch.Tensor | None = None
+    # A mixed LoRA batch (dlf_rs.lora.group_slots): this slot's forward runs ``group`` models'
+    # rows member-major, and its logits fill ``group`` staging buffers.
+    group: int = 1
 
     @classmethod
     def of(cls, name: str, model: Any, prompts: list[str], fast: FastModel | None) -> ModelSlot:
@@ -135,6 +138,7 @@ class ModelRunner:
         self.tokenize, self.pad_id, self.fast = tokenize, pad_id, fast
         self._ids: dict[tuple[str, ...], list[list[int]]] = {}  # models reading the same prompts
         self.side_stream, self.sync = side_stream, sync
+        self.stage_at = [sum(s.group for s in slots[:i]) for i in range(len(slots))]
         for slot in slots:
             timings.setdefault(f"forward:{slot.name}", 0.0)
 
@@ -151,7 +155,12 @@ class ModelRunner:
         self.timings["forward"] += elapsed
         self.timings[key] += elapsed
         t0 = time.perf_counter()
-        self.staging.stage(i, logits)  # its event is recorded on the stream it ran on
+        if slot.group > 1:
+            for j, part in enumerate(logits.chunk(slot.group)):
+                self.staging.stage(self.stage_at[i] + j, part)
+        else:
+            # Its event is recorded on the stream it ran on.
+            self.staging.stage(self.stage_at[i], logits)
         self.timings["copy"] += time.perf_counter() - t0
 
     def prompt_ids(self, slot: ModelSlot, max_new_tokens: int) -> list[list[int]]:
@@ -160,7 +169,9 @@ class ModelRunner:
             self._ids[key] = self.tokenize(slot.prompts)
         ids = self._ids[key]
         ctx = context_length(slot.model)
-        for b, row in enumerate(ids):
+        batch = len(ids) // slot.group
+        for k, row in enumerate(ids):
+            b = k % batch  # a mixed LoRA slot holds its members' prompts one after the other
             if not row:
                 raise ValueError(f"prompts[{b}]: tokenizes to no tokens for the {slot.name} model")
             if ctx is not None and len(row) + max_new_tokens > ctx:
@@ -203,13 +214,17 @@ class ModelRunner:
             assert slot.attention_mask is not None and slot.last_position is not None
             # Finished rows keep attending (mask 1) like HF generate; their outputs are ignored.
             slot.attention_mask = torch.cat(
-                [slot.attention_mask, slot.attention_mask.new_ones((feed.shape[0], 1))], dim=-1
+                [slot.attention_mask, slot.attention_mask.new_ones((len(slot.attention_mask), 1))],
+                dim=-1,
             )
             slot.last_position = slot.last_position + 1
         self.timings["copy"] += time.perf_counter() - t0
         for i, slot in enumerate(self.slots):
             assert slot.last_position is not None
-            self._run(i, slot, f"forward:{slot.name}", tokens_on[slot.device], slot.last_position)
+            tokens = tokens_on[slot.device]
+            if slot.group > 1:
+                tokens = tokens.repeat(slot.group, 1)
+            self._run(i, slot, f"forward:{slot.name}", tokens, slot.last_position)
 
     def _tokens_on(self, feed: np.ndarray) -> dict[torch.device, torch.Tensor]:
         """The step's token ids, sent once to each device the models live on (the models only
