@@ -126,7 +126,11 @@ def test_from_pretrained_adapter_dirs_and_peft_models(
         assert got.token_ids == ref.token_ids, mode
         assert gen.expert_names == ["lora0", "expert:1", "lora2"]
     # The shipped-size rule: a tiny base merges (plain forwards are fastest there).
-    assert choose_mode(family.small, 3, torch.device("cpu")) == "merged"
+    assert choose_mode(family.small, 3) == "merged"
+    big = family.small.__class__(family.small.config.__class__(
+        vocab_size=64, hidden_size=512, intermediate_size=4096, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    assert choose_mode(big, 3) == "mixed"
 
 
 def test_lora_errors(family: Family, adapters: list[str], tmp_path: Path) -> None:

@@ -14,10 +14,11 @@ with :func:`lora_experts`. Three ways to run them (``lora_mode``):
 - ``"merged"``: each adapter merged into its own copy of the base (``merge_and_unload``): plain
   forwards with no LoRA work, ``T + 1`` copies of the weights.
 
-``"auto"`` chooses by :func:`choose_mode`'s rule (measured by ``benches/bench_lora.py``, numbers
-in the README): mixed where one forward's matrix work dominates peft's per-forward overhead, i.e.
-a small base of at least :data:`MIXED_MIN_PARAMS` parameters, else merged while the copies are
-small, else separate.
+``"auto"`` chooses by :func:`choose_mode`'s rule, read from ``benches/bench_lora.py`` (CPU, one
+thread, T = 4, r = 16 on the attention projections; numbers in the README): from a small base of
+:data:`MIXED_MIN_PARAMS` parameters up, mixed costs 1.5-2.4x less per step than merged and 2-4x
+less than separate; below it (the shipped 24k-parameter base) the three are within the timing
+noise of a few milliseconds and merged (plain forwards, no peft at decode time) is chosen.
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ __all__ = [
 
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 LORA_MODES = ("auto", "mixed", "separate", "merged")
-# Below this the per-forward cost of peft's adapter dispatch (~2 ms on CPU, measured) outweighs
-# reading the base weights once for all rows: benches/bench_lora.py, README "LoRA experts".
-MIXED_MIN_PARAMS = 20_000_000
-# "auto" merges small bases below this size (T + 1 plain copies cost little memory there).
-MERGED_MAX_PARAMS = 20_000_000
+# From this size up the mixed batch was measured cheapest (11.8M: 3.4x one small forward per step
+# against 5.0x merged and 8.0x separate; 135M: see the README); benches/bench_lora.py.
+MIXED_MIN_PARAMS = 10_000_000
 
 
 def _require_peft(arg: str) -> Any:
@@ -57,20 +56,17 @@ def n_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def choose_mode(small: Any, n_adapters: int, device: torch.device | None = None) -> str:
-    """The rule behind ``lora_mode="auto"``: ``"mixed"`` for a base of at least
-    :data:`MIXED_MIN_PARAMS` parameters (one read of the weights for all rows pays), otherwise
-    ``"merged"`` when the base is below :data:`MERGED_MAX_PARAMS` (plain forwards are the fastest
-    and T + 1 copies are cheap), otherwise ``"separate"``. One adapter never needs a mixed batch
-    to share weights, but mixed still runs base and expert as one forward, so the rule is the
-    same. ``device`` is accepted for rules that differ by device; the measured cut-off held on
-    CPU (README): on CUDA small forwards are launch-bound, which favours mixed even more."""
-    size = n_params(small)
+def choose_mode(small: Any, n_adapters: int) -> str:
+    """The rule behind ``lora_mode="auto"``: ``"mixed"`` for a small base of at least
+    :data:`MIXED_MIN_PARAMS` parameters (one read of the base weights for all rows, one forward
+    instead of ``1 + T``), else ``"merged"`` (tiny bases: T + 1 copies cost little memory and plain
+    forwards carry no LoRA dispatch). Measured on CPU (benches/bench_lora.py); on CUDA decode is
+    launch- and memory-bound, which favours one forward more, but that is not measured here.
+    ``"separate"`` is never chosen: force it where T merged copies do not fit and a mixed batch
+    is not wanted (e.g. with ``fast=True``, which runs LoRA members as separate forwards)."""
     if n_adapters == 0:
         return "separate"
-    if size >= MIXED_MIN_PARAMS or (device is not None and device.type == "cuda"):
-        return "mixed"
-    return "merged" if size < MERGED_MAX_PARAMS else "separate"
+    return "mixed" if n_params(small) >= MIXED_MIN_PARAMS else "merged"
 
 
 class AdapterView:
@@ -209,8 +205,7 @@ def lora_experts(
         raise TypeError(f"{arg}: expected a list of adapters, got one string {adapters!r}")
     adapters = list(adapters)
     if mode == "auto":
-        dev = next(small.parameters()).device
-        mode = choose_mode(small, len(adapters), dev)
+        mode = choose_mode(small, len(adapters))
     _require_peft(arg)
     if mode == "merged":
         experts = []
