@@ -16,7 +16,7 @@ with :func:`lora_experts`. Three ways to run them (``lora_mode``):
 
 ``"auto"`` chooses by :func:`choose_mode`'s rule, read from ``benches/bench_lora.py`` (CPU, one
 thread, T = 4, r = 16 on the attention projections; numbers in the README): from a small base of
-:data:`MIXED_MIN_PARAMS` parameters up, mixed costs 1.5-2.4x less per step than merged and 2-4x
+:data:`MIXED_MIN_PARAMS` parameters up, mixed costs 1.5-2.7x less per step than merged and 2.0-3.3x
 less than separate; below it (the shipped 24k-parameter base) the three are within the timing
 noise of a few milliseconds and merged (plain forwards, no peft at decode time) is chosen.
 """
