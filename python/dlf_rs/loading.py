@@ -14,6 +14,12 @@ shared tokenizer. Decisions (README "Loading checkpoints"):
   checkpoint's Python code).
 - dtype: float32 on CPU unless asked otherwise (float16 matrix work is slow on most CPUs and
   makes padded batches differ from single prompts); on an accelerator the checkpoint's own dtype.
+  A ``device_map`` on a machine without CUDA counts as CPU.
+- Per-model settings: ``gguf_file``, ``device_map``, ``max_memory`` and ``offload_folder`` take
+  one value for every model or a dict keyed by model ("large", "small", "experts" for every
+  expert, "expert:<i>" for one), see :func:`per_model`. A GGUF model is a directory (or hub id)
+  plus ``gguf_file``, or the path of the ``.gguf`` file itself; transformers de-quantises it.
+- LoRA adapters among the experts run as :mod:`dlf_rs.lora` says (``lora_mode``).
 """
 
 from __future__ import annotations
@@ -25,8 +31,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadOptions", "load_adapter", "load_model", "load_tokenizer", "parse_dtype",
-           "resolve_source"]  # fmt: skip
+__all__ = ["LoadOptions", "load_adapter", "load_family", "load_model", "load_tokenizer",
+           "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
+
+PER_MODEL = ("gguf_file", "device_map", "max_memory", "offload_folder")
+
+
+def _is_model_key(key: object) -> bool:
+    return isinstance(key, str) and (
+        key in ("large", "small", "experts") or (key.startswith("expert:") and key[7:].isdigit())
+    )
+
+
+def per_model(arg: str, value: Any, name: str) -> Any:
+    """``value`` for the model ``name`` ("large", "small", "expert:<i>"): a dict whose keys are
+    all model names ("large", "small", "experts", "expert:<i>") is per model (a missing model
+    gets None; "expert:<i>" beats "experts"), anything else applies to every model (so a
+    device_map or max_memory dict of modules or devices is passed as it is)."""
+    if isinstance(value, dict) and value and all(_is_model_key(k) for k in value):
+        if name in value:
+            return value[name]
+        return value.get("experts") if name.startswith("expert:") else None
+    if isinstance(value, dict) and any(_is_model_key(k) for k in value):
+        bad = sorted(str(k) for k in value if not _is_model_key(k))
+        raise ValueError(
+            f"{arg}: a dict mixing model names and other keys ({bad}); per model use only "
+            "'large', 'small', 'experts', 'expert:<i>'"
+        )
+    return value
+
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -48,6 +81,9 @@ class LoadOptions:
         allow_pickle: bool,
         trust_remote_code: bool,
         extra: dict[str, Any],
+        gguf_file: Any = None,
+        max_memory: Any = None,
+        offload_folder: Any = None,
     ) -> None:
         for name, flag in (("local_files_only", local_files_only), ("allow_pickle", allow_pickle),
                            ("trust_remote_code", trust_remote_code)):  # fmt: skip
@@ -63,8 +99,18 @@ class LoadOptions:
         self.local_files_only = local_files_only
         self.allow_pickle = allow_pickle
         self.trust_remote_code = trust_remote_code
+        self.per_model = {"gguf_file": gguf_file, "device_map": device_map,
+                          "max_memory": max_memory, "offload_folder": offload_folder}  # fmt: skip
+        for key in ("gguf_file", "offload_folder"):
+            for name in ("large", "small", "expert:0"):
+                v = per_model(key, self.per_model[key], name)
+                if v is not None and not isinstance(v, (str, os.PathLike)):
+                    raise TypeError(f"{key}: expected a path string, got {type(v).__name__}")
         dtype = parse_dtype(torch_dtype)
-        on_cpu = device_map is None and (self.device is None or self.device.type == "cpu")
+        no_cuda = not torch.cuda.is_available()
+        on_cpu = (device_map is None or no_cuda) and (
+            self.device is None or self.device.type == "cpu"
+        )
         if dtype is None:
             dtype = torch.float32 if on_cpu else "auto"
         self.kwargs: dict[str, Any] = {
@@ -73,11 +119,18 @@ class LoadOptions:
             "local_files_only": local_files_only,
             "trust_remote_code": trust_remote_code,
         }
-        if device_map is not None:
-            self.kwargs["device_map"] = device_map
 
-    def place(self, model: Any) -> Any:
-        if self.device_map is None and self.device is not None:
+    def kwargs_for(self, name: str) -> dict[str, Any]:
+        """The ``from_pretrained`` keywords of the model ``name`` ("large", "small", ...)."""
+        kwargs = dict(self.kwargs)
+        for key, value in self.per_model.items():
+            v = per_model(key, value, name)
+            if v is not None:
+                kwargs[key] = os.fspath(v) if key in ("gguf_file", "offload_folder") else v
+        return kwargs
+
+    def place(self, model: Any, name: str = "large") -> Any:
+        if per_model("device_map", self.device_map, name) is None and self.device is not None:
             model = model.to(self.device)
         return model.eval()
 
@@ -108,8 +161,12 @@ def resolve_source(arg: str, value: object) -> str:
         raise ValueError(f"{arg}: empty path")
     if os.path.isdir(s):
         return s
+    if os.path.isfile(s) and s.endswith(".gguf"):
+        return s  # load_model splits it into its directory and gguf_file
     if os.path.exists(s):
-        raise FileNotFoundError(f"{arg}: {s!r} is a file; expected a model directory")
+        raise FileNotFoundError(
+            f"{arg}: {s!r} is a file; expected a model directory (or a .gguf file)"
+        )
     if _looks_like_path(s):
         raise FileNotFoundError(f"{arg}: model directory {s!r} does not exist")
     return s
@@ -153,12 +210,21 @@ def oom_hint(name: str, err: BaseException) -> torch.cuda.OutOfMemoryError:
     )
 
 
-def load_model(arg: str, src: str, opts: LoadOptions) -> Any:
-    """A causal LM from a directory or a cached hub id, with the rules of this module."""
+def load_model(arg: str, src: str, opts: LoadOptions, name: str | None = None) -> Any:
+    """A causal LM from a directory, a cached hub id or a GGUF file, with the rules of this
+    module; ``name`` ("large", "small", "expert:<i>", default ``arg``) picks per-model settings."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(opts.kwargs)
-    if os.path.isdir(src):
+    name = name or arg
+    kwargs = opts.kwargs_for(name)
+    if os.path.isfile(src) and src.endswith(".gguf"):
+        src, kwargs["gguf_file"] = os.path.split(os.path.abspath(src))
+    gguf = kwargs.get("gguf_file")
+    if gguf is not None:
+        _require_gguf(arg)
+        if os.path.isdir(src) and not os.path.isfile(os.path.join(src, gguf)):
+            raise FileNotFoundError(f"gguf_file: {gguf!r} is not in {arg}'s directory {src!r}")
+    elif os.path.isdir(src):
         if not os.path.isfile(os.path.join(src, "config.json")):
             raise FileNotFoundError(
                 f"{arg}: {src!r} holds no model (no config.json); expected a Hugging Face "
@@ -173,7 +239,7 @@ def load_model(arg: str, src: str, opts: LoadOptions) -> Any:
             )
         if not safe and not pickle:
             raise FileNotFoundError(f"{arg}: {src!r} holds no weights (*.safetensors)")
-    if not opts.allow_pickle:
+    if not opts.allow_pickle and gguf is None:
         kwargs["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
@@ -187,7 +253,16 @@ def load_model(arg: str, src: str, opts: LoadOptions) -> Any:
     except ValueError as err:  # e.g. an unknown model type in config.json
         msg = " ".join(str(err).split())
         raise ValueError(f"{arg}: could not load a causal LM from {src!r}: {msg}") from err
-    return opts.place(model)
+    return opts.place(model, name)
+
+
+def _require_gguf(arg: str) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"{arg}: loading a GGUF file needs the gguf package: pip install gguf"
+        ) from err
 
 
 def load_adapter(arg: str, src: str, small_src: str | None, opts: LoadOptions) -> Any:
@@ -219,16 +294,98 @@ def has_tokenizer_files(path: str) -> bool:
     )
 
 
-def load_tokenizer(arg: str, src: str, opts: LoadOptions) -> Any:
+def load_tokenizer(arg: str, src: str, opts: LoadOptions, gguf_file: str | None = None) -> Any:
+    """A tokenizer from a directory or hub id, or rebuilt from a GGUF file (slow: seconds for a
+    49k vocabulary; pass tokenizer= a directory to skip it)."""
     from transformers import AutoTokenizer
 
-    if os.path.isdir(src) and not has_tokenizer_files(src):
+    kwargs: dict[str, Any] = {}
+    if os.path.isfile(src) and src.endswith(".gguf"):
+        src, gguf_file = os.path.split(os.path.abspath(src))
+    if gguf_file is not None:
+        _require_gguf(arg)
+        kwargs["gguf_file"] = os.fspath(gguf_file)
+    elif os.path.isdir(src) and not has_tokenizer_files(src):
         raise FileNotFoundError(f"{arg}: {src!r} holds no tokenizer files (tokenizer.json, ...)")
     try:
         return AutoTokenizer.from_pretrained(
-            src, local_files_only=opts.local_files_only, trust_remote_code=opts.trust_remote_code
+            src,
+            local_files_only=opts.local_files_only,
+            trust_remote_code=opts.trust_remote_code,
+            **kwargs,
         )
     except OSError as err:
         if os.path.isdir(src):
             raise OSError(f"{arg}: no tokenizer could be loaded from {src!r}: {err}") from err
         raise _not_found(arg, src, opts, err) from None
+
+
+def _is_peft_model(value: object) -> bool:
+    return type(value).__module__.startswith("peft.")
+
+
+def load_family(
+    large: Any, small: Any, experts: Any, tokenizer: Any, opts: LoadOptions, lora_mode: str
+) -> tuple[Any, Any, list[Any], Any, list[str], dict[str, Any]]:
+    """The models of :meth:`FusedGenerator.from_pretrained`: ``(large, small, experts,
+    tokenizer, expert_names, model_tokenizers)``. Every argument is checked before the first
+    (slow) load. Experts that are PEFT adapters (directories with ``adapter_config.json`` or
+    ``PeftModel`` objects) run on the small base as ``lora_mode`` says (:mod:`dlf_rs.lora`)."""
+    from .lora import LORA_MODES, lora_experts
+
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode: expected one of {LORA_MODES}, got {lora_mode!r}")
+    large_src = resolve_source("large", large)
+    small_src = resolve_source("small", small) if small is not None else None
+    if isinstance(experts, Sequence) and not isinstance(experts, (str, os.PathLike)):
+        peft_at = {i for i, e in enumerate(experts) if _is_peft_model(e)}
+        paths = [e for i, e in enumerate(experts) if i not in peft_at]
+        srcs = iter(resolve_sources("experts", paths))
+        expert_srcs: list[Any] = [
+            experts[i] if i in peft_at else next(srcs) for i in range(len(experts))
+        ]
+    else:
+        expert_srcs = list(resolve_sources("experts", experts))
+    adapters = [i for i, s in enumerate(expert_srcs) if not isinstance(s, str) or is_adapter(s)]
+    if adapters and small_src is None:
+        raise ValueError(f"experts[{adapters[0]}]: a LoRA adapter needs the small base (small=)")
+    gguf_large = per_model("gguf_file", opts.per_model["gguf_file"], "large")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tok_src: str | None = resolve_source("tokenizer", tokenizer)
+    else:
+        tok_src = large_src if tokenizer is None else None
+
+    large_model = load_model("large", large_src, opts)
+    small_model = load_model("small", small_src, opts) if small_src else None
+    loaded: dict[int, Any] = {}
+    for i, src in enumerate(expert_srcs):
+        if i not in adapters:
+            loaded[i] = load_model(f"experts[{i}]", src, opts, f"expert:{i}")
+    if adapters:
+        small_model, lora, _ = lora_experts(
+            small_model, [expert_srcs[i] for i in adapters], lora_mode, arg="experts"
+        )
+        loaded.update(zip(adapters, lora))
+    expert_models = [loaded[i] for i in range(len(expert_srcs))]
+    if tok_src is None:
+        tok = tokenizer
+    elif tok_src == large_src:
+        tok = load_tokenizer("tokenizer", tok_src, opts, gguf_large)
+    else:
+        tok = load_tokenizer("tokenizer", tok_src, opts)
+    sources: dict[str, str] = {"large": large_src}
+    if small_src:
+        sources["small"] = small_src
+    sources.update((f"expert:{i}", s) for i, s in enumerate(expert_srcs) if isinstance(s, str))
+    model_tokenizers: dict[str, Any] = {}
+    for name, src in sources.items():
+        if os.path.isdir(src) and has_tokenizer_files(src) and src != tok_src:
+            try:
+                model_tokenizers[f"{name} ({src})"] = load_tokenizer(name, src, opts)
+            except (OSError, ValueError):
+                continue
+    names = [
+        (os.path.basename(os.path.normpath(s)) or s) if isinstance(s, str) else f"expert:{i}"
+        for i, s in enumerate(expert_srcs)
+    ]
+    return large_model, small_model, expert_models, tok, names, model_tokenizers

@@ -109,6 +109,9 @@ class ModelSlot:
     cache: Any = None
     attention_mask: torch.Tensor | None = None
     last_position: torch.Tensor | None = None
+    # A mixed LoRA batch (dlf_rs.lora.group_slots): this slot's forward runs ``group`` models'
+    # rows member-major, and its logits fill ``group`` staging buffers.
+    group: int = 1
 
     @classmethod
     def of(cls, name: str, model: Any, prompts: list[str], fast: FastModel | None) -> ModelSlot:
@@ -156,6 +159,7 @@ class ModelRunner:
         self._ids: dict[tuple[str, ...], list[list[int]]] = {}  # models reading the same prompts
         self._padded_by_ids: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.side_stream, self.sync = side_stream, sync
+        self.stage_at = [sum(s.group for s in slots[:i]) for i in range(len(slots))]
         for slot in slots:
             timings.setdefault(f"forward:{slot.name}", 0.0)
 
@@ -172,7 +176,12 @@ class ModelRunner:
         self.timings["forward"] += elapsed
         self.timings[key] += elapsed
         t0 = time.perf_counter()
-        self.staging.stage(i, logits)  # its event is recorded on the stream it ran on
+        if slot.group > 1:
+            for j, part in enumerate(logits.chunk(slot.group)):
+                self.staging.stage(self.stage_at[i] + j, part)
+        else:
+            # Its event is recorded on the stream it ran on.
+            self.staging.stage(self.stage_at[i], logits)
         self.timings["copy"] += time.perf_counter() - t0
 
     def prompt_ids(self, slot: ModelSlot, max_new_tokens: int) -> list[list[int]]:
@@ -181,7 +190,9 @@ class ModelRunner:
             self._ids[key] = self.tokenize(slot.prompts)
         ids = self._ids[key]
         ctx = context_length(slot.model)
-        for b, row in enumerate(ids):
+        batch = len(ids) // slot.group
+        for k, row in enumerate(ids):
+            b = k % batch  # a mixed LoRA slot holds its members' prompts one after the other
             if not row:
                 raise ValueError(f"prompts[{b}]: tokenizes to no tokens for the {slot.name} model")
             if ctx is not None and len(row) + max_new_tokens > ctx:
@@ -241,7 +252,7 @@ class ModelRunner:
             assert mask is not None and pos is not None
             if id(mask) not in grown:
                 # Finished rows keep attending (mask 1) like HF generate; outputs are ignored.
-                grown[id(mask)] = torch.cat([mask, mask.new_ones((feed.shape[0], 1))], dim=-1)
+                grown[id(mask)] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             if id(pos) not in grown:
                 grown[id(pos)] = pos + 1
             slot.attention_mask, slot.last_position = grown[id(mask)], grown[id(pos)]
@@ -249,7 +260,10 @@ class ModelRunner:
         self.timings["copy"] += time.perf_counter() - t0
         for i, slot in enumerate(self.slots):
             assert slot.last_position is not None
-            self._run(i, slot, f"forward:{slot.name}", tokens_on[slot.device], slot.last_position)
+            tokens = tokens_on[slot.device]
+            if slot.group > 1:
+                tokens = tokens.repeat(slot.group, 1)
+            self._run(i, slot, f"forward:{slot.name}", tokens, slot.last_position)
 
     def _tokens_on(self, feed: np.ndarray) -> dict[torch.device, torch.Tensor]:
         """The step's token ids, sent once to each device the models live on (the models only

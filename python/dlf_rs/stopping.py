@@ -83,7 +83,19 @@ class Stopping:
 
     def text(self, b: int) -> str:
         text = str(self.tokenizer.decode(self.tokens[b], skip_special_tokens=True))
+        if self.reasons[b] == "length" and text.endswith("\ufffd"):
+            text = self._whole_characters(self.tokens[b], text)
         if self.reasons[b] == "stop":
             cut = min((text.find(s) for s in self.stops if s in text), default=len(text))
             text = text[:cut]
+        return text
+
+    def _whole_characters(self, tokens: list[int], text: str) -> str:
+        """``text`` without a character cut in half by ``max_new_tokens``: byte-level vocabularies
+        split a multi-byte character over up to 4 tokens, and decoding the first of them gives
+        U+FFFD. Drops the fewest last tokens whose removal leaves a text without it."""
+        for k in range(1, min(4, len(tokens)) + 1):
+            head = str(self.tokenizer.decode(tokens[:-k], skip_special_tokens=True))
+            if not head.endswith("\ufffd"):
+                return head if text.startswith(head) else text
         return text

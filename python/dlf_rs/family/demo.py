@@ -37,6 +37,7 @@ from dlf_rs.family.world import (
 DEFAULT_FAMILY = Path(__file__).resolve().parent / "checkpoints"
 STATIC_ALPHAS = (0.5, 1.0, 1.5)
 ALL_TASKS = SEEN_TASKS + UNSEEN_TASKS
+TASK_ARITHMETIC = "small_task_arithmetic"  # built in memory from the experts (dlf_rs.merge)
 
 
 @dataclass
@@ -106,6 +107,13 @@ class Family:
         for name in self.manifest["models"]:
             m = LlamaForCausalLM.from_pretrained(str(path / name), dtype=torch.float32)
             self.models[name] = m.eval()
+        # The paper's "combine experts from task arithmetic": theta_S + (1/T) sum_t tau_t.
+        from dlf_rs.merge import merged_model
+
+        experts = [self.models[n] for n in self.manifest["models"] if "small_expert" in n]
+        self.models[TASK_ARITHMETIC] = merged_model(
+            self.models["small_base"], experts, 1 / len(experts)
+        )
         self._generators: dict[tuple[str, ...], Any] = {}
 
     def generator(self, experts: Sequence[str]) -> Any:
@@ -172,6 +180,7 @@ def plan(experts: dict[str, str]) -> list[Run]:
             runs.append(Run(f"Small expert ({s})", t, "single", model=experts[s]))
         runs.append(Run("Large multi-task tuned", t, "single", model="large_mtt"))
         runs.append(Run("DLF, all experts", t, "dlf", experts=all_experts))
+        runs.append(Run("DLF, task-arithmetic expert", t, "dlf", experts=[TASK_ARITHMETIC]))
         runs.append(Run("Large base, {k}-shot", t, "single", model="large_base", shots=-1))
     for t in SEEN_TASKS:
         runs.append(Run("Large fine-tuned (own task)", t, "single", model=f"large_ft_{t}"))
@@ -292,7 +301,7 @@ def tables(runs: list[Run], shots: int) -> dict[str, Any]:
     cols = [*seen, "seen avg", *UNSEEN_TASKS, "avg"]
     t2_rows = []
     for label in ("Small base", "Large base", *(f"Small expert ({t})" for t in seen),
-                  "Large multi-task tuned", "DLF, all experts"):
+                  "Large multi-task tuned", "DLF, all experts", "DLF, task-arithmetic expert"):
         s = _row(runs, label, seen)
         u = _row(runs, label, UNSEEN_TASKS)
         sm, um = _mean(s), _mean(u)
