@@ -123,6 +123,8 @@ class FusedGenerator:
         # the compute time instead of only the launch time (otherwise the wait shows in "copy").
         self.sync_timings = False
         self._staging: LogitStaging | None = None
+        self._backend: Any = None  # the fast tokenizer's backend, once checked equal (_tokenize)
+        self._backend_checked = False
         self.fast = fast
         self._fast_options: FastOptions | None = (
             resolve_options(compile, overlap, model_device(large)) if fast else None
@@ -308,8 +310,27 @@ class FusedGenerator:
         return 0
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text (special tokens added, as the models were trained)."""
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        """Token ids of each text (special tokens added, as the models were trained).
+
+        A fast tokenizer's ``__call__`` is its Rust backend's ``encode_batch`` plus ~100 us of
+        Python per call; with no padding or truncation configured on the backend the two give
+        the same ids, so the backend is called directly (checked on the first call, and only
+        while the backend has neither padding nor truncation switched on)."""
+        backend = self._backend
+        # Padding/truncation state is re-read every call: a padded __call__ elsewhere on the same
+        # tokenizer leaves it switched on in the backend until the next unpadded __call__.
+        if backend is not None and backend.padding is None and backend.truncation is None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        ids = [list(x) for x in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        if self._backend_checked:
+            return ids
+        self._backend_checked = True
+        cand = getattr(self.tokenizer, "backend_tokenizer", None)
+        if (getattr(self.tokenizer, "is_fast", False) and cand is not None
+                and cand.padding is None and cand.truncation is None
+                and [e.ids for e in cand.encode_batch(texts, add_special_tokens=True)] == ids):
+            self._backend = cand  # fmt: skip
+        return ids
 
     def _staging_for(self, n_models: int, batch: int) -> LogitStaging:
         if self._staging is None or not self._staging.matches(n_models, batch, self.vocab_size):
