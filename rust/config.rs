@@ -29,6 +29,9 @@ pub enum MultiExpert {
     Joint,
     /// One expert active, each candidate a * e_t scored by expert t's own two terms of J only.
     OwnTerms,
+    /// One expert active: the one whose own distribution moved furthest from the small base at
+    /// this step (largest KL(Q_t||Q) + KL(Q||Q_t)), weighted by single-expert DLF.
+    MaxShift,
 }
 
 impl SolverKind {
@@ -61,6 +64,7 @@ impl MultiExpert {
             MultiExpert::OneActive => "one-active",
             MultiExpert::Joint => "joint",
             MultiExpert::OwnTerms => "own-terms",
+            MultiExpert::MaxShift => "max-shift",
         }
     }
 
@@ -70,9 +74,10 @@ impl MultiExpert {
             "one-active" => Ok(MultiExpert::OneActive),
             "joint" => Ok(MultiExpert::Joint),
             "own-terms" => Ok(MultiExpert::OwnTerms),
+            "max-shift" => Ok(MultiExpert::MaxShift),
             other => Err(DlfError::invalid(
                 "multi_expert",
-                "'one-active', 'joint' or 'own-terms'",
+                "'one-active', 'joint', 'own-terms' or 'max-shift'",
                 format!("{other:?}"),
             )),
         }

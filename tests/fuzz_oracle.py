@@ -246,7 +246,7 @@ def solver_args(e: Expected, kw: dict[str, Any], dynamic: bool) -> None:
     multi = kw.get("multi_expert", "one-active")
     if not isinstance(multi, str):
         sub.add("multi_expert", (T_, D), "not a str")
-    elif multi not in ("one-active", "joint", "own-terms"):
+    elif multi not in ("one-active", "joint", "own-terms", "max-shift"):
         sub.add("multi_expert", (D,), "unknown")
     sk = kw.get("support_k")
     skv = None
@@ -609,7 +609,7 @@ def _check_solved(
         if not np.any(on_grid == np.float32(av)):
             near = grid[np.argmin(np.abs(grid - av))]
             raise Wrong(f"row {r}: alpha {av!r} is not a grid value (nearest {near!r})")
-    if not full or o["multi"] == "own-terms":
+    if not full or o["multi"] in ("own-terms", "max-shift"):
         return []  # support_k < V: an approximation; own-terms: another score; structure only
     j_all, tol_all = [], []
     for t in range(len(zes)):

@@ -95,3 +95,18 @@ def test_rule_names() -> None:
                 zl, zs, ze = _rows(large, small, experts[:1], b)
                 assert objective_row(zl, zs, ze, r.alphas[b]) <= objective_row(
                     zl, zs, ze, one.alphas[b]) * (1 + 1e-6) + 1e-12
+
+
+def test_max_shift_is_single_expert_dlf_with_the_most_shifted_expert(case) -> None:
+    large, small, experts = case
+    res = dlf_rs.fuse_step(large, small, experts, multi_expert="max-shift")
+    for b in range(large.shape[0]):
+        _, zs, ze = _rows(large, small, experts, b)
+        lq = log_softmax(replace_neg_inf(zs))
+        shift = [kl(log_softmax(replace_neg_inf(z)), lq) + kl(lq, log_softmax(replace_neg_inf(z)))
+                 for z in ze]
+        t = int(np.argmax(shift))
+        single = dlf_rs.fuse_step(large[b : b + 1], small[b : b + 1], [experts[t][b : b + 1]])
+        want = np.zeros(len(ze), np.float32)
+        want[t] = single.alphas[0, 0]
+        assert np.array_equal(res.alphas[b], want), (b, res.alphas[b], want)

@@ -33,7 +33,7 @@ __all__ = ["METHODS", "StepOptions", "check_int", "check_real", "check_seed"]
 
 METHODS = ("dlf", "static", "large", "expert")
 # The multi-expert rules rust/config.rs parses ("one-active" is the default, the paper's).
-MULTI_EXPERT_RULES = ("one-active", "joint", "own-terms")
+MULTI_EXPERT_RULES = ("one-active", "joint", "own-terms", "max-shift")
 
 _D: dict[str, Any] = dict(DEFAULTS)
 _INT_LIMIT = 1 << 63  # counts (top_k, support_k) must fit the core's usize on every platform
@@ -129,7 +129,9 @@ class StepOptions:
     - ``multi_expert``: "one-active" (the paper's rule for T > 1: one expert per step, every
       candidate scored by the full J), "joint" (J minimised over the whole vector alpha in
       [lo, hi]^T; never a larger J than one-active when 0 is in the range) or "own-terms" (one
-      expert per step, candidate a * e_t scored by expert t's own two terms of J).
+      expert per step, candidate a * e_t scored by expert t's own two terms of J) or
+      "max-shift" (one expert per step: the one with the largest KL(Q_t||Q) + KL(Q||Q_t) at that
+      step, weighted by single-expert DLF).
     - ``support_k``: None (KLs over the full vocabulary: Algorithm 1 exactly) or k >= 1 (union
       of every model's top-k tokens plus an exact tail bucket; faster, approximate).
     - ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` in (0, 1], ``min_p`` in

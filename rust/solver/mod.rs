@@ -149,8 +149,8 @@ pub fn solve_row(
     // log sum P, ~0; the log-domain evaluations subtract it so that g(0) = 0.
     let lse_lp = psum.ln();
 
-    let own = cfg.multi_expert == MultiExpert::OwnTerms;
-    let best = one_active(sc, cfg, &dirs, lse_lp, &targets_b, &targets_c, own, cancel)?;
+    let rule = cfg.multi_expert;
+    let best = one_active(sc, cfg, &dirs, lse_lp, &targets_b, &targets_c, rule, cancel)?;
 
     let mut alphas = vec![0.0; n_t];
     if best.a != 0.0 && n_t > 0 {
@@ -304,10 +304,13 @@ fn largest_weight(alphas: &[f64]) -> i64 {
 /// value a and expert t, each scored with the full J; the best wins, every other weight is 0.
 /// With the exact solver each expert's candidate is then refined off the grid.
 ///
-/// `own` ("own-terms", an option): candidate a * e_t is scored by expert t's own two terms only,
-/// (K1 - b_t)^2 + (K2 - c_t)^2, rather than by the sum over every expert's targets (which scores
-/// all candidates against the experts' average shift and barely tells them apart). The returned
-/// `j` is still the full J at the chosen weights.
+/// Options beside the paper's scoring (`rule`): "own-terms" scores candidate a * e_t by expert
+/// t's own two terms only, (K1 - b_t)^2 + (K2 - c_t)^2, rather than by the sum over every
+/// expert's targets (which scores all candidates against the experts' average shift and barely
+/// tells them apart); "max-shift" keeps only the expert whose own distribution moved furthest
+/// from the small base at this step (largest KL(Q_t||Q) + KL(Q||Q_t), the earlier on ties) and
+/// scores it by its own terms, i.e. single-expert DLF with that expert. The returned `j` is
+/// still the full J at the chosen weights.
 #[allow(clippy::too_many_arguments)]
 fn one_active(
     sc: &mut SolverScratch,
@@ -316,9 +319,20 @@ fn one_active(
     lse_lp: f64,
     targets_b: &[f64],
     targets_c: &[f64],
-    own: bool,
+    rule: MultiExpert,
     cancel: Cancel<'_>,
 ) -> Result<Best, DlfError> {
+    let own = matches!(rule, MultiExpert::OwnTerms | MultiExpert::MaxShift);
+    let mut only = None;
+    if rule == MultiExpert::MaxShift {
+        let mut top = f64::NEG_INFINITY;
+        for (t, (b, c)) in targets_b.iter().zip(targets_c).enumerate() {
+            if b + c > top {
+                (top, only) = (b + c, Some(t));
+            }
+        }
+    }
+    let considered = |t: usize| only.is_none_or(|o| o == t);
     let (n, n_t) = (sc.p.len(), dirs.len());
     let n_pts = cfg.grid_len() as usize;
     sc.k1.resize(n_pts * n_t, 0.0);
@@ -359,7 +373,7 @@ fn one_active(
     };
     for i in 0..n_pts {
         let a = cfg.grid_value(i);
-        for t in 0..n_t {
+        for t in (0..n_t).filter(|&t| considered(t)) {
             let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
             let (b, c) = scored(t);
             let j = objective(k1, k2, b, c);
@@ -370,7 +384,7 @@ fn one_active(
     }
 
     if cfg.solver == SolverKind::Exact {
-        for t in 0..n_t {
+        for t in (0..n_t).filter(|&t| considered(t)) {
             let (b, c) = scored(t);
             let cand = exact_expert(
                 &sc.lp,
