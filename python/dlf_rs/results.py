@@ -27,6 +27,10 @@ class RowTrace:
     kl_expert_small: np.ndarray  # f32[steps, T], targets KL(Q_t || Q)
     kl_small_expert: np.ndarray  # f32[steps, T], targets KL(Q || Q_t)
     support_size: np.ndarray  # uint32[steps]
+    # bool[steps]: the full-vocabulary answer proven from the one-pass summary / the certificate
+    # tried and failed (full computation ran). Both False for static weights and single models.
+    certified: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
+    fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
 
 
 def _short_floats(a: np.ndarray) -> list[Any]:
@@ -97,6 +101,8 @@ class TraceRecorder:
             "kl_expert_small": np.asarray(r.kl_expert_small, np.float32).reshape(b, t),
             "kl_small_expert": np.asarray(r.kl_small_expert, np.float32).reshape(b, t),
             "support_size": np.asarray(r.support_size, np.uint32),
+            "certified": np.asarray(r.certified, np.bool_),
+            "fallback": np.asarray(r.fallback, np.bool_),
         }
 
     def rows(self) -> tuple[list[np.ndarray], list[RowTrace]]:
@@ -105,7 +111,7 @@ class TraceRecorder:
         nan_t = np.full(t, np.nan, np.float32)
         single = {"active": -1, "loss": np.nan, "kl_fused_large": np.nan,
                   "kl_large_fused": np.nan, "kl_expert_small": nan_t, "kl_small_expert": nan_t,
-                  "support_size": 0}  # fmt: skip
+                  "support_size": 0, "certified": False, "fallback": False}  # fmt: skip
         alphas: list[list[Any]] = [[] for _ in range(self.batch)]
         cols: list[dict[str, list[Any]]] = [{k: [] for k in single} for _ in range(self.batch)]
         for live, step in self._steps:
@@ -132,5 +138,7 @@ class TraceRecorder:
                 kl_expert_small=np.asarray(c["kl_expert_small"], np.float32).reshape(n, t),
                 kl_small_expert=np.asarray(c["kl_small_expert"], np.float32).reshape(n, t),
                 support_size=np.asarray(c["support_size"], np.uint32).reshape(n),
+                certified=np.asarray(c["certified"], np.bool_).reshape(n),
+                fallback=np.asarray(c["fallback"], np.bool_).reshape(n),
             ))  # fmt: skip
         return out_alphas, traces

@@ -10,6 +10,7 @@
 //! Over 500 lines only because of its unit tests (more than half the file), kept beside the code
 //! they pin down.
 
+pub mod certified;
 mod exact;
 mod grid;
 mod joint;
