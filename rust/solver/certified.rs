@@ -23,7 +23,7 @@
 use super::objective::objective;
 use super::RowSolution;
 use crate::config::{MultiExpert, SolverConfig, SolverKind};
-use crate::numerics::{fast_exp, with_simd, LANES};
+use crate::numerics::{fast_exp, simd_dispatch, with_simd, LANES};
 use crate::validate::ModelRow;
 
 /// Power sums S_0..S_ORDER of the tail per expert.
@@ -69,6 +69,7 @@ pub struct CertScratch {
     bl: Vec<f64>,
     bzs: Vec<f64>,
     bq: Vec<f64>,
+    bqt: Vec<f64>,
     bd: Vec<f64>,
     tail: Vec<f64>,
     // Per expert, per grid point: K1, K2 intervals.
@@ -83,8 +84,8 @@ pub struct CertScratch {
 impl CertScratch {
     pub(crate) fn heap_bytes(&self) -> usize {
         let f = [
-            &self.sp, &self.sd, &self.bp, &self.bl, &self.bzs, &self.bq, &self.bd, &self.tail,
-            &self.w, &self.e, &self.x,
+            &self.sp, &self.sd, &self.bp, &self.bl, &self.bzs, &self.bq, &self.bqt, &self.bd,
+            &self.tail, &self.w, &self.e, &self.x,
         ];
         f.iter().map(|v| v.capacity() * 8).sum::<usize>()
             + (self.k1.capacity() + self.k2.capacity()) * 16
@@ -171,6 +172,7 @@ fn summarize(
         &mut sc.bl,
         &mut sc.bzs,
         &mut sc.bq,
+        &mut sc.bqt,
         &mut sc.tail,
     ] {
         b.resize(BLOCK, 0.0);
@@ -191,143 +193,73 @@ fn summarize(
     let mut absmax = vec![0.0f64; n_t];
     let mut absmax_all = vec![0.0f64; n_t];
     let mut too_big = false;
+    let mut sums = vec![kernels::ExpertSums::default(); n_t];
 
-    with_simd(
-        #[inline(always)]
-        || {
-            let mut j0 = 0;
-            while j0 < v {
-                let len = BLOCK.min(v - j0);
-                let (bp, bl, bzs, bq, tail) = (
-                    &mut sc.bp[..len],
-                    &mut sc.bl[..len],
-                    &mut sc.bzs[..len],
-                    &mut sc.bq[..len],
-                    &mut sc.tail[..len],
-                );
-                for (k, (p, lp)) in bp.iter_mut().zip(bl.iter_mut()).enumerate() {
-                    let x = large.z[j0 + k];
-                    // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get 0.
-                    *lp = x as f64 - ml;
-                    *p = fast_exp(*lp);
-                }
-                lanes_add(&mut z, bp);
-                for (k, (s, q)) in bzs.iter_mut().zip(bq.iter_mut()).enumerate() {
-                    let x = small.z[j0 + k];
-                    *s = (if x == f32::NEG_INFINITY { small.rep } else { x }) as f64;
-                    *q = fast_exp(*s - ms);
-                }
-                lanes_add(&mut qsum, bq);
-                for (t, e) in experts.iter().enumerate() {
-                    let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
-                    let (mut a_qt, mut a_qtd, mut a_qd, mut a_pd, mut a_pabs) = (
-                        [0.0; LANES],
-                        [0.0; LANES],
-                        [0.0; LANES],
-                        [0.0; LANES],
-                        [0.0; LANES],
-                    );
-                    let mut amax = [0.0f64; LANES];
-                    let mut amax_all = [0.0f64; LANES];
-                    let zt = &e.z[j0..j0 + len];
-                    for k in 0..len {
-                        let l = k % LANES;
-                        let x = zt[k];
-                        let x = (if x == f32::NEG_INFINITY { e.rep } else { x }) as f64;
-                        let d = x - bzs[k];
-                        bd[k] = d;
-                        let qt = fast_exp(x - mts[t]);
-                        a_qt[l] += qt;
-                        a_qtd[l] += qt * d;
-                        a_qd[l] += bq[k] * d;
-                        a_pd[l] += bp[k] * d;
-                        let ad = d.abs();
-                        a_pabs[l] += bp[k] * ad;
-                        let live = if bl[k] > f64::NEG_INFINITY { ad } else { 0.0 };
-                        amax[l] = if live > amax[l] { live } else { amax[l] };
-                        amax_all[l] = if ad > amax_all[l] { ad } else { amax_all[l] };
-                    }
-                    for l in 0..LANES {
-                        qtsum[t][l] += a_qt[l];
-                        qtd[t][l] += a_qtd[l];
-                        qd[t][l] += a_qd[l];
-                        pd[t][l] += a_pd[l];
-                        pabsd[t][l] += a_pabs[l];
-                        absmax[t] = absmax[t].max(amax[l]);
-                        absmax_all[t] = absmax_all[t].max(amax_all[l]);
-                    }
-                }
-                // Tail mask: 1 where z_L is finite and every |d_t| <= delta, else 0. Possible
-                // tokens outside it form the support, whatever their p (a p that underflowed
-                // can still carry weight p e^{a d} when d is large).
-                for (m, &lp) in tail.iter_mut().zip(bl.iter()) {
-                    *m = if lp > f64::NEG_INFINITY { 1.0 } else { 0.0 };
-                }
+    let mut j0 = 0;
+    while j0 < v {
+        let len = BLOCK.min(v - j0);
+        let (bp, bl, bzs, bq, bqt, tail) = (
+            &mut sc.bp[..len],
+            &mut sc.bl[..len],
+            &mut sc.bzs[..len],
+            &mut sc.bq[..len],
+            &mut sc.bqt[..len],
+            &mut sc.tail[..len],
+        );
+        // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
+        simd_dispatch!(
+            avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, &mut z),
+            portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, &mut z),
+        );
+        simd_dispatch!(
+            avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+            portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+        );
+        // Tail mask: 1 where z_L is finite and every |d_t| <= delta, else 0. Possible tokens
+        // outside it form the support, whatever their p (a p that underflowed can still carry
+        // weight p e^{a d} when d is large).
+        for (m, &lp) in tail.iter_mut().zip(bl.iter()) {
+            *m = if lp > f64::NEG_INFINITY { 1.0 } else { 0.0 };
+        }
+        for (t, e) in experts.iter().enumerate() {
+            let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
+            let zt = &e.z[j0..j0 + len];
+            let sums = &mut sums[t];
+            simd_dispatch!(
+                avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+                portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+            );
+        }
+        for t in 0..n_t {
+            let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
+            simd_dispatch!(
+                avx2: kernels::avx2_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+                portable: kernels::moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+            );
+        }
+        for k in 0..len {
+            if bl[k] > f64::NEG_INFINITY && tail[k] == 0.0 {
+                sc.sp.push(bl[k]);
                 for t in 0..n_t {
-                    let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
-                    for (m, &d) in tail.iter_mut().zip(bd) {
-                        *m = if d.abs() <= delta { *m } else { 0.0 };
-                    }
+                    sc.sd.push(sc.bd[t * BLOCK + k]);
                 }
-                for t in 0..n_t {
-                    let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
-                    let mut acc = [[0.0f64; LANES]; ORDER + 1];
-                    let mut amax = [0.0f64; LANES];
-                    let ch = tail
-                        .chunks_exact(LANES)
-                        .zip(bd.chunks_exact(LANES))
-                        .zip(bp.chunks_exact(LANES));
-                    for ((m4, d4), p4) in ch {
-                        for l in 0..LANES {
-                            let (w, d) = (m4[l] * p4[l], d4[l]);
-                            let mut pw = w;
-                            acc[0][l] += pw;
-                            for a in acc.iter_mut().skip(1) {
-                                pw *= d;
-                                a[l] += pw;
-                            }
-                            let live = if m4[l] > 0.0 { d.abs() } else { 0.0 };
-                            amax[l] = if live > amax[l] { live } else { amax[l] };
-                        }
-                    }
-                    let full = len / LANES * LANES;
-                    for k in full..len {
-                        let (w, d) = (tail[k] * bp[k], bd[k]);
-                        let mut pw = w;
-                        acc[0][k - full] += pw;
-                        for a in acc.iter_mut().skip(1) {
-                            pw *= d;
-                            a[k - full] += pw;
-                        }
-                        if tail[k] > 0.0 {
-                            amax[0] = amax[0].max(d.abs());
-                        }
-                    }
-                    for o in 0..=ORDER {
-                        for l in 0..LANES {
-                            mom[t][o][l] += acc[o][l];
-                        }
-                    }
-                    for m in amax {
-                        tail_absmax[t] = tail_absmax[t].max(m);
-                    }
-                }
-                for k in 0..len {
-                    if bl[k] > f64::NEG_INFINITY && tail[k] == 0.0 {
-                        sc.sp.push(bl[k]);
-                        for t in 0..n_t {
-                            sc.sd.push(sc.bd[t * BLOCK + k]);
-                        }
-                    }
-                }
-                if sc.sp.len() > max_sup {
-                    too_big = true;
-                    return;
-                }
-                j0 += len;
             }
-        },
-    );
+        }
+        if sc.sp.len() > max_sup {
+            too_big = true;
+            break;
+        }
+        j0 += len;
+    }
+    for (t, sm) in sums.iter().enumerate() {
+        qtsum[t] = sm.acc[0];
+        qtd[t] = sm.acc[1];
+        qd[t] = sm.acc[2];
+        pd[t] = sm.acc[3];
+        pabsd[t] = sm.acc[4];
+        absmax[t] = sm.amax.iter().copied().fold(0.0, f64::max);
+        absmax_all[t] = sm.amax_all.iter().copied().fold(0.0, f64::max);
+    }
     if too_big {
         return None;
     }
@@ -364,6 +296,147 @@ fn summarize(
             .push(lse_t.abs() + lse_s.abs() + s.absmax_all[t]);
     }
     Some(s)
+}
+
+/// The summary pass's loops as functions over slices (so that LLVM knows they do not alias and
+/// vectorises them), each compiled twice: for AVX2 and for baseline x86-64 (same operations in
+/// the same order, so the results are identical).
+mod kernels {
+    use super::{fast_exp, LANES, ORDER};
+
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(super) struct ExpertSums {
+        /// Lane sums of q_t, q_t d, q d, p d, p |d|.
+        pub(super) acc: [[f64; LANES]; 5],
+        /// Largest |d| over tokens with P > 0, and over every token.
+        pub(super) amax: [f64; LANES],
+        pub(super) amax_all: [f64; LANES],
+    }
+
+    macro_rules! twice {
+        ($plain:ident, $avx2:ident, fn ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[allow(clippy::too_many_arguments)]
+            pub(crate) fn $plain($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[allow(clippy::too_many_arguments)]
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            pub(crate) unsafe fn $avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+        };
+    }
+
+    mod large_k {
+        use super::*;
+        twice!(large, avx2_large, fn (z: &[f32], ml: f64, lp: &mut [f64], p: &mut [f64], acc: &mut [f64; LANES]) {
+            for ((o, e), &x) in lp.iter_mut().zip(p.iter_mut()).zip(z) {
+                *o = x as f64 - ml;
+                *e = fast_exp(*o);
+            }
+            super::super::lanes_add(acc, p);
+        });
+    }
+    pub(super) use large_k::{avx2_large, large};
+
+    mod row_k {
+        use super::*;
+        twice!(row, avx2_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
+            for ((o, q), &v) in x.iter_mut().zip(e.iter_mut()).zip(z) {
+                *o = (if v == f32::NEG_INFINITY { rep } else { v }) as f64;
+                *q = fast_exp(*o - shift);
+            }
+            super::super::lanes_add(acc, e);
+        });
+    }
+    pub(super) use row_k::{avx2_row, row};
+
+    mod expert_k {
+        use super::*;
+        twice!(expert, avx2_expert, fn (
+            zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], qt: &mut [f64], q: &[f64],
+            p: &[f64], lp: &[f64], tail: &mut [f64], delta: f64, sums: &mut ExpertSums,
+        ) {
+            for (((dd, e), &x), &s) in d.iter_mut().zip(qt.iter_mut()).zip(zt).zip(zs) {
+                let x = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
+                *dd = x - s;
+                *e = fast_exp(x - mt);
+            }
+            for (m, &dd) in tail.iter_mut().zip(d.iter()) {
+                *m = if dd.abs() <= delta { *m } else { 0.0 };
+            }
+            let ExpertSums { acc, amax, amax_all } = sums;
+            let n = d.len();
+            let full = n / LANES * LANES;
+            let mut lane = |l: usize, qt: f64, d: f64, q: f64, p: f64, lp: f64| {
+                acc[0][l] += qt;
+                acc[1][l] += qt * d;
+                acc[2][l] += q * d;
+                acc[3][l] += p * d;
+                let ad = d.abs();
+                acc[4][l] += p * ad;
+                let live = if lp > f64::NEG_INFINITY { ad } else { 0.0 };
+                amax[l] = if live > amax[l] { live } else { amax[l] };
+                amax_all[l] = if ad > amax_all[l] { ad } else { amax_all[l] };
+            };
+            let ch = qt[..full]
+                .chunks_exact(LANES)
+                .zip(d[..full].chunks_exact(LANES))
+                .zip(q[..full].chunks_exact(LANES))
+                .zip(p[..full].chunks_exact(LANES))
+                .zip(lp[..full].chunks_exact(LANES));
+            for ((((qt4, d4), q4), p4), lp4) in ch {
+                for l in 0..LANES {
+                    lane(l, qt4[l], d4[l], q4[l], p4[l], lp4[l]);
+                }
+            }
+            for k in full..n {
+                lane(k - full, qt[k], d[k], q[k], p[k], lp[k]);
+            }
+        });
+    }
+    pub(super) use expert_k::{avx2_expert, expert};
+
+    mod moments_k {
+        use super::*;
+        twice!(moments, avx2_moments, fn (
+            tail: &[f64], d: &[f64], p: &[f64], mom: &mut [[f64; LANES]; ORDER + 1], tmax: &mut f64,
+        ) {
+            let n = d.len();
+            let full = n / LANES * LANES;
+            let mut amax = [0.0f64; LANES];
+            let mut lane = |l: usize, m: f64, d: f64, p: f64| {
+                let mut pw = m * p;
+                mom[0][l] += pw;
+                for a in mom.iter_mut().skip(1) {
+                    pw *= d;
+                    a[l] += pw;
+                }
+                let live = if m > 0.0 { d.abs() } else { 0.0 };
+                amax[l] = if live > amax[l] { live } else { amax[l] };
+            };
+            let ch = tail[..full]
+                .chunks_exact(LANES)
+                .zip(d[..full].chunks_exact(LANES))
+                .zip(p[..full].chunks_exact(LANES));
+            for ((m4, d4), p4) in ch {
+                for l in 0..LANES {
+                    lane(l, m4[l], d4[l], p4[l]);
+                }
+            }
+            for k in full..n {
+                lane(k - full, tail[k], d[k], p[k]);
+            }
+            for m in amax {
+                *tmax = tmax.max(m);
+            }
+        });
+    }
+    pub(super) use moments_k::{avx2_moments, moments};
 }
 
 /// [lo, hi] with lo <= hi.
