@@ -45,7 +45,10 @@ def _rows(kind: str, rng: np.random.Generator, b: int, v: int, t: int):
     experts = np.where(tail, experts + 40.0, experts).astype(np.float32)
     small = np.where(rng.random((b, v)) < 0.02, -np.inf, small).astype(np.float32)
     experts[:, :, 1::17] = -np.inf
-    large[:, 0] = np.maximum(large[:, 0], 0.0)  # keep one possible token per row
+    # keep token 0 finite in every row of every model (a row of -inf only is refused)
+    large[:, 0] = np.maximum(large[:, 0], 0.0)
+    small[:, 0] = np.where(np.isneginf(small[:, 0]), 0.0, small[:, 0])
+    experts[:, :, 0] = np.where(np.isneginf(experts[:, :, 0]), 0.0, experts[:, :, 0])
     return large, small, experts
 
 
@@ -91,5 +94,10 @@ def test_certified_and_fallback_flags() -> None:
     assert res.certified.dtype == np.bool_ and res.certified.shape == (3,)
     static = dlf_rs.fuse_step(large, small, experts, alpha=1.0)
     assert not static.certified.any() and not static.fallback.any()
+    # The exact solver refines on the summary and checks on the full vocabulary.
     exact = dlf_rs.fuse_step(large, small, experts, solver="exact")
-    assert not exact.certified.any() and not exact.fallback.any()  # not tried (full path)
+    assert exact.certified.all()
+    joint = dlf_rs.fuse_step(large, small, experts, multi_expert="joint")
+    assert not joint.certified.any() and not joint.fallback.any()  # not tried (full path)
+    pruned = dlf_rs.fuse_step(large, small, experts, support_k=64)
+    assert not pruned.certified.any() and not pruned.fallback.any()

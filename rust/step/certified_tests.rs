@@ -4,7 +4,7 @@
 //! fallback path forced.
 
 use super::*;
-use crate::config::{MultiExpert, SolverConfig};
+use crate::config::{MultiExpert, SolverConfig, SolverKind};
 use crate::solver::certified::{certified_row, CertScratch, Fallback};
 use crate::validate::scan_models;
 use proptest::prelude::*;
@@ -283,4 +283,54 @@ fn each_fallback_path() {
     // And an LM-like row is certified.
     let (l, s, e) = rows(1, 9, 1, v, 2);
     assert!(certify_one(&l, &s, &e, v, &SolverConfig::default()).is_ok());
+}
+
+/// The exact solver on the summary: never worse than the grid (on the full vocabulary), its loss
+/// the full-vocabulary J of its weights, and certified on LM-like rows.
+#[test]
+fn exact_on_the_summary_never_worse_than_the_grid() {
+    let mut certified = 0;
+    for kind in [1u8, 3, 4] {
+        for n_t in [1usize, 3] {
+            let (b, v) = (4, 5000);
+            let (l, s, e) = rows(kind, 40 + n_t as u64, b, v, n_t);
+            let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
+            let inp = StepInputs {
+                large: &l,
+                small: &s,
+                experts: &ex,
+                batch: b,
+                vocab: v,
+            };
+            let smp = Sampling::default();
+            let go = |solver, k| {
+                let cfg = SolverConfig {
+                    solver,
+                    support_k: k,
+                    ..Default::default()
+                };
+                fuse_step(&inp, &Weights::Dynamic(cfg), &smp, &Seeds::One(1)).unwrap()
+            };
+            let exact = go(SolverKind::Exact, None);
+            let grid = go(SolverKind::Grid, Some(v));
+            let exact_full = go(SolverKind::Exact, Some(v));
+            certified += exact.certified.iter().filter(|c| **c).count();
+            for r in 0..b {
+                assert!(
+                    exact.loss[r] <= grid.loss[r] * (1.0 + 1e-6) + 1e-12,
+                    "kind {kind} row {r}: exact {} grid {}",
+                    exact.loss[r],
+                    grid.loss[r]
+                );
+                // Same J as the full-vocabulary exact solver on these rows (measured equal to f32).
+                assert!(
+                    exact.loss[r] <= exact_full.loss[r] * (1.0 + 1e-5) + 1e-12,
+                    "kind {kind} row {r}: {} vs full exact {}",
+                    exact.loss[r],
+                    exact_full.loss[r]
+                );
+            }
+        }
+    }
+    assert!(certified >= 12, "{certified}");
 }
