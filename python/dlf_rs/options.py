@@ -132,8 +132,10 @@ class StepOptions:
       expert per step, candidate a * e_t scored by expert t's own two terms of J) or
       "max-shift" (one expert per step: the one with the largest KL(Q_t||Q) + KL(Q||Q_t) at that
       step, weighted by single-expert DLF).
-    - ``support_k``: None (KLs over the full vocabulary: Algorithm 1 exactly) or k >= 1 (union
-      of every model's top-k tokens plus an exact tail bucket; faster, approximate).
+    - ``support_k``: None (KLs over the full vocabulary: Algorithm 1 exactly; each row is first
+      summarised in one pass and its answer proven from rigorous bounds on J, with the full scan
+      run only for rows the bounds cannot decide: ``StepResult.certified`` / ``.fallback``) or
+      k >= 1 (union of every model's top-k tokens plus an exact tail bucket; faster, approximate).
     - ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` in (0, 1], ``min_p`` in
       [0, 1]: how the token is drawn from the fused logits (the weights always use the raw
       logits).

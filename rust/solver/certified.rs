@@ -22,7 +22,9 @@
 
 use super::objective::objective;
 use super::RowSolution;
+use crate::cancel::Cancel;
 use crate::config::{MultiExpert, SolverConfig, SolverKind};
+use crate::error::DlfError;
 use crate::numerics::{fast_exp, simd_dispatch, with_simd, LANES};
 use crate::validate::ModelRow;
 
@@ -679,7 +681,14 @@ fn j_interval(k1: Iv, k2: Iv, b: &[Iv], c: &[Iv]) -> Iv {
 }
 
 /// K1, K2 intervals of expert t at every grid point.
-fn kl_bounds(s: &Summary, cfg: &SolverConfig, n_pts: usize, t: usize, sc: &mut CertScratch) {
+fn kl_bounds(
+    s: &Summary,
+    cfg: &SolverConfig,
+    n_pts: usize,
+    t: usize,
+    sc: &mut CertScratch,
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
     let n_t = s.pd.len();
     let n_sup = s.n_sup;
     let gv = s.n_vocab as f64 * EPS * 1.01;
@@ -707,6 +716,10 @@ fn kl_bounds(s: &Summary, cfg: &SolverConfig, n_pts: usize, t: usize, sc: &mut C
     let sup_r = |i: usize| (n_sup as f64 + 8.0) * EPS * 1.01 + (i as f64 + 2.0) * 6e-16 + 2e-15;
     let fact = |k: usize| (1..=k).map(|x| x as f64).product::<f64>();
     for i in 0..n_pts {
+        // A 10,001-point grid on a large support takes long enough to need this.
+        if i % 64 == 0 {
+            cancel.check()?;
+        }
         let a_lat = cfg.alpha_min + i as f64 * h;
         let a = cfg.grid_value(i);
         let (mut as_, mut bs_, mut babs) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
@@ -793,33 +806,55 @@ fn kl_bounds(s: &Summary, cfg: &SolverConfig, n_pts: usize, t: usize, sc: &mut C
         sc.k1[t * n_pts + i] = k1;
         sc.k2[t * n_pts + i] = k2;
     }
+    Ok(())
 }
 
 /// The certified grid for one row: Ok with the full-vocabulary grid's answer, or the reason the
 /// full computation must run.
+/// Err only for cancellation (`DlfError::Cancelled`); Ok(Err(reason)) when the bounds cannot
+/// prove the answer.
 pub fn certified_row(
     large: ModelRow<'_>,
     small: ModelRow<'_>,
     experts: &[ModelRow<'_>],
     cfg: &SolverConfig,
     sc: &mut CertScratch,
-) -> Result<RowSolution, Fallback> {
+    cancel: Cancel<'_>,
+) -> Result<Result<RowSolution, Fallback>, DlfError> {
+    certified_inner(large, small, experts, cfg, sc, cancel)
+}
+
+fn certified_inner(
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    cfg: &SolverConfig,
+    sc: &mut CertScratch,
+    cancel: Cancel<'_>,
+) -> Result<Result<RowSolution, Fallback>, DlfError> {
+    macro_rules! fail {
+        ($r:expr) => {
+            return Ok(Err($r))
+        };
+    }
     let n_t = experts.len();
     let amax = cfg.alpha_min.abs().max(cfg.alpha_max.abs());
     let delta = if amax > 0.0 { 0.125 / amax } else { 1.0 };
-    let s = summarize(large, small, experts, delta, sc).ok_or(Fallback::Support)?;
+    let Some(s) = summarize(large, small, experts, delta, sc) else {
+        fail!(Fallback::Support)
+    };
     let v = s.n_vocab as f64;
     // Support weights p e^{a d} <= e^{|a| max|d|} and their sum must stay far inside f64.
     for t in 0..n_t {
         if amax * s.absmax[t] + v.ln() > 600.0 {
-            return Err(Fallback::Range);
+            fail!(Fallback::Range);
         }
     }
     let n_pts = cfg.grid_len() as usize;
     sc.k1.resize(n_pts * n_t, (0.0, 0.0));
     sc.k2.resize(n_pts * n_t, (0.0, 0.0));
     for t in 0..n_t {
-        kl_bounds(&s, cfg, n_pts, t, sc);
+        kl_bounds(&s, cfg, n_pts, t, sc, cancel)?;
     }
     // Target intervals: each is lse_t - lse_s +- E[d] with sums over V tokens.
     let terr = |t: usize| (v * EPS * 1.01 + 8e-15) * s.target_scale[t];
@@ -849,7 +884,7 @@ pub fn certified_row(
         let top_lo = b_iv[top].0 + c_iv[top].0;
         for &t in &order[1..] {
             if b_iv[t].1 + c_iv[t].1 >= top_lo {
-                return Err(Fallback::Unproven);
+                fail!(Fallback::Unproven);
             }
         }
         only = Some(top);
@@ -873,7 +908,7 @@ pub fn certified_row(
                 j_interval(k1, k2, &b_iv, &c_iv)
             };
             if !(j.0.is_finite() && j.1.is_finite()) {
-                return Err(Fallback::NonFinite);
+                fail!(Fallback::NonFinite);
             }
             if a == 0.0 {
                 let z = zero.get_or_insert(Cand { t, i, j });
@@ -886,9 +921,9 @@ pub fn certified_row(
             cands.push(z);
         }
     }
-    let win = (0..cands.len())
-        .min_by(|&x, &y| cands[x].j.1.total_cmp(&cands[y].j.1))
-        .ok_or(Fallback::Unproven)?;
+    let Some(win) = (0..cands.len()).min_by(|&x, &y| cands[x].j.1.total_cmp(&cands[y].j.1)) else {
+        fail!(Fallback::Unproven)
+    };
     let jw = cands[win].j.1;
     // Margin for the full scan's own rounding: its KLs come from f64 sums over V terms.
     let margin = 1e-9 * jw
@@ -897,7 +932,7 @@ pub fn certified_row(
     for (k, c) in cands.iter().enumerate() {
         // NaN bounds never prove anything.
         if k != win && (c.j.0.is_nan() || c.j.0 <= jw + margin) {
-            return Err(Fallback::Unproven);
+            fail!(Fallback::Unproven);
         }
     }
     let (t, i) = (cands[win].t, cands[win].i);
@@ -907,12 +942,12 @@ pub fn certified_row(
     // The trace reports these to float32 precision.
     let tight = |x: Iv| x.1 - x.0 <= 1e-7 * x.1.abs() + 1e-12;
     if !(tight(k1) && tight(k2) && tight(full)) {
-        return Err(Fallback::Unproven);
+        fail!(Fallback::Unproven);
     }
     let mid = |x: Iv| 0.5 * (x.0 + x.1);
     if cfg.solver == SolverKind::Exact {
         let considered: Vec<usize> = (0..n_t).filter(|&t| only.is_none_or(|o| o == t)).collect();
-        return Ok(exact_refine(
+        return Ok(Ok(exact_refine(
             &s,
             large,
             small,
@@ -923,7 +958,7 @@ pub fn certified_row(
             own,
             (t, a),
             sc,
-        ));
+        )));
     }
     let mut alphas = vec![0.0; n_t];
     let active = if a != 0.0 {
@@ -932,7 +967,7 @@ pub fn certified_row(
     } else {
         -1
     };
-    Ok(RowSolution {
+    Ok(Ok(RowSolution {
         alphas,
         active,
         loss: mid(full),
@@ -940,5 +975,5 @@ pub fn certified_row(
         kl_large_fused: mid(k2),
         targets_b: s.targets_b,
         targets_c: s.targets_c,
-    })
+    }))
 }

@@ -4,6 +4,7 @@
 //! fallback path forced.
 
 use super::*;
+use crate::cancel::Cancel;
 use crate::config::{MultiExpert, SolverConfig, SolverKind};
 use crate::solver::certified::{certified_row, CertScratch, Fallback};
 use crate::validate::scan_models;
@@ -231,7 +232,15 @@ fn certify_one(
 ) -> Result<crate::solver::RowSolution, Fallback> {
     let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
     let (large, small, experts) = scan_models(l, s, &ex, v, 0).unwrap();
-    certified_row(large, small, &experts, cfg, &mut CertScratch::default())
+    certified_row(
+        large,
+        small,
+        &experts,
+        cfg,
+        &mut CertScratch::default(),
+        Cancel::NEVER,
+    )
+    .unwrap()
 }
 
 /// Each fallback reason, forced; the step then equals the full scan.

@@ -267,7 +267,8 @@ fn row_with_scratch(
                 // (the same as support_k >= V) when it cannot prove the answer.
                 let tried = certified::applies(cfg, n_t);
                 let cert = if tried {
-                    certified::certified_row(large, small, &experts, cfg, &mut sc.cert).ok()
+                    certified::certified_row(large, small, &experts, cfg, &mut sc.cert, cancel)?
+                        .ok()
                 } else {
                     None
                 };
