@@ -89,7 +89,7 @@ def test_ties_between_grid_values_fall_back() -> None:
 
 def test_certified_and_fallback_flags() -> None:
     rng = np.random.default_rng(2)
-    large, small, experts = zipf_logits(rng, 3, 4000, 2)
+    large, small, experts = zipf_logits(rng, 3, 32_000, 2)
     res = dlf_rs.fuse_step(large, small, experts)
     assert res.certified.dtype == np.bool_ and res.certified.shape == (3,)
     static = dlf_rs.fuse_step(large, small, experts, alpha=1.0)
