@@ -1,9 +1,11 @@
 """Python-side benchmark of one DLF decode step (`make bench-python`).
 
-On the same Zipf-like inputs it times `dlf_rs.fuse_step` (grid, grid + support_k=256, exact), the
-numpy reference's vectorised paper grid (tests/reference.py), a vectorised torch (CPU) paper grid
+On the same Zipf-like inputs it times `dlf_rs.fuse_step` (the certified default, the plain
+full-vocabulary scan it replaces (support_k=V), grid + support_k=256/1024, exact), the numpy
+reference's vectorised paper grid (tests/reference.py), a vectorised torch (CPU) paper grid
 written here, and a memory floor: numpy reading every input array once. Prints median times and
-ratios, then the pruning-error figures. Timing is reported, never asserted.
+ratios, the issue-11 goals as measured ratios, the certified/fallback rates of the default on
+Zipf and flat Gaussian rows, then the pruning-error figures. Timing is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
     rows["fuse_step grid (default)"] = median_time(
         lambda: dlf_rs.fuse_step(large, small, ex), repeats
     )
+    rows["fuse_step grid, full scan"] = median_time(
+        lambda: dlf_rs.fuse_step(large, small, ex, support_k=vocab), repeats
+    )
     for k in (256, 1024):
         rows[f"fuse_step grid, support_k={k}"] = median_time(
             lambda k=k: dlf_rs.fuse_step(large, small, ex, support_k=k), repeats
@@ -99,12 +104,17 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
 
     # Sanity: the three grid implementations choose the same weights (up to float ties).
     a_np, _ = paper_grid_numpy(large, small, ex)
-    a_rs = dlf_rs.fuse_step(large, small, ex).alphas
+    res = dlf_rs.fuse_step(large, small, ex)
+    a_rs = res.alphas
     agree = float(np.mean(np.all(np.isclose(a_np, a_rs, atol=1e-6), axis=1)))
+    scan = dlf_rs.fuse_step(large, small, ex, support_k=vocab)
+    same = bool(np.array_equal(res.alphas, scan.alphas) and np.array_equal(res.tokens, scan.tokens))
 
     grid_np = rows["numpy paper grid"]
     grid_t = rows.get("torch CPU paper grid", float("nan"))
-    print(f"\nB={batch} V={vocab} T={n_exp}  (grid alphas agree with numpy on {agree:.0%} of rows)")
+    print(f"\nB={batch} V={vocab} T={n_exp}  (grid alphas agree with numpy on {agree:.0%} of rows; "
+          f"default certified on {res.certified.mean():.0%} of rows, identical to the full scan: "
+          f"{same})")
     print(
         f"  {'':32s} {'median ms':>10s} {'vs numpy grid':>14s} {'vs torch grid':>14s} "
         f"{'/ read floor':>13s}"
@@ -114,7 +124,25 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
             f"  {name:32s} {t * 1e3:10.3f} {grid_np / t:13.1f}x {grid_t / t:13.1f}x "
             f"{t / floor:12.1f}x"
         )
+    d = rows["fuse_step grid (default)"]
+    print(f"  goals: default / read floor {d / floor:.1f}x (goal <= 3x at B=32 T=4); "
+          f"numpy grid / default {grid_np / d:.0f}x (goal >= 200x at B=8 T=1); "
+          f"exact / default {rows['fuse_step exact'] / d:.1f}x, exact / full scan "
+          f"{rows['fuse_step exact'] / rows['fuse_step grid, full scan']:.1f}x (goal <= 2x)")
 
+
+def certified_rates(n_rows: int = 64, vocab: int = 32000) -> None:
+    """How often the default proves the full-vocabulary answer without the full scan."""
+    rng = np.random.default_rng(7)
+    print(f"\nCertified / fallback rows of the default (grid, V={vocab}, {n_rows} rows each):")
+    for n_exp in (1, 4):
+        zipf = zipf_logits(rng, n_rows, vocab, n_exp)
+        large, small, _ = flat_logits(rng, n_rows, vocab)
+        flat_e = (small[None] + 0.8 * rng.standard_normal((n_exp, n_rows, vocab))).astype(np.float32)
+        for name, (lg, sm, ex) in (("Zipf", zipf), ("flat Gaussian", (large, small, flat_e))):
+            r = dlf_rs.fuse_step(lg, sm, list(ex))
+            print(f"  T={n_exp} {name:14s} certified {r.certified.mean():6.1%}  fallback "
+                  f"{r.fallback.mean():6.1%}")
 
 def flat_logits(rng: np.random.Generator, n_rows: int, vocab: int) -> tuple[np.ndarray, ...]:
     """High-entropy rows (Gaussian logits, sd 1): the hard case for pruning, where the tail holds
@@ -162,6 +190,7 @@ def main() -> None:
     bench_case(1, 32000, 1, repeats=15)
     bench_case(8, 32000, 1, repeats=9)
     bench_case(32, 32000, 4, repeats=5)
+    certified_rates()
     for flat in (False, True):
         pruning_figures(k=256, flat=flat)
         pruning_figures(k=1024, flat=flat)

@@ -24,6 +24,14 @@ pub enum SolverKind {
 pub enum MultiExpert {
     /// The paper's rule for T > 1: one expert active per step, chosen by the same argmin.
     OneActive,
+    /// J minimised over the whole vector alpha in [alpha_min, alpha_max]^T (projected Newton
+    /// from the one-active winner): never a larger J than `OneActive`.
+    Joint,
+    /// One expert active, each candidate a * e_t scored by expert t's own two terms of J only.
+    OwnTerms,
+    /// One expert active: the one whose own distribution moved furthest from the small base at
+    /// this step (largest KL(Q_t||Q) + KL(Q||Q_t)), weighted by single-expert DLF.
+    MaxShift,
 }
 
 impl SolverKind {
@@ -54,6 +62,9 @@ impl MultiExpert {
     pub fn name(self) -> &'static str {
         match self {
             MultiExpert::OneActive => "one-active",
+            MultiExpert::Joint => "joint",
+            MultiExpert::OwnTerms => "own-terms",
+            MultiExpert::MaxShift => "max-shift",
         }
     }
 
@@ -61,9 +72,12 @@ impl MultiExpert {
     pub fn parse(name: &str) -> Result<Self, DlfError> {
         match name {
             "one-active" => Ok(MultiExpert::OneActive),
+            "joint" => Ok(MultiExpert::Joint),
+            "own-terms" => Ok(MultiExpert::OwnTerms),
+            "max-shift" => Ok(MultiExpert::MaxShift),
             other => Err(DlfError::invalid(
                 "multi_expert",
-                "'one-active'",
+                "'one-active', 'joint', 'own-terms' or 'max-shift'",
                 format!("{other:?}"),
             )),
         }

@@ -427,6 +427,17 @@ impl StepResult {
     fn support_size<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
         vec1(py, &self.out.support_size)
     }
+    /// Whether the row's full-vocabulary grid answer was proven from the one-pass summary (no
+    /// full scan), bool [B].
+    #[getter]
+    fn certified<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<bool>> {
+        vec1(py, &self.out.certified)
+    }
+    /// Whether the certificate was tried and failed (the full computation ran), bool [B].
+    #[getter]
+    fn fallback<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<bool>> {
+        vec1(py, &self.out.fallback)
+    }
 
     fn __len__(&self) -> usize {
         self.out.batch

@@ -173,7 +173,7 @@ SUPPORT_K = {
     "odd": ["0", "-1", "2**63", "2**64", "2.0", "2.5", "True", "'4'", "np.float32(4.0)"],
 }
 SOLVER = {"ok": ["'grid'", "'exact'"], "odd": ["'newton'", "''", "None", "1", "'GRID'"]}
-MULTI = {"ok": ["'one-active'"], "odd": ["'all'", "'joint'", "None", "3"]}
+MULTI = {"ok": ["'one-active'", "'joint'", "'own-terms'", "'max-shift'"], "odd": ["'all'", "'Joint'", "None", "3"]}
 # (alpha_range, grid_step) pairs: the range decides the grid's cost, so they are drawn together.
 RANGE_STEP_OK = [
     ("(0.0, 2.0)", "0.1"),

@@ -246,9 +246,7 @@ def solver_args(e: Expected, kw: dict[str, Any], dynamic: bool) -> None:
     multi = kw.get("multi_expert", "one-active")
     if not isinstance(multi, str):
         sub.add("multi_expert", (T_, D), "not a str")
-    elif multi == "joint":
-        sub.add("multi_expert", (D,), "joint: not yet decided", must=False)
-    elif multi != "one-active":
+    elif multi not in ("one-active", "joint", "own-terms", "max-shift"):
         sub.add("multi_expert", (D,), "unknown")
     sk = kw.get("support_k")
     skv = None
@@ -588,6 +586,10 @@ def _check_solved(
 ) -> list[str]:
     lo32, hi32 = np.float32(o["lo"]), np.float32(o["hi"])
     active = int(np.asarray(res.active)[r])
+    if o["multi"] == "joint":  # weights in [lo, hi]^T; J's optimality is tested in test_multi_expert
+        if not np.all((lo32 <= a) & (a <= hi32)):
+            raise Wrong(f"row {r}: joint alphas {a.tolist()} outside [{o['lo']!r}, {o['hi']!r}]")
+        return []
     if active == -1:  # "no expert": every weight 0, which must then lie in the range
         if np.any(a != 0.0) or not o["lo"] <= 0.0 <= o["hi"]:
             raise Wrong(f"row {r}: active -1 with alphas {a.tolist()} on [{o['lo']}, {o['hi']}]")
@@ -595,7 +597,7 @@ def _check_solved(
     if not 0 <= active < len(zes):
         raise Wrong(f"row {r}: active expert {active} not in [-1, {len(zes)})")
     others = np.delete(a, active)
-    if o["multi"] == "one-active" and np.any(others != 0.0):
+    if o["multi"] != "joint" and np.any(others != 0.0):
         raise Wrong(f"row {r}: one-active rule, but alphas {a.tolist()} (active {active})")
     av = a[active]
     if not lo32 <= av <= hi32:
@@ -607,8 +609,8 @@ def _check_solved(
         if not np.any(on_grid == np.float32(av)):
             near = grid[np.argmin(np.abs(grid - av))]
             raise Wrong(f"row {r}: alpha {av!r} is not a grid value (nearest {near!r})")
-    if not full:
-        return []  # support_k < V: an approximation; only the structure is checked
+    if not full or o["multi"] in ("own-terms", "max-shift"):
+        return []  # support_k < V: an approximation; own-terms: another score; structure only
     j_all, tol_all = [], []
     for t in range(len(zes)):
         j, tol = row_objective(zl, zs, zes, grid, t)

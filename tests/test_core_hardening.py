@@ -70,7 +70,7 @@ BAD_OPTIONS = [
     ({"grid_step": 0.0}, "grid_step:"),
     ({"alpha_min": -50.0, "alpha_max": 50.0, "grid_step": 0.0099}, "grid_step:"),
     ({"solver": "newton"}, "solver:"),
-    ({"multi_expert": "joint"}, "multi_expert:"),
+    ({"multi_expert": "Joint"}, "multi_expert:"),
     ({"support_k": 0}, "support_k:"),
     ({"temperature": -1.0}, "temperature:"),
     ({"temperature": float("inf")}, "temperature:"),

@@ -93,6 +93,7 @@ def _int_at_least(low: int) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     from dlf_rs import __version__
+    from dlf_rs.options import MULTI_EXPERT_RULES
 
     parser = _Parser(
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="top-k support (default: the full vocabulary)")
     step.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     step.add_argument("--grid-step", type=float, default=None, help="grid spacing (default 0.1)")
-    step.add_argument("--multi-expert", choices=("one-active",), default=None)
+    step.add_argument("--multi-expert", choices=MULTI_EXPERT_RULES, default=None)
     step.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     step.add_argument("--top-k", type=_int_at_least(0), default=None)
     step.add_argument("--top-p", type=float, default=None)

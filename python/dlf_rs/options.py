@@ -32,6 +32,9 @@ from ._core import DEFAULTS, DlfError, validate_options
 __all__ = ["METHODS", "StepOptions", "check_int", "check_real", "check_seed"]
 
 METHODS = ("dlf", "static", "large", "expert")
+# The multi-expert rules rust/config.rs parses ("one-active" is the default, the paper's).
+MULTI_EXPERT_RULES = ("one-active", "joint", "own-terms", "max-shift")
+
 _D: dict[str, Any] = dict(DEFAULTS)
 _INT_LIMIT = 1 << 63  # counts (top_k, support_k) must fit the core's usize on every platform
 _U64 = 1 << 64
@@ -123,9 +126,16 @@ class StepOptions:
     - ``alpha_range``: (lo, hi) searched by the solver, finite, ``-100 <= lo <= hi <= 100``.
     - ``grid_step``: spacing of the paper's grid, > 0, at most 10,001 grid points.
     - ``solver``: "grid" (the paper's Algorithm 1) or "exact" (never worse than the grid).
-    - ``multi_expert``: "one-active" (the paper's rule for T > 1).
-    - ``support_k``: None (KLs over the full vocabulary: Algorithm 1 exactly) or k >= 1 (union
-      of every model's top-k tokens plus an exact tail bucket; faster, approximate).
+    - ``multi_expert``: "one-active" (the paper's rule for T > 1: one expert per step, every
+      candidate scored by the full J), "joint" (J minimised over the whole vector alpha in
+      [lo, hi]^T; never a larger J than one-active when 0 is in the range) or "own-terms" (one
+      expert per step, candidate a * e_t scored by expert t's own two terms of J) or
+      "max-shift" (one expert per step: the one with the largest KL(Q_t||Q) + KL(Q||Q_t) at that
+      step, weighted by single-expert DLF).
+    - ``support_k``: None (KLs over the full vocabulary: Algorithm 1 exactly; each row is first
+      summarised in one pass and its answer proven from rigorous bounds on J, with the full scan
+      run only for rows the bounds cannot decide: ``StepResult.certified`` / ``.fallback``) or
+      k >= 1 (union of every model's top-k tokens plus an exact tail bucket; faster, approximate).
     - ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` in (0, 1], ``min_p`` in
       [0, 1]: how the token is drawn from the fused logits (the weights always use the raw
       logits).
@@ -174,7 +184,7 @@ class StepOptions:
                                   check_real(rng[1], "alpha_range[1]")))  # fmt: skip
         put(self, "grid_step", check_real(self.grid_step, "grid_step"))
         _check_str(self.solver, "solver", ("grid", "exact"))
-        _check_str(self.multi_expert, "multi_expert", ("one-active",))
+        _check_str(self.multi_expert, "multi_expert", MULTI_EXPERT_RULES)
         if self.support_k is not None:
             put(self, "support_k", check_int(self.support_k, "support_k"))
         put(self, "temperature", check_real(self.temperature, "temperature"))

@@ -27,6 +27,10 @@ class RowTrace:
     kl_expert_small: np.ndarray  # f32[steps, T], targets KL(Q_t || Q)
     kl_small_expert: np.ndarray  # f32[steps, T], targets KL(Q || Q_t)
     support_size: np.ndarray  # uint32[steps]
+    # bool[steps]: the full-vocabulary answer proven from the one-pass summary / the certificate
+    # tried and failed (full computation ran). Both False for static weights and single models.
+    certified: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
+    fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
 
 
 def _short_floats(a: np.ndarray) -> list[Any]:
@@ -96,6 +100,7 @@ class TraceRecorder:
         loss, kfl, klf = (np.full((s, b), np.nan, np.float32) for _ in range(3))
         kes, kse = (np.full((s, b, t), np.nan, np.float32) for _ in range(2))
         support = np.zeros((s, b), np.uint32)
+        certified, fallback = np.zeros((s, b), np.bool_), np.zeros((s, b), np.bool_)
         for i, (rows, step) in enumerate(self._steps):
             live[i, rows] = True
             if not isinstance(step, StepResult):
@@ -107,6 +112,7 @@ class TraceRecorder:
             kes[i] = np.asarray(step.kl_expert_small, np.float32).reshape(b, t)
             kse[i] = np.asarray(step.kl_small_expert, np.float32).reshape(b, t)
             support[i] = step.support_size
+            certified[i], fallback[i] = step.certified, step.fallback
         out_alphas, traces = [], []
         for row in range(b):
             m = live[:, row]
@@ -115,5 +121,6 @@ class TraceRecorder:
                 active=active[m, row], loss=loss[m, row], kl_fused_large=kfl[m, row],
                 kl_large_fused=klf[m, row], kl_expert_small=kes[m, row],
                 kl_small_expert=kse[m, row], support_size=support[m, row],
+                certified=certified[m, row], fallback=fallback[m, row],
             ))  # fmt: skip
         return out_alphas, traces

@@ -21,6 +21,7 @@ use crate::error::DlfError;
 use crate::fuse::fuse_row;
 use crate::numerics::with_simd;
 use crate::sample::{sample_row, RowSeeds, SampleScratch};
+use crate::solver::certified::{self, CertScratch};
 use crate::solver::{solve_row, SolverScratch};
 use crate::support::Reduced;
 use crate::validate::{
@@ -60,6 +61,10 @@ pub struct StepOutput {
     pub kl_small_expert: Vec<f32>,
     /// Number of tokens (tail bucket included) the KLs were computed over; 0 for static weights.
     pub support_size: Vec<u32>,
+    /// The row's full-vocabulary answer was proven from the one-pass summary (no full scan).
+    pub certified: Vec<bool>,
+    /// The certificate was tried and failed, so the full-vocabulary computation ran.
+    pub fallback: Vec<bool>,
 }
 
 impl StepOutput {
@@ -76,6 +81,8 @@ impl StepOutput {
             kl_expert_small: vec![],
             kl_small_expert: vec![],
             support_size: vec![],
+            certified: vec![],
+            fallback: vec![],
         }
     }
 }
@@ -85,6 +92,7 @@ struct Scratch {
     red: Reduced,
     solver: SolverScratch,
     sample: SampleScratch,
+    cert: CertScratch,
     fused: Vec<f32>,
 }
 
@@ -99,6 +107,7 @@ impl Scratch {
         self.red.heap_bytes()
             + self.solver.heap_bytes()
             + self.sample.heap_bytes()
+            + self.cert.heap_bytes()
             + self.fused.capacity() * std::mem::size_of::<f32>()
     }
 }
@@ -118,6 +127,8 @@ struct RowOut {
     targets_b: Vec<f32>,
     targets_c: Vec<f32>,
     support_size: u32,
+    certified: bool,
+    fallback: bool,
 }
 
 pub fn fuse_step(
@@ -183,6 +194,8 @@ pub(crate) fn fuse_step_impl(
         kl_expert_small: Vec::with_capacity(b * n_t),
         kl_small_expert: Vec::with_capacity(b * n_t),
         support_size: Vec::with_capacity(b),
+        certified: Vec::with_capacity(b),
+        fallback: Vec::with_capacity(b),
     };
     for row in rows {
         let r = row?;
@@ -195,6 +208,8 @@ pub(crate) fn fuse_step_impl(
         out.kl_expert_small.extend_from_slice(&r.targets_b);
         out.kl_small_expert.extend_from_slice(&r.targets_c);
         out.support_size.push(r.support_size);
+        out.certified.push(r.certified);
+        out.fallback.push(r.fallback);
     }
     Ok(out)
 }
@@ -244,11 +259,31 @@ fn row_with_scratch(
                 targets_b: vec![f32::NAN; n_t],
                 targets_c: vec![f32::NAN; n_t],
                 support_size: 0,
+                certified: false,
+                fallback: false,
             },
             Weights::Dynamic(cfg) => {
-                sc.red.fill(large, small, &experts, cfg.support_k);
-                let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver, cancel)?;
+                // The certified one-pass path first where it applies; the full computation
+                // (the same as support_k >= V) when it cannot prove the answer.
+                let tried = certified::applies(cfg, n_t);
+                let cert = if tried {
+                    certified::certified_row(large, small, &experts, cfg, &mut sc.cert, cancel)?
+                        .ok()
+                } else {
+                    None
+                };
+                let certified = cert.is_some();
+                let (s, support) = match cert {
+                    Some(s) => (s, inputs.vocab),
+                    None => {
+                        sc.red.fill(large, small, &experts, cfg.support_k);
+                        let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver, cancel)?;
+                        (s, sc.red.n)
+                    }
+                };
                 RowOut {
+                    certified,
+                    fallback: tried && !certified,
                     token: 0,
                     alphas: s.alphas.iter().map(|&x| x as f32).collect(),
                     loss: s.loss as f32,
@@ -257,7 +292,7 @@ fn row_with_scratch(
                     kl_large_fused: s.kl_large_fused as f32,
                     targets_b: s.targets_b.iter().map(|&x| x as f32).collect(),
                     targets_c: s.targets_c.iter().map(|&x| x as f32).collect(),
-                    support_size: sc.red.n as u32,
+                    support_size: support as u32,
                 }
             }
         };
@@ -329,3 +364,6 @@ pub fn fuse_logits_with_cancel(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod certified_tests;

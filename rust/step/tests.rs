@@ -98,7 +98,15 @@ fn support_k_at_least_vocab_equals_full_vocabulary() {
         let full = fuse_step(&inp, &dyn_cfg(None, solver), &smp, &Seeds::One(5)).unwrap();
         for k in [v, v + 7] {
             let pr = fuse_step(&inp, &dyn_cfg(Some(k), solver), &smp, &Seeds::One(5)).unwrap();
-            assert_eq!(full, pr);
+            // The default may be certified from the one-pass summary: the same weights and
+            // tokens, the loss and KLs to float tolerance (rust/step/certified_tests.rs).
+            assert_eq!(
+                (&full.alphas, &full.tokens, &full.active),
+                (&pr.alphas, &pr.tokens, &pr.active)
+            );
+            for (a, b) in full.loss.iter().zip(&pr.loss) {
+                assert!((a - b).abs() <= 2e-5 * a.abs().max(b.abs()) + 1e-9);
+            }
         }
         let small = fuse_step(&inp, &dyn_cfg(Some(16), solver), &smp, &Seeds::One(5)).unwrap();
         assert!(small

@@ -36,6 +36,8 @@ from dlf_rs.family.world import (
 
 DEFAULT_FAMILY = Path(__file__).resolve().parent / "checkpoints"
 STATIC_ALPHAS = (0.5, 1.0, 1.5)
+# The multi-expert rules besides the paper's one-active (rows of Table 2).
+MULTI_RULES = ("joint", "own-terms", "max-shift")
 ALL_TASKS = SEEN_TASKS + UNSEEN_TASKS
 TASK_ARITHMETIC = "small_task_arithmetic"  # built in memory from the experts (dlf_rs.merge)
 
@@ -50,12 +52,16 @@ class Run:
     model: str | None = None  # single-model rows: checkpoint name
     experts: list[str] = field(default_factory=list)
     alpha: float | None = None
+    multi_expert: str = "one-active"  # DLF rows with several experts: the rule choosing alpha
     shots: int = 0
     score: float = 0.0
     seconds: float = 0.0
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    # Multi-expert DLF rows on a seen task: fraction of decoding steps (over every example) on
+    # which the task's own expert carries the largest weight (strictly positive).
+    right_expert: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +166,8 @@ def fused(
         if run.method == "static":
             res = gen.generate(prompts[i : i + 64], method="static", alpha=run.alpha, **kwargs)
         else:
-            res = gen.generate(prompts[i : i + 64], method="dlf", solver=solver, **kwargs)
+            res = gen.generate(prompts[i : i + 64], method="dlf", solver=solver,
+                               multi_expert=run.multi_expert, **kwargs)
         texts += list(res.texts)
         alphas += [np.asarray(a, dtype=np.float32) for a in res.alphas]
     return texts, alphas
@@ -180,6 +187,9 @@ def plan(experts: dict[str, str]) -> list[Run]:
             runs.append(Run(f"Small expert ({s})", t, "single", model=experts[s]))
         runs.append(Run("Large multi-task tuned", t, "single", model="large_mtt"))
         runs.append(Run("DLF, all experts", t, "dlf", experts=all_experts))
+        for rule in MULTI_RULES:
+            runs.append(Run(f"DLF, all experts ({rule})", t, "dlf", experts=all_experts,
+                            multi_expert=rule))
         runs.append(Run("DLF, task-arithmetic expert", t, "dlf", experts=[TASK_ARITHMETIC]))
         runs.append(Run("Large base, {k}-shot", t, "single", model="large_base", shots=-1))
     for t in SEEN_TASKS:
@@ -219,6 +229,8 @@ def execute(family: Family, runs: list[Run], n: int, shots: int, solver: str) ->
         run.references = [e.answer for e in exs]
         scores = [task.score(p, e) for p, e in zip(preds, exs)]
         run.score = float(np.mean(scores))
+        if run.method == "dlf" and len(run.experts) > 1 and run.task in SEEN_TASKS:
+            run.right_expert = right_expert_share(alphas, SEEN_TASKS.index(run.task))
         if run.method == "dlf" and not run.shots:
             # The figure shows an example DLF got right as a reader would say it (see
             # `readable_row`), and says which.
@@ -229,6 +241,18 @@ def execute(family: Family, runs: list[Run], n: int, shots: int, solver: str) ->
                 "experts": [e.removeprefix("small_expert_") for e in run.experts],
             }
     return traces
+
+
+def right_expert_share(alphas: list[np.ndarray], right: int) -> float | None:
+    """Fraction of steps (rows of every [steps, T] array) whose largest weight is strictly
+    positive and belongs to expert `right` (the first on ties, as the core's `active`)."""
+    steps = [a for a in alphas if a.size]
+    if not steps:
+        return None
+    allsteps = np.concatenate(steps, axis=0)
+    top = np.argmax(allsteps, axis=1)
+    hit = (top == right) & (allsteps.max(axis=1) > 0)
+    return float(np.mean(hit))
 
 
 def readable_row(preds: list[str], refs: list[str], scores: list[float]) -> int:
@@ -300,14 +324,24 @@ def tables(runs: list[Run], shots: int) -> dict[str, Any]:
     # Table 2: multi-task; Avg = (mean of seen + unseen)/2 as in the paper.
     cols = [*seen, "seen avg", *UNSEEN_TASKS, "avg"]
     t2_rows = []
+    multi_rows = ("DLF, all experts", *(f"DLF, all experts ({r})" for r in MULTI_RULES))
     for label in ("Small base", "Large base", *(f"Small expert ({t})" for t in seen),
-                  "Large multi-task tuned", "DLF, all experts", "DLF, task-arithmetic expert"):
+                  "Large multi-task tuned", *multi_rows, "DLF, task-arithmetic expert"):
         s = _row(runs, label, seen)
         u = _row(runs, label, UNSEEN_TASKS)
         sm, um = _mean(s), _mean(u)
         t2_rows.append([label, *s, sm, *u, _mean([sm, um])])
     out["table2"] = {"title": "Multi-task (all experts, no task id; qa_math unseen)",
                      "columns": cols, "rows": t2_rows}
+    right_rows = []
+    for label in multi_rows:
+        vals = [next((r.right_expert for r in runs if r.name == label and r.task == t), None)
+                for t in seen]
+        right_rows.append([label.replace("DLF, all experts", "DLF, all experts (one-active)")
+                           if label == "DLF, all experts" else label, *vals, _mean(vals)])
+    out["right_expert"] = {
+        "title": "Steps on which the task's own expert carries the largest weight (all experts)",
+        "columns": [*seen, "avg"], "rows": right_rows}
     # Table 3: in-context learning, per task (DLF uses the own expert on seen tasks, all experts
     # on the unseen one).
     cols3 = [*ALL_TASKS, "avg"]
@@ -331,7 +365,7 @@ def markdown(tabs: dict[str, Any], meta: dict[str, Any]) -> str:
               f"DLF solver `{meta['solver']}`; scores in %. Wall time {meta['seconds']:.1f} s.")
     lines = ["# dlf-rs demo results", "", header, "",
              "Metrics: " + "; ".join(f"{t}: {TASKS[t].metric_name}" for t in ALL_TASKS), ""]
-    for key in ("table1", "gap_closed", "table2", "table3"):
+    for key in ("table1", "gap_closed", "table2", "right_expert", "table3"):
         tab = tabs[key]
         lines += [f"## {tab['title']}", "", "| | " + " | ".join(tab["columns"]) + " |",
                   "|---" * (len(tab["columns"]) + 1) + "|"]

@@ -1,0 +1,982 @@
+//! The default (`support_k=None`, grid solver) at pruned cost with the full-vocabulary answer
+//! (method.md, "Certified exactness at pruned cost").
+//!
+//! Flow for one row: `summarize` makes one blocked pass over every logit of the row (after
+//! `validate`'s scan) and keeps (1) the exact targets KL(Q_t||Q), KL(Q||Q_t); (2) the exact
+//! normaliser Z = sum_v p_v and E_P[d_t]; (3) the "support": tokens with P > 0 whose direction
+//! |d_t| exceeds delta for some expert, with p and every d; (4) for every other token with P > 0
+//! (the "tail", |d_t| <= delta for all t), the power sums S_j = sum p d_t^j, j = 0..8, per expert.
+//! `certify` then bounds, at every grid value a,
+//!   A(a) = sum_v p_v e^{a d_v}  and  B(a) = sum_v p_v d_v e^{a d_v}
+//! from below and above: the support exactly (plus rounding slack), the tail by its Taylor
+//! polynomial of degree 7 (A) or 6 (B) in a, whose Lagrange remainders are at most
+//! |a|^8/8! e^{|a| delta_t} S_8 and |a|^7/7! e^{|a| delta_t} S_8 (delta_t the tail's largest |d_t|).
+//! KL(P~||P) = a B/A - ln(A/Z) and KL(P||P~) = ln(A/Z) - a E_P[d] follow by interval arithmetic,
+//! then J. When the grid's winner (scan order, the paper's tie rule) is below every other
+//! candidate's lower bound by a margin that also covers the full scan's own rounding, the plain
+//! full-vocabulary grid would pick the same candidate: the row is certified. Otherwise the caller
+//! runs the full computation (`Fallback`).
+//!
+//! Exactness does not depend on how good delta is: it only moves tokens between the exact support
+//! and the bounded tail. delta = 1/8 / max|a| makes the remainder below 2e-12 of the tail's mass.
+
+use super::objective::objective;
+use super::RowSolution;
+use crate::cancel::Cancel;
+use crate::config::{MultiExpert, SolverConfig, SolverKind};
+use crate::error::DlfError;
+use crate::numerics::{fast_exp, simd_dispatch, with_simd, LANES};
+use crate::validate::ModelRow;
+
+/// Power sums S_0..S_ORDER of the tail per expert.
+const ORDER: usize = 8;
+/// Tokens per block of the summary pass (the block's d values stay in L1).
+const BLOCK: usize = 512;
+/// The summary gives up (full scan) once the support passes this fraction of the vocabulary:
+/// such a row gains little, and giving up early bounds the cost of a fallback to a few percent
+/// of the full scan (rows with real fine-tuned experts, whose |d| is large on most tokens, end
+/// here; see /work/notes/solver-status.md).
+const MAX_SUPPORT_FRACTION: f64 = 1.0 / 16.0;
+/// Unit roundoff of f64.
+const EPS: f64 = f64::EPSILON / 2.0;
+
+/// Why a row was not certified (the caller then runs the full computation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// More than a quarter of the vocabulary has |d| > delta (flat or unrelated rows).
+    Support,
+    /// |a| max|d| too large for the bounds' exponentials to stay inside f64.
+    Range,
+    /// The bounds could not separate the winner from another candidate (near ties), or are too
+    /// wide to report the loss to float precision.
+    Unproven,
+    /// A bound came out NaN or infinite.
+    NonFinite,
+}
+
+/// Whether the certified path applies to these options (else the full path runs, uncounted):
+/// the full vocabulary (support_k=None), any rule but "joint", the grid or the exact solver (which
+/// refines on the summary and checks its answer on the full vocabulary: `exact_refine`).
+pub fn applies(cfg: &SolverConfig, n_t: usize) -> bool {
+    cfg.support_k.is_none() && cfg.multi_expert != MultiExpert::Joint && n_t > 0
+}
+
+/// Scratch of the summary pass and the bounds, per thread.
+#[derive(Debug, Default)]
+pub struct CertScratch {
+    /// Support: log p (z_L - max z_L, so that a tiny p with a huge d stays exact) and,
+    /// token-major, d_t for every expert.
+    sp: Vec<f64>,
+    sd: Vec<f64>,
+    // Block buffers.
+    bp: Vec<f64>,
+    bl: Vec<f64>,
+    bzs: Vec<f64>,
+    bq: Vec<f64>,
+    bqt: Vec<f64>,
+    bd: Vec<f64>,
+    tail: Vec<f64>,
+    // Per expert, per grid point: K1, K2 intervals.
+    k1: Vec<(f64, f64)>,
+    k2: Vec<(f64, f64)>,
+    // Lattice buffers over the support.
+    w: Vec<f64>,
+    e: Vec<f64>,
+    x: Vec<f64>,
+}
+
+impl CertScratch {
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let f = [
+            &self.sp, &self.sd, &self.bp, &self.bl, &self.bzs, &self.bq, &self.bqt, &self.bd,
+            &self.tail, &self.w, &self.e, &self.x,
+        ];
+        f.iter().map(|v| v.capacity() * 8).sum::<usize>()
+            + (self.k1.capacity() + self.k2.capacity()) * 16
+    }
+}
+
+/// What the summary pass keeps of one row.
+#[derive(Debug, Default, Clone)]
+struct Summary {
+    n_vocab: usize,
+    n_sup: usize,
+    /// sum p (all tokens), sum p over the tail, sum p d_t and sum p |d_t| (all tokens).
+    z: f64,
+    pd: Vec<f64>,
+    pabsd: Vec<f64>,
+    /// Per expert: S_0..S_ORDER over the tail (S_0 shared), largest |d_t| in the tail.
+    mom: Vec<[f64; ORDER + 1]>,
+    tail_absmax: Vec<f64>,
+    /// Largest |d_t| over every token with P > 0, per expert, and over every token.
+    absmax: Vec<f64>,
+    absmax_all: Vec<f64>,
+    targets_b: Vec<f64>,
+    targets_c: Vec<f64>,
+    /// Magnitude scale of each target's rounding (|lse_t| + |lse_s| + max |d_t|).
+    target_scale: Vec<f64>,
+}
+
+fn row_max(z: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let ch = z.chunks_exact(8);
+    let rest = ch.remainder();
+    for c in ch {
+        for l in 0..8 {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    for &x in rest {
+        m[0] = m[0].max(x);
+    }
+    m.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Lane sums over a block: LANES independent accumulators (vectorisable, fixed order).
+#[inline(always)]
+fn lanes_add(acc: &mut [f64; LANES], v: &[f64]) {
+    let ch = v.chunks_exact(LANES);
+    let rest = ch.remainder();
+    for c in ch {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    for (l, &x) in rest.iter().enumerate() {
+        acc[l] += x;
+    }
+}
+
+#[inline(always)]
+fn total(a: &[f64; LANES]) -> f64 {
+    (a[0] + a[1]) + (a[2] + a[3])
+}
+
+/// The summary pass; `delta` is the tail's bound on |d|. None when the support is too large.
+fn summarize(
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    delta: f64,
+    sc: &mut CertScratch,
+) -> Option<Summary> {
+    let v = large.z.len();
+    let n_t = experts.len();
+    let max_sup = ((v as f64) * MAX_SUPPORT_FRACTION) as usize + 1;
+    let ml = row_max(large.z) as f64;
+    // The replacement value is below every finite logit, so the finite maximum is the maximum
+    // (rows with no finite value were refused by `validate`).
+    let ms = row_max(small.z).max(small.rep) as f64;
+    let mts: Vec<f64> = experts
+        .iter()
+        .map(|e| row_max(e.z).max(e.rep) as f64)
+        .collect();
+    for b in [
+        &mut sc.bp,
+        &mut sc.bl,
+        &mut sc.bzs,
+        &mut sc.bq,
+        &mut sc.bqt,
+        &mut sc.tail,
+    ] {
+        b.resize(BLOCK, 0.0);
+    }
+    sc.bd.resize(BLOCK * n_t, 0.0);
+    sc.sp.clear();
+    sc.sd.clear();
+
+    let mut z = [0.0; LANES];
+    let mut qsum = [0.0; LANES];
+    let mut qtsum = vec![[0.0; LANES]; n_t];
+    let mut qtd = vec![[0.0; LANES]; n_t];
+    let mut qd = vec![[0.0; LANES]; n_t];
+    let mut pd = vec![[0.0; LANES]; n_t];
+    let mut pabsd = vec![[0.0; LANES]; n_t];
+    let mut mom = vec![[[0.0; LANES]; ORDER + 1]; n_t];
+    let mut tail_absmax = vec![0.0f64; n_t];
+    let mut absmax = vec![0.0f64; n_t];
+    let mut absmax_all = vec![0.0f64; n_t];
+    let mut too_big = false;
+    let mut sums = vec![kernels::ExpertSums::default(); n_t];
+
+    let mut j0 = 0;
+    while j0 < v {
+        let len = BLOCK.min(v - j0);
+        let (bp, bl, bzs, bq, bqt, tail) = (
+            &mut sc.bp[..len],
+            &mut sc.bl[..len],
+            &mut sc.bzs[..len],
+            &mut sc.bq[..len],
+            &mut sc.bqt[..len],
+            &mut sc.tail[..len],
+        );
+        // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
+        simd_dispatch!(
+            avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, &mut z),
+            portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, &mut z),
+        );
+        simd_dispatch!(
+            avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+            portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+        );
+        // Tail mask: 1 where z_L is finite and every |d_t| <= delta, else 0. Possible tokens
+        // outside it form the support, whatever their p (a p that underflowed can still carry
+        // weight p e^{a d} when d is large).
+        for (m, &lp) in tail.iter_mut().zip(bl.iter()) {
+            *m = if lp > f64::NEG_INFINITY { 1.0 } else { 0.0 };
+        }
+        for (t, e) in experts.iter().enumerate() {
+            let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
+            let zt = &e.z[j0..j0 + len];
+            let sums = &mut sums[t];
+            simd_dispatch!(
+                avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+                portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+            );
+        }
+        for t in 0..n_t {
+            let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
+            simd_dispatch!(
+                avx2: kernels::avx2_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+                portable: kernels::moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+            );
+        }
+        for k in 0..len {
+            if bl[k] > f64::NEG_INFINITY && tail[k] == 0.0 {
+                sc.sp.push(bl[k]);
+                for t in 0..n_t {
+                    sc.sd.push(sc.bd[t * BLOCK + k]);
+                }
+            }
+        }
+        if sc.sp.len() > max_sup {
+            too_big = true;
+            break;
+        }
+        j0 += len;
+    }
+    for (t, sm) in sums.iter().enumerate() {
+        qtsum[t] = sm.acc[0];
+        qtd[t] = sm.acc[1];
+        qd[t] = sm.acc[2];
+        pd[t] = sm.acc[3];
+        pabsd[t] = sm.acc[4];
+        absmax[t] = sm.amax.iter().copied().fold(0.0, f64::max);
+        absmax_all[t] = sm.amax_all.iter().copied().fold(0.0, f64::max);
+    }
+    if too_big {
+        return None;
+    }
+    let lse_s = ms + total(&qsum).ln();
+    let mut s = Summary {
+        n_vocab: v,
+        n_sup: sc.sp.len(),
+        z: total(&z),
+        pd: pd.iter().map(total).collect(),
+        pabsd: pabsd.iter().map(total).collect(),
+        mom: mom
+            .iter()
+            .map(|m| {
+                let mut o = [0.0; ORDER + 1];
+                for (k, a) in m.iter().enumerate() {
+                    o[k] = total(a);
+                }
+                o
+            })
+            .collect(),
+        tail_absmax,
+        absmax,
+        absmax_all,
+        ..Default::default()
+    };
+    for t in 0..n_t {
+        let st = total(&qtsum[t]);
+        let lse_t = mts[t] + st.ln();
+        let e_qt = total(&qtd[t]) / st;
+        let e_q = total(&qd[t]) / total(&qsum);
+        s.targets_b.push((e_qt - lse_t + lse_s).max(0.0));
+        s.targets_c.push((lse_t - lse_s - e_q).max(0.0));
+        s.target_scale
+            .push(lse_t.abs() + lse_s.abs() + s.absmax_all[t]);
+    }
+    Some(s)
+}
+
+/// The summary pass's loops as functions over slices (so that LLVM knows they do not alias and
+/// vectorises them), each compiled twice: for AVX2 and for baseline x86-64 (same operations in
+/// the same order, so the results are identical).
+mod kernels {
+    use super::{fast_exp, LANES, ORDER};
+
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(super) struct ExpertSums {
+        /// Lane sums of q_t, q_t d, q d, p d, p |d|.
+        pub(super) acc: [[f64; LANES]; 5],
+        /// Largest |d| over tokens with P > 0, and over every token.
+        pub(super) amax: [f64; LANES],
+        pub(super) amax_all: [f64; LANES],
+    }
+
+    macro_rules! twice {
+        ($plain:ident, $avx2:ident, fn ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[allow(clippy::too_many_arguments)]
+            pub(crate) fn $plain($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[allow(clippy::too_many_arguments)]
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            pub(crate) unsafe fn $avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+        };
+    }
+
+    mod large_k {
+        use super::*;
+        twice!(large, avx2_large, fn (z: &[f32], ml: f64, lp: &mut [f64], p: &mut [f64], acc: &mut [f64; LANES]) {
+            for ((o, e), &x) in lp.iter_mut().zip(p.iter_mut()).zip(z) {
+                *o = x as f64 - ml;
+                *e = fast_exp(*o);
+            }
+            super::super::lanes_add(acc, p);
+        });
+    }
+    pub(super) use large_k::{avx2_large, large};
+
+    mod row_k {
+        use super::*;
+        twice!(row, avx2_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
+            for ((o, q), &v) in x.iter_mut().zip(e.iter_mut()).zip(z) {
+                *o = (if v == f32::NEG_INFINITY { rep } else { v }) as f64;
+                *q = fast_exp(*o - shift);
+            }
+            super::super::lanes_add(acc, e);
+        });
+    }
+    pub(super) use row_k::{avx2_row, row};
+
+    mod expert_k {
+        use super::*;
+        twice!(expert, avx2_expert, fn (
+            zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], qt: &mut [f64], q: &[f64],
+            p: &[f64], lp: &[f64], tail: &mut [f64], delta: f64, sums: &mut ExpertSums,
+        ) {
+            for (((dd, e), &x), &s) in d.iter_mut().zip(qt.iter_mut()).zip(zt).zip(zs) {
+                let x = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
+                *dd = x - s;
+                *e = fast_exp(x - mt);
+            }
+            for (m, &dd) in tail.iter_mut().zip(d.iter()) {
+                *m = if dd.abs() <= delta { *m } else { 0.0 };
+            }
+            let ExpertSums { acc, amax, amax_all } = sums;
+            let n = d.len();
+            let full = n / LANES * LANES;
+            let mut lane = |l: usize, qt: f64, d: f64, q: f64, p: f64, lp: f64| {
+                acc[0][l] += qt;
+                acc[1][l] += qt * d;
+                acc[2][l] += q * d;
+                acc[3][l] += p * d;
+                let ad = d.abs();
+                acc[4][l] += p * ad;
+                let live = if lp > f64::NEG_INFINITY { ad } else { 0.0 };
+                amax[l] = if live > amax[l] { live } else { amax[l] };
+                amax_all[l] = if ad > amax_all[l] { ad } else { amax_all[l] };
+            };
+            let ch = qt[..full]
+                .chunks_exact(LANES)
+                .zip(d[..full].chunks_exact(LANES))
+                .zip(q[..full].chunks_exact(LANES))
+                .zip(p[..full].chunks_exact(LANES))
+                .zip(lp[..full].chunks_exact(LANES));
+            for ((((qt4, d4), q4), p4), lp4) in ch {
+                for l in 0..LANES {
+                    lane(l, qt4[l], d4[l], q4[l], p4[l], lp4[l]);
+                }
+            }
+            for k in full..n {
+                lane(k - full, qt[k], d[k], q[k], p[k], lp[k]);
+            }
+        });
+    }
+    pub(super) use expert_k::{avx2_expert, expert};
+
+    mod moments_k {
+        use super::*;
+        twice!(moments, avx2_moments, fn (
+            tail: &[f64], d: &[f64], p: &[f64], mom: &mut [[f64; LANES]; ORDER + 1], tmax: &mut f64,
+        ) {
+            let n = d.len();
+            let full = n / LANES * LANES;
+            let mut amax = [0.0f64; LANES];
+            let mut lane = |l: usize, m: f64, d: f64, p: f64| {
+                let mut pw = m * p;
+                mom[0][l] += pw;
+                for a in mom.iter_mut().skip(1) {
+                    pw *= d;
+                    a[l] += pw;
+                }
+                let live = if m > 0.0 { d.abs() } else { 0.0 };
+                amax[l] = if live > amax[l] { live } else { amax[l] };
+            };
+            let ch = tail[..full]
+                .chunks_exact(LANES)
+                .zip(d[..full].chunks_exact(LANES))
+                .zip(p[..full].chunks_exact(LANES));
+            for ((m4, d4), p4) in ch {
+                for l in 0..LANES {
+                    lane(l, m4[l], d4[l], p4[l]);
+                }
+            }
+            for k in full..n {
+                lane(k - full, tail[k], d[k], p[k]);
+            }
+            for m in amax {
+                *tmax = tmax.max(m);
+            }
+        });
+    }
+    pub(super) use moments_k::{avx2_moments, moments};
+
+    mod full_k {
+        use super::*;
+        twice!(full, avx2_full, fn (
+            zl: &[f32], zs: &[f32], zt: &[f32], reps: [f32; 2], ml: f64, a: f64,
+            acc: &mut [[f64; LANES]; 2],
+        ) {
+            let mut lane = |l: usize, zl: f32, zs: f32, zt: f32| {
+                let zs = (if zs == f32::NEG_INFINITY { reps[0] } else { zs }) as f64;
+                let zt = (if zt == f32::NEG_INFINITY { reps[1] } else { zt }) as f64;
+                let d = zt - zs;
+                // -inf + a d is -inf: an impossible token adds 0.
+                let w = fast_exp(zl as f64 - ml + a * d);
+                acc[0][l] += w;
+                acc[1][l] += w * d;
+            };
+            let n = zl.len().min(zs.len()).min(zt.len());
+            let full = n / LANES * LANES;
+            let ch = zl[..full]
+                .chunks_exact(LANES)
+                .zip(zs[..full].chunks_exact(LANES))
+                .zip(zt[..full].chunks_exact(LANES));
+            for ((l4, s4), e4) in ch {
+                for l in 0..LANES {
+                    lane(l, l4[l], s4[l], e4[l]);
+                }
+            }
+            for k in full..n {
+                lane(k - full, zl[k], zs[k], zt[k]);
+            }
+        });
+    }
+    pub(super) use full_k::{avx2_full, full};
+}
+
+/// K1, K2 of expert t at weight a over the full vocabulary, from the f32 rows (one exponential per
+/// token; the summary's Z and E_P[d] are exact). Requires |a| max|d| + ln V <= 600 (checked by
+/// the caller), so exp(lp + a d) with lp <= 0 cannot overflow.
+fn full_kls(
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    expert: ModelRow<'_>,
+    a: f64,
+    s: &Summary,
+    t: usize,
+) -> (f64, f64) {
+    if a == 0.0 {
+        return (0.0, 0.0);
+    }
+    let ml = row_max(large.z) as f64;
+    let mut acc = [[0.0f64; LANES]; 2];
+    let reps = [small.rep, expert.rep];
+    simd_dispatch!(
+        avx2: kernels::avx2_full(large.z, small.z, expert.z, reps, ml, a, &mut acc),
+        portable: kernels::full(large.z, small.z, expert.z, reps, ml, a, &mut acc),
+    );
+    let [sa, sb] = acc;
+    let (aa, bb) = (total(&sa), total(&sb));
+    let l = (aa / s.z).ln();
+    let mu0 = s.pd[t] / s.z;
+    ((a * bb / aa - l).max(0.0), (l - a * mu0).max(0.0))
+}
+
+/// Cumulants (g, g', g'', g''') of expert t's direction under P at weight a, from the summary:
+/// the support exactly, the tail by its Taylor polynomials (accurate far below what the search
+/// needs; the answer is checked on the full vocabulary afterwards).
+fn surrogate_cgf(s: &Summary, sp: &[f64], sd: &[f64], t: usize, a: f64) -> (f64, f64, f64, f64) {
+    let n_t = s.pd.len();
+    let mut m = [0.0f64; 4];
+    for (k, &lp) in sp.iter().enumerate() {
+        let d = sd[k * n_t + t];
+        let w = fast_exp(lp + a * d);
+        m[0] += w;
+        m[1] += w * d;
+        m[2] += w * d * d;
+        m[3] += w * d * d * d;
+    }
+    let mom = &s.mom[t];
+    let mut apow = 1.0;
+    let mut fact = 1.0;
+    for j in 0..ORDER {
+        if j > 0 {
+            fact *= j as f64;
+        }
+        for (r, mr) in m.iter_mut().enumerate() {
+            if j + r <= ORDER {
+                *mr += apow * mom[j + r] / fact;
+            }
+        }
+        apow *= a;
+    }
+    let g = (m[0] / s.z).ln();
+    let (e1, e2, e3) = (m[1] / m[0], m[2] / m[0], m[3] / m[0]);
+    let var = (e2 - e1 * e1).max(0.0);
+    (g, e1, var, e3 - 3.0 * e1 * e2 + 2.0 * e1 * e1 * e1)
+}
+
+/// The exact solver on the summary: for each expert, Newton (bisection fallback) on J around its
+/// best grid value with the surrogate's analytic derivatives; then every refined weight and the
+/// certified grid winner are evaluated on the full vocabulary, and the best of those wins (ties:
+/// the smaller weight, then the earlier expert), so it is never worse than the grid.
+#[allow(clippy::too_many_arguments)]
+fn exact_refine(
+    s: &Summary,
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    cfg: &SolverConfig,
+    n_pts: usize,
+    considered: &[usize],
+    own: bool,
+    grid_win: (usize, f64),
+    sc: &CertScratch,
+) -> RowSolution {
+    let n_t = experts.len();
+    let (b, c) = (&s.targets_b[..], &s.targets_c[..]);
+    let scored = |t: usize| -> (&[f64], &[f64]) {
+        if own {
+            (&b[t..t + 1], &c[t..t + 1])
+        } else {
+            (b, c)
+        }
+    };
+    // (score, a, t, k1, k2), full-vocabulary values.
+    let full = |t: usize, a: f64| {
+        let (k1, k2) = full_kls(large, small, experts[t], a, s, t);
+        let (bs, cs) = scored(t);
+        (objective(k1, k2, bs, cs), a, t, k1, k2)
+    };
+    let mut best = full(grid_win.0, grid_win.1);
+    for &t in considered {
+        let (bs, cs) = scored(t);
+        let nt = bs.len() as f64;
+        let (mb, mc) = (bs.iter().sum::<f64>() / nt, cs.iter().sum::<f64>() / nt);
+        let mu0 = s.pd[t] / s.z;
+        let eval = |a: f64| {
+            let (g, g1, g2, g3) = surrogate_cgf(s, &sc.sp, &sc.sd, t, a);
+            let (k1, k2) = if a == 0.0 {
+                (0.0, 0.0)
+            } else {
+                (a * g1 - g, g - a * mu0)
+            };
+            let (dk1, dk2, ddk1, ddk2) = (a * g2, g1 - mu0, g2 + a * g3, g2);
+            let j1 = 2.0 * nt * ((k1 - mb) * dk1 + (k2 - mc) * dk2);
+            let j2 = 2.0 * nt * (dk1 * dk1 + (k1 - mb) * ddk1 + dk2 * dk2 + (k2 - mc) * ddk2);
+            (objective(k1, k2, bs, cs), j1, j2)
+        };
+        // The expert's best grid value by the certified bounds' midpoints.
+        let mid = |i: usize| {
+            let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
+            let k = (0.5 * (k1.0 + k1.1), 0.5 * (k2.0 + k2.1));
+            objective(k.0, k.1, bs, cs)
+        };
+        let i0 = (0..n_pts)
+            .min_by(|&x, &y| mid(x).total_cmp(&mid(y)))
+            .unwrap_or(0);
+        let mut lo = cfg.grid_value(i0.saturating_sub(1));
+        let mut hi = cfg.grid_value((i0 + 1).min(n_pts - 1));
+        let mut x = cfg.grid_value(i0);
+        let (mut bx, mut bj) = (x, f64::INFINITY);
+        for _ in 0..60 {
+            let (j, j1, j2) = eval(x);
+            if j < bj {
+                (bx, bj) = (x, j);
+            }
+            if j1 == 0.0 || !j1.is_finite() {
+                break;
+            }
+            if j1 > 0.0 {
+                hi = x;
+            } else {
+                lo = x;
+            }
+            let tol = 1e-13 * x.abs().max(1.0);
+            if hi - lo <= tol {
+                break;
+            }
+            let newton = x - j1 / j2;
+            let xn = if j2 > 0.0 && newton > lo && newton < hi {
+                newton
+            } else {
+                0.5 * (lo + hi)
+            };
+            if (xn - x).abs() <= tol {
+                break;
+            }
+            x = xn;
+        }
+        let cand = full(t, bx);
+        if cand.0 < best.0
+            || (cand.0 == best.0 && (cand.1 < best.1 || (cand.1 == best.1 && cand.2 < best.2)))
+        {
+            best = cand;
+        }
+    }
+    let (_, a, t, k1, k2) = best;
+    let mut alphas = vec![0.0; n_t];
+    if a != 0.0 {
+        alphas[t] = a;
+    }
+    RowSolution {
+        active: if a != 0.0 { t as i64 } else { -1 },
+        alphas,
+        loss: objective(k1, k2, b, c),
+        kl_fused_large: k1,
+        kl_large_fused: k2,
+        targets_b: s.targets_b.clone(),
+        targets_c: s.targets_c.clone(),
+    }
+}
+
+/// [lo, hi] with lo <= hi.
+type Iv = (f64, f64);
+
+fn mul_scalar(a: f64, x: Iv) -> Iv {
+    let (p, q) = (a * x.0, a * x.1);
+    (p.min(q), p.max(q))
+}
+
+/// Range of (k - b)^2 for k in `k`, b in `b`.
+fn sq_diff(k: Iv, b: Iv) -> Iv {
+    let (lo, hi) = (k.0 - b.1, k.1 - b.0);
+    let m = (lo * lo).max(hi * hi);
+    if lo <= 0.0 && hi >= 0.0 {
+        (0.0, m)
+    } else {
+        ((lo * lo).min(hi * hi), m)
+    }
+}
+
+/// J's interval from the KL intervals and the targets' intervals, widened for its own rounding.
+fn j_interval(k1: Iv, k2: Iv, b: &[Iv], c: &[Iv]) -> Iv {
+    let (mut lo, mut hi) = (0.0, 0.0);
+    for (bs, cs) in b.iter().zip(c) {
+        let (x, y) = (sq_diff(k1, *bs), sq_diff(k2, *cs));
+        lo += x.0 + y.0;
+        hi += x.1 + y.1;
+    }
+    let r = 4.0 * EPS * (2 * b.len() + 2) as f64;
+    (lo * (1.0 - r), hi * (1.0 + r))
+}
+
+/// K1, K2 intervals of expert t at every grid point.
+fn kl_bounds(
+    s: &Summary,
+    cfg: &SolverConfig,
+    n_pts: usize,
+    t: usize,
+    sc: &mut CertScratch,
+    cancel: Cancel<'_>,
+) -> Result<(), DlfError> {
+    let n_t = s.pd.len();
+    let n_sup = s.n_sup;
+    let gv = s.n_vocab as f64 * EPS * 1.01;
+    // Z: the sum's rounding and each p's (fast_exp: < 4e-16 relative) error.
+    let zr = gv + 2e-15;
+    let z: Iv = (s.z * (1.0 - zr), s.z * (1.0 + zr));
+    let mu0_mid = s.pd[t] / s.z;
+    let mu0_err = (gv + 2e-15) * s.pabsd[t] / z.0 + 4.0 * EPS * mu0_mid.abs();
+    let mu0: Iv = (mu0_mid - mu0_err, mu0_mid + mu0_err);
+    let m = &s.mom[t];
+    let dt = s.tail_absmax[t];
+    // Lattice over the support: x = d, w = p e^{a_0 d}, advanced by e^{h d} per grid point.
+    sc.x.clear();
+    sc.x.extend((0..n_sup).map(|k| sc.sd[k * n_t + t]));
+    sc.w.clear();
+    sc.e.clear();
+    let h = cfg.grid_step;
+    for k in 0..n_sup {
+        let d = sc.x[k];
+        sc.w.push(fast_exp(sc.sp[k] + cfg.alpha_min * d));
+        sc.e.push(fast_exp(h * d));
+    }
+    // A lattice weight at point i carries i products by e^{hd} (each with fast_exp's < 4e-16 and
+    // one rounding), the sums n_sup roundings.
+    let sup_r = |i: usize| (n_sup as f64 + 8.0) * EPS * 1.01 + (i as f64 + 2.0) * 6e-16 + 2e-15;
+    let fact = |k: usize| (1..=k).map(|x| x as f64).product::<f64>();
+    for i in 0..n_pts {
+        // A 10,001-point grid on a large support takes long enough to need this.
+        if i % 64 == 0 {
+            cancel.check()?;
+        }
+        let a_lat = cfg.alpha_min + i as f64 * h;
+        let a = cfg.grid_value(i);
+        let (mut as_, mut bs_, mut babs) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
+        if a == a_lat {
+            with_simd(
+                #[inline(always)]
+                || {
+                    for (k, (w, (&e, &d))) in
+                        sc.w.iter_mut().zip(sc.e.iter().zip(&sc.x)).enumerate()
+                    {
+                        let l = k % LANES;
+                        as_[l] += *w;
+                        bs_[l] += *w * d;
+                        babs[l] += *w * d.abs();
+                        *w *= e;
+                    }
+                },
+            );
+        } else {
+            // The clamped last grid value (rounding only): evaluated directly.
+            for k in 0..n_sup {
+                let (lp, d) = (sc.sp[k], sc.x[k]);
+                let w = fast_exp(lp + a * d);
+                as_[k % LANES] += w;
+                bs_[k % LANES] += w * d;
+                babs[k % LANES] += w * d.abs();
+            }
+        }
+        let (a_s, b_s, b_abs) = (total(&as_), total(&bs_), total(&babs));
+        let sr = sup_r(i);
+        // Underflowed or subnormal weights (support or tail): at most 1e-300 each.
+        let tiny = (n_sup as f64 + s.n_vocab as f64) * 1e-300;
+        let aa = a.abs();
+        let ea = (aa * dt).exp() * (1.0 + 1e-15);
+        let (mut ar, mut br) = (0.0, 0.0);
+        let mut apow = 1.0;
+        for j in 0..ORDER {
+            let f = fact(j);
+            ar += apow * m[j] / f;
+            if j < ORDER - 1 {
+                br += apow * m[j + 1] / f;
+            }
+            apow *= a;
+        }
+        let rem_a = aa.powi(ORDER as i32) / fact(ORDER) * ea * m[ORDER];
+        let rem_b = aa.powi(ORDER as i32 - 1) / fact(ORDER - 1) * ea * m[ORDER];
+        // Rounding of the power sums (n terms each, |p d^j| <= p dt^j) and of the polynomial.
+        let tr = (gv + 2e-15 + 32.0 * EPS) * m[0] * ea * (1.0 + dt);
+        let a_iv: Iv = (
+            a_s * (1.0 - sr) + ar - rem_a - tr - tiny,
+            a_s * (1.0 + sr) + ar + rem_a + tr + tiny,
+        );
+        let b_err = sr * b_abs + rem_b + tr + tiny;
+        let b_iv: Iv = (b_s + br - b_err, b_s + br + b_err);
+        let (k1, k2) = if a == 0.0 {
+            ((0.0, 0.0), (0.0, 0.0))
+        } else if a_iv.0.is_nan() || a_iv.0 <= 0.0 {
+            ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN))
+        } else {
+            let l: Iv = ((a_iv.0 / z.1).ln(), (a_iv.1 / z.0).ln());
+            let l = (
+                l.0 - 4.0 * EPS * (1.0 + l.0.abs()),
+                l.1 + 4.0 * EPS * (1.0 + l.1.abs()),
+            );
+            let r: Iv = if b_iv.0 >= 0.0 {
+                (b_iv.0 / a_iv.1, b_iv.1 / a_iv.0)
+            } else if b_iv.1 <= 0.0 {
+                (b_iv.0 / a_iv.0, b_iv.1 / a_iv.1)
+            } else {
+                (b_iv.0 / a_iv.0, b_iv.1 / a_iv.0)
+            };
+            let ar_ = mul_scalar(a, r);
+            let amu = mul_scalar(a, mu0);
+            let k1 = (ar_.0 - l.1, ar_.1 - l.0);
+            let k2 = (l.0 - amu.1, l.1 - amu.0);
+            let w1 = 4.0 * EPS * (ar_.0.abs().max(ar_.1.abs()) + l.0.abs().max(l.1.abs()));
+            let w2 = 4.0 * EPS * (amu.0.abs().max(amu.1.abs()) + l.0.abs().max(l.1.abs()));
+            // The full scan clamps the KLs at 0 (monotone: the interval's ends clamp likewise).
+            (
+                ((k1.0 - w1).max(0.0), (k1.1 + w1).max(0.0)),
+                ((k2.0 - w2).max(0.0), (k2.1 + w2).max(0.0)),
+            )
+        };
+        sc.k1[t * n_pts + i] = k1;
+        sc.k2[t * n_pts + i] = k2;
+    }
+    Ok(())
+}
+
+/// The certified grid for one row: Ok with the full-vocabulary grid's answer, or the reason the
+/// full computation must run.
+/// Err only for cancellation (`DlfError::Cancelled`); Ok(Err(reason)) when the bounds cannot
+/// prove the answer.
+pub fn certified_row(
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    cfg: &SolverConfig,
+    sc: &mut CertScratch,
+    cancel: Cancel<'_>,
+) -> Result<Result<RowSolution, Fallback>, DlfError> {
+    certified_inner(large, small, experts, cfg, sc, cancel)
+}
+
+fn certified_inner(
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    cfg: &SolverConfig,
+    sc: &mut CertScratch,
+    cancel: Cancel<'_>,
+) -> Result<Result<RowSolution, Fallback>, DlfError> {
+    macro_rules! fail {
+        ($r:expr) => {
+            return Ok(Err($r))
+        };
+    }
+    let n_t = experts.len();
+    let amax = cfg.alpha_min.abs().max(cfg.alpha_max.abs());
+    let delta = if amax > 0.0 { 0.125 / amax } else { 1.0 };
+    let Some(s) = summarize(large, small, experts, delta, sc) else {
+        fail!(Fallback::Support)
+    };
+    let v = s.n_vocab as f64;
+    // Support weights p e^{a d} <= e^{|a| max|d|} and their sum must stay far inside f64.
+    for t in 0..n_t {
+        if amax * s.absmax[t] + v.ln() > 600.0 {
+            fail!(Fallback::Range);
+        }
+    }
+    let n_pts = cfg.grid_len() as usize;
+    sc.k1.resize(n_pts * n_t, (0.0, 0.0));
+    sc.k2.resize(n_pts * n_t, (0.0, 0.0));
+    for t in 0..n_t {
+        kl_bounds(&s, cfg, n_pts, t, sc, cancel)?;
+    }
+    // Target intervals: each is lse_t - lse_s +- E[d] with sums over V tokens.
+    let terr = |t: usize| (v * EPS * 1.01 + 8e-15) * s.target_scale[t];
+    let b_iv: Vec<Iv> = (0..n_t)
+        .map(|t| {
+            let e = terr(t);
+            ((s.targets_b[t] - e).max(0.0), s.targets_b[t] + e)
+        })
+        .collect();
+    let c_iv: Vec<Iv> = (0..n_t)
+        .map(|t| {
+            let e = terr(t);
+            ((s.targets_c[t] - e).max(0.0), s.targets_c[t] + e)
+        })
+        .collect();
+
+    let rule = cfg.multi_expert;
+    let own = matches!(rule, MultiExpert::OwnTerms | MultiExpert::MaxShift);
+    let mut only = None;
+    if rule == MultiExpert::MaxShift {
+        // The expert with the largest b_t + c_t must be unambiguous under the targets' errors.
+        let mut order: Vec<usize> = (0..n_t).collect();
+        order.sort_by(|&x, &y| {
+            (s.targets_b[y] + s.targets_c[y]).total_cmp(&(s.targets_b[x] + s.targets_c[x]))
+        });
+        let top = order[0];
+        let top_lo = b_iv[top].0 + c_iv[top].0;
+        for &t in &order[1..] {
+            if b_iv[t].1 + c_iv[t].1 >= top_lo {
+                fail!(Fallback::Unproven);
+            }
+        }
+        only = Some(top);
+    }
+    // Candidates in scan order (a ascending, then expert); every a = 0 candidate gives the same
+    // weights (all 0), so they are one candidate with the smallest of their bounds.
+    struct Cand {
+        t: usize,
+        i: usize,
+        j: Iv,
+    }
+    let mut cands: Vec<Cand> = Vec::with_capacity(n_pts * n_t);
+    for i in 0..n_pts {
+        let a = cfg.grid_value(i);
+        let mut zero: Option<Cand> = None;
+        for t in (0..n_t).filter(|&t| only.is_none_or(|o| o == t)) {
+            let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
+            let j = if own {
+                j_interval(k1, k2, &b_iv[t..t + 1], &c_iv[t..t + 1])
+            } else {
+                j_interval(k1, k2, &b_iv, &c_iv)
+            };
+            if !(j.0.is_finite() && j.1.is_finite()) {
+                fail!(Fallback::NonFinite);
+            }
+            if a == 0.0 {
+                let z = zero.get_or_insert(Cand { t, i, j });
+                z.j = (z.j.0.min(j.0), z.j.1.min(j.1));
+            } else {
+                cands.push(Cand { t, i, j });
+            }
+        }
+        if let Some(z) = zero {
+            cands.push(z);
+        }
+    }
+    let Some(win) = (0..cands.len()).min_by(|&x, &y| cands[x].j.1.total_cmp(&cands[y].j.1)) else {
+        fail!(Fallback::Unproven)
+    };
+    let jw = cands[win].j.1;
+    // Margin for the full scan's own rounding: its KLs come from f64 sums over V terms.
+    let margin = 1e-9 * jw
+        + 1e-12 * jw.sqrt() * (1.0 + amax * s.absmax.iter().fold(0.0, |a: f64, &b| a.max(b)))
+        + 1e-300;
+    for (k, c) in cands.iter().enumerate() {
+        // NaN bounds never prove anything.
+        if k != win && (c.j.0.is_nan() || c.j.0 <= jw + margin) {
+            fail!(Fallback::Unproven);
+        }
+    }
+    let (t, i) = (cands[win].t, cands[win].i);
+    let a = cfg.grid_value(i);
+    let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
+    let full = j_interval(k1, k2, &b_iv, &c_iv);
+    // The trace reports these to float32 precision.
+    let tight = |x: Iv| x.1 - x.0 <= 1e-7 * x.1.abs() + 1e-12;
+    if !(tight(k1) && tight(k2) && tight(full)) {
+        fail!(Fallback::Unproven);
+    }
+    let mid = |x: Iv| 0.5 * (x.0 + x.1);
+    if cfg.solver == SolverKind::Exact {
+        let considered: Vec<usize> = (0..n_t).filter(|&t| only.is_none_or(|o| o == t)).collect();
+        return Ok(Ok(exact_refine(
+            &s,
+            large,
+            small,
+            experts,
+            cfg,
+            n_pts,
+            &considered,
+            own,
+            (t, a),
+            sc,
+        )));
+    }
+    let mut alphas = vec![0.0; n_t];
+    let active = if a != 0.0 {
+        alphas[t] = a;
+        t as i64
+    } else {
+        -1
+    };
+    Ok(Ok(RowSolution {
+        alphas,
+        active,
+        loss: mid(full),
+        kl_fused_large: mid(k1),
+        kl_large_fused: mid(k2),
+        targets_b: s.targets_b,
+        targets_c: s.targets_c,
+    }))
+}
