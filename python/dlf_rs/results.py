@@ -27,6 +27,11 @@ class RowTrace:
     kl_expert_small: np.ndarray  # f32[steps, T], targets KL(Q_t || Q)
     kl_small_expert: np.ndarray  # f32[steps, T], targets KL(Q || Q_t)
     support_size: np.ndarray  # uint32[steps]
+    # Speculative decoding only (None otherwise): per token, whether it was a drafted token the
+    # verification accepted (False: the fused correction or bonus token), and the row's share of
+    # tested drafted tokens that were accepted.
+    accepted_draft: np.ndarray | None = None  # bool[steps]
+    acceptance_rate: float | None = None
 
 
 def _short_floats(a: np.ndarray) -> list[Any]:
