@@ -491,11 +491,12 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 
 /// Checks every step option with the core's own rules (`validate::validate_options`, which
 /// `fuse_step` runs too) and raises `DlfError` with the same message `fuse_step` would. The count
-/// of static weights against T is left to `fuse_step` (it needs the experts).
+/// of static weights against T is left to `fuse_step` (it needs the experts). `speculative`
+/// (the generator's option, not fuse_step's) defaults to off.
 #[pyfunction]
 #[pyo3(signature = (
     *, alpha, alpha_min, alpha_max, grid_step, solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p, speculative,
+    temperature, top_k, top_p, min_p, speculative=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn validate_options(

@@ -351,7 +351,7 @@ def _emit(r: VerifyResult, live: list[int], rows: Stopping, max_new_tokens: int,
     """Records each live row's emitted tokens in order (EOS, stop strings, the token limit end
     it inside the run) with their traces; returns each row's last emitted token."""
     acc, tokens = r.accepted, r.tokens
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "alphas": r.alphas, "active": r.active, "loss": r.loss,
         "kl_fused_large": r.kl_fused_large, "kl_large_fused": r.kl_large_fused,
         "kl_expert_small": r.kl_expert_small, "kl_small_expert": r.kl_small_expert,
