@@ -84,6 +84,10 @@ def assert_same(gen: FusedGenerator, prompts: list[str], seq: Any, spec: Any, wh
             assert spec.finish_reasons[b] == seq.finish_reasons[b], f"{what} row {b}"
             assert spec.texts[b] == seq.texts[b], f"{what} row {b}"
             continue
+        assert n < min(len(s), len(p)), (
+            f"{what} row {b}: same first {n} tokens, then one run ended "
+            f"({seq.finish_reasons[b]} vs {spec.finish_reasons[b]})"
+        )
         margin = _margin(gen, prompt, s[:n], seq.alphas[b][n])
         message = (f"{what} row {b}: token {n} differs (sequential {s[n]}, speculative {p[n]}); "
                    f"sequential top-2 fused margin {margin:.3g}")  # fmt: skip
@@ -257,3 +261,13 @@ def test_cli_flag(tmp_path: Any) -> None:
     assert main([*args, str(out), "--speculative", "auto"]) == 0
     assert main([*args, str(out), "--speculative", "0"]) == 2
     assert main([*args, str(out), "--speculative", "fast"]) == 2
+
+
+def test_margin_report_works(gens: dict[str, FusedGenerator]) -> None:
+    """The near-tie report of assert_same computes a real margin (it runs only on a flip)."""
+    gen = _gen(gens, "qa", 1)
+    prompt = example_prompts("qa", 1)[0]
+    seq = gen.generate([prompt], 6)
+    for n in range(len(seq.token_ids[0])):
+        margin = _margin(gen, prompt, seq.token_ids[0][:n], seq.alphas[0][n])
+        assert margin > NEAR_TIE  # the family's greedy tokens are far from ties
