@@ -271,3 +271,20 @@ def test_margin_report_works(gens: dict[str, FusedGenerator]) -> None:
     for n in range(len(seq.token_ids[0])):
         margin = _margin(gen, prompt, seq.token_ids[0][:n], seq.alphas[0][n])
         assert margin > NEAR_TIE  # the family's greedy tokens are far from ties
+
+
+def test_bench_script_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """benches/bench_speculative.py on a tiny run prints the table and the labelled projection."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benches" / "bench_speculative.py"
+    spec = importlib.util.spec_from_file_location("bench_speculative", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--tasks", "qa", "--prompts", "2", "--batch", "1", "--k", "2", "--max-new-tokens",
+            "6", "--repeats", "1", "--t-core", "0.5"]  # fmt: skip
+    assert module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "qa        1 k=2" in out and "PROJECTION for 13B" in out
