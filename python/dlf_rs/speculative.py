@@ -372,17 +372,19 @@ def _drop_rejected(slots: list[ModelSlot], width: int, n_feed: int, kept: np.nda
     """Crop every cache to ``width + kept_max`` and mask each row's surplus columns; each row's
     next position follows its last kept token."""
     new_len = width + kept_max
+    holes = bool((kept < kept_max).any())  # never with B = 1 or equal acceptance
     for slot in slots:
         assert slot.attention_mask is not None and slot.last_position is not None
         _crop(slot.cache, new_len, slot.name)
-        mask = slot.attention_mask[:, :new_len].clone()
-        kept_t = torch.from_numpy(kept).to(mask.device)
-        cols = torch.arange(new_len, device=mask.device).view(1, -1)
-        surplus = cols >= (width + kept_t).view(-1, 1)
-        mask[surplus] = 0
+        mask = slot.attention_mask[:, :new_len]
+        kept_t = torch.from_numpy(kept).to(mask.device).view(-1, 1)
+        if holes:
+            mask = mask.clone()
+            cols = torch.arange(new_len, device=mask.device).view(1, -1)
+            mask[cols >= width + kept_t] = 0
         slot.attention_mask = mask
         # last_position advanced by n_feed in the forwards; back to the last kept token.
-        slot.last_position = slot.last_position - (n_feed - kept_t.view(-1, 1))
+        slot.last_position = slot.last_position - (n_feed - kept_t)
 
 
 def _traces(per_row: list[dict[str, list[Any]]], n_exp: int, tested: np.ndarray,
