@@ -149,7 +149,8 @@ pub enum Speculative {
     Off,
     /// Draft length k, 1 <= k <= `MAX_DRAFT_LEN`.
     Fixed(usize),
-    /// k chosen per verification from the measured acceptance and forward times.
+    /// Per row, drafting stops where the draft's top probability falls below a threshold (the
+    /// driver's rule, `python/dlf_rs/speculative.py`).
     Auto,
 }
 

@@ -130,8 +130,9 @@ class StepOptions:
       [0, 1]: how the token is drawn from the fused logits (the weights always use the raw
       logits).
     - ``speculative``: None (off: one large forward per token), a draft length k in [1, 16] or
-      "auto" (k chosen per verification from the measured acceptance): speculative DLF in
-      ``FusedGenerator.generate`` (:mod:`dlf_rs.speculative`), same output as sequential DLF.
+      "auto" (each row drafts while the draft's top probability is >= 0.5, up to 8 tokens):
+      speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.speculative`), same output
+      as sequential DLF.
     """
 
     method: str | None = None

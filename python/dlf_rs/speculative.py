@@ -5,7 +5,8 @@ when ``StepOptions.speculative`` is set. Prompts, prefill, stopping, seeds and t
 sequential loop's (:mod:`dlf_rs.runner`, :mod:`dlf_rs.stopping`, :mod:`dlf_rs.results`); the
 acceptance and correction run in the Rust core (``_core.fuse_verify``, ``rust/verify.rs``).
 
-One round, per batch (B rows, draft length k):
+One round, per batch (B rows, draft length k; with ``speculative="auto"`` each row drafts while
+the draft's top probability is at least ``AUTO_CONFIDENCE``, up to ``AUTO_MAX_DRAFT`` tokens):
 1. Drafting. Each row's draft is one expert: with T = 1 the expert; with T > 1 the expert that
    was active at the row's last emitted token (one-active: the expert with the non-zero weight;
    when no expert was active the row keeps its previous draft expert; static weights: the
