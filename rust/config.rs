@@ -153,3 +153,43 @@ pub enum Seeds {
     /// One seed per row: row b draws from ChaCha8(seeds[b]) on stream 0.
     PerRow(Vec<u64>),
 }
+
+/// Speculative DLF (the generator's `speculative` option): a draft proposes up to k tokens, every
+/// model verifies them in one forward, `crate::verify` accepts or corrects them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Speculative {
+    /// One large forward per token (sequential DLF).
+    #[default]
+    Off,
+    /// Draft length k, 1 <= k <= `MAX_DRAFT_LEN`.
+    Fixed(usize),
+    /// Per row, drafting stops where the draft's top probability falls below a threshold (the
+    /// driver's rule, `python/dlf_rs/speculative.py`).
+    Auto,
+}
+
+/// Longest draft accepted: beyond it a verification forward mostly computes rejected positions
+/// (acceptance a gives at most 1 / (1 - a) tokens per verification; a = 0.9 gives 10).
+pub const MAX_DRAFT_LEN: usize = 16;
+
+impl Speculative {
+    /// The name callers use for `Auto` (`speculative="auto"`); `None` for the others.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Speculative::Auto => Some("auto"),
+            _ => None,
+        }
+    }
+
+    /// Parses the caller's name ("auto"); the error names the argument `speculative`.
+    pub fn parse(name: &str) -> Result<Self, DlfError> {
+        match name {
+            "auto" => Ok(Speculative::Auto),
+            other => Err(DlfError::invalid(
+                "speculative",
+                format!("None, a draft length in [1, {MAX_DRAFT_LEN}] or 'auto'"),
+                format!("{other:?}"),
+            )),
+        }
+    }
+}

@@ -9,6 +9,8 @@
 //! - `fuse`: the fused full-vocabulary logits of one row;
 //! - `sample`: greedy / temperature / top-k / top-p / min-p sampling with reproducible seeds;
 //! - `step`: the batch loops (rayon over rows) tying the stages together;
+//! - `verify`: speculative DLF's acceptance and correction of drafted tokens, position by
+//!   position with the step's own per-row code;
 //! - helpers: `kl` (KL divergences), `numerics` (exponentials, lane sums, the one SIMD dispatch
 //!   and the AVX2 passes over every logit), `error` (the one error type), `cancel` (the flag a
 //!   long call checks between rows and grid groups);
@@ -28,14 +30,16 @@ pub mod solver;
 pub mod step;
 pub mod support;
 pub mod validate;
+pub mod verify;
 
 #[cfg(feature = "python")]
 mod python;
 
 pub use cancel::Cancel;
-pub use config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
+pub use config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Speculative, Weights};
 pub use error::DlfError;
 pub use sample::{sample_batch, sample_batch_with_cancel};
 pub use step::{
     fuse_logits, fuse_logits_with_cancel, fuse_step, fuse_step_with_cancel, StepInputs, StepOutput,
 };
+pub use verify::{fuse_verify, fuse_verify_with_cancel, VerifyInputs, VerifyOutput};

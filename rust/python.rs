@@ -30,17 +30,23 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Mutex, Once};
 use std::time::Duration;
 
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray2, PyReadonlyArray3,
+    PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::cancel::Cancel;
-use crate::config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Weights};
+use crate::config::{
+    MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Speculative, Weights, MAX_DRAFT_LEN,
+};
 use crate::error::DlfError as CoreError;
 use crate::step::{StepInputs, StepOutput};
 use crate::validate::{self, to_usize, MAX_ABS_ALPHA, MAX_GRID_POINTS};
+use crate::verify::{VerifyInputs, VerifyOutput};
 
 create_exception!(
     dlf_rs,
@@ -489,16 +495,19 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("min_p", smp.min_p)?;
     d.set_item("max_grid_points", MAX_GRID_POINTS)?;
     d.set_item("max_abs_alpha", MAX_ABS_ALPHA)?;
+    d.set_item("speculative", Speculative::default().name())?;
+    d.set_item("max_draft_len", MAX_DRAFT_LEN)?;
     Ok(d)
 }
 
 /// Checks every step option with the core's own rules (`validate::validate_options`, which
 /// `fuse_step` runs too) and raises `DlfError` with the same message `fuse_step` would. The count
-/// of static weights against T is left to `fuse_step` (it needs the experts).
+/// of static weights against T is left to `fuse_step` (it needs the experts). `speculative`
+/// (the generator's option, not fuse_step's) defaults to off.
 #[pyfunction]
 #[pyo3(signature = (
     *, alpha, alpha_min, alpha_max, grid_step, solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p,
+    temperature, top_k, top_p, min_p, speculative=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn validate_options(
@@ -513,6 +522,7 @@ fn validate_options(
     top_k: u64,
     top_p: f64,
     min_p: f64,
+    speculative: Option<SpecArg>,
 ) -> PyResult<()> {
     guarded("validate_options", move || {
         let cfg = solver_of(
@@ -524,7 +534,34 @@ fn validate_options(
             support_k,
         )?;
         let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)
+        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
+        validate::validate_speculative(speculative_of(speculative)?).map_err(to_py)
+    })
+}
+
+/// The caller's `speculative`: a draft length or a name ("auto"); the types are checked by the
+/// Python options record, the values here.
+#[derive(FromPyObject)]
+enum SpecArg {
+    Len(i64),
+    Name(String),
+}
+
+fn speculative_of(arg: Option<SpecArg>) -> PyResult<Speculative> {
+    Ok(match arg {
+        None => Speculative::Off,
+        Some(SpecArg::Len(k)) => match usize::try_from(k) {
+            Ok(k) => Speculative::Fixed(k),
+            // Negative: the same message as the range check, naming the value.
+            Err(_) => {
+                return Err(to_py(CoreError::invalid(
+                    "speculative",
+                    format!("None, a draft length in [1, {MAX_DRAFT_LEN}] or 'auto'"),
+                    k,
+                )))
+            }
+        },
+        Some(SpecArg::Name(n)) => Speculative::parse(&n).map_err(to_py)?,
     })
 }
 
@@ -623,6 +660,235 @@ fn fuse_logits<'py>(
     })
 }
 
+/// Result of one `fuse_verify`: per row the accepted count, per row and position the emitted
+/// token and the step's weights and traces (`[B, P]` / `[B, P, T]`; -1 / NaN past the emitted
+/// tokens). Every getter returns a fresh numpy array.
+#[pyclass(frozen, module = "dlf_rs")]
+pub struct VerifyResult {
+    out: VerifyOutput,
+}
+
+impl VerifyResult {
+    fn bp<'py, T: numpy::Element + Copy>(
+        &self,
+        py: Python<'py>,
+        v: &[T],
+    ) -> PyResult<Bound<'py, PyArray2<T>>> {
+        vec2(py, v, self.out.batch, self.out.positions)
+    }
+
+    fn bpt<'py>(&self, py: Python<'py>, v: &[f32]) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        let o = &self.out;
+        PyArray1::from_slice(py, v).reshape([o.batch, o.positions, o.steps.n_experts])
+    }
+}
+
+#[pymethods]
+impl VerifyResult {
+    /// Number of rows B.
+    #[getter]
+    fn batch(&self) -> usize {
+        self.out.batch
+    }
+    /// Positions P = k + 1.
+    #[getter]
+    fn positions(&self) -> usize {
+        self.out.positions
+    }
+    /// Number of experts T.
+    #[getter]
+    fn n_experts(&self) -> usize {
+        self.out.steps.n_experts
+    }
+    /// Drafted tokens accepted per row, int64 [B]; row b emits accepted[b] + 1 tokens.
+    #[getter]
+    fn accepted<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        vec1(py, &self.out.accepted)
+    }
+    /// Emitted tokens, int64 [B, P] (-1 past accepted[b]).
+    #[getter]
+    fn tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        self.bp(py, &self.out.steps.tokens)
+    }
+    /// Weights used per position, float32 [B, P, T].
+    #[getter]
+    fn alphas<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        self.bpt(py, &self.out.steps.alphas)
+    }
+    /// J at the chosen weights, float32 [B, P].
+    #[getter]
+    fn loss<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        self.bp(py, &self.out.steps.loss)
+    }
+    /// Active expert per position, int64 [B, P].
+    #[getter]
+    fn active<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        self.bp(py, &self.out.steps.active)
+    }
+    /// KL(P~ || P), float32 [B, P].
+    #[getter]
+    fn kl_fused_large<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        self.bp(py, &self.out.steps.kl_fused_large)
+    }
+    /// KL(P || P~), float32 [B, P].
+    #[getter]
+    fn kl_large_fused<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        self.bp(py, &self.out.steps.kl_large_fused)
+    }
+    /// Targets KL(Q_t || Q), float32 [B, P, T].
+    #[getter]
+    fn kl_expert_small<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        self.bpt(py, &self.out.steps.kl_expert_small)
+    }
+    /// Targets KL(Q || Q_t), float32 [B, P, T].
+    #[getter]
+    fn kl_small_expert<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        self.bpt(py, &self.out.steps.kl_small_expert)
+    }
+    /// Support sizes, uint32 [B, P].
+    #[getter]
+    fn support_size<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u32>>> {
+        self.bp(py, &self.out.steps.support_size)
+    }
+
+    fn __len__(&self) -> usize {
+        self.out.batch
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "VerifyResult(batch={}, positions={}, n_experts={}, accepted={:?})",
+            self.out.batch, self.out.positions, self.out.steps.n_experts, self.out.accepted
+        )
+    }
+}
+
+fn check_shape3(arr: &PyReadonlyArray3<'_, f32>, arg: &str, expected: [usize; 3]) -> PyResult<()> {
+    if arr.shape() != expected {
+        return Err(to_py(CoreError::Shape {
+            arg: arg.to_string(),
+            expected: shape_str(&expected),
+            got: shape_str(arr.shape()),
+        }));
+    }
+    Ok(())
+}
+
+fn slice3<'a>(arr: &'a PyReadonlyArray3<'_, f32>, arg: &str) -> PyResult<&'a [f32]> {
+    arr.as_slice().map_err(|_| {
+        to_py(CoreError::invalid(
+            arg,
+            "a C-contiguous float32 array",
+            "a non-contiguous array",
+        ))
+    })
+}
+
+/// Speculative verification over `[B, P, V]` logits per model; see `dlf_rs.speculative` and
+/// `rust/verify.rs`. Options as in `fuse_step` (every one a required keyword).
+#[pyfunction]
+#[pyo3(signature = (
+    large, small, experts, draft_tokens, draft_lens, *, draft_logits, alpha, alpha_min,
+    alpha_max, grid_step, solver, multi_expert, support_k,
+    temperature, top_k, top_p, min_p, seed=None, seeds=None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn fuse_verify(
+    py: Python<'_>,
+    large: PyReadonlyArray3<'_, f32>,
+    small: PyReadonlyArray3<'_, f32>,
+    experts: Vec<PyReadonlyArray3<'_, f32>>,
+    draft_tokens: PyReadonlyArray2<'_, i64>,
+    draft_lens: Vec<u64>,
+    draft_logits: Option<PyReadonlyArray3<'_, f32>>,
+    alpha: Option<Vec<f64>>,
+    alpha_min: f64,
+    alpha_max: f64,
+    grid_step: f64,
+    solver: &str,
+    multi_expert: &str,
+    support_k: Option<u64>,
+    temperature: f64,
+    top_k: u64,
+    top_p: f64,
+    min_p: f64,
+    seed: Option<u64>,
+    seeds: Option<Vec<u64>>,
+) -> PyResult<VerifyResult> {
+    guarded("fuse_verify", move || {
+        let cfg = solver_of(
+            alpha_min,
+            alpha_max,
+            grid_step,
+            solver,
+            multi_expert,
+            support_k,
+        )?;
+        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
+        let weights = match alpha {
+            Some(a) => Weights::Static(a),
+            None => Weights::Dynamic(cfg),
+        };
+        let seeds = seeds_of(seed, seeds)?;
+        let [b, p, v] = [large.shape()[0], large.shape()[1], large.shape()[2]];
+        check_shape3(&small, "small", [b, p, v])?;
+        for (t, e) in experts.iter().enumerate() {
+            check_shape3(e, &format!("experts[{t}]"), [b, p, v])?;
+        }
+        let k = p.saturating_sub(1);
+        if draft_tokens.shape() != [b, k] {
+            return Err(to_py(CoreError::Shape {
+                arg: "draft_tokens".into(),
+                expected: shape_str(&[b, k]),
+                got: shape_str(draft_tokens.shape()),
+            }));
+        }
+        if let Some(q) = &draft_logits {
+            check_shape3(q, "draft_logits", [b, k, v])?;
+        }
+        let lens = draft_lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| to_usize(&format!("draft_lens[{i}]"), n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_py)?;
+        let expert_slices = experts
+            .iter()
+            .enumerate()
+            .map(|(t, e)| slice3(e, &format!("experts[{t}]")))
+            .collect::<PyResult<Vec<_>>>()?;
+        let tokens = draft_tokens.as_slice().map_err(|_| {
+            to_py(CoreError::invalid(
+                "draft_tokens",
+                "a C-contiguous int64 array",
+                "a non-contiguous array",
+            ))
+        })?;
+        let q = draft_logits
+            .as_ref()
+            .map(|q| slice3(q, "draft_logits"))
+            .transpose()?;
+        let inputs = VerifyInputs {
+            large: slice3(&large, "large")?,
+            small: slice3(&small, "small")?,
+            experts: &expert_slices,
+            batch: b,
+            positions: p,
+            vocab: v,
+            draft_tokens: tokens,
+            draft_lens: &lens,
+            draft_logits: q,
+        };
+        // Borrowed read-only without copying while detached; see `fuse_step`.
+        let work = step_work(b * p, v, expert_slices.len(), &weights);
+        let out = run_core(py, "fuse_verify", work, |cancel| {
+            crate::verify::fuse_verify_with_cancel(&inputs, &weights, &sampling, &seeds, cancel)
+        })?;
+        Ok(VerifyResult { out })
+    })
+}
+
 /// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`.
 #[pyfunction]
 #[pyo3(signature = (logits, *, temperature, top_k, top_p, min_p, seed=None, seeds=None))]
@@ -684,6 +950,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<StepResult>()?;
     m.add_function(wrap_pyfunction!(fuse_step, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_logits, m)?)?;
+    m.add_class::<VerifyResult>()?;
+    m.add_function(wrap_pyfunction!(fuse_verify, m)?)?;
     m.add_function(wrap_pyfunction!(sample, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())

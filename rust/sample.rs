@@ -39,6 +39,11 @@ pub struct SampleScratch {
 }
 
 impl SampleScratch {
+    /// The kept tokens' unnormalised probabilities left by the last `warp` (0 where filtered).
+    pub(crate) fn probs(&self) -> &[f64] {
+        &self.p
+    }
+
     pub(crate) fn heap_bytes(&self) -> usize {
         (self.l.capacity() + self.p.capacity() + self.sel.capacity()) * 8
             + self.order.capacity() * 4
@@ -63,16 +68,26 @@ impl<'a> RowSeeds<'a> {
 
     /// The one uniform in [0, 1) that row b consumes.
     pub fn uniform(&self, row: usize) -> f64 {
-        let mut rng = match self {
+        next_uniform(&mut self.rng(row))
+    }
+
+    /// Row b's generator; its first uniform is `uniform(row)`. Speculative verification draws
+    /// several uniforms from it in turn.
+    pub fn rng(&self, row: usize) -> ChaCha8Rng {
+        match self {
             RowSeeds::Stream(s) => {
                 let mut r = ChaCha8Rng::seed_from_u64(*s);
                 r.set_stream(row as u64);
                 r
             }
             RowSeeds::PerRow(v) => ChaCha8Rng::seed_from_u64(v[row]),
-        };
-        (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        }
     }
+}
+
+/// The next uniform in [0, 1) of `rng`: (next_u64 >> 11) * 2^-53.
+pub fn next_uniform(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 fn entropy_seed() -> u64 {
@@ -142,7 +157,7 @@ pub fn sample_row(
 
 /// Temperature, top-k, top-p, min-p: leaves the kept tokens' unnormalised probabilities in
 /// `sc.p` (0 for filtered tokens).
-fn warp(z: &[f32], s: &Sampling, sc: &mut SampleScratch) {
+pub(crate) fn warp(z: &[f32], s: &Sampling, sc: &mut SampleScratch) {
     let v = z.len();
     // The row holds a finite value (validated), so zmax is finite and every l is <= 0 or -inf.
     let zmax = z

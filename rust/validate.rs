@@ -10,7 +10,7 @@
 //! - support_k: None or >= 1; top_p in (0, 1]; min_p in [0, 1]; temperature finite >= 0;
 //! - integers from the caller arrive as u64 and must fit `usize`.
 
-use crate::config::{Sampling, Seeds, SolverConfig, Weights};
+use crate::config::{Sampling, Seeds, SolverConfig, Speculative, Weights, MAX_DRAFT_LEN};
 use crate::error::DlfError;
 
 /// At most this many grid points per call: with B rows, V tokens and T experts a grid call does
@@ -224,6 +224,20 @@ pub fn validate_options(
     validate_sampling(sampling)
 }
 
+/// The `speculative` option: a draft length in [1, `MAX_DRAFT_LEN`] (`Fixed`) or `Auto`.
+pub fn validate_speculative(spec: Speculative) -> Result<(), DlfError> {
+    if let Speculative::Fixed(k) = spec {
+        if !(1..=MAX_DRAFT_LEN).contains(&k) {
+            return Err(DlfError::invalid(
+                "speculative",
+                format!("None, a draft length in [1, {MAX_DRAFT_LEN}] or 'auto'"),
+                k,
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One model's logits for one row and the value its -inf entries stand for.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelRow<'a> {
@@ -339,5 +353,13 @@ mod tests {
         assert!(matches!(validate_solver(&pts(-50.0, 50.0, 0.0099)),
             Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "grid_step"));
         assert_eq!(to_usize("top_k", 7), Ok(7));
+        for ok in [Speculative::Off, Speculative::Auto, Speculative::Fixed(1)] {
+            assert!(validate_speculative(ok).is_ok());
+        }
+        assert!(validate_speculative(Speculative::Fixed(MAX_DRAFT_LEN)).is_ok());
+        for bad in [0, MAX_DRAFT_LEN + 1] {
+            assert!(matches!(validate_speculative(Speculative::Fixed(bad)),
+                Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "speculative"));
+        }
     }
 }

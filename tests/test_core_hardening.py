@@ -54,6 +54,8 @@ def test_defaults_are_the_documented_ones():
         "min_p": 0.0,
         "max_grid_points": 10001,
         "max_abs_alpha": 100.0,
+        "speculative": None,
+        "max_draft_len": 16,
     }
     assert issubclass(_core.DlfInternalError, _core.DlfError)
     assert _core.validate_options(**options()) is None

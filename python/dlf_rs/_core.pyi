@@ -18,8 +18,8 @@ __version__: str
 
 DEFAULTS: dict[str, Any]
 """Every step option's default, from the Rust `Default` impls (the single source): alpha_min,
-alpha_max, grid_step, solver, multi_expert, support_k, temperature, top_k, top_p, min_p, and the
-limits max_grid_points and max_abs_alpha."""
+alpha_max, grid_step, solver, multi_expert, support_k, temperature, top_k, top_p, min_p,
+speculative, and the limits max_grid_points, max_abs_alpha and max_draft_len."""
 
 class DlfError(ValueError):
     """Invalid input to the decode core; the message names the argument, expected and actual."""
@@ -43,6 +43,7 @@ def validate_options(
     top_k: int,
     top_p: float,
     min_p: float,
+    speculative: int | str | None = None,
 ) -> None:
     """Raise DlfError exactly as fuse_step would for these options (all but alpha's count)."""
 
@@ -112,3 +113,62 @@ def sample(
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
 ) -> npt.NDArray[np.int64]: ...
+
+class VerifyResult:
+    """Per-row results of one `fuse_verify`: `accepted` [B]; per position `tokens` [B, P] (-1
+    past the emitted ones), `alphas` [B, P, T], traces [B, P] / [B, P, T] (NaN past them)."""
+
+    @property
+    def batch(self) -> int: ...
+    @property
+    def positions(self) -> int: ...
+    @property
+    def n_experts(self) -> int: ...
+    @property
+    def accepted(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def tokens(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def alphas(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def loss(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def active(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def kl_fused_large(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def kl_large_fused(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def kl_expert_small(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def kl_small_expert(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def support_size(self) -> npt.NDArray[np.uint32]: ...
+    def __len__(self) -> int: ...
+
+def fuse_verify(
+    large: npt.NDArray[np.float32],
+    small: npt.NDArray[np.float32],
+    experts: Sequence[npt.NDArray[np.float32]],
+    draft_tokens: npt.NDArray[np.int64],
+    draft_lens: Sequence[int],
+    *,
+    draft_logits: npt.NDArray[np.float32] | None,
+    alpha: Sequence[float] | None,
+    alpha_min: float,
+    alpha_max: float,
+    grid_step: float,
+    solver: str,
+    multi_expert: str,
+    support_k: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
+) -> VerifyResult:
+    """Speculative verification (rust/verify.rs): model logits [B, P, V] (P = k + 1; position j
+    after the row's first j drafted tokens), drafted tokens [B, k], per-row draft lengths, and
+    when sampling the draft's logits [B, k, V]. Greedy: drafts accepted while they equal the
+    fused argmax; sampling: accepted with min(1, p/q), else a draw from max(0, p - q)."""

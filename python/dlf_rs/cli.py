@@ -91,6 +91,16 @@ def _int_at_least(low: int) -> Any:
     return parse
 
 
+def _draft_length(text: str) -> int | str:
+    """--speculative: "auto" or an int (its range is the options record's rule)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dlf_rs import __version__
     from dlf_rs.options import MULTI_EXPERT_RULES
@@ -163,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--min-p", type=float, default=None)
     step.add_argument("--seed", type=_int_at_least(0), default=None)
     step.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    step.add_argument("--speculative", type=_draft_length, default=None, metavar="K|auto",
+                      help="speculative DLF: the expert drafts K tokens per large forward "
+                      "(1-16, or auto); same output as sequential DLF")
     run = gen.add_argument_group("run")
     run.add_argument("--batch-size", type=_int_at_least(1), default=8)
     run.add_argument("--threads", type=_int_at_least(1), default=1,
@@ -252,6 +265,7 @@ def _step_options(args: argparse.Namespace) -> Any:
         "multi_expert": args.multi_expert, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
         "alpha_range": tuple(args.alpha_range) if args.alpha_range else None,
+        "speculative": args.speculative,
     }  # fmt: skip
     if args.alpha is not None:
         fields["alpha"] = args.alpha[0] if len(args.alpha) == 1 else tuple(args.alpha)

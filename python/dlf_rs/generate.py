@@ -200,7 +200,8 @@ class FusedGenerator:
         ``options`` (a :class:`dlf_rs.StepOptions`) and/or its fields as keywords: ``method``
         ("dlf", "static", "large", "expert"), ``alpha``, ``expert``, ``solver``, ``support_k``,
         ``alpha_range``, ``grid_step``, ``multi_expert``, ``temperature``, ``top_k``, ``top_p``,
-        ``min_p`` (keywords override the record; see ``StepOptions`` for each rule).
+        ``min_p``, ``speculative`` (keywords override the record; see ``StepOptions`` for each
+        rule; ``speculative=k`` or ``"auto"`` decodes with :mod:`dlf_rs.speculative`).
         ``seed``: None (fresh entropy), an int (row seeds derived from it and the row index) or
         one int per prompt, each in [0, 2**64). ``stop``: strings that end a row.
         ``prompts_for``: per-model prompt lists keyed "large", "small" or "expert:<i>" (same
@@ -218,6 +219,11 @@ class FusedGenerator:
         if opts.greedy and seed is not None:
             row_seeds(seed, batch)  # checked all the same: a bad seed is an error either way
         per_model = self._check_prompts_for(prompts_for, batch)
+        if opts.speculative is not None:
+            from .speculative import generate_speculative
+
+            return generate_speculative(self, opts, prompts_list, max_new_tokens, seeds_of_rows,
+                                        stops, per_model, t_start)  # fmt: skip
 
         if opts.method == "large":
             chosen = [("large", self.large)]

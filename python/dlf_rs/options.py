@@ -139,6 +139,10 @@ class StepOptions:
     - ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` in (0, 1], ``min_p`` in
       [0, 1]: how the token is drawn from the fused logits (the weights always use the raw
       logits).
+    - ``speculative``: None (off: one large forward per token), a draft length k in [1, 16] or
+      "auto" (each row drafts while the draft's top probability is >= 0.5, up to 8 tokens):
+      speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.speculative`), same output
+      as sequential DLF.
     """
 
     method: str | None = None
@@ -153,6 +157,7 @@ class StepOptions:
     top_k: int = _D["top_k"]
     top_p: float = _D["top_p"]
     min_p: float = _D["min_p"]
+    speculative: int | str | None = _D["speculative"]
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalise the checked values once, here
@@ -191,8 +196,18 @@ class StepOptions:
         put(self, "top_k", check_int(self.top_k, "top_k"))
         put(self, "top_p", check_real(self.top_p, "top_p"))
         put(self, "min_p", check_real(self.min_p, "min_p"))
+        spec = self.speculative
+        if spec is not None and not isinstance(spec, str):
+            try:
+                put(self, "speculative", check_int(spec, "speculative", low=-_INT_LIMIT))
+            except TypeError:
+                raise TypeError(
+                    f"speculative: expected None, an int draft length or 'auto', "
+                    f"got {type(spec).__name__} {spec!r}"
+                ) from None
         # Values: the core's rules, the very functions fuse_step runs.
-        validate_options(**self._core_kwargs(alpha_list=self._alpha_list()))
+        validate_options(**self._core_kwargs(alpha_list=self._alpha_list()),
+                         speculative=self.speculative)  # fmt: skip
 
     @classmethod
     def build(cls, options: StepOptions | None = None, **overrides: Any) -> StepOptions:

@@ -31,6 +31,11 @@ class RowTrace:
     # tried and failed (full computation ran). Both False for static weights and single models.
     certified: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
     fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
+    # Speculative decoding only (None otherwise): per token, whether it was a drafted token the
+    # verification accepted (False: the fused correction or bonus token), and the row's share of
+    # tested drafted tokens that were accepted.
+    accepted_draft: np.ndarray | None = None  # bool[steps]
+    acceptance_rate: float | None = None
 
 
 def _short_floats(a: np.ndarray) -> list[Any]:

@@ -76,6 +76,12 @@ class Stopping:
                 if any(s in text for s in self.stops):
                     self._finish(b, "stop")
 
+    def end(self, b: int, reason: str = "length") -> None:
+        """End a live row from outside (speculative decoding: the row reached its token limit
+        inside a verified run)."""
+        if not self.finished[b]:
+            self._finish(b, reason)
+
     def _finish(self, b: int, reason: str) -> None:
         self.finished[b] = True
         self.reasons[b] = reason

@@ -88,12 +88,13 @@ impl StepOutput {
 }
 
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     red: Reduced,
     solver: SolverScratch,
-    sample: SampleScratch,
+    pub(crate) sample: SampleScratch,
+    /// The fused logits of the row last solved (`solve_and_fuse_row`).
+    pub(crate) fused: Vec<f32>,
     cert: CertScratch,
-    fused: Vec<f32>,
 }
 
 /// Per-thread scratch above this size is freed at the end of the row that grew it, so one
@@ -106,8 +107,8 @@ impl Scratch {
     fn heap_bytes(&self) -> usize {
         self.red.heap_bytes()
             + self.solver.heap_bytes()
-            + self.sample.heap_bytes()
             + self.cert.heap_bytes()
+            + self.sample.heap_bytes()
             + self.fused.capacity() * std::mem::size_of::<f32>()
     }
 }
@@ -117,18 +118,39 @@ thread_local! {
 }
 
 /// One row's results before they are scattered into the `[B]` / `[B, T]` outputs.
-struct RowOut {
-    token: i64,
-    alphas: Vec<f32>,
-    loss: f32,
-    active: i64,
-    kl_fused_large: f32,
-    kl_large_fused: f32,
-    targets_b: Vec<f32>,
-    targets_c: Vec<f32>,
-    support_size: u32,
-    certified: bool,
-    fallback: bool,
+#[derive(Debug, Clone)]
+pub(crate) struct RowOut {
+    pub(crate) token: i64,
+    pub(crate) alphas: Vec<f32>,
+    pub(crate) loss: f32,
+    pub(crate) active: i64,
+    pub(crate) kl_fused_large: f32,
+    pub(crate) kl_large_fused: f32,
+    pub(crate) targets_b: Vec<f32>,
+    pub(crate) targets_c: Vec<f32>,
+    pub(crate) support_size: u32,
+    pub(crate) certified: bool,
+    pub(crate) fallback: bool,
+}
+
+impl RowOut {
+    /// The values of a position that produced no token (speculative verification: after the
+    /// first rejection): token -1, NaN weights and traces.
+    pub(crate) fn unused(n_t: usize) -> Self {
+        RowOut {
+            token: -1,
+            alphas: vec![f32::NAN; n_t],
+            loss: f32::NAN,
+            active: -1,
+            kl_fused_large: f32::NAN,
+            kl_large_fused: f32::NAN,
+            targets_b: vec![f32::NAN; n_t],
+            targets_c: vec![f32::NAN; n_t],
+            support_size: 0,
+            certified: false,
+            fallback: false,
+        }
+    }
 }
 
 pub fn fuse_step(
@@ -181,24 +203,18 @@ pub(crate) fn fuse_step_impl(
         (0..inputs.batch).map(run).collect()
     };
 
-    let b = inputs.batch;
-    let mut out = StepOutput {
-        batch: b,
-        n_experts: n_t,
-        tokens: Vec::with_capacity(b),
-        alphas: Vec::with_capacity(b * n_t),
-        loss: Vec::with_capacity(b),
-        active: Vec::with_capacity(b),
-        kl_fused_large: Vec::with_capacity(b),
-        kl_large_fused: Vec::with_capacity(b),
-        kl_expert_small: Vec::with_capacity(b * n_t),
-        kl_small_expert: Vec::with_capacity(b * n_t),
-        support_size: Vec::with_capacity(b),
-        certified: Vec::with_capacity(b),
-        fallback: Vec::with_capacity(b),
-    };
+    gather_rows(rows, n_t)
+}
+
+/// Scatters per-row results into a `StepOutput`; the lowest failing row's error wins.
+pub(crate) fn gather_rows(
+    rows: impl IntoIterator<Item = Result<RowOut, DlfError>>,
+    n_t: usize,
+) -> Result<StepOutput, DlfError> {
+    let mut out = StepOutput::empty(n_t);
     for row in rows {
         let r = row?;
+        out.batch += 1;
         out.tokens.push(r.token);
         out.alphas.extend_from_slice(&r.alphas);
         out.loss.push(r.loss);
@@ -223,9 +239,14 @@ fn step_row(
     cancel: Cancel<'_>,
 ) -> Result<RowOut, DlfError> {
     cancel.check()?;
+    with_row_scratch(|sc| row_with_scratch(inputs, b, weights, sampling, seeds, cancel, sc))
+}
+
+/// Runs `f` with this thread's scratch buffers (freed afterwards when they grew too large).
+pub(crate) fn with_row_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
-        let out = row_with_scratch(inputs, b, weights, sampling, seeds, cancel, &mut guard);
+        let out = f(&mut guard);
         if guard.heap_bytes() > SCRATCH_KEEP_BYTES {
             *guard = Scratch::default();
         }
@@ -244,66 +265,78 @@ fn row_with_scratch(
     cancel: Cancel<'_>,
     sc: &mut Scratch,
 ) -> Result<RowOut, DlfError> {
+    let mut out = solve_and_fuse_row(inputs, b, weights, cancel, sc)?;
+    out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
+    Ok(out)
+}
+
+/// Row `b`'s weights (solved or static) and traces, with its fused full-vocabulary logits left
+/// in `sc.fused`; the token is not drawn (0). Shared by `fuse_step` and speculative verification
+/// (`crate::verify`), so a verified position is computed exactly as a sequential step.
+#[inline(always)]
+pub(crate) fn solve_and_fuse_row(
+    inputs: &StepInputs<'_>,
+    b: usize,
+    weights: &Weights,
+    cancel: Cancel<'_>,
+    sc: &mut Scratch,
+) -> Result<RowOut, DlfError> {
     let (large, small, experts) =
         scan_models(inputs.large, inputs.small, inputs.experts, inputs.vocab, b)?;
     let n_t = experts.len();
-    {
-        let mut out = match weights {
-            Weights::Static(a) => RowOut {
-                token: 0,
-                alphas: a.iter().map(|&x| x as f32).collect(),
-                loss: 0.0,
-                active: -1,
-                kl_fused_large: f32::NAN,
-                kl_large_fused: f32::NAN,
-                targets_b: vec![f32::NAN; n_t],
-                targets_c: vec![f32::NAN; n_t],
-                support_size: 0,
-                certified: false,
-                fallback: false,
-            },
-            Weights::Dynamic(cfg) => {
-                // The certified one-pass path first where it applies; the full computation
-                // (the same as support_k >= V) when it cannot prove the answer.
-                let tried = certified::applies(cfg, n_t);
-                let cert = if tried {
-                    certified::certified_row(large, small, &experts, cfg, &mut sc.cert, cancel)?
-                        .ok()
-                } else {
-                    None
-                };
-                let certified = cert.is_some();
-                let (s, support) = match cert {
-                    Some(s) => (s, inputs.vocab),
-                    None => {
-                        sc.red.fill(large, small, &experts, cfg.support_k);
-                        let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver, cancel)?;
-                        (s, sc.red.n)
-                    }
-                };
-                RowOut {
-                    certified,
-                    fallback: tried && !certified,
-                    token: 0,
-                    alphas: s.alphas.iter().map(|&x| x as f32).collect(),
-                    loss: s.loss as f32,
-                    active: s.active,
-                    kl_fused_large: s.kl_fused_large as f32,
-                    kl_large_fused: s.kl_large_fused as f32,
-                    targets_b: s.targets_b.iter().map(|&x| x as f32).collect(),
-                    targets_c: s.targets_c.iter().map(|&x| x as f32).collect(),
-                    support_size: support as u32,
+    let out = match weights {
+        Weights::Static(a) => RowOut {
+            token: 0,
+            alphas: a.iter().map(|&x| x as f32).collect(),
+            loss: 0.0,
+            active: -1,
+            kl_fused_large: f32::NAN,
+            kl_large_fused: f32::NAN,
+            targets_b: vec![f32::NAN; n_t],
+            targets_c: vec![f32::NAN; n_t],
+            support_size: 0,
+            certified: false,
+            fallback: false,
+        },
+        Weights::Dynamic(cfg) => {
+            // The certified one-pass path first where it applies; the full computation (the
+            // same as support_k >= V) when it cannot prove the answer.
+            let tried = certified::applies(cfg, n_t);
+            let cert = if tried {
+                certified::certified_row(large, small, &experts, cfg, &mut sc.cert, cancel)?.ok()
+            } else {
+                None
+            };
+            let certified = cert.is_some();
+            let (s, support) = match cert {
+                Some(s) => (s, inputs.vocab),
+                None => {
+                    sc.red.fill(large, small, &experts, cfg.support_k);
+                    let s = solve_row(&sc.red, cfg, n_t, &mut sc.solver, cancel)?;
+                    (s, sc.red.n)
                 }
+            };
+            RowOut {
+                certified,
+                fallback: tried && !certified,
+                token: 0,
+                alphas: s.alphas.iter().map(|&x| x as f32).collect(),
+                loss: s.loss as f32,
+                active: s.active,
+                kl_fused_large: s.kl_fused_large as f32,
+                kl_large_fused: s.kl_large_fused as f32,
+                targets_b: s.targets_b.iter().map(|&x| x as f32).collect(),
+                targets_c: s.targets_c.iter().map(|&x| x as f32).collect(),
+                support_size: support as u32,
             }
-        };
-        sc.fused.resize(inputs.vocab, 0.0);
-        with_simd(
-            #[inline(always)]
-            || fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused),
-        );
-        out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
-        Ok(out)
-    }
+        }
+    };
+    sc.fused.resize(inputs.vocab, 0.0);
+    with_simd(
+        #[inline(always)]
+        || fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused),
+    );
+    Ok(out)
 }
 
 pub fn fuse_logits(

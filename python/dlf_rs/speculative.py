@@ -1,0 +1,408 @@
+"""Speculative DLF: a small expert drafts k tokens, every model verifies them in one forward.
+
+Where it sits: :meth:`dlf_rs.FusedGenerator.generate` hands over to :func:`generate_speculative`
+when ``StepOptions.speculative`` is set. Prompts, prefill, stopping, seeds and the result are the
+sequential loop's (:mod:`dlf_rs.runner`, :mod:`dlf_rs.stopping`, :mod:`dlf_rs.results`); the
+acceptance and correction run in the Rust core (``_core.fuse_verify``, ``rust/verify.rs``).
+
+One round, per batch (B rows, draft length k; with ``speculative="auto"`` each row drafts while
+the draft's top probability is at least ``AUTO_CONFIDENCE``, up to ``AUTO_MAX_DRAFT`` tokens):
+1. Drafting. Each row's draft is one expert: with T = 1 the expert; with T > 1 the expert that
+   was active at the row's last emitted token (one-active: the expert with the non-zero weight;
+   when no expert was active the row keeps its previous draft expert; static weights: the
+   expert with the largest weight; at the start expert 0, or the largest static weight). The
+   drafting experts run one-token forwards: the row's pending token (the last one emitted, not
+   yet fed), then each drafted token in turn. Their logits are the drafts' distributions q and
+   also these experts' logits for verification, computed exactly as sequential decoding does.
+2. Verification forwards: the large model, the small base and every expert that drafted for no
+   row run one forward over [pending, d_1 .. d_k], giving their logits at the k + 1 positions.
+3. The core (``fuse_verify``) solves every position's weights as a sequential step would,
+   accepts drafts up to the first disagreement and emits the fused token there (or the bonus
+   token after k acceptances). Greedy: the same tokens as sequential DLF (up to the last bits of
+   a multi-token forward, see README). Sampling: accept with min(1, p/q), else draw from the
+   normalised max(0, p - q): the same distribution as sequential DLF.
+4. Emitted tokens go through EOS, stop strings and ``max_new_tokens`` one by one, so a row ends
+   at the right token inside an accepted run.
+
+KV caches (decision): rejected positions are removed, never reused. Every cache grows by the
+same number of entries per round; row b keeps m_b of them (its pending token and its accepted
+drafts). All caches are cropped to the longest kept run M = max m_b, and for a row with m_b < M
+the M - m_b surplus columns are masked out of the attention mask (they hold rejected drafts) and
+its position ids continue from its own last kept token. With B = 1, or when rows accept equally,
+no column is masked and the cache is exactly sequential decoding's. Masked columns are a bounded
+waste (at most k per row and round) instead of a per-row re-alignment copy of every cache each
+round; a masked key gets exactly zero attention weight, so it influences nothing.
+
+Seeds: row b's round draws from seeds derived from the row's seed and the number of tokens it
+has emitted (``step_seed``), so a row's output does not depend on the batch it is in.
+
+Not supported (refused by name): ``fast=True`` (static caches cannot be cropped per row here),
+methods "large" and "expert" (nothing to fuse).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._core import DlfError, VerifyResult
+from ._core import fuse_verify as core_fuse_verify
+from ._core import sample as core_sample
+from .options import StepOptions
+from .results import GenerationResult, RowTrace
+from .runner import ModelRunner, ModelSlot, context_length
+from .seeds import step_seed
+from .stopping import Stopping
+
+__all__ = ["AUTO_CONFIDENCE", "AUTO_MAX_DRAFT", "generate_speculative"]
+
+# speculative="auto": each row drafts while the draft expert's most likely token has at least this
+# probability (softmax of its logits at the sampling temperature, 1 when greedy), up to
+# AUTO_MAX_DRAFT tokens. On the shipped family a greedy draft above 0.5 is accepted 76-94 % of
+# the time, one below only 15-20 %: stopping there saves the expert forward a rejected draft
+# costs. The rule reads the draft's distribution only, never the drawn token: a stop that
+# depended on the drawn token would bias speculative sampling (the residual max(0, p - q) is only
+# right when every token q can draw is tested).
+AUTO_CONFIDENCE = 0.5
+AUTO_MAX_DRAFT = 8
+
+
+def _confidence(q: np.ndarray, temperature: float) -> np.ndarray:
+    """The draft's largest probability per row: max softmax(q / T) (T = 1 when greedy)."""
+    z = q.astype(np.float64) / (temperature if temperature > 0 else 1.0)
+    z -= z.max(axis=-1, keepdims=True)
+    return np.asarray(1.0 / np.exp(z).sum(axis=-1))
+
+
+def _crop(cache: Any, length: int, name: str) -> None:
+    """Keep the first ``length`` positions of every layer of a ``DynamicCache``."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4.x: crop() takes the final length
+        cache.crop(length)
+        return
+    for layer in layers:
+        if type(layer).__name__ != "DynamicLayer":
+            raise DlfError(
+                f"speculative: the {name} model's cache layer {type(layer).__name__} cannot be "
+                "cropped per row (only full-attention DynamicCache layers); use speculative=None"
+            )
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+class _Forwards:
+    """Multi-token forwards on the slots' caches, logits staged as float32 numpy."""
+
+    def __init__(self, slots: list[ModelSlot], vocab: int, timings: dict[str, float],
+                 sync: bool) -> None:  # fmt: skip
+        self.slots, self.vocab, self.timings, self.sync = slots, vocab, timings, sync
+        self.ctx = [context_length(s.model) for s in slots]
+
+    def run(self, i: int, tokens: np.ndarray, key: str) -> np.ndarray:
+        """Feed ``tokens`` [B, n] to slot ``i``; its logits at the n positions, [B, n, V]."""
+        slot = self.slots[i]
+        assert slot.attention_mask is not None and slot.last_position is not None
+        t0 = time.perf_counter()
+        n = tokens.shape[1]
+        dev = slot.device
+        steps = torch.arange(1, n + 1, device=dev).view(1, -1)
+        positions = slot.last_position + steps
+        # Positions past a row's draft length are rejected anyway; keep them inside the context
+        # so that models with absolute position tables do not index out of range.
+        ctx = self.ctx[i]
+        feed_pos = positions.clamp(max=ctx - 1) if ctx is not None else positions
+        slot.attention_mask = torch.cat(
+            [slot.attention_mask, slot.attention_mask.new_ones((tokens.shape[0], n))], dim=-1
+        )
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.from_numpy(tokens).to(dev),
+            "attention_mask": slot.attention_mask,
+            "past_key_values": slot.cache,
+            "use_cache": True,
+        }
+        if slot.takes_position_ids:
+            kwargs["position_ids"] = feed_pos
+        if slot.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = n
+        out = slot.model(**kwargs)
+        slot.cache = out.past_key_values
+        slot.last_position = positions[:, -1:]
+        logits = out.logits[:, -n:, : self.vocab]
+        if self.sync and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        host = logits.to(torch.float32).cpu().numpy()
+        t2 = time.perf_counter()
+        self.timings[key] += t1 - t0
+        self.timings[f"forward:{slot.name}"] += t1 - t0
+        self.timings["copy"] += t2 - t1
+        return host
+
+
+def generate_speculative(
+    gen: Any,
+    opts: StepOptions,
+    prompts: list[str],
+    max_new_tokens: int,
+    seeds_of_rows: list[int] | None,
+    stops: list[str],
+    per_model: dict[str, list[str]],
+    t_start: float,
+) -> GenerationResult:
+    """Speculative DLF for :meth:`FusedGenerator.generate` (arguments already checked there)."""
+    if not opts.fused:
+        raise DlfError(
+            f"speculative: needs a fused method ('dlf' or 'static'), got method={opts.method!r}"
+        )
+    if gen.fast:
+        raise DlfError(
+            "speculative: not available with fast=True (its static caches are not cropped per "
+            "row); build the generator with fast=False"
+        )
+    batch, n_exp, vocab = len(prompts), len(gen.experts), gen.vocab_size
+    slots = [ModelSlot.of(name, model, per_model.get(name, prompts), None)
+             for name, model in gen._named_models()]  # fmt: skip
+    timings = {"prefill": 0.0, "forward": 0.0, "draft": 0.0, "verify": 0.0, "copy": 0.0,
+               "fuse_verify": 0.0, "sample": 0.0, "crop": 0.0}  # fmt: skip
+    staging = gen._staging_for(len(slots), batch)
+    runner = ModelRunner(slots, staging, timings, gen._tokenize, gen.pad_token_id, None,
+                         gen._side_stream, gen.sync_timings)  # fmt: skip
+    ids = [runner.prompt_ids(slot, max_new_tokens) for slot in slots]
+    gen._warn_unknown(ids[0], slots[0])
+    rows = Stopping(batch, gen.tokenizer, gen.eos_token_ids, stops)
+    fwd = _Forwards(slots, vocab, timings, gen.sync_timings)
+    auto = opts.speculative == "auto"
+    k_cap = AUTO_MAX_DRAFT if auto else int(opts.speculative or 1)
+    kwargs = opts.core_kwargs(n_exp)
+    sampling = opts.sampling_kwargs
+    pad = gen.pad_token_id
+
+    # The draft expert of each row (module docs): static weights fix it, dynamic ones move it.
+    static = opts._alpha_list(n_exp)
+    first = int(np.argmax(static)) if static is not None else 0
+    draft_of = np.full(batch, first, dtype=np.int64)
+
+    per_row: list[dict[str, list[Any]]] = [
+        {"alphas": [], "active": [], "loss": [], "kl_fused_large": [], "kl_large_fused": [],
+         "kl_expert_small": [], "kl_small_expert": [], "support_size": [], "accepted": []}
+        for _ in range(batch)
+    ]  # fmt: skip
+    tested = np.zeros(batch, dtype=np.int64)
+    accepted_total = np.zeros(batch, dtype=np.int64)
+    counts = {"rounds": 0, "drafted": 0, "large_forwards": 0}
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        runner.prefill(ids, max_new_tokens)
+        staging.wait()
+        first_logits: list[np.ndarray] | None = [np.array(v) for v in staging.views()]
+        timings["copy"] += time.perf_counter() - t0
+        pending: np.ndarray | None = None
+        while not rows.all_finished():
+            live = rows.live()
+            remaining = {b: max_new_tokens - len(rows.tokens[b]) for b in live}
+            k = max(0, min(k_cap, max(remaining.values()) - 1))
+            limit = {b: min(k, remaining[b] - 1) for b in live}
+            drafters = sorted({int(draft_of[b]) for b in live})
+            logits = [np.empty((batch, k + 1, vocab), dtype=np.float32) for _ in slots]
+            if first_logits is not None:
+                for i, z in enumerate(first_logits):
+                    logits[i][:, 0] = z
+                first_logits = None
+            width = slots[0].attention_mask.shape[1]  # type: ignore[union-attr]
+            bases = _round_seeds(seeds_of_rows, rows.tokens)
+
+            # 1. Drafting: one-token forwards of the drafting experts. Row b drafts up to
+            # limit[b] tokens ("auto": fewer, see AUTO_CONFIDENCE); the forwards go on while
+            # some row drafts.
+            if pending is not None:
+                for t in drafters:
+                    logits[2 + t][:, 0:1] = fwd.run(2 + t, pending.reshape(-1, 1), "draft")
+            drafts = np.full((batch, k), pad, dtype=np.int64)
+            q = np.empty((batch, k, vocab), dtype=np.float32) if not opts.greedy else None
+            lens = np.zeros(batch, dtype=np.int64)
+            drafting = [b for b in live if limit[b] > 0]
+            # Rows that ended read any drafting expert (their drafts are ignored).
+            src = [int(draft_of[b]) if not rows.finished[b] else drafters[0] for b in range(batch)]
+            j = 0
+            while drafting:
+                if len(drafters) == 1:
+                    q_j = logits[2 + drafters[0]][:, j]
+                else:
+                    q_j = np.stack([logits[2 + src[b]][b, j] for b in range(batch)])
+                t_s = time.perf_counter()
+                if opts.greedy:
+                    d = np.argmax(q_j, axis=-1).astype(np.int64)
+                else:
+                    assert q is not None and bases is not None
+                    q[:, j] = q_j
+                    d = core_sample(np.ascontiguousarray(q_j), **sampling, seed=None,
+                                    seeds=[step_seed(s, j + 1) for s in bases])  # fmt: skip
+                sure = _confidence(q_j, opts.temperature) >= AUTO_CONFIDENCE if auto else None
+                timings["sample"] += time.perf_counter() - t_s
+                drafted = [b for b in drafting if sure is None or sure[b]]
+                if not drafted:
+                    break
+                for b in drafted:
+                    lens[b] = j + 1
+                drafting = [b for b in drafted if j + 1 < limit[b]]
+                drafts[:, j] = np.where(rows.finished, pad, d)
+                for t in drafters:
+                    logits[2 + t][:, j + 1 : j + 2] = fwd.run(2 + t, drafts[:, j : j + 1], "draft")
+                j += 1
+            positions = int(lens.max()) + 1 if live else 1
+            n_feed = positions - 1 + (1 if pending is not None else 0)
+            if positions < k + 1:
+                logits = [np.ascontiguousarray(z[:, :positions]) for z in logits]
+                drafts = np.ascontiguousarray(drafts[:, : positions - 1])
+                q = None if q is None else np.ascontiguousarray(q[:, : positions - 1])
+
+            # 2. Verification forwards: every other model over [pending, d_1 .. d_k].
+            feed = drafts if pending is None else np.concatenate([pending[:, None], drafts], 1)
+            lo = positions - n_feed
+            for i in range(len(slots)):
+                if i >= 2 and (i - 2) in drafters:
+                    continue
+                if n_feed:
+                    logits[i][:, lo:] = fwd.run(i, feed, "verify")
+            counts["large_forwards"] += 1 if n_feed else 0
+
+            # 3. The core: weights per position, acceptance, correction or bonus.
+            t0 = time.perf_counter()
+            r: VerifyResult = core_fuse_verify(
+                logits[0], logits[1], logits[2:], drafts, lens.tolist(),
+                draft_logits=q if (q is not None and positions > 1) else None, **kwargs,
+                seed=None, seeds=bases,
+            )  # fmt: skip
+            timings["fuse_verify"] += time.perf_counter() - t0
+
+            # 4. Emit, stop, and drop the rejected positions from every cache.
+            acc = r.accepted
+            pending_fed = pending is not None
+            pending = _emit(r, live, rows, max_new_tokens, per_row, n_exp)
+            for b in live:
+                tested[b] += min(int(acc[b]) + 1, int(lens[b]))
+                accepted_total[b] += int(acc[b])
+            counts["drafted"] += int(lens.sum())
+            counts["rounds"] += 1
+            t0 = time.perf_counter()
+            new_rows = rows.live()
+            if new_rows:
+                _last_active(r, new_rows, draft_of)
+                kept = np.array([(1 if pending_fed else 0) + int(acc[b]) for b in range(batch)])
+                kept_max = max(int(kept[b]) for b in live)
+                kept = np.where(np.isin(np.arange(batch), live), kept, kept_max)
+                _drop_rejected(slots, width, n_feed, kept, kept_max)
+            pending = np.where(rows.finished, pad, pending)
+            timings["crop"] += time.perf_counter() - t0
+
+    timings["forward"] = timings["draft"] + timings["verify"] + timings["prefill"]
+    timings["steps"] = float(counts["rounds"])
+    timings["large_forwards"] = float(counts["large_forwards"])
+    timings["drafted"] = float(counts["drafted"])
+    timings["accepted"] = float(accepted_total.sum())
+    timings["acceptance"] = float(accepted_total.sum() / max(tested.sum(), 1))
+    timings["total"] = time.perf_counter() - t_start
+    alphas, traces = _traces(per_row, n_exp, tested, accepted_total)
+    return GenerationResult(
+        texts=[rows.text(b) for b in range(batch)],
+        token_ids=rows.tokens,
+        alphas=alphas,
+        trace=traces,
+        finish_reasons=rows.reasons,
+        timings=timings,
+        method=opts.method or "dlf",
+        expert_names=list(gen.expert_names),
+    )
+
+
+def _round_seeds(seeds_of_rows: list[int] | None, tokens: list[list[int]]) -> list[int] | None:
+    """Each row's seed for this round: from its own seed and its own token count only."""
+    if seeds_of_rows is None:
+        return None
+    return [step_seed(s, len(t)) for s, t in zip(seeds_of_rows, tokens)]
+
+
+def _emit(r: VerifyResult, live: list[int], rows: Stopping, max_new_tokens: int,
+          per_row: list[dict[str, list[Any]]], n_exp: int) -> np.ndarray:  # fmt: skip
+    """Records each live row's emitted tokens in order (EOS, stop strings, the token limit end
+    it inside the run) with their traces; returns each row's last emitted token."""
+    acc, tokens = r.accepted, r.tokens
+    arrays: dict[str, np.ndarray] = {
+        "alphas": r.alphas, "active": r.active, "loss": r.loss,
+        "kl_fused_large": r.kl_fused_large, "kl_large_fused": r.kl_large_fused,
+        "kl_expert_small": r.kl_expert_small, "kl_small_expert": r.kl_small_expert,
+        "support_size": r.support_size,
+    }  # fmt: skip
+    last = tokens[np.arange(tokens.shape[0]), acc]
+    for j in range(int(max(acc[b] for b in live)) + 1):
+        col = [b for b in rows.live() if b in live and j <= acc[b]]
+        if not col:
+            break
+        rows.record(tokens[:, j], col)
+        for b in col:
+            rec = per_row[b]
+            for key, arr in arrays.items():
+                rec[key].append(arr[b, j])
+            rec["accepted"].append(j < acc[b])
+            if not rows.finished[b] and len(rows.tokens[b]) >= max_new_tokens:
+                rows.end(b, "length")
+    return np.asarray(last, dtype=np.int64)
+
+
+def _last_active(r: VerifyResult, live: Sequence[int], draft_of: np.ndarray) -> None:
+    """Moves each row's draft expert to the expert active at its last emitted token."""
+    if r.n_experts < 2:
+        return
+    acc = r.accepted
+    active = r.active
+    for b in live:
+        t = int(active[b, acc[b]])
+        if t >= 0:
+            draft_of[b] = t
+
+
+def _drop_rejected(slots: list[ModelSlot], width: int, n_feed: int, kept: np.ndarray,
+                   kept_max: int) -> None:  # fmt: skip
+    """Crop every cache to ``width + kept_max`` and mask each row's surplus columns; each row's
+    next position follows its last kept token."""
+    new_len = width + kept_max
+    holes = bool((kept < kept_max).any())  # never with B = 1 or equal acceptance
+    for slot in slots:
+        assert slot.attention_mask is not None and slot.last_position is not None
+        _crop(slot.cache, new_len, slot.name)
+        mask = slot.attention_mask[:, :new_len]
+        kept_t = torch.from_numpy(kept).to(mask.device).view(-1, 1)
+        if holes:
+            mask = mask.clone()
+            cols = torch.arange(new_len, device=mask.device).view(1, -1)
+            mask[cols >= width + kept_t] = 0
+        slot.attention_mask = mask
+        # last_position advanced by n_feed in the forwards; back to the last kept token.
+        slot.last_position = slot.last_position - (n_feed - kept_t)
+
+
+def _traces(per_row: list[dict[str, list[Any]]], n_exp: int, tested: np.ndarray,
+            accepted: np.ndarray) -> tuple[list[np.ndarray], list[RowTrace]]:  # fmt: skip
+    alphas, traces = [], []
+    for b, rec in enumerate(per_row):
+        n = len(rec["active"])
+        alphas.append(np.asarray(rec["alphas"], np.float32).reshape(n, n_exp))
+        traces.append(RowTrace(
+            active=np.asarray(rec["active"], np.int64).reshape(n),
+            loss=np.asarray(rec["loss"], np.float32).reshape(n),
+            kl_fused_large=np.asarray(rec["kl_fused_large"], np.float32).reshape(n),
+            kl_large_fused=np.asarray(rec["kl_large_fused"], np.float32).reshape(n),
+            kl_expert_small=np.asarray(rec["kl_expert_small"], np.float32).reshape(n, n_exp),
+            kl_small_expert=np.asarray(rec["kl_small_expert"], np.float32).reshape(n, n_exp),
+            support_size=np.asarray(rec["support_size"], np.uint32).reshape(n),
+            accepted_draft=np.asarray(rec["accepted"], bool).reshape(n),
+            acceptance_rate=float(accepted[b] / tested[b]) if tested[b] else math.nan,
+        ))  # fmt: skip
+    return alphas, traces
