@@ -107,6 +107,7 @@ class ModelSlot:
     takes_position_ids: bool
     fast: FastModel | None = None  # set when the generator was built with fast=True
     cache: Any = None
+    unpadded: bool = False  # no row of this call is left-padded (dynamic caches only)
     attention_mask: torch.Tensor | None = None
     last_position: torch.Tensor | None = None
     # A mixed LoRA batch (dlf_rs.lora.group_slots): this slot's forward runs ``group`` models'
@@ -122,13 +123,17 @@ class ModelSlot:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, call: Any = None) -> Any:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
-            "attention_mask": self.attention_mask,
             "past_key_values": self.cache,
             "use_cache": True,
         }
-        if self.takes_position_ids:
-            kwargs["position_ids"] = positions
-        if self.takes_logits_to_keep:
+        # Without padding the mask is all ones and the positions are the cache length onwards:
+        # exactly what the model assumes when given neither, minus building and checking a mask
+        # in every layer call (measured ~9% of a small model's decode forward).
+        if not self.unpadded:
+            kwargs["attention_mask"] = self.attention_mask
+            if self.takes_position_ids:
+                kwargs["position_ids"] = positions
+        if self.takes_logits_to_keep and input_ids.shape[1] > 1:
             kwargs["logits_to_keep"] = 1
         try:
             out = (call or self.model)(**kwargs)
@@ -234,6 +239,8 @@ class ModelRunner:
             else:
                 slot.attention_mask = mask.to(slot.device)
                 slot.cache = _new_cache(slot.model)
+            # Finished rows keep attending (mask 1), so an unpadded call stays unpadded.
+            slot.unpadded = slot.fast is None and bool(mask.all())
             self._run(i, slot, "prefill", input_ids.to(slot.device), positions.to(slot.device))
 
     def decode(self, feed: np.ndarray) -> None:
@@ -250,6 +257,8 @@ class ModelRunner:
         for slot in self.slots:
             mask, pos = slot.attention_mask, slot.last_position
             assert mask is not None and pos is not None
+            if slot.unpadded:  # neither is passed to the model (ModelSlot.forward)
+                continue
             if id(mask) not in grown:
                 # Finished rows keep attending (mask 1) like HF generate; outputs are ignored.
                 grown[id(mask)] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
