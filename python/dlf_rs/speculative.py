@@ -122,12 +122,16 @@ class _Forwards:
         )
         kwargs: dict[str, Any] = {
             "input_ids": torch.from_numpy(tokens).to(dev),
-            "attention_mask": slot.attention_mask,
             "past_key_values": slot.cache,
             "use_cache": True,
         }
-        if slot.takes_position_ids:
-            kwargs["position_ids"] = feed_pos
+        # While no row is padded and no rejected column is masked, the mask is all ones and the
+        # positions run on from the cache length: the model's own defaults (as in runner.py).
+        in_context = ctx is None or int(positions[:, -1].max()) < ctx
+        if not (slot.unpadded and in_context):
+            kwargs["attention_mask"] = slot.attention_mask
+            if slot.takes_position_ids:
+                kwargs["position_ids"] = feed_pos
         if slot.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n
         out = slot.model(**kwargs)
@@ -380,6 +384,7 @@ def _drop_rejected(slots: list[ModelSlot], width: int, n_feed: int, kept: np.nda
         mask = slot.attention_mask[:, :new_len]
         kept_t = torch.from_numpy(kept).to(mask.device).view(-1, 1)
         if holes:
+            slot.unpadded = False  # masked columns from now on: the mask must be passed
             mask = mask.clone()
             cols = torch.arange(new_len, device=mask.device).view(1, -1)
             mask[cols >= width + kept_t] = 0
