@@ -1,9 +1,10 @@
 //! The Python face of the core (module `dlf_rs._core`): the only file that touches PyO3.
 //!
-//! `python/dlf_rs/step.py` (with `arrays.py` and `options.py`) converts what the caller passes (numpy arrays, torch tensors,
-//! lists) into C-contiguous float32 numpy arrays and checks types; this file borrows those arrays
-//! without copying, checks that their shapes agree, releases the GIL for the whole computation and
-//! maps `DlfError` to the Python exception `dlf_rs.DlfError` (a `ValueError` subclass).
+//! `python/dlf_rs/step.py` (with `arrays.py` and `options.py`) converts what the caller passes
+//! (numpy arrays, torch tensors, lists) into C-contiguous float32 numpy arrays and checks types;
+//! this file borrows those arrays without copying, checks that their shapes agree, releases the
+//! GIL for the whole computation and maps `DlfError` to the Python exception `dlf_rs.DlfError`
+//! (a `ValueError` subclass).
 //!
 //! Guarantees at this boundary:
 //! - No panic reaches Python. Every core entry point returns `Result`; as the last line, each

@@ -25,6 +25,9 @@
 //! single uniform `fuse_step` uses, so `fuse_verify` with P = 1 equals `fuse_step` exactly.
 //! Positions after the emitted token are computed not at all (rows stop at the first rejection)
 //! and read as token -1 with NaN weights and traces.
+//!
+//! Over 500 lines only because its unit and property tests (about 60% of the file) sit beside
+//! the acceptance rule they pin down.
 
 use std::cell::RefCell;
 

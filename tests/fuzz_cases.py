@@ -8,6 +8,9 @@ list) and the keyword arguments as Python source text (`"2**64"`, `"float('nan')
 `"np.array(1j)"`), so that a case prints as its own reproducer and travels to a worker process as
 JSON. `gen_case` draws a case through a `Drawer`: hypothesis draws (which shrink) or a seeded
 `random.Random` (the long run), one generator for both.
+
+Over 500 lines: one generator of cases for both the hypothesis tests and the long run, kept
+in one place so the two cover the same space.
 """
 
 from __future__ import annotations

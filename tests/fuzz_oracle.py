@@ -15,6 +15,9 @@ options a result must honour. `run_case(case)` makes the call and returns a verd
   wrong_class (named, but neither DlfError nor TypeError as the rules say), harness (a bug here).
 
 Run as a script it is the worker of tests/fuzz_pool.py: JSON cases in on stdin, verdicts out.
+
+Over 500 lines: the whole of rules.md as checks, one function per entry point; split, the rules
+would drift apart from each other.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@
 //!
 //! Exactness does not depend on how good delta is: it only moves tokens between the exact support
 //! and the bounded tail. delta = 1/8 / max|a| makes the remainder below 2e-12 of the tail's mass.
+//!
+//! Over 500 lines on purpose: the pass, the interval bounds and the decision are one proof
+//! whose invariants (what the summary holds, which slack covers which rounding) must be read
+//! together; its tests are in `step/certified_tests.rs`.
 
 use super::objective::objective;
 use super::RowSolution;

@@ -1,5 +1,8 @@
 //! Tests of the batch loops: both solvers end to end, pruning, rayon vs sequential, the fused
 //! logits recipe, -inf and degenerate rows, argument names, limits, scratch and cancellation.
+//!
+//! Over 500 lines: tests only (the batch loops' behaviour end to end), one file so the cases
+//! share their builders.
 
 use super::*;
 use crate::config::{SolverConfig, SolverKind};
