@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .runner import oom_hint
+
 __all__ = ["LoadOptions", "load_adapter", "load_family", "load_model", "load_tokenizer",
            "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
 
@@ -199,14 +201,6 @@ def _not_found(arg: str, src: str, opts: LoadOptions, err: BaseException) -> Fil
         how = f"fetching it from the hub failed ({type(err).__name__}: {err})"
     return FileNotFoundError(
         f"{arg}: {src!r} is not a local directory and not in the Hugging Face cache; {how}"
-    )
-
-
-def oom_hint(name: str, err: BaseException) -> torch.cuda.OutOfMemoryError:
-    return torch.cuda.OutOfMemoryError(
-        f"CUDA out of memory in the {name} model ({err}). Try a smaller batch "
-        "(fewer prompts per call / --batch-size), device_map='auto' to shard the models over "
-        "devices, or a lower dtype (torch_dtype=torch.bfloat16 / --dtype bfloat16)."
     )
 
 

@@ -21,12 +21,20 @@ import numpy as np
 import torch
 
 from .fastpath import FastModel, FastOptions, cache_length
-from .loading import oom_hint
 from .staging import LogitStaging
 
 __all__ = [
     "ModelRunner", "ModelSlot", "context_length", "forward_params", "model_device", "model_vocab",
 ]  # fmt: skip
+
+
+def oom_hint(name: str, err: BaseException) -> torch.cuda.OutOfMemoryError:
+    """A CUDA out-of-memory error that names the model and says what to try."""
+    return torch.cuda.OutOfMemoryError(
+        f"CUDA out of memory in the {name} model ({err}). Try a smaller batch "
+        "(fewer prompts per call / --batch-size), device_map='auto' to shard the models over "
+        "devices, or a lower dtype (torch_dtype=torch.bfloat16 / --dtype bfloat16)."
+    )
 
 
 def model_device(model: Any) -> torch.device:
