@@ -24,7 +24,6 @@ shared tokenizer. Decisions (README "Loading checkpoints"):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 
 from .runner import oom_hint
 
-__all__ = ["LoadOptions", "load_adapter", "load_family", "load_model", "load_tokenizer",
+__all__ = ["LoadOptions", "load_family", "load_model", "load_tokenizer",
            "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
 
 PER_MODEL = ("gguf_file", "device_map", "max_memory", "offload_folder")
@@ -257,24 +256,6 @@ def _require_gguf(arg: str) -> None:
         raise ImportError(
             f"{arg}: loading a GGUF file needs the gguf package: pip install gguf"
         ) from err
-
-
-def load_adapter(arg: str, src: str, small_src: str | None, opts: LoadOptions) -> Any:
-    """A PEFT LoRA adapter applied to its own copy of the small base and merged."""
-    if small_src is None:
-        raise ValueError(f"{arg}: a LoRA adapter needs the small base model (small=)")
-    try:
-        from peft import PeftModel
-    except ImportError as err:
-        raise ImportError(
-            f"{arg}: {src!r} is a PEFT LoRA adapter (adapter_config.json); loading it needs "
-            "peft: pip install 'dlf_rs[peft]'"
-        ) from err
-    with open(os.path.join(src, "adapter_config.json"), encoding="utf-8") as fh:
-        json.load(fh)  # a clear JSON error here beats a deep one inside peft
-    # Each adapter gets its own copy of the small base: merging LoRA modifies the weights.
-    base = load_model("small", small_src, opts)
-    return opts.place(PeftModel.from_pretrained(base, src).merge_and_unload())
 
 
 def is_adapter(src: str) -> bool:
