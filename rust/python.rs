@@ -567,6 +567,36 @@ fn speculative_of(arg: Option<SpecArg>) -> PyResult<Speculative> {
 }
 
 /// One DLF decoding step over a batch. Arguments are checked by `dlf_rs.fuse_step`; see there.
+/// The options of `fuse_step` and `fuse_verify` as the core's types, checked with the one
+/// validation `validate_options` runs. Every option is checked, even those static weights do not
+/// use, so that an options record valid for one call is valid for every call.
+#[allow(clippy::type_complexity)]
+fn step_options(
+    alpha: Option<Vec<f64>>,
+    [alpha_min, alpha_max, grid_step]: [f64; 3],
+    solver: &str,
+    multi_expert: &str,
+    support_k: Option<u64>,
+    (temperature, top_k, top_p, min_p): (f64, u64, f64, f64),
+    (seed, seeds): (Option<u64>, Option<Vec<u64>>),
+) -> PyResult<(Weights, Sampling, Seeds)> {
+    let cfg = solver_of(
+        alpha_min,
+        alpha_max,
+        grid_step,
+        solver,
+        multi_expert,
+        support_k,
+    )?;
+    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+    validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
+    let weights = match alpha {
+        Some(a) => Weights::Static(a),
+        None => Weights::Dynamic(cfg),
+    };
+    Ok((weights, sampling, seeds_of(seed, seeds)?))
+}
+
 /// Every option is a required keyword: the defaults live in `DEFAULTS` only.
 #[pyfunction]
 #[pyo3(signature = (
@@ -595,23 +625,15 @@ fn fuse_step(
     seeds: Option<Vec<u64>>,
 ) -> PyResult<StepResult> {
     guarded("fuse_step", move || {
-        let cfg = solver_of(
-            alpha_min,
-            alpha_max,
-            grid_step,
+        let (weights, sampling, seeds) = step_options(
+            alpha,
+            [alpha_min, alpha_max, grid_step],
             solver,
             multi_expert,
             support_k,
+            (temperature, top_k, top_p, min_p),
+            (seed, seeds),
         )?;
-        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-        // Every option is checked, even those static weights do not use, so that an options record
-        // valid for one call is valid for every call (same function as `validate_options`).
-        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
-        let weights = match alpha {
-            Some(a) => Weights::Static(a),
-            None => Weights::Dynamic(cfg),
-        };
-        let seeds = seeds_of(seed, seeds)?;
         let m = borrow_models(&large, &small, &experts)?;
         let inputs = StepInputs {
             large: m.large,
@@ -817,21 +839,15 @@ fn fuse_verify(
     seeds: Option<Vec<u64>>,
 ) -> PyResult<VerifyResult> {
     guarded("fuse_verify", move || {
-        let cfg = solver_of(
-            alpha_min,
-            alpha_max,
-            grid_step,
+        let (weights, sampling, seeds) = step_options(
+            alpha,
+            [alpha_min, alpha_max, grid_step],
             solver,
             multi_expert,
             support_k,
+            (temperature, top_k, top_p, min_p),
+            (seed, seeds),
         )?;
-        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
-        let weights = match alpha {
-            Some(a) => Weights::Static(a),
-            None => Weights::Dynamic(cfg),
-        };
-        let seeds = seeds_of(seed, seeds)?;
         let [b, p, v] = [large.shape()[0], large.shape()[1], large.shape()[2]];
         check_shape3(&small, "small", [b, p, v])?;
         for (t, e) in experts.iter().enumerate() {
