@@ -1,5 +1,8 @@
 //! The Python face of the core (module `dlf_rs._core`): the only file that touches PyO3.
 //!
+//! Over 500 lines on purpose: it is one concern, the whole Python boundary (argument extraction,
+//! the result class, panic and signal handling), and splitting it would spread PyO3 over the core.
+//!
 //! `python/dlf_rs/step.py` (with `arrays.py` and `options.py`) converts what the caller passes
 //! (numpy arrays, torch tensors, lists) into C-contiguous float32 numpy arrays and checks types;
 //! this file borrows those arrays without copying, checks that their shapes agree, releases the
@@ -20,9 +23,6 @@
 //!   input array during a call is not supported: when the core notices (a value the validation
 //!   pass saw as NaN/+inf is gone) the call raises `DlfError` saying the input changed during the
 //!   call; otherwise the result is computed from a mix of old and new values. It never panics.
-//!
-//! Over 500 lines on purpose: it is one concern, the whole Python boundary (argument extraction,
-//! the result class, panic and signal handling), and splitting it would spread PyO3 over the core.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};

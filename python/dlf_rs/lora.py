@@ -69,48 +69,11 @@ def choose_mode(small: Any, n_adapters: int) -> str:
     return "mixed" if n_params(small) >= MIXED_MIN_PARAMS else "merged"
 
 
-class AdapterView:
-    """One member (``"__base__"`` or one adapter) of a shared ``PeftModel``, called like a causal
-    LM: every forward tags all its rows with this member's adapter. Everything else (config,
-    embeddings, parameters, generation config) is the shared base model's."""
-
-    def __init__(self, peft_model: Any, adapter: str) -> None:
-        self.peft_model = peft_model
-        self.adapter = adapter
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        use_cache: bool | None = None,
-        position_ids: torch.Tensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ) -> Any:
-        ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-        return self.peft_model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, position_ids=position_ids, logits_to_keep=logits_to_keep,
-            adapter_names=[self.adapter] * int(ref.shape[0]), **kwargs,
-        )  # fmt: skip
-
-    __call__ = forward
-
-    def base(self) -> Any:
-        return self.peft_model.get_base_model()
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names not set in __init__: config, get_input_embeddings, ...
-        return getattr(self.__dict__["peft_model"].get_base_model(), name)
-
-    def __repr__(self) -> str:
-        return f"AdapterView({self.adapter!r})"
-
-
 class MixedLora:
     """The small base and T adapters of one ``PeftModel`` as one model over ``(1 + T) * B`` rows,
-    member-major (rows ``k * B .. (k + 1) * B - 1`` belong to ``members[k]``)."""
+    member-major (rows ``k * B .. (k + 1) * B - 1`` belong to ``members[k]``). Everything else
+    (config, embeddings, parameters, generation config) is the shared base model's. The forward
+    names its keywords because the driver reads the signature (position ids, logits_to_keep)."""
 
     def __init__(self, peft_model: Any, members: Sequence[str]) -> None:
         self.peft_model = peft_model
@@ -137,8 +100,24 @@ class MixedLora:
 
     __call__ = forward
 
+    def base(self) -> Any:
+        return self.peft_model.get_base_model()
+
     def __getattr__(self, name: str) -> Any:
+        # Only reached for names not set in __init__: config, get_input_embeddings, ...
         return getattr(self.__dict__["peft_model"].get_base_model(), name)
+
+
+class AdapterView(MixedLora):
+    """One member (``"__base__"`` or one adapter) of a shared ``PeftModel``, called like a causal
+    LM: a mixed batch of one member, every row tagged with its adapter."""
+
+    def __init__(self, peft_model: Any, adapter: str) -> None:
+        super().__init__(peft_model, [adapter])
+        self.adapter = adapter
+
+    def __repr__(self) -> str:
+        return f"AdapterView({self.adapter!r})"
 
 
 def _adapter_name(i: int, src: Any) -> str:

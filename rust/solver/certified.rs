@@ -1,6 +1,10 @@
 //! The default (`support_k=None`, grid solver) at pruned cost with the full-vocabulary answer
 //! (method.md, "Certified exactness at pruned cost").
 //!
+//! Over 500 lines on purpose: the pass, the interval bounds and the decision are one proof
+//! whose invariants (what the summary holds, which slack covers which rounding) must be read
+//! together; its tests are in `step/certified_tests.rs`.
+//!
 //! Flow for one row: `summarize` makes one blocked pass over every logit of the row (after
 //! `validate`'s scan) and keeps (1) the exact targets KL(Q_t||Q), KL(Q||Q_t); (2) the exact
 //! normaliser Z = sum_v p_v and E_P[d_t]; (3) the "support": tokens with P > 0 whose direction
@@ -19,10 +23,6 @@
 //!
 //! Exactness does not depend on how good delta is: it only moves tokens between the exact support
 //! and the bounded tail. delta = 1/8 / max|a| makes the remainder below 2e-12 of the tail's mass.
-//!
-//! Over 500 lines on purpose: the pass, the interval bounds and the decision are one proof
-//! whose invariants (what the summary holds, which slack covers which rounding) must be read
-//! together; its tests are in `step/certified_tests.rs`.
 
 use super::objective::objective;
 use super::RowSolution;

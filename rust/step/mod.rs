@@ -285,18 +285,12 @@ pub(crate) fn solve_and_fuse_row(
         scan_models(inputs.large, inputs.small, inputs.experts, inputs.vocab, b)?;
     let n_t = experts.len();
     let out = match weights {
+        // Static weights: no solver, so no trace (NaN) beyond the weights and J = 0.
         Weights::Static(a) => RowOut {
             token: 0,
             alphas: a.iter().map(|&x| x as f32).collect(),
             loss: 0.0,
-            active: -1,
-            kl_fused_large: f32::NAN,
-            kl_large_fused: f32::NAN,
-            targets_b: vec![f32::NAN; n_t],
-            targets_c: vec![f32::NAN; n_t],
-            support_size: 0,
-            certified: false,
-            fallback: false,
+            ..RowOut::unused(n_t)
         },
         Weights::Dynamic(cfg) => {
             // The certified one-pass path first where it applies; the full computation (the
