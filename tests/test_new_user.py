@@ -137,8 +137,10 @@ def test_prompt_rules(family: Family) -> None:
 
 
 def test_family_shortcut_equals_explicit_paths(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # --threads sets RAYON_NUM_THREADS for the process; undo it for the tests that follow.
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
     prompt = example_prompts("qa", 1)[0]
     out = tmp_path / "a.jsonl"
     argv = ["generate", "--family", "default", "--expert", "qa", "--prompt", prompt,
