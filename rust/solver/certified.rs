@@ -29,11 +29,18 @@ use super::RowSolution;
 use crate::cancel::Cancel;
 use crate::config::{MultiExpert, SolverConfig, SolverKind};
 use crate::error::DlfError;
-use crate::numerics::{fast_exp, simd_dispatch, with_simd, LANES};
+use crate::numerics::{fast_exp, simd_dispatch};
+
+/// Independent accumulators of the summary's lane sums: two AVX2 vectors, so that every
+/// accumulation and power chain has two independent copies in flight (the pass is bound by the
+/// latency of its chains, not by the FP units, with one vector).
+const LANES: usize = 8;
 use crate::validate::ModelRow;
 
 /// Power sums S_0..S_ORDER of the tail per expert.
 const ORDER: usize = 8;
+// `kernels::moments` computes the powers p d^0..p d^8 in a fixed tree.
+const _: () = assert!(ORDER == 8);
 /// Tokens per block of the summary pass (the block's d values stay in L1).
 const BLOCK: usize = 512;
 /// The summary gives up (full scan) once the support passes this fraction of the vocabulary:
@@ -153,7 +160,7 @@ fn lanes_add(acc: &mut [f64; LANES], v: &[f64]) {
 
 #[inline(always)]
 fn total(a: &[f64; LANES]) -> f64 {
-    (a[0] + a[1]) + (a[2] + a[3])
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
 /// The summary pass; `delta` is the tail's bound on |d|. None when the support is too large.
@@ -216,40 +223,48 @@ fn summarize(
         );
         // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
         simd_dispatch!(
-            avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, &mut z),
-            portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, &mut z),
+            avx512: kernels::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+            avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+            portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
         );
         simd_dispatch!(
+            avx512: kernels::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
             avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
             portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
         );
-        // Tail mask: 1 where z_L is finite and every |d_t| <= delta, else 0. Possible tokens
-        // outside it form the support, whatever their p (a p that underflowed can still carry
-        // weight p e^{a d} when d is large).
-        for (m, &lp) in tail.iter_mut().zip(bl.iter()) {
-            *m = if lp > f64::NEG_INFINITY { 1.0 } else { 0.0 };
-        }
+        // `tail` counts why a token is outside the tail: z_L = -inf, or |d_t| > delta for an
+        // expert t. The tail is where it is 0. Possible tokens outside it form the support,
+        // whatever their p (a p that underflowed can still carry weight p e^{a d} when d is large).
         for (t, e) in experts.iter().enumerate() {
             let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
             let zt = &e.z[j0..j0 + len];
             let sums = &mut sums[t];
             simd_dispatch!(
-                avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+                avx512: kernels::avx512_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+            avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
                 portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
             );
         }
         for t in 0..n_t {
             let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
             simd_dispatch!(
-                avx2: kernels::avx2_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+                avx512: kernels::avx512_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+            avx2: kernels::avx2_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
                 portable: kernels::moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
             );
         }
-        for k in 0..len {
-            if bl[k] > f64::NEG_INFINITY && tail[k] == 0.0 {
-                sc.sp.push(bl[k]);
-                for t in 0..n_t {
-                    sc.sd.push(sc.bd[t * BLOCK + k]);
+        // Most chunks of 8 tokens are all tail: test them without a branch per token.
+        for k0 in (0..len).step_by(8) {
+            let k1 = (k0 + 8).min(len);
+            if tail[k0..k1].iter().fold(0.0, |s, &m| s + m) == 0.0 {
+                continue;
+            }
+            for k in k0..k1 {
+                if bl[k] > f64::NEG_INFINITY && tail[k] != 0.0 {
+                    sc.sp.push(bl[k]);
+                    for t in 0..n_t {
+                        sc.sd.push(sc.bd[t * BLOCK + k]);
+                    }
                 }
             }
         }
@@ -310,7 +325,8 @@ fn summarize(
 /// vectorises them), each compiled twice: for AVX2 and for baseline x86-64 (same operations in
 /// the same order, so the results are identical).
 mod kernels {
-    use super::{fast_exp, LANES, ORDER};
+    use super::{LANES, ORDER};
+    use crate::numerics::{Exp, Fused, Plain};
 
     #[derive(Debug, Clone, Copy, Default)]
     pub(super) struct ExpertSums {
@@ -322,60 +338,73 @@ mod kernels {
     }
 
     macro_rules! twice {
-        ($plain:ident, $avx2:ident, fn ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-            #[allow(clippy::too_many_arguments)]
+        ($plain:ident, $avx2:ident, $avx512:ident, fn ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+            // X: the exponential (bodies without one ignore it).
+            #[allow(clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body<X: Exp>($($arg: $ty),*) $body
             #[allow(clippy::too_many_arguments)]
             pub(crate) fn $plain($($arg: $ty),*) {
-                body($($arg),*)
+                body::<Plain>($($arg),*)
             }
             #[allow(clippy::too_many_arguments)]
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
             pub(crate) unsafe fn $avx2($($arg: $ty),*) {
-                body($($arg),*)
+                body::<Plain>($($arg),*)
+            }
+            #[allow(clippy::too_many_arguments)]
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+            pub(crate) unsafe fn $avx512($($arg: $ty),*) {
+                body::<Fused>($($arg),*)
             }
         };
     }
 
     mod large_k {
         use super::*;
-        twice!(large, avx2_large, fn (z: &[f32], ml: f64, lp: &mut [f64], p: &mut [f64], acc: &mut [f64; LANES]) {
-            for ((o, e), &x) in lp.iter_mut().zip(p.iter_mut()).zip(z) {
+        twice!(large, avx2_large, avx512_large, fn (
+            z: &[f32], ml: f64, lp: &mut [f64], p: &mut [f64], tail: &mut [f64], acc: &mut [f64; LANES],
+        ) {
+            for (((o, e), m), &x) in lp.iter_mut().zip(p.iter_mut()).zip(tail.iter_mut()).zip(z) {
                 *o = x as f64 - ml;
-                *e = fast_exp(*o);
+                *e = X::exp(*o);
+                // Outside count, first part: 1 where z_L is -inf (the experts add theirs).
+                *m = if *o > f64::NEG_INFINITY { 0.0 } else { 1.0 };
             }
             super::super::lanes_add(acc, p);
         });
     }
-    pub(super) use large_k::{avx2_large, large};
+    pub(super) use large_k::{avx2_large, avx512_large, large};
 
     mod row_k {
         use super::*;
-        twice!(row, avx2_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
+        twice!(row, avx2_row, avx512_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
             for ((o, q), &v) in x.iter_mut().zip(e.iter_mut()).zip(z) {
                 *o = (if v == f32::NEG_INFINITY { rep } else { v }) as f64;
-                *q = fast_exp(*o - shift);
+                *q = X::exp(*o - shift);
             }
             super::super::lanes_add(acc, e);
         });
     }
-    pub(super) use row_k::{avx2_row, row};
+    pub(super) use row_k::{avx2_row, avx512_row, row};
 
     mod expert_k {
         use super::*;
-        twice!(expert, avx2_expert, fn (
+        twice!(expert, avx2_expert, avx512_expert, fn (
             zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], qt: &mut [f64], q: &[f64],
             p: &[f64], lp: &[f64], tail: &mut [f64], delta: f64, sums: &mut ExpertSums,
         ) {
             for (((dd, e), &x), &s) in d.iter_mut().zip(qt.iter_mut()).zip(zt).zip(zs) {
                 let x = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
                 *dd = x - s;
-                *e = fast_exp(x - mt);
+                *e = X::exp(x - mt);
             }
+            // An add on every token, not a conditional store (which LLVM turns into a slow
+            // masked store).
             for (m, &dd) in tail.iter_mut().zip(d.iter()) {
-                *m = if dd.abs() <= delta { *m } else { 0.0 };
+                *m += if dd.abs() <= delta { 0.0 } else { 1.0 };
             }
             let ExpertSums { acc, amax, amax_all } = sums;
             let n = d.len();
@@ -407,22 +436,28 @@ mod kernels {
             }
         });
     }
-    pub(super) use expert_k::{avx2_expert, expert};
+    pub(super) use expert_k::{avx2_expert, avx512_expert, expert};
 
     mod moments_k {
         use super::*;
-        twice!(moments, avx2_moments, fn (
+        twice!(moments, avx2_moments, avx512_moments, fn (
             tail: &[f64], d: &[f64], p: &[f64], mom: &mut [[f64; LANES]; ORDER + 1], tmax: &mut f64,
         ) {
             let n = d.len();
             let full = n / LANES * LANES;
             let mut amax = [0.0f64; LANES];
             let mut lane = |l: usize, m: f64, d: f64, p: f64| {
-                let mut pw = m * p;
-                mom[0][l] += pw;
-                for a in mom.iter_mut().skip(1) {
-                    pw *= d;
-                    a[l] += pw;
+                // p d^j for j = 0..8 in a tree three multiplies deep (not a chain of eight).
+                let m = if m == 0.0 { 1.0 } else { 0.0 };
+                let w0 = m * p;
+                let d2 = d * d;
+                let d4 = d2 * d2;
+                let w1 = w0 * d;
+                let (w2, w3) = (w0 * d2, w1 * d2);
+                let (w4, w5, w6, w7) = (w0 * d4, w1 * d4, w2 * d4, w3 * d4);
+                let w8 = w4 * d4;
+                for (a, w) in mom.iter_mut().zip([w0, w1, w2, w3, w4, w5, w6, w7, w8]) {
+                    a[l] += w;
                 }
                 let live = if m > 0.0 { d.abs() } else { 0.0 };
                 amax[l] = if live > amax[l] { live } else { amax[l] };
@@ -444,11 +479,43 @@ mod kernels {
             }
         });
     }
-    pub(super) use moments_k::{avx2_moments, moments};
+    pub(super) use moments_k::{avx2_moments, avx512_moments, moments};
+
+    mod lattice_k {
+        use super::*;
+        // One grid point of the support's lattice: sums of w, w d, w |d| (token k in lane
+        // k % LANES), then w *= e^{h d} for the next point. No exponential: every tier computes
+        // the same values.
+        twice!(lattice, avx2_lattice, avx512_lattice, fn (
+            w: &mut [f64], e: &[f64], x: &[f64], acc: &mut [[f64; LANES]; 3],
+        ) {
+            let n = w.len().min(e.len()).min(x.len());
+            let full = n / LANES * LANES;
+            let mut lane = |l: usize, w: &mut f64, e: f64, d: f64| {
+                acc[0][l] += *w;
+                acc[1][l] += *w * d;
+                acc[2][l] += *w * d.abs();
+                *w *= e;
+            };
+            let ch = w[..full]
+                .chunks_exact_mut(LANES)
+                .zip(e[..full].chunks_exact(LANES))
+                .zip(x[..full].chunks_exact(LANES));
+            for ((w8, e8), x8) in ch {
+                for l in 0..LANES {
+                    lane(l, &mut w8[l], e8[l], x8[l]);
+                }
+            }
+            for k in full..n {
+                lane(k - full, &mut w[k], e[k], x[k]);
+            }
+        });
+    }
+    pub(super) use lattice_k::{avx2_lattice, avx512_lattice, lattice};
 
     mod full_k {
         use super::*;
-        twice!(full, avx2_full, fn (
+        twice!(full, avx2_full, avx512_full, fn (
             zl: &[f32], zs: &[f32], zt: &[f32], reps: [f32; 2], ml: f64, a: f64,
             acc: &mut [[f64; LANES]; 2],
         ) {
@@ -457,7 +524,7 @@ mod kernels {
                 let zt = (if zt == f32::NEG_INFINITY { reps[1] } else { zt }) as f64;
                 let d = zt - zs;
                 // -inf + a d is -inf: an impossible token adds 0.
-                let w = fast_exp(zl as f64 - ml + a * d);
+                let w = X::exp(zl as f64 - ml + a * d);
                 acc[0][l] += w;
                 acc[1][l] += w * d;
             };
@@ -477,7 +544,7 @@ mod kernels {
             }
         });
     }
-    pub(super) use full_k::{avx2_full, full};
+    pub(super) use full_k::{avx2_full, avx512_full, full};
 }
 
 /// K1, K2 of expert t at weight a over the full vocabulary, from the f32 rows (one exponential per
@@ -498,6 +565,7 @@ fn full_kls(
     let mut acc = [[0.0f64; LANES]; 2];
     let reps = [small.rep, expert.rep];
     simd_dispatch!(
+        avx512: kernels::avx512_full(large.z, small.z, expert.z, reps, ml, a, &mut acc),
         avx2: kernels::avx2_full(large.z, small.z, expert.z, reps, ml, a, &mut acc),
         portable: kernels::full(large.z, small.z, expert.z, reps, ml, a, &mut acc),
     );
@@ -731,20 +799,14 @@ fn kl_bounds(
         let a = cfg.grid_value(i);
         let (mut as_, mut bs_, mut babs) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
         if a == a_lat {
-            with_simd(
-                #[inline(always)]
-                || {
-                    for (k, (w, (&e, &d))) in
-                        sc.w.iter_mut().zip(sc.e.iter().zip(&sc.x)).enumerate()
-                    {
-                        let l = k % LANES;
-                        as_[l] += *w;
-                        bs_[l] += *w * d;
-                        babs[l] += *w * d.abs();
-                        *w *= e;
-                    }
-                },
+            let mut acc = [as_, bs_, babs];
+            let (w, e, x) = (&mut sc.w[..], &sc.e[..], &sc.x[..]);
+            simd_dispatch!(
+                avx512: kernels::avx512_lattice(w, e, x, &mut acc),
+                avx2: kernels::avx2_lattice(w, e, x, &mut acc),
+                portable: kernels::lattice(w, e, x, &mut acc),
             );
+            [as_, bs_, babs] = acc;
         } else {
             // The clamped last grid value (rounding only): evaluated directly.
             for k in 0..n_sup {
