@@ -963,6 +963,15 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DlfError", m.py().get_type::<DlfError>())?;
     m.add("DlfInternalError", m.py().get_type::<DlfInternalError>())?;
     m.add("DEFAULTS", defaults(m.py())?)?;
+    // The instruction tier the kernels run (numerics::tier), for benchmark reports.
+    m.add(
+        "SIMD_TIER",
+        match crate::numerics::tier() {
+            crate::numerics::Tier::Portable => "portable",
+            crate::numerics::Tier::Avx2 => "avx2",
+            crate::numerics::Tier::Avx512 => "avx512",
+        },
+    )?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
     m.add_class::<StepResult>()?;
     m.add_function(wrap_pyfunction!(fuse_step, m)?)?;

@@ -17,6 +17,8 @@ import numpy.typing as npt
 __version__: str
 
 DEFAULTS: dict[str, Any]
+# "portable" | "avx2" | "avx512": the kernels' instruction tier (capped by DLF_RS_SIMD).
+SIMD_TIER: str
 """Every step option's default, from the Rust `Default` impls (the single source): alpha_min,
 alpha_max, grid_step, solver, multi_expert, support_k, temperature, top_k, top_p, min_p,
 speculative, and the limits max_grid_points, max_abs_alpha and max_draft_len."""

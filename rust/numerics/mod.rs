@@ -3,39 +3,70 @@
 //! auto-vectorised closures). Hand-written AVX2 kernels for the passes over every logit are in
 //! `passes`; the grid's lattice kernel (in `solver::grid`) dispatches through the same macro.
 //!
-//! The wheel targets baseline x86-64 (SSE2). Every AVX2 path performs the same IEEE operations in
-//! the same order as its portable twin (no FMA: Rust never contracts a * b + c on its own), so
-//! results are bit-identical whichever path runs.
+//! The wheel targets baseline x86-64 (SSE2). Three tiers (`tier`): portable, AVX2 and AVX-512
+//! (F, VL, with FMA). Every AVX2 path performs the same IEEE operations in the same order as its
+//! portable twin (no FMA: Rust never contracts a * b + c on its own), and `with_simd`'s AVX-512
+//! tier likewise, so those results are bit-identical whichever tier runs. The one exception is
+//! the certified summary pass (`solver::certified`), whose AVX-512 kernels use `fast_exp_fma`:
+//! its sums may differ in the last bits between tiers, which its rounding slack covers, so the
+//! certified weights and tokens are the same on every tier (tests/test_simd_tiers.py).
+//! `DLF_RS_SIMD=avx2|portable` caps the tier for a process.
 
 pub mod passes;
 
-/// Whether the CPU has AVX2: the only place the crate asks (std caches the answer).
-#[inline(always)]
-pub fn has_avx2() -> bool {
+/// The widest instruction tier the kernels may use: the CPU's, capped by the environment
+/// variable `DLF_RS_SIMD` (`portable`, `avx2` or `avx512`; read once per process). The cap is
+/// for reproducing results across machines and for testing the tiers against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The tier every kernel of this process runs (the one place the crate asks the CPU).
+pub fn tier() -> Tier {
+    static TIER: std::sync::OnceLock<Tier> = std::sync::OnceLock::new();
+    *TIER.get_or_init(|| {
+        let cap = match std::env::var("DLF_RS_SIMD").as_deref() {
+            Ok("portable") => Tier::Portable,
+            Ok("avx2") => Tier::Avx2,
+            _ => Tier::Avx512,
+        };
+        cpu_tier().min(cap)
+    })
+}
+
+fn cpu_tier() -> Tier {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma") {
+            Tier::Avx512
+        } else if has!("avx2") {
+            Tier::Avx2
+        } else {
+            Tier::Portable
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Tier::Portable
     }
 }
 
-/// Whether the CPU has AVX-512 (F and VL) and FMA: the tier of the summary pass's kernels
-/// (`solver::certified`), whose exponentials use fused multiply-adds (`fast_exp_fma`).
+/// Whether the AVX2 kernels may run.
+#[inline(always)]
+pub fn has_avx2() -> bool {
+    tier() >= Tier::Avx2
+}
+
+/// Whether the AVX-512 tier may run: AVX-512 F and VL with FMA. The summary pass's kernels
+/// (`solver::certified`) use fused multiply-adds there (`fast_exp_fma`); `with_simd` closures
+/// only get the wider vectors.
 #[inline(always)]
 pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    tier() >= Tier::Avx512
 }
 
 /// `simd_dispatch!(avx2: unsafe_expr, portable: expr)`: evaluates the first (an AVX2
@@ -219,8 +250,10 @@ pub fn fast_exp_f32(x: f32) -> f32 {
     }
 }
 
-/// Runs `f` compiled for AVX2 when the CPU has it, else for baseline x86-64: the hot loops are
-/// plain lane-wise arithmetic that LLVM widens to four f64 lanes under AVX2.
+/// Runs `f` compiled for AVX-512 (F, VL) or AVX2 when the CPU has them, else for baseline
+/// x86-64: the hot loops are plain lane-wise arithmetic that LLVM widens to the vector width.
+/// The AVX-512 tier enables no FMA here, so LLVM emits the same IEEE operations in the same
+/// order and every tier gives bit-identical results (only `fast_exp_fma` kernels differ).
 #[inline(always)]
 pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -228,7 +261,12 @@ pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
         f()
     }
-    simd_dispatch!(avx2: avx2(f), portable: f())
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2")]
+    unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    simd_dispatch!(avx512: avx512(f), avx2: avx2(f), portable: f())
 }
 
 /// Independent accumulators of the f64 lane sums (four: one AVX2 vector).

@@ -84,7 +84,6 @@ pub struct CertScratch {
     bl: Vec<f64>,
     bzs: Vec<f64>,
     bq: Vec<f64>,
-    bqt: Vec<f64>,
     bd: Vec<f64>,
     tail: Vec<f64>,
     // Per expert, per grid point: K1, K2 intervals.
@@ -99,8 +98,8 @@ pub struct CertScratch {
 impl CertScratch {
     pub(crate) fn heap_bytes(&self) -> usize {
         let f = [
-            &self.sp, &self.sd, &self.bp, &self.bl, &self.bzs, &self.bq, &self.bqt, &self.bd,
-            &self.tail, &self.w, &self.e, &self.x,
+            &self.sp, &self.sd, &self.bp, &self.bl, &self.bzs, &self.bq, &self.bd, &self.tail,
+            &self.w, &self.e, &self.x,
         ];
         f.iter().map(|v| v.capacity() * 8).sum::<usize>()
             + (self.k1.capacity() + self.k2.capacity()) * 16
@@ -128,19 +127,15 @@ struct Summary {
     target_scale: Vec<f64>,
 }
 
+/// Largest value of a row (the validated rows have no NaN).
 fn row_max(z: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let ch = z.chunks_exact(8);
-    let rest = ch.remainder();
-    for c in ch {
-        for l in 0..8 {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-        }
-    }
-    for &x in rest {
-        m[0] = m[0].max(x);
-    }
-    m.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    let mut m = f32::NEG_INFINITY;
+    simd_dispatch!(
+        avx512: kernels::avx512_max(z, &mut m),
+        avx2: kernels::avx2_max(z, &mut m),
+        portable: kernels::max(z, &mut m),
+    );
+    m
 }
 
 /// Lane sums over a block: LANES independent accumulators (vectorisable, fixed order).
@@ -187,7 +182,6 @@ fn summarize(
         &mut sc.bl,
         &mut sc.bzs,
         &mut sc.bq,
-        &mut sc.bqt,
         &mut sc.tail,
     ] {
         b.resize(BLOCK, 0.0);
@@ -213,12 +207,11 @@ fn summarize(
     let mut j0 = 0;
     while j0 < v {
         let len = BLOCK.min(v - j0);
-        let (bp, bl, bzs, bq, bqt, tail) = (
+        let (bp, bl, bzs, bq, tail) = (
             &mut sc.bp[..len],
             &mut sc.bl[..len],
             &mut sc.bzs[..len],
             &mut sc.bq[..len],
-            &mut sc.bqt[..len],
             &mut sc.tail[..len],
         );
         // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
@@ -240,9 +233,9 @@ fn summarize(
             let zt = &e.z[j0..j0 + len];
             let sums = &mut sums[t];
             simd_dispatch!(
-                avx512: kernels::avx512_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
-            avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
-                portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bqt, bq, bp, bl, tail, delta, sums),
+                avx512: kernels::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+            avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
             );
         }
         for t in 0..n_t {
@@ -256,7 +249,8 @@ fn summarize(
         // Most chunks of 8 tokens are all tail: test them without a branch per token.
         for k0 in (0..len).step_by(8) {
             let k1 = (k0 + 8).min(len);
-            if tail[k0..k1].iter().fold(0.0, |s, &m| s + m) == 0.0 {
+            // Counts are +0.0 or >= 1: a chunk is all tail when the bits of every count are 0.
+            if tail[k0..k1].iter().fold(0u64, |s, &m| s | m.to_bits()) == 0 {
                 continue;
             }
             for k in k0..k1 {
@@ -362,6 +356,25 @@ mod kernels {
         };
     }
 
+    mod max_k {
+        use super::*;
+        twice!(max, avx2_max, avx512_max, fn (z: &[f32], out: &mut f32) {
+            let mut m = [f32::NEG_INFINITY; 16];
+            let ch = z.chunks_exact(16);
+            let rest = ch.remainder();
+            for c in ch {
+                for l in 0..16 {
+                    m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+                }
+            }
+            for &x in rest {
+                m[0] = m[0].max(x);
+            }
+            *out = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        });
+    }
+    pub(super) use max_k::{avx2_max, avx512_max, max};
+
     mod large_k {
         use super::*;
         twice!(large, avx2_large, avx512_large, fn (
@@ -393,46 +406,47 @@ mod kernels {
     mod expert_k {
         use super::*;
         twice!(expert, avx2_expert, avx512_expert, fn (
-            zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], qt: &mut [f64], q: &[f64],
+            zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], q: &[f64],
             p: &[f64], lp: &[f64], tail: &mut [f64], delta: f64, sums: &mut ExpertSums,
         ) {
-            for (((dd, e), &x), &s) in d.iter_mut().zip(qt.iter_mut()).zip(zt).zip(zs) {
-                let x = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
-                *dd = x - s;
-                *e = X::exp(x - mt);
-            }
-            // An add on every token, not a conditional store (which LLVM turns into a slow
-            // masked store).
-            for (m, &dd) in tail.iter_mut().zip(d.iter()) {
-                *m += if dd.abs() <= delta { 0.0 } else { 1.0 };
-            }
+            // One loop over the block (d is kept for the moments and the support; q_t is only
+            // summed), in LANES-wide chunks so that every sum is a vector accumulator.
             let ExpertSums { acc, amax, amax_all } = sums;
             let n = d.len();
             let full = n / LANES * LANES;
-            let mut lane = |l: usize, qt: f64, d: f64, q: f64, p: f64, lp: f64| {
+            let mut lane = |l: usize, x: f32, s: f64, dd: &mut f64, m: &mut f64, q: f64, p: f64, lp: f64| {
+                let x = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
+                let d = x - s;
+                *dd = d;
+                let qt = X::exp(x - mt);
+                let ad = d.abs();
+                // An add on every token, not a conditional store (which LLVM turns into a slow
+                // masked store).
+                *m += if ad <= delta { 0.0 } else { 1.0 };
                 acc[0][l] += qt;
                 acc[1][l] += qt * d;
                 acc[2][l] += q * d;
                 acc[3][l] += p * d;
-                let ad = d.abs();
                 acc[4][l] += p * ad;
                 let live = if lp > f64::NEG_INFINITY { ad } else { 0.0 };
                 amax[l] = if live > amax[l] { live } else { amax[l] };
                 amax_all[l] = if ad > amax_all[l] { ad } else { amax_all[l] };
             };
-            let ch = qt[..full]
+            let ch = zt[..full]
                 .chunks_exact(LANES)
-                .zip(d[..full].chunks_exact(LANES))
+                .zip(zs[..full].chunks_exact(LANES))
+                .zip(d[..full].chunks_exact_mut(LANES))
+                .zip(tail[..full].chunks_exact_mut(LANES))
                 .zip(q[..full].chunks_exact(LANES))
                 .zip(p[..full].chunks_exact(LANES))
                 .zip(lp[..full].chunks_exact(LANES));
-            for ((((qt4, d4), q4), p4), lp4) in ch {
+            for ((((((x8, s8), d8), m8), q8), p8), lp8) in ch {
                 for l in 0..LANES {
-                    lane(l, qt4[l], d4[l], q4[l], p4[l], lp4[l]);
+                    lane(l, x8[l], s8[l], &mut d8[l], &mut m8[l], q8[l], p8[l], lp8[l]);
                 }
             }
             for k in full..n {
-                lane(k - full, qt[k], d[k], q[k], p[k], lp[k]);
+                lane(k - full, zt[k], zs[k], &mut d[k], &mut tail[k], q[k], p[k], lp[k]);
             }
         });
     }
@@ -512,6 +526,20 @@ mod kernels {
         });
     }
     pub(super) use lattice_k::{avx2_lattice, avx512_lattice, lattice};
+
+    mod lattice_start_k {
+        use super::*;
+        // The support's lattice at its first grid point: w = p e^{a_0 d}, e = e^{h d}.
+        twice!(lattice_start, avx2_lattice_start, avx512_lattice_start, fn (
+            lp: &[f64], x: &[f64], a0: f64, h: f64, w: &mut [f64], e: &mut [f64],
+        ) {
+            for (((w, e), &lp), &d) in w.iter_mut().zip(e.iter_mut()).zip(lp).zip(x) {
+                *w = X::exp(lp + a0 * d);
+                *e = X::exp(h * d);
+            }
+        });
+    }
+    pub(super) use lattice_start_k::{avx2_lattice_start, avx512_lattice_start, lattice_start};
 
     mod full_k {
         use super::*;
@@ -778,16 +806,17 @@ fn kl_bounds(
     // Lattice over the support: x = d, w = p e^{a_0 d}, advanced by e^{h d} per grid point.
     sc.x.clear();
     sc.x.extend((0..n_sup).map(|k| sc.sd[k * n_t + t]));
-    sc.w.clear();
-    sc.e.clear();
+    sc.w.resize(n_sup, 0.0);
+    sc.e.resize(n_sup, 0.0);
     let h = cfg.grid_step;
-    for k in 0..n_sup {
-        let d = sc.x[k];
-        sc.w.push(fast_exp(sc.sp[k] + cfg.alpha_min * d));
-        sc.e.push(fast_exp(h * d));
-    }
-    // A lattice weight at point i carries i products by e^{hd} (each with fast_exp's < 4e-16 and
-    // one rounding), the sums n_sup roundings.
+    let (lp, x, w, e) = (&sc.sp[..n_sup], &sc.x[..], &mut sc.w[..], &mut sc.e[..]);
+    simd_dispatch!(
+        avx512: kernels::avx512_lattice_start(lp, x, cfg.alpha_min, h, w, e),
+        avx2: kernels::avx2_lattice_start(lp, x, cfg.alpha_min, h, w, e),
+        portable: kernels::lattice_start(lp, x, cfg.alpha_min, h, w, e),
+    );
+    // A lattice weight at point i carries i products by e^{hd} (each with the exponential's
+    // < 6e-16 and one rounding), the sums n_sup roundings.
     let sup_r = |i: usize| (n_sup as f64 + 8.0) * EPS * 1.01 + (i as f64 + 2.0) * 6e-16 + 2e-15;
     let fact = |k: usize| (1..=k).map(|x| x as f64).product::<f64>();
     for i in 0..n_pts {

@@ -1,0 +1,102 @@
+"""The kernels' instruction tiers give the same answers (rust/numerics: `DLF_RS_SIMD`).
+
+Each tier runs in its own process (the tier is fixed once per process). Portable and AVX2
+perform the same IEEE operations in the same order: every output is bit-identical. The AVX-512
+tier widens the same code (bit-identical too) except the certified summary pass, whose
+exponentials use fused multiply-adds: there the weights, tokens and flags of the certificate
+must still be identical, and the reported KLs/loss equal to float32 precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+SCRIPT = r"""
+import sys, json
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+import dlf_rs
+from dlf_rs import _core
+from reference import zipf_logits
+
+rng = np.random.default_rng(11)
+out = {"tier": _core.SIMD_TIER}
+cases = {}
+for t in (1, 3):
+    cases[f"zipf{t}"] = zipf_logits(rng, 4, 32000, t)
+cases["zipf_masked"] = zipf_logits(rng, 4, 32000, 2, neg_inf_frac=0.05)
+large = rng.standard_normal((4, 2000)).astype(np.float32)
+small = (large + 0.5 * rng.standard_normal((4, 2000))).astype(np.float32)
+cases["flat"] = (large, small, (small + 0.8 * rng.standard_normal((2, 4, 2000))).astype(np.float32))
+fields = ("tokens", "alphas", "active", "certified", "fallback", "loss", "kl_fused_large",
+          "kl_large_fused", "kl_expert_small", "kl_small_expert")
+runs = {
+    "default": {},
+    "full": {"support_k": 10**6},
+    "exact": {"solver": "exact"},
+    "own": {"multi_expert": "own-terms"},
+    "static": {"alpha": 0.7},
+    "sampled": {"temperature": 0.9, "top_p": 0.9},
+}
+for cname, (l, s, e) in cases.items():
+    for rname, kw in runs.items():
+        r = dlf_rs.fuse_step(l, s, list(e), seed=5, **kw)
+        out[f"{cname}/{rname}"] = {f: np.asarray(getattr(r, f)).tolist() for f in fields}
+    fused = dlf_rs.fuse_logits(l, s, list(e), [0.3] * len(e))
+    out[f"{cname}/fuse_logits"] = {"logits": fused.view(np.uint32).tolist()}
+print(json.dumps(out))
+"""
+
+EXACT = ("tokens", "alphas", "active", "certified", "fallback")
+
+
+def run_tier(tier: str) -> dict:
+    env = {**os.environ, "DLF_RS_SIMD": tier}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "x", str(HERE)],
+        env=env, capture_output=True, text=True, check=True, timeout=300,
+    )
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def tiers() -> dict[str, dict]:
+    return {t: run_tier(t) for t in ("portable", "avx2", "avx512")}
+
+
+def test_portable_and_avx2_are_bit_identical(tiers):
+    a, b = tiers["portable"], tiers["avx2"]
+    assert a["tier"] == "portable"
+    for key in a:
+        if key != "tier":
+            assert a[key] == b[key], key
+
+
+def test_avx512_tier_gives_the_same_weights_and_tokens(tiers):
+    a, b = tiers["avx2"], tiers["avx512"]
+    if b["tier"] != "avx512":
+        pytest.skip("this CPU has no AVX-512 (F, VL) with FMA")
+    for key in a:
+        if key == "tier":
+            continue
+        for field, va in a[key].items():
+            vb = b[key][field]
+            if field in EXACT or field == "logits" or "/full" in key or "/static" in key:
+                # Outside the certified pass every tier runs the same operations.
+                assert va == vb, (key, field)
+            else:
+                np.testing.assert_allclose(
+                    np.asarray(vb, dtype=np.float64), np.asarray(va, dtype=np.float64),
+                    rtol=2e-6, atol=1e-9, err_msg=f"{key} {field}",
+                )
+    # The certified path was exercised (else this compares two full scans).
+    assert any(any(v["certified"]) for k, v in b.items() if k.endswith("/default"))
