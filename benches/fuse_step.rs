@@ -112,6 +112,109 @@ fn bench_fuse_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// What an exact answer cannot go below, on the issue-11 shapes, beside the default: reading
+/// every input logit once (a sum), and one f64 exponential of every input logit (the exact
+/// targets KL(Q_t||Q), KL(Q||Q_t) and Z need exp of every logit of every model), both over the
+/// rows in parallel as fuse_step runs them, on the best tier the CPU has.
+fn bench_floors(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let mut group = c.benchmark_group("floors");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    for &(b, n_t) in &[(8usize, 1usize), (32, 4)] {
+        let v = 32_000;
+        let fam = family(b, v, n_t);
+        let ex: Vec<&[f32]> = fam.experts.iter().map(|e| e.as_slice()).collect();
+        let mut arrays: Vec<&[f32]> = vec![&fam.large, &fam.small];
+        arrays.extend(ex.iter().copied());
+        let rows = |a: &[&[f32]], f: &(dyn Fn(&[f32]) -> f64 + Sync)| -> f64 {
+            (0..b)
+                .into_par_iter()
+                .map(|r| a.iter().map(|m| f(&m[r * v..(r + 1) * v])).sum::<f64>())
+                .sum()
+        };
+        let shape = format!("B{b}_V{v}_T{n_t}");
+        group.bench_function(BenchmarkId::new("read_once", &shape), |bch| {
+            bch.iter(|| rows(black_box(&arrays), &read_sum))
+        });
+        group.bench_function(BenchmarkId::new("exp_once_f64", &shape), |bch| {
+            bch.iter(|| rows(black_box(&arrays), &exp_sum))
+        });
+        let inputs = StepInputs {
+            large: &fam.large,
+            small: &fam.small,
+            experts: &ex,
+            batch: b,
+            vocab: v,
+        };
+        let w = Weights::Dynamic(SolverConfig::default());
+        group.bench_function(BenchmarkId::new("fuse_step_default", &shape), |bch| {
+            bch.iter(|| {
+                fuse_step(black_box(&inputs), &w, &Sampling::default(), &Seeds::One(0)).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+/// sum z in sixteen f32 lanes (as numpy sums float32), vectorised.
+fn read_sum(z: &[f32]) -> f64 {
+    dlf_rs::numerics::with_simd(
+        #[inline(always)]
+        || {
+            let mut acc = [0.0f32; 16];
+            let ch = z.chunks_exact(16);
+            let rest = ch.remainder();
+            for c in ch {
+                for l in 0..16 {
+                    acc[l] += c[l];
+                }
+            }
+            (acc.iter().sum::<f32>() + rest.iter().sum::<f32>()) as f64
+        },
+    )
+}
+
+/// sum exp(z - 1) in f64 with the crate's fastest exponential for this CPU.
+fn exp_sum(z: &[f32]) -> f64 {
+    #[inline(always)]
+    fn body<X: dlf_rs::numerics::Exp>(z: &[f32]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let ch = z.chunks_exact(8);
+        let rest = ch.remainder();
+        for c in ch {
+            for l in 0..8 {
+                acc[l] += X::exp(c[l] as f64 - 1.0);
+            }
+        }
+        acc.iter().sum::<f64>() + rest.iter().map(|&x| X::exp(x as f64 - 1.0)).sum::<f64>()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+    unsafe fn avx512(z: &[f32]) -> f64 {
+        body::<dlf_rs::numerics::Fused>(z)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(z: &[f32]) -> f64 {
+        body::<dlf_rs::numerics::Plain>(z)
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if dlf_rs::numerics::has_avx512() {
+            // SAFETY: the features were detected at run time.
+            return unsafe { avx512(z) };
+        }
+        if dlf_rs::numerics::has_avx2() {
+            // SAFETY: as above.
+            return unsafe { avx2(z) };
+        }
+    }
+    body::<dlf_rs::numerics::Plain>(z)
+}
+
 /// The same number of grid points (2001) on the plain lattice (alpha_min >= 0, narrow range) and
 /// on the restarted lattice (a negative lower bound, or a range so wide that weights could
 /// underflow): issue 14 asks the latter to cost at most a small multiple of the former.
@@ -153,5 +256,5 @@ fn bench_grid_ranges(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_grid_ranges, bench_fuse_step);
+criterion_group!(benches, bench_floors, bench_grid_ranges, bench_fuse_step);
 criterion_main!(benches);

@@ -102,26 +102,51 @@ fn entropy_seed() -> u64 {
 
 /// Greedy: the first index holding the maximum (NaN never reaches here: validated).
 pub fn argmax(z: &[f32]) -> usize {
+    if z.len() > u32::MAX as usize {
+        // Lane indices are u32; a row this long keeps the plain scan.
+        let mx = z
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        return z.iter().position(|&x| x == mx).unwrap_or(0);
+    }
     with_simd(
         #[inline(always)]
         || {
-            // Two vectorisable passes (eight-lane maximum, then the first index holding it) are
-            // several times faster than one branchy scan; ties still go to the lowest index.
-            let mut m = [f32::NEG_INFINITY; 8];
-            let chunks = z.chunks_exact(8);
+            // One vectorisable pass: per lane the maximum and the index where it first occurs
+            // (a strict > keeps the earliest), then the lowest index among the lanes holding the
+            // overall maximum; ties go to the lowest index, as a left-to-right scan would. (The
+            // search for the first index equal to the maximum cannot vectorise: it was as slow
+            // as the rest of the row's sampling.)
+            const W: usize = 16;
+            let mut m = [f32::NEG_INFINITY; W];
+            let mut id = [0u32; W];
+            let chunks = z.chunks_exact(W);
             let rest = chunks.remainder();
-            for c in chunks {
-                for l in 0..8 {
-                    m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+            let full = z.len() - rest.len();
+            for (ci, c) in chunks.enumerate() {
+                let base = (ci * W) as u32;
+                for l in 0..W {
+                    let gt = c[l] > m[l];
+                    m[l] = if gt { c[l] } else { m[l] };
+                    id[l] = if gt { base + l as u32 } else { id[l] };
                 }
             }
-            let mut mx = m
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-            for &x in rest {
-                mx = if x > mx { x } else { mx };
+            let (mut bv, mut bi) = (f32::NEG_INFINITY, usize::MAX);
+            for l in 0..W {
+                if m[l] > bv || (m[l] == bv && (id[l] as usize) < bi) {
+                    (bv, bi) = (m[l], id[l] as usize);
+                }
             }
-            z.iter().position(|&x| x == mx).unwrap_or(0)
+            for (j, &x) in rest.iter().enumerate() {
+                if x > bv || (x == bv && full + j < bi) {
+                    (bv, bi) = (x, full + j);
+                }
+            }
+            if bi == usize::MAX {
+                0
+            } else {
+                bi
+            }
         },
     )
 }
@@ -296,6 +321,33 @@ mod tests {
         assert_eq!(kept(&z, smp(0.5, 0, 1.0, 0.2)), vec![1]);
         // order: top-k first, then top-p over the renormalised survivors
         assert_eq!(kept(&z, smp(1.0, 3, 0.6, 0.0)), vec![1, 2]);
+    }
+
+    #[test]
+    fn argmax_is_the_first_maximum_of_a_plain_scan() {
+        // Rows of every length around the 16-lane chunks, with many ties and -inf.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in (0..70).chain([1000, 1023, 32_000]) {
+            for _ in 0..20 {
+                let z: Vec<f32> = (0..len)
+                    .map(|_| match next() % 5 {
+                        0 => f32::NEG_INFINITY,
+                        k => (k % 3) as f32,
+                    })
+                    .collect();
+                let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let want = z.iter().position(|&x| x == mx).unwrap_or(0);
+                assert_eq!(argmax(&z), want, "{z:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

@@ -43,18 +43,20 @@ const ORDER: usize = 8;
 const _: () = assert!(ORDER == 8);
 /// Tokens per block of the summary pass (the block's d values stay in L1).
 const BLOCK: usize = 512;
-/// The summary gives up (full scan) once the support passes this fraction of the vocabulary:
-/// such a row gains little, and giving up early bounds the cost of a fallback to a few percent
-/// of the full scan (rows with real fine-tuned experts, whose |d| is large on most tokens, end
-/// here; see /work/notes/solver-status.md).
-const MAX_SUPPORT_FRACTION: f64 = 1.0 / 16.0;
+/// The summary gives up (full scan) once the support passes this fraction of the vocabulary, or
+/// is on course for 1.5 times it after an eighth of the row (`summarize`). The support's lattice
+/// costs about what the full scan costs per token, so a quarter of the vocabulary still gains
+/// (experts that move 2% of tokens each, T = 4: 9 ms against 29 ms for the full scan at B = 32);
+/// rows of real fine-tuned experts, whose |d| is large on most tokens, give up after an eighth.
+const MAX_SUPPORT_FRACTION: f64 = 1.0 / 4.0;
 /// Unit roundoff of f64.
 const EPS: f64 = f64::EPSILON / 2.0;
 
 /// Why a row was not certified (the caller then runs the full computation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallback {
-    /// More than a quarter of the vocabulary has |d| > delta (flat or unrelated rows).
+    /// Too much of the vocabulary has |d| > delta (`MAX_SUPPORT_FRACTION`: flat or unrelated
+    /// rows, real fine-tunes).
     Support,
     /// |a| max|d| too large for the bounds' exponentials to stay inside f64.
     Range,
@@ -262,11 +264,16 @@ fn summarize(
                 }
             }
         }
-        if sc.sp.len() > max_sup {
+        j0 += len;
+        // Give up as soon as the support passes the cap, or, from an eighth of the row on, once
+        // it is on course for 1.5 times the cap (token ids carry no order, so the share seen so
+        // far predicts the rest): a row that cannot be certified then costs an eighth of a pass
+        // more than the full scan instead of most of one. Only speed depends on this.
+        let projected = sc.sp.len() as f64 * v as f64 / j0 as f64;
+        if sc.sp.len() > max_sup || (8 * j0 >= v && projected > 1.5 * max_sup as f64) {
             too_big = true;
             break;
         }
-        j0 += len;
     }
     for (t, sm) in sums.iter().enumerate() {
         qtsum[t] = sm.acc[0];
@@ -541,6 +548,25 @@ mod kernels {
     }
     pub(super) use lattice_start_k::{avx2_lattice_start, avx512_lattice_start, lattice_start};
 
+    mod cgf_support_k {
+        use super::*;
+        // The exact solver's surrogate over the support: sums of w d^r, r = 0..3, w = p e^{a d}.
+        twice!(cgf_support, avx2_cgf_support, avx512_cgf_support, fn (
+            sp: &[f64], sd: &[f64], n_t: usize, t: usize, a: f64, acc: &mut [[f64; LANES]; 4],
+        ) {
+            for (k, &lp) in sp.iter().enumerate() {
+                let d = sd[k * n_t + t];
+                let w = X::exp(lp + a * d);
+                let l = k % LANES;
+                acc[0][l] += w;
+                acc[1][l] += w * d;
+                acc[2][l] += w * d * d;
+                acc[3][l] += w * d * d * d;
+            }
+        });
+    }
+    pub(super) use cgf_support_k::{avx2_cgf_support, avx512_cgf_support, cgf_support};
+
     mod full_k {
         use super::*;
         twice!(full, avx2_full, avx512_full, fn (
@@ -609,15 +635,13 @@ fn full_kls(
 /// needs; the answer is checked on the full vocabulary afterwards).
 fn surrogate_cgf(s: &Summary, sp: &[f64], sd: &[f64], t: usize, a: f64) -> (f64, f64, f64, f64) {
     let n_t = s.pd.len();
-    let mut m = [0.0f64; 4];
-    for (k, &lp) in sp.iter().enumerate() {
-        let d = sd[k * n_t + t];
-        let w = fast_exp(lp + a * d);
-        m[0] += w;
-        m[1] += w * d;
-        m[2] += w * d * d;
-        m[3] += w * d * d * d;
-    }
+    let mut acc = [[0.0f64; LANES]; 4];
+    simd_dispatch!(
+        avx512: kernels::avx512_cgf_support(sp, sd, n_t, t, a, &mut acc),
+        avx2: kernels::avx2_cgf_support(sp, sd, n_t, t, a, &mut acc),
+        portable: kernels::cgf_support(sp, sd, n_t, t, a, &mut acc),
+    );
+    let mut m = acc.map(|x| total(&x));
     let mom = &s.mom[t];
     let mut apow = 1.0;
     let mut fact = 1.0;
