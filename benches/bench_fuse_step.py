@@ -51,15 +51,27 @@ def paper_grid_torch(large, small, experts, lo=0.0, hi=2.0, step=0.1):
     return grid[best // len(experts)], best % len(experts)
 
 
-def median_time(fn: Callable[[], object], repeats: int, budget_s: float = 4.0) -> float:
-    """Median of up to `repeats` timed calls after one warm-up; a call slower than 1 s is its own
-    warm-up and sample, and repeats stop once `budget_s` is spent (keeps the run under 2 min)."""
+def median_time(
+    fn: Callable[[], object], repeats: int, budget_s: float = 4.0, min_s: float = 0.5
+) -> float:
+    """Median of the timed calls after a warm-up of at least 0.3 s (one call when a call is
+    slower than that): on this machine a core coming out of idle runs the first milliseconds
+    at a fraction of its speed, which one warm-up call does not cover and which made short
+    calls read up to 2x slow. Samples: at least `repeats` and at least `min_s` seconds of calls,
+    stopping once `budget_s` is spent; a call slower than 1 s is its own warm-up and sample."""
     t = time.perf_counter()
     fn()
     first = time.perf_counter() - t
-    times: list[float] = [first] if first > 1.0 else []
+    if first > 1.0:
+        times: list[float] = [first]
+    else:
+        times = []
+        while time.perf_counter() - t < 0.3:
+            fn()
     start = time.perf_counter()
-    while len(times) < repeats and (time.perf_counter() - start < budget_s or not times):
+    while (len(times) < repeats or time.perf_counter() - start < min_s) and (
+        time.perf_counter() - start < budget_s or not times
+    ):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -142,8 +154,9 @@ def certified_rates(n_rows: int = 64, vocab: int = 32000) -> None:
         for name, (lg, sm, ex) in (("Zipf", zipf), ("flat Gaussian", (large, small, flat_e))):
             r = dlf_rs.fuse_step(lg, sm, list(ex))
             # What the attempt costs (or saves) against the plain full scan on the same rows.
-            t_def = median_time(lambda: dlf_rs.fuse_step(lg, sm, list(ex)), 5)
-            t_full = median_time(lambda: dlf_rs.fuse_step(lg, sm, list(ex), support_k=vocab), 5)
+            args = (lg, sm, list(ex))
+            t_def = median_time(lambda a=args: dlf_rs.fuse_step(*a), 5)
+            t_full = median_time(lambda a=args: dlf_rs.fuse_step(*a, support_k=vocab), 5)
             print(f"  T={n_exp} {name:14s} certified {r.certified.mean():6.1%}  fallback "
                   f"{r.fallback.mean():6.1%}  default {t_def * 1e3:7.2f} ms, full scan "
                   f"{t_full * 1e3:7.2f} ms ({t_def / t_full:.2f}x)")
