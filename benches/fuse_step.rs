@@ -43,6 +43,22 @@ struct Family {
     experts: Vec<Vec<f32>>,
 }
 
+impl Family {
+    fn expert_rows(&self) -> Vec<&[f32]> {
+        self.experts.iter().map(|e| e.as_slice()).collect()
+    }
+
+    fn inputs<'a>(&'a self, ex: &'a [&'a [f32]], b: usize, v: usize) -> StepInputs<'a> {
+        StepInputs {
+            large: &self.large,
+            small: &self.small,
+            experts: ex,
+            batch: b,
+            vocab: v,
+        }
+    }
+}
+
 fn family(b: usize, v: usize, n_t: usize) -> Family {
     let mut rng = XorShift(0x5eed_1234_abcd_0001);
     let large = zipf_rows(&mut rng, b, v);
@@ -78,14 +94,8 @@ fn bench_fuse_step(c: &mut Criterion) {
         for &b in &[1usize, 8, 32] {
             for &n_t in &[1usize, 4] {
                 let fam = family(b, v, n_t);
-                let ex: Vec<&[f32]> = fam.experts.iter().map(|e| e.as_slice()).collect();
-                let inputs = StepInputs {
-                    large: &fam.large,
-                    small: &fam.small,
-                    experts: &ex,
-                    batch: b,
-                    vocab: v,
-                };
+                let ex = fam.expert_rows();
+                let inputs = fam.inputs(&ex, b, v);
                 let mut configs = vec![("grid_full", SolverKind::Grid, None)];
                 configs.push(("grid_k256", SolverKind::Grid, Some(256)));
                 if b == 8 {
@@ -126,7 +136,7 @@ fn bench_floors(c: &mut Criterion) {
     for &(b, n_t) in &[(8usize, 1usize), (32, 4)] {
         let v = 32_000;
         let fam = family(b, v, n_t);
-        let ex: Vec<&[f32]> = fam.experts.iter().map(|e| e.as_slice()).collect();
+        let ex = fam.expert_rows();
         let mut arrays: Vec<&[f32]> = vec![&fam.large, &fam.small];
         arrays.extend(ex.iter().copied());
         let rows = |a: &[&[f32]], f: &(dyn Fn(&[f32]) -> f64 + Sync)| -> f64 {
@@ -142,13 +152,7 @@ fn bench_floors(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("exp_once_f64", &shape), |bch| {
             bch.iter(|| rows(black_box(&arrays), &exp_sum))
         });
-        let inputs = StepInputs {
-            large: &fam.large,
-            small: &fam.small,
-            experts: &ex,
-            batch: b,
-            vocab: v,
-        };
+        let inputs = fam.inputs(&ex, b, v);
         let w = Weights::Dynamic(SolverConfig::default());
         group.bench_function(BenchmarkId::new("fuse_step_default", &shape), |bch| {
             bch.iter(|| {
@@ -226,14 +230,8 @@ fn bench_grid_ranges(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     let (b, v, n_t) = (8usize, 32_000usize, 1usize);
     let fam = family(b, v, n_t);
-    let ex: Vec<&[f32]> = fam.experts.iter().map(|e| e.as_slice()).collect();
-    let inputs = StepInputs {
-        large: &fam.large,
-        small: &fam.small,
-        experts: &ex,
-        batch: b,
-        vocab: v,
-    };
+    let ex = fam.expert_rows();
+    let inputs = fam.inputs(&ex, b, v);
     for (name, lo, hi, step) in [
         ("plain_0_2_step0.001", 0.0, 2.0, 0.001),
         ("restarted_-1_1_step0.001", -1.0, 1.0, 0.001),

@@ -1,5 +1,5 @@
 //! Numerical building blocks shared by every stage: vectorisable exponentials, lane sums, and THE
-//! one SIMD dispatch of the crate (`has_avx2` + `simd_dispatch!`, with `with_simd` for
+//! one SIMD dispatch of the crate (`tier` + `simd_dispatch!`, with `with_simd` for
 //! auto-vectorised closures). Hand-written AVX2 kernels for the passes over every logit are in
 //! `passes`; the grid's lattice kernel (in `solver::grid`) dispatches through the same macro.
 //!
@@ -70,8 +70,9 @@ pub fn has_avx512() -> bool {
 }
 
 /// `simd_dispatch!(avx2: unsafe_expr, portable: expr)`: evaluates the first (an AVX2
-/// `#[target_feature]` call) when `has_avx2()`, else the second. The single dispatch used by every
-/// kernel of the crate.
+/// `#[target_feature]` call) when `has_avx2()`, else the second. With a leading
+/// `avx512: unsafe_expr` arm, that one runs first when `has_avx512()`. The single dispatch used by
+/// every kernel of the crate.
 macro_rules! simd_dispatch {
     (avx2: $avx2:expr, portable: $portable:expr $(,)?) => {{
         #[cfg(target_arch = "x86_64")]
@@ -325,38 +326,34 @@ pub fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fast_exp_matches_std() {
-        // A dense sweep: the certificate's rounding slack (solver::certified) relies on this
-        // bound (6e-16 including std's own rounding); the worst seen is 4.75e-16.
+    /// A dense sweep against std: the certificate's rounding slack (solver::certified) relies
+    /// on this bound (6e-16 including std's own rounding); the worst seen is 4.75e-16.
+    fn assert_matches_std(f: fn(f64) -> f64) {
         let mut x: f64 = -708.0;
         while x < 709.0 {
-            let (e, f) = (x.exp(), fast_exp(x));
-            assert!(((f - e) / e).abs() < 5e-16, "x={x} f={f} e={e}");
+            let (e, got) = (x.exp(), f(x));
+            assert!(((got - e) / e).abs() < 5e-16, "x={x} f={got} e={e}");
             x += 0.000_37;
         }
         let mut x: f64 = -745.0;
         while x < -708.0 {
-            assert_eq!(fast_exp(x), 0.0);
+            assert_eq!(f(x), 0.0);
             x += 0.0137;
         }
-        assert_eq!(fast_exp(f64::NEG_INFINITY), 0.0);
-        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(f(f64::NEG_INFINITY), 0.0);
+        assert_eq!(f(0.0), 1.0);
+    }
+
+    #[test]
+    fn fast_exp_matches_std() {
+        assert_matches_std(fast_exp);
     }
 
     #[test]
     fn fast_exp_fma_matches_std() {
         // mul_add is exact wherever it runs (a library call without the fma feature), so this
         // checks the same values the AVX-512 tier computes.
-        let mut x: f64 = -708.0;
-        while x < 709.0 {
-            let (e, f) = (x.exp(), fast_exp_fma(x));
-            assert!(((f - e) / e).abs() < 5e-16, "x={x} f={f} e={e}");
-            x += 0.000_37;
-        }
-        assert_eq!(fast_exp_fma(-709.0), 0.0);
-        assert_eq!(fast_exp_fma(f64::NEG_INFINITY), 0.0);
-        assert_eq!(fast_exp_fma(0.0), 1.0);
+        assert_matches_std(fast_exp_fma);
     }
 
     #[test]
