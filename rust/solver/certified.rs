@@ -3,7 +3,8 @@
 //!
 //! Over 500 lines on purpose: the pass, the interval bounds and the decision are one proof
 //! whose invariants (what the summary holds, which slack covers which rounding) must be read
-//! together; its tests are in `step/certified_tests.rs`.
+//! together, and the pass's kernels (module `kernels`, each compiled for the portable, AVX2 and
+//! AVX-512 tiers) are its loops; its tests are in `step/certified_tests.rs`.
 //!
 //! Flow for one row: `summarize` makes one blocked pass over every logit of the row (after
 //! `validate`'s scan) and keeps (1) the exact targets KL(Q_t||Q), KL(Q||Q_t); (2) the exact
