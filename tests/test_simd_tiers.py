@@ -100,3 +100,19 @@ def test_avx512_tier_gives_the_same_weights_and_tokens(tiers):
                 )
     # The certified path was exercised (else this compares two full scans).
     assert any(any(v["certified"]) for k, v in b.items() if k.endswith("/default"))
+
+
+def test_the_cap_is_read_case_blind_and_a_bad_value_is_named() -> None:
+    def tier(value: str) -> subprocess.CompletedProcess[str]:
+        code = "import dlf_rs; print(dlf_rs._core.SIMD_TIER)"
+        env = {**os.environ, "DLF_RS_SIMD": value}
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+
+    best = tier("avx512").stdout.strip()
+    assert tier(" AVX2 ").stdout.strip() in {"avx2", "portable"}
+    assert tier("Portable").stdout.strip() == "portable"
+    bad = tier("sse4")
+    assert bad.stdout.strip() == best
+    assert "DLF_RS_SIMD" in bad.stderr and "'sse4'" not in bad.stderr and '"sse4"' in bad.stderr

@@ -28,10 +28,19 @@ pub enum Tier {
 pub fn tier() -> Tier {
     static TIER: std::sync::OnceLock<Tier> = std::sync::OnceLock::new();
     *TIER.get_or_init(|| {
-        let cap = match std::env::var("DLF_RS_SIMD").as_deref() {
-            Ok("portable") => Tier::Portable,
-            Ok("avx2") => Tier::Avx2,
-            _ => Tier::Avx512,
+        let var = std::env::var("DLF_RS_SIMD").unwrap_or_default();
+        let cap = match var.trim().to_ascii_lowercase().as_str() {
+            "portable" => Tier::Portable,
+            "avx2" => Tier::Avx2,
+            "" | "avx512" => Tier::Avx512,
+            other => {
+                // Read once per process, outside any call that could return an error.
+                eprintln!(
+                    "dlf_rs: DLF_RS_SIMD: expected portable, avx2 or avx512, got {other:?}; \
+                     using the CPU's best tier"
+                );
+                Tier::Avx512
+            }
         };
         cpu_tier().min(cap)
     })
