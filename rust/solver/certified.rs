@@ -89,6 +89,8 @@ pub struct CertScratch {
     bq: Vec<f64>,
     bd: Vec<f64>,
     tail: Vec<f64>,
+    /// The block's support positions (`kernels::outside`).
+    idx: Vec<u32>,
     // Per expert, per grid point: K1, K2 intervals.
     k1: Vec<(f64, f64)>,
     k2: Vec<(f64, f64)>,
@@ -106,6 +108,7 @@ impl CertScratch {
         ];
         f.iter().map(|v| v.capacity() * 8).sum::<usize>()
             + (self.k1.capacity() + self.k2.capacity()) * 16
+            + self.idx.capacity() * 4
     }
 }
 
@@ -249,20 +252,19 @@ fn summarize(
                 portable: kernels::moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
             );
         }
-        // Most chunks of 8 tokens are all tail: test them without a branch per token.
-        for k0 in (0..len).step_by(8) {
-            let k1 = (k0 + 8).min(len);
-            // Counts are +0.0 or >= 1: a chunk is all tail when the bits of every count are 0.
-            if tail[k0..k1].iter().fold(0u64, |s, &m| s | m.to_bits()) == 0 {
-                continue;
-            }
-            for k in k0..k1 {
-                if bl[k] > f64::NEG_INFINITY && tail[k] != 0.0 {
-                    sc.sp.push(bl[k]);
-                    for t in 0..n_t {
-                        sc.sd.push(sc.bd[t * BLOCK + k]);
-                    }
-                }
+        // The block's support tokens (possible, outside the tail), found eight at a time.
+        sc.idx.clear();
+        let idx = &mut sc.idx;
+        simd_dispatch!(
+            avx512: kernels::avx512_outside(tail, bl, idx),
+            avx2: kernels::avx2_outside(tail, bl, idx),
+            portable: kernels::outside(tail, bl, idx),
+        );
+        for &k in sc.idx.iter() {
+            let k = k as usize;
+            sc.sp.push(bl[k]);
+            for t in 0..n_t {
+                sc.sd.push(sc.bd[t * BLOCK + k]);
             }
         }
         j0 += len;
@@ -502,6 +504,38 @@ mod kernels {
         });
     }
     pub(super) use moments_k::{avx2_moments, avx512_moments, moments};
+
+    mod outside_k {
+        use super::*;
+        // Positions k with P > 0 outside the tail (count != 0), in order: a mask of eight
+        // tokens per compare, then its set bits (most chunks have none).
+        twice!(outside, avx2_outside, avx512_outside, fn (
+            tail: &[f64], lp: &[f64], idx: &mut Vec<u32>,
+        ) {
+            let n = tail.len().min(lp.len());
+            let full = n / 8 * 8;
+            let ch = tail[..full].chunks_exact(8).zip(lp[..full].chunks_exact(8));
+            for (ci, (t8, l8)) in ch.enumerate() {
+                // One byte per token (0 or 1), read as one u64: LLVM compares all eight in one
+                // vector instruction, where a shifted bit mask came out as scalar branches.
+                let mut b = [0u8; 8];
+                for l in 0..8 {
+                    b[l] = u8::from((t8[l] != 0.0) & (l8[l] > f64::NEG_INFINITY));
+                }
+                let mut m = u64::from_le_bytes(b);
+                while m != 0 {
+                    idx.push((ci * 8) as u32 + m.trailing_zeros() / 8);
+                    m &= m - 1;
+                }
+            }
+            for k in full..n {
+                if tail[k] != 0.0 && lp[k] > f64::NEG_INFINITY {
+                    idx.push(k as u32);
+                }
+            }
+        });
+    }
+    pub(super) use outside_k::{avx2_outside, avx512_outside, outside};
 
     mod lattice_k {
         use super::*;
