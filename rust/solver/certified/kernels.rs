@@ -1,0 +1,311 @@
+//! The summary pass's loops (`solver::certified`) as functions over slices, so that LLVM
+//! knows they do not alias and vectorises them. Each is compiled three times by `tiers!`:
+//! baseline x86-64 and AVX2 (the same operations in the same order: identical results) and
+//! AVX-512 with FMA (the `Fused` exponential; the proof's rounding slack covers the difference).
+//! They hold no logic of the certificate: what is summed, and why it bounds J, is in the parent.
+
+use super::{LANES, ORDER};
+use crate::numerics::{Exp, Fused, Plain};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ExpertSums {
+    /// Lane sums of q_t, q_t d, q d, p d, p |d|.
+    pub(super) acc: [[f64; LANES]; 5],
+    /// Largest |d| over tokens with P > 0, and over every token.
+    pub(super) amax: [f64; LANES],
+    pub(super) amax_all: [f64; LANES],
+}
+
+macro_rules! tiers {
+    ($plain:ident, $avx2:ident, $avx512:ident, fn ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        // X: the exponential (bodies without one ignore it).
+        #[allow(clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
+        #[inline(always)]
+        fn body<X: Exp>($($arg: $ty),*) $body
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $plain($($arg: $ty),*) {
+            body::<Plain>($($arg),*)
+        }
+        #[allow(clippy::too_many_arguments)]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        pub(crate) unsafe fn $avx2($($arg: $ty),*) {
+            body::<Plain>($($arg),*)
+        }
+        #[allow(clippy::too_many_arguments)]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+        pub(crate) unsafe fn $avx512($($arg: $ty),*) {
+            body::<Fused>($($arg),*)
+        }
+    };
+}
+
+mod max_k {
+    use super::*;
+    tiers!(max, avx2_max, avx512_max, fn (z: &[f32], out: &mut f32) {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let ch = z.chunks_exact(16);
+        let rest = ch.remainder();
+        for c in ch {
+            for l in 0..16 {
+                m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+            }
+        }
+        for &x in rest {
+            m[0] = m[0].max(x);
+        }
+        *out = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    });
+}
+pub(super) use max_k::{avx2_max, avx512_max, max};
+
+mod large_k {
+    use super::*;
+    tiers!(large, avx2_large, avx512_large, fn (
+        z: &[f32], ml: f64, lp: &mut [f64], p: &mut [f64], tail: &mut [f64], acc: &mut [f64; LANES],
+    ) {
+        for (((o, e), m), &x) in lp.iter_mut().zip(p.iter_mut()).zip(tail.iter_mut()).zip(z) {
+            *o = x as f64 - ml;
+            *e = X::exp(*o);
+            // Outside count, first part: 1 where z_L is -inf (the experts add theirs).
+            *m = if *o > f64::NEG_INFINITY { 0.0 } else { 1.0 };
+        }
+        super::super::lanes_add(acc, p);
+    });
+}
+pub(super) use large_k::{avx2_large, avx512_large, large};
+
+mod row_k {
+    use super::*;
+    tiers!(row, avx2_row, avx512_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
+        for ((o, q), &v) in x.iter_mut().zip(e.iter_mut()).zip(z) {
+            *o = (if v == f32::NEG_INFINITY { rep } else { v }) as f64;
+            *q = X::exp(*o - shift);
+        }
+        super::super::lanes_add(acc, e);
+    });
+}
+pub(super) use row_k::{avx2_row, avx512_row, row};
+
+mod expert_k {
+    use super::*;
+    tiers!(expert, avx2_expert, avx512_expert, fn (
+        zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], q: &[f64],
+        p: &[f64], lp: &[f64], tail: &mut [f64], delta: f64, sums: &mut ExpertSums,
+    ) {
+        // One loop over the block (d is kept for the moments and the support; q_t is only
+        // summed), in LANES-wide chunks so that every sum is a vector accumulator.
+        let ExpertSums { acc, amax, amax_all } = sums;
+        let n = d.len();
+        let full = n / LANES * LANES;
+        let mut lane = |l: usize, x: f32, s: f64, dd: &mut f64, m: &mut f64, q: f64, p: f64, lp: f64| {
+            let x = (if x == f32::NEG_INFINITY { rep } else { x }) as f64;
+            let d = x - s;
+            *dd = d;
+            let qt = X::exp(x - mt);
+            let ad = d.abs();
+            // An add on every token, not a conditional store (which LLVM turns into a slow
+            // masked store).
+            *m += if ad <= delta { 0.0 } else { 1.0 };
+            acc[0][l] += qt;
+            acc[1][l] += qt * d;
+            acc[2][l] += q * d;
+            acc[3][l] += p * d;
+            acc[4][l] += p * ad;
+            let live = if lp > f64::NEG_INFINITY { ad } else { 0.0 };
+            amax[l] = if live > amax[l] { live } else { amax[l] };
+            amax_all[l] = if ad > amax_all[l] { ad } else { amax_all[l] };
+        };
+        let ch = zt[..full]
+            .chunks_exact(LANES)
+            .zip(zs[..full].chunks_exact(LANES))
+            .zip(d[..full].chunks_exact_mut(LANES))
+            .zip(tail[..full].chunks_exact_mut(LANES))
+            .zip(q[..full].chunks_exact(LANES))
+            .zip(p[..full].chunks_exact(LANES))
+            .zip(lp[..full].chunks_exact(LANES));
+        for ((((((x8, s8), d8), m8), q8), p8), lp8) in ch {
+            for l in 0..LANES {
+                lane(l, x8[l], s8[l], &mut d8[l], &mut m8[l], q8[l], p8[l], lp8[l]);
+            }
+        }
+        for k in full..n {
+            lane(k - full, zt[k], zs[k], &mut d[k], &mut tail[k], q[k], p[k], lp[k]);
+        }
+    });
+}
+pub(super) use expert_k::{avx2_expert, avx512_expert, expert};
+
+mod moments_k {
+    use super::*;
+    tiers!(moments, avx2_moments, avx512_moments, fn (
+        tail: &[f64], d: &[f64], p: &[f64], mom: &mut [[f64; LANES]; ORDER + 1], tmax: &mut f64,
+    ) {
+        let n = d.len();
+        let full = n / LANES * LANES;
+        let mut amax = [0.0f64; LANES];
+        let mut lane = |l: usize, m: f64, d: f64, p: f64| {
+            // p d^j for j = 0..8 in a tree three multiplies deep (not a chain of eight).
+            let m = if m == 0.0 { 1.0 } else { 0.0 };
+            let w0 = m * p;
+            let d2 = d * d;
+            let d4 = d2 * d2;
+            let w1 = w0 * d;
+            let (w2, w3) = (w0 * d2, w1 * d2);
+            let (w4, w5, w6, w7) = (w0 * d4, w1 * d4, w2 * d4, w3 * d4);
+            let w8 = w4 * d4;
+            for (a, w) in mom.iter_mut().zip([w0, w1, w2, w3, w4, w5, w6, w7, w8]) {
+                a[l] += w;
+            }
+            let live = if m > 0.0 { d.abs() } else { 0.0 };
+            amax[l] = if live > amax[l] { live } else { amax[l] };
+        };
+        let ch = tail[..full]
+            .chunks_exact(LANES)
+            .zip(d[..full].chunks_exact(LANES))
+            .zip(p[..full].chunks_exact(LANES));
+        for ((m4, d4), p4) in ch {
+            for l in 0..LANES {
+                lane(l, m4[l], d4[l], p4[l]);
+            }
+        }
+        for k in full..n {
+            lane(k - full, tail[k], d[k], p[k]);
+        }
+        for m in amax {
+            *tmax = tmax.max(m);
+        }
+    });
+}
+pub(super) use moments_k::{avx2_moments, avx512_moments, moments};
+
+mod outside_k {
+    use super::*;
+    // Positions k with P > 0 outside the tail (count != 0), in order: a mask of eight
+    // tokens per compare, then its set bits (most chunks have none).
+    tiers!(outside, avx2_outside, avx512_outside, fn (
+        tail: &[f64], lp: &[f64], idx: &mut Vec<u32>,
+    ) {
+        let n = tail.len().min(lp.len());
+        let full = n / 8 * 8;
+        let ch = tail[..full].chunks_exact(8).zip(lp[..full].chunks_exact(8));
+        for (ci, (t8, l8)) in ch.enumerate() {
+            // One byte per token (0 or 1), read as one u64: LLVM compares all eight in one
+            // vector instruction, where a shifted bit mask came out as scalar branches.
+            let mut b = [0u8; 8];
+            for l in 0..8 {
+                b[l] = u8::from((t8[l] != 0.0) & (l8[l] > f64::NEG_INFINITY));
+            }
+            let mut m = u64::from_le_bytes(b);
+            while m != 0 {
+                idx.push((ci * 8) as u32 + m.trailing_zeros() / 8);
+                m &= m - 1;
+            }
+        }
+        for k in full..n {
+            if tail[k] != 0.0 && lp[k] > f64::NEG_INFINITY {
+                idx.push(k as u32);
+            }
+        }
+    });
+}
+pub(super) use outside_k::{avx2_outside, avx512_outside, outside};
+
+mod lattice_k {
+    use super::*;
+    // One grid point of the support's lattice: sums of w, w d, w |d| (token k in lane
+    // k % LANES), then w *= e^{h d} for the next point. No exponential: every tier computes
+    // the same values.
+    tiers!(lattice, avx2_lattice, avx512_lattice, fn (
+        w: &mut [f64], e: &[f64], x: &[f64], acc: &mut [[f64; LANES]; 3],
+    ) {
+        let n = w.len().min(e.len()).min(x.len());
+        let full = n / LANES * LANES;
+        let mut lane = |l: usize, w: &mut f64, e: f64, d: f64| {
+            acc[0][l] += *w;
+            acc[1][l] += *w * d;
+            acc[2][l] += *w * d.abs();
+            *w *= e;
+        };
+        let ch = w[..full]
+            .chunks_exact_mut(LANES)
+            .zip(e[..full].chunks_exact(LANES))
+            .zip(x[..full].chunks_exact(LANES));
+        for ((w8, e8), x8) in ch {
+            for l in 0..LANES {
+                lane(l, &mut w8[l], e8[l], x8[l]);
+            }
+        }
+        for k in full..n {
+            lane(k - full, &mut w[k], e[k], x[k]);
+        }
+    });
+}
+pub(super) use lattice_k::{avx2_lattice, avx512_lattice, lattice};
+
+mod lattice_start_k {
+    use super::*;
+    // The support's lattice at its first grid point: w = p e^{a_0 d}, e = e^{h d}.
+    tiers!(lattice_start, avx2_lattice_start, avx512_lattice_start, fn (
+        lp: &[f64], x: &[f64], a0: f64, h: f64, w: &mut [f64], e: &mut [f64],
+    ) {
+        for (((w, e), &lp), &d) in w.iter_mut().zip(e.iter_mut()).zip(lp).zip(x) {
+            *w = X::exp(lp + a0 * d);
+            *e = X::exp(h * d);
+        }
+    });
+}
+pub(super) use lattice_start_k::{avx2_lattice_start, avx512_lattice_start, lattice_start};
+
+mod cgf_support_k {
+    use super::*;
+    // The exact solver's surrogate over the support: sums of w d^r, r = 0..3, w = p e^{a d}.
+    tiers!(cgf_support, avx2_cgf_support, avx512_cgf_support, fn (
+        sp: &[f64], sd: &[f64], n_t: usize, t: usize, a: f64, acc: &mut [[f64; LANES]; 4],
+    ) {
+        for (k, &lp) in sp.iter().enumerate() {
+            let d = sd[k * n_t + t];
+            let w = X::exp(lp + a * d);
+            let l = k % LANES;
+            acc[0][l] += w;
+            acc[1][l] += w * d;
+            acc[2][l] += w * d * d;
+            acc[3][l] += w * d * d * d;
+        }
+    });
+}
+pub(super) use cgf_support_k::{avx2_cgf_support, avx512_cgf_support, cgf_support};
+
+mod full_k {
+    use super::*;
+    tiers!(full, avx2_full, avx512_full, fn (
+        zl: &[f32], zs: &[f32], zt: &[f32], reps: [f32; 2], ml: f64, a: f64,
+        acc: &mut [[f64; LANES]; 2],
+    ) {
+        let mut lane = |l: usize, zl: f32, zs: f32, zt: f32| {
+            let zs = (if zs == f32::NEG_INFINITY { reps[0] } else { zs }) as f64;
+            let zt = (if zt == f32::NEG_INFINITY { reps[1] } else { zt }) as f64;
+            let d = zt - zs;
+            // -inf + a d is -inf: an impossible token adds 0.
+            let w = X::exp(zl as f64 - ml + a * d);
+            acc[0][l] += w;
+            acc[1][l] += w * d;
+        };
+        let n = zl.len().min(zs.len()).min(zt.len());
+        let full = n / LANES * LANES;
+        let ch = zl[..full]
+            .chunks_exact(LANES)
+            .zip(zs[..full].chunks_exact(LANES))
+            .zip(zt[..full].chunks_exact(LANES));
+        for ((l4, s4), e4) in ch {
+            for l in 0..LANES {
+                lane(l, l4[l], s4[l], e4[l]);
+            }
+        }
+        for k in full..n {
+            lane(k - full, zl[k], zs[k], zt[k]);
+        }
+    });
+}
+pub(super) use full_k::{avx2_full, avx512_full, full};
