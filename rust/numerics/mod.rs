@@ -144,11 +144,35 @@ impl Exp for Fused {
 /// (or below -FAST_EXP_MIN) the value is saturated, which only happens on the overflow fallbacks.
 const FAST_EXP_MIN: f64 = -708.0;
 
-/// exp(x) for x <= ~709, relative error below 5e-16 (tested on a dense sweep), written as plain arithmetic so that loops over
-/// slices vectorise (std's exp is a libm call per element). Arguments below -708 give 0, which is
-/// what every caller wants (they only exponentiate shifted values <= 0 or small multiples of d).
+/// exp(x) for x <= ~709, relative error below 5e-16 (tested on a dense sweep), written as plain
+/// arithmetic so that loops over slices vectorise (std's exp is a libm call per element).
+/// Arguments below -708 give 0, which is what every caller wants (they only exponentiate shifted
+/// values <= 0 or small multiples of d).
 #[inline(always)]
 pub fn fast_exp(x: f64) -> f64 {
+    exp_impl::<false>(x)
+}
+
+/// `fast_exp` with fused multiply-adds (20 operations instead of 33), the same bound. Call it
+/// only from code compiled with `fma` (the AVX-512 tier), where `mul_add` is one instruction;
+/// results may differ from `fast_exp` in the last bit.
+#[inline(always)]
+pub fn fast_exp_fma(x: f64) -> f64 {
+    exp_impl::<true>(x)
+}
+
+/// The two exponentials' one body: `madd(a, b, c)` is a * b + c, fused when FMA.
+#[inline(always)]
+fn exp_impl<const FMA: bool>(x: f64) -> f64 {
+    #[inline(always)]
+    fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+    let madd = madd::<FMA>;
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     const LN2_HI: f64 = 6.931_471_803_691_238e-1;
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
@@ -156,10 +180,10 @@ pub fn fast_exp(x: f64) -> f64 {
     // f64 -> i64 conversions that baseline x86-64 cannot vectorise.
     const MAGIC: f64 = 6_755_399_441_055_744.0;
     let xc = x.clamp(FAST_EXP_MIN, 709.0);
-    let kf = xc * LOG2E + MAGIC;
+    let kf = madd(xc, LOG2E, MAGIC);
     let kbits = kf.to_bits();
     let k = kf - MAGIC;
-    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let r = madd(-k, LN2_LO, madd(-k, LN2_HI, xc));
     // Taylor to degree 12 on |r| <= ln2/2 (truncation error < 2e-16), evaluated in Estrin's
     // scheme: the dependency chain is 8 operations deep instead of Horner's 24, so a loop over a
     // slice runs at the FP units' throughput rather than the latency of one long chain (about 4x
@@ -168,57 +192,18 @@ pub fn fast_exp(x: f64) -> f64 {
     let r4 = r2 * r2;
     let r8 = r4 * r4;
     let e0 = 1.0 + r;
-    let e1 = 0.5 + r * (1.0 / 6.0);
-    let e2 = 1.0 / 24.0 + r * (1.0 / 120.0);
-    let e3 = 1.0 / 720.0 + r * (1.0 / 5_040.0);
-    let e4 = 1.0 / 40_320.0 + r * (1.0 / 362_880.0);
-    let e5 = 1.0 / 3_628_800.0 + r * (1.0 / 39_916_800.0);
-    let f0 = e0 + r2 * e1;
-    let f1 = e2 + r2 * e3;
-    let f2 = e4 + r2 * e5;
-    let g0 = f0 + r4 * f1;
-    let g1 = f2 + r4 * (1.0 / 479_001_600.0);
-    let p = g0 + r8 * g1;
+    let e1 = madd(r, 1.0 / 6.0, 0.5);
+    let e2 = madd(r, 1.0 / 120.0, 1.0 / 24.0);
+    let e3 = madd(r, 1.0 / 5_040.0, 1.0 / 720.0);
+    let e4 = madd(r, 1.0 / 362_880.0, 1.0 / 40_320.0);
+    let e5 = madd(r, 1.0 / 39_916_800.0, 1.0 / 3_628_800.0);
+    let f0 = madd(r2, e1, e0);
+    let f1 = madd(r2, e3, e2);
+    let f2 = madd(r2, e5, e4);
+    let g0 = madd(r4, f1, f0);
+    let g1 = madd(r4, 1.0 / 479_001_600.0, f2);
+    let p = madd(r8, g1, g0);
     // k (two's complement, low bits of kbits) shifted into the exponent field, plus the bias.
-    let scale = f64::from_bits((kbits << 52).wrapping_add(1023u64 << 52));
-    let y = p * scale;
-    if x < FAST_EXP_MIN {
-        0.0
-    } else {
-        y
-    }
-}
-
-/// `fast_exp` with fused multiply-adds: the same reduction and the same degree-12 Taylor
-/// polynomial in Estrin's scheme, in 20 operations instead of 33; relative error below 5e-16
-/// (the same dense sweep). Call it only from code compiled with `fma` (the AVX-512 tier), where
-/// `mul_add` is one instruction. Results may differ from `fast_exp` in the last bit.
-#[inline(always)]
-pub fn fast_exp_fma(x: f64) -> f64 {
-    const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    const MAGIC: f64 = 6_755_399_441_055_744.0;
-    let xc = x.clamp(FAST_EXP_MIN, 709.0);
-    let kf = xc.mul_add(LOG2E, MAGIC);
-    let kbits = kf.to_bits();
-    let k = kf - MAGIC;
-    let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, xc));
-    let r2 = r * r;
-    let r4 = r2 * r2;
-    let r8 = r4 * r4;
-    let e0 = 1.0 + r;
-    let e1 = r.mul_add(1.0 / 6.0, 0.5);
-    let e2 = r.mul_add(1.0 / 120.0, 1.0 / 24.0);
-    let e3 = r.mul_add(1.0 / 5_040.0, 1.0 / 720.0);
-    let e4 = r.mul_add(1.0 / 362_880.0, 1.0 / 40_320.0);
-    let e5 = r.mul_add(1.0 / 39_916_800.0, 1.0 / 3_628_800.0);
-    let f0 = r2.mul_add(e1, e0);
-    let f1 = r2.mul_add(e3, e2);
-    let f2 = r2.mul_add(e5, e4);
-    let g0 = r4.mul_add(f1, f0);
-    let g1 = r4.mul_add(1.0 / 479_001_600.0, f2);
-    let p = r8.mul_add(g1, g0);
     let scale = f64::from_bits((kbits << 52).wrapping_add(1023u64 << 52));
     let y = p * scale;
     if x < FAST_EXP_MIN {
