@@ -117,6 +117,8 @@ impl CertScratch {
 struct Summary {
     n_vocab: usize,
     n_sup: usize,
+    /// The large row's maximum: p_v = exp(z_L - ml) (`full_kls` reuses it).
+    ml: f64,
     /// sum p (all tokens), sum p over the tail, sum p d_t and sum p |d_t| (all tokens).
     z: f64,
     pd: Vec<f64>,
@@ -294,6 +296,7 @@ fn summarize(
     let mut s = Summary {
         n_vocab: v,
         n_sup: sc.sp.len(),
+        ml,
         z: total(&z),
         pd: pd.iter().map(total).collect(),
         pabsd: pabsd.iter().map(total).collect(),
@@ -342,7 +345,7 @@ fn full_kls(
     if a == 0.0 {
         return (0.0, 0.0);
     }
-    let ml = row_max(large.z) as f64;
+    let ml = s.ml;
     let mut acc = [[0.0f64; LANES]; 2];
     let reps = [small.rep, expert.rep];
     simd_dispatch!(
