@@ -45,6 +45,23 @@ pub fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
     )
 }
 
+/// Independent lane groups of the validation pass: one running minimum is a chain of a compare
+/// and a blend per eight values (latency-bound, about 4.5 cycles per eight); four chains keep the
+/// pass at the speed the row is read.
+const GROUPS: usize = 4;
+
+/// The validation pass's lane groups folded into one, lane by lane in a fixed order (the minimum
+/// is exact, so only the order between -0 and +0 could differ; both kernels use this one).
+#[inline(always)]
+fn merge_groups(g: [[f32; LANES]; GROUPS]) -> [f32; LANES] {
+    let sel = |a: f32, b: f32| if a < b { a } else { b };
+    let mut out = [0.0; LANES];
+    for l in 0..LANES {
+        out[l] = sel(sel(g[0][l], g[1][l]), sel(g[2][l], g[3][l]));
+    }
+    out
+}
+
 /// The last partial lane group of a validation pass (scalar, into lanes 0..) and the lanes'
 /// minimum; shared by both kernels so their results cannot drift apart.
 #[inline(always)]
@@ -77,11 +94,10 @@ pub(crate) mod portable {
     use super::*;
 
     pub fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
-        let mut min = [f32::INFINITY; LANES];
+        // GROUPS independent lane groups (as the AVX2 kernel's accumulators), then one.
+        let mut min = [[f32::INFINITY; LANES]; GROUPS];
         let mut bad = false;
-        let chunks = z.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
+        let mut step = |min: &mut [f32; LANES], c: &[f32]| {
             for l in 0..LANES {
                 let x = c[l];
                 bad |= x.is_nan() | (x == f32::INFINITY);
@@ -92,8 +108,20 @@ pub(crate) mod portable {
                 };
                 min[l] = if m < min[l] { m } else { min[l] };
             }
+        };
+        let wide = z.len() / (GROUPS * LANES) * (GROUPS * LANES);
+        for c in z[..wide].chunks_exact(GROUPS * LANES) {
+            for (g, m) in min.iter_mut().enumerate() {
+                step(m, &c[g * LANES..(g + 1) * LANES]);
+            }
         }
-        finish_min(min, bad, rest)
+        let mut one = merge_groups(min);
+        let chunks = z[wide..].chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            step(&mut one, c);
+        }
+        finish_min(one, bad, rest)
     }
 
     pub fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
@@ -135,32 +163,49 @@ pub(crate) mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
-        let n = z.len();
-        let full = n / LANES * LANES;
         let p = z.as_ptr();
         let inf = _mm256_set1_ps(f32::INFINITY);
         let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut minv = inf;
         let mut badv = _mm256_setzero_ps();
-        let mut j = 0;
-        while j < full {
-            // SAFETY: j + 8 <= n.
+        // One lane group: the portable twin's `step`, operation for operation.
+        let step = |minv: __m256, badv: &mut __m256, j: usize| {
+            // SAFETY: callers pass j + 8 <= z.len().
             let x = unsafe { _mm256_loadu_ps(p.add(j)) };
             let bad = _mm256_or_ps(
                 _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(x, inf),
             );
-            badv = _mm256_or_ps(badv, bad);
+            *badv = _mm256_or_ps(*badv, bad);
             let valid = _mm256_cmp_ps::<_CMP_GT_OQ>(x, ninf);
             let m = _mm256_blendv_ps(inf, x, valid);
             // m < min ? m : min, as the portable twin (operands never NaN here).
-            minv = _mm256_blendv_ps(minv, m, _mm256_cmp_ps::<_CMP_LT_OQ>(m, minv));
+            _mm256_blendv_ps(minv, m, _mm256_cmp_ps::<_CMP_LT_OQ>(m, minv))
+        };
+        let wide = z.len() / (GROUPS * LANES) * (GROUPS * LANES);
+        let mut mv = [inf; GROUPS];
+        let mut j = 0;
+        while j < wide {
+            for (g, m) in mv.iter_mut().enumerate() {
+                *m = step(*m, &mut badv, j + g * LANES);
+            }
+            j += GROUPS * LANES;
+        }
+        let mut g = [[0.0f32; LANES]; GROUPS];
+        for (o, m) in g.iter_mut().zip(mv) {
+            // SAFETY: o holds 8 f32.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), m) };
+        }
+        let one = merge_groups(g);
+        // SAFETY: one holds 8 f32.
+        let mut minv = unsafe { _mm256_loadu_ps(one.as_ptr()) };
+        while j + LANES <= z.len() {
+            minv = step(minv, &mut badv, j);
             j += LANES;
         }
         let mut min = [0.0f32; LANES];
         // SAFETY: min holds 8 f32.
         unsafe { _mm256_storeu_ps(min.as_mut_ptr(), minv) };
-        finish_min(min, _mm256_movemask_ps(badv) != 0, &z[full..])
+        finish_min(min, _mm256_movemask_ps(badv) != 0, &z[j..])
     }
 
     #[target_feature(enable = "avx2")]
@@ -275,13 +320,16 @@ mod tests {
             state
         };
         let mut out = Vec::new();
-        for n in [0usize, 1, 7, 8, 9, 1023, 1024, 1025, 5000] {
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 41, 1023, 1024, 1025, 5000] {
             let z: Vec<f32> = (0..n)
                 .map(|_| {
                     let r = next();
                     match r % 50 {
                         0 => f32::NEG_INFINITY,
                         1 => -1e30,
+                        // Both zeros: the minimum's order between them must match.
+                        2 => -0.0,
+                        3 => 0.0,
                         _ => ((r >> 20) % 4000) as f32 * 0.01 - 30.0,
                     }
                 })
