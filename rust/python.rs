@@ -155,9 +155,11 @@ fn guarded<R>(func: &str, body: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
 }
 
 /// Below this estimate of a call's work (logit reads x passes, see the callers) the core runs
-/// on the calling thread: such a call takes a few milliseconds at most, so Ctrl-C is served
-/// promptly anyway, and a decode step is spared the ~20-50 us of starting a worker thread.
-const INLINE_WORK: u64 = 1 << 22;
+/// on the calling thread: such a call takes about 11 ms at most (the full-vocabulary grid just
+/// under this estimate, B = 16, V = 32000, T = 4, measured 12 ms on two cores), so Ctrl-C is
+/// served promptly anyway, and a decode step is spared the ~20-50 us of starting a worker
+/// thread. It was 2^22, which sent every B = 8, T = 1 step (0.7 ms) to a new thread.
+const INLINE_WORK: u64 = 1 << 24;
 
 /// How often the detached calling thread wakes to run Python's signal handlers.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);

@@ -210,7 +210,7 @@ def test_ctrl_c_stops_a_long_call_within_a_bound():
 def test_threaded_path_gives_the_same_result_as_inline():
     # Large enough to run on the worker thread (see INLINE_WORK in rust/python.rs).
     rng = np.random.default_rng(5)
-    b, v = 16, 32000
+    b, v = 32, 32000
     large, small = lm_rows(rng, b, v), lm_rows(rng, b, v)
     experts = [f32(small + rng.normal(0, 1, (b, v)))]
     big = _core.fuse_step(large, small, experts, **options(temperature=0.7), seed=4)
