@@ -12,6 +12,8 @@
 //! certified weights and tokens are the same on every tier (tests/test_simd_tiers.py).
 //! `DLF_RS_SIMD=avx2|portable` caps the tier for a process.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod exp512;
 pub mod passes;
 
 /// The widest instruction tier the kernels may use: the CPU's, capped by the environment
