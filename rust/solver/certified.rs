@@ -224,12 +224,12 @@ fn summarize(
         );
         // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
         simd_dispatch!(
-            avx512: kernels::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+            avx512: kernels512::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
             avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
             portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
         );
         simd_dispatch!(
-            avx512: kernels::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+            avx512: kernels512::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
             avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
             portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
         );
@@ -241,7 +241,7 @@ fn summarize(
             let zt = &e.z[j0..j0 + len];
             let sums = &mut sums[t];
             simd_dispatch!(
-                avx512: kernels::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                avx512: kernels512::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
             avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
                 portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
             );
@@ -328,8 +328,11 @@ fn summarize(
     Some(s)
 }
 
-/// The summary pass's loops (`certified/kernels.rs`).
+/// The summary pass's loops (`certified/kernels.rs`; the AVX-512 exponential loops by hand in
+/// `certified/kernels512.rs`).
 mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod kernels512;
 
 /// K1, K2 of expert t at weight a over the full vocabulary, from the f32 rows (one exponential per
 /// token; the summary's Z and E_P[d] are exact). Requires |a| max|d| + ln V <= 600 (checked by

@@ -3,6 +3,8 @@
 //! baseline x86-64 and AVX2 (the same operations in the same order: identical results) and
 //! AVX-512 with FMA (the `Fused` exponential; the proof's rounding slack covers the difference).
 //! They hold no logic of the certificate: what is summed, and why it bounds J, is in the parent.
+//! `large`, `row`, `expert` and `outside` have hand-written AVX-512 versions (`kernels512.rs`,
+//! and `avx512_outside` below) instead of the compiled one.
 
 use super::{LANES, ORDER};
 use crate::numerics::{Exp, Fused, Plain};
@@ -66,7 +68,7 @@ pub(super) use max_k::{avx2_max, avx512_max, max};
 
 mod large_k {
     use super::*;
-    tiers!(large, avx2_large, avx512_large, fn (
+    tiers!(large, avx2_large, fn (
         z: &[f32], ml: f64, lp: &mut [f64], p: &mut [f64], tail: &mut [f64], acc: &mut [f64; LANES],
     ) {
         for (((o, e), m), &x) in lp.iter_mut().zip(p.iter_mut()).zip(tail.iter_mut()).zip(z) {
@@ -78,11 +80,11 @@ mod large_k {
         super::super::lanes_add(acc, p);
     });
 }
-pub(super) use large_k::{avx2_large, avx512_large, large};
+pub(super) use large_k::{avx2_large, large};
 
 mod row_k {
     use super::*;
-    tiers!(row, avx2_row, avx512_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
+    tiers!(row, avx2_row, fn (z: &[f32], rep: f32, shift: f64, x: &mut [f64], e: &mut [f64], acc: &mut [f64; LANES]) {
         for ((o, q), &v) in x.iter_mut().zip(e.iter_mut()).zip(z) {
             *o = (if v == f32::NEG_INFINITY { rep } else { v }) as f64;
             *q = X::exp(*o - shift);
@@ -90,11 +92,11 @@ mod row_k {
         super::super::lanes_add(acc, e);
     });
 }
-pub(super) use row_k::{avx2_row, avx512_row, row};
+pub(super) use row_k::{avx2_row, row};
 
 mod expert_k {
     use super::*;
-    tiers!(expert, avx2_expert, avx512_expert, fn (
+    tiers!(expert, avx2_expert, fn (
         zt: &[f32], rep: f32, mt: f64, zs: &[f64], d: &mut [f64], q: &[f64],
         p: &[f64], lp: &[f64], tail: &mut [f64], delta: f64, sums: &mut ExpertSums,
     ) {
@@ -139,7 +141,7 @@ mod expert_k {
         }
     });
 }
-pub(super) use expert_k::{avx2_expert, avx512_expert, expert};
+pub(super) use expert_k::{avx2_expert, expert};
 
 mod moments_k {
     use super::*;

@@ -1,0 +1,289 @@
+//! The AVX-512 tier of the summary pass's three exponential loops (`large`, `row`, `expert` in
+//! `kernels.rs`), by hand: they evaluate one exponential per logit and are most of a certified
+//! step, and the table exponential (`numerics::exp512::exp8`, ~17 operations per vector against
+//! the polynomial's 26) can only be reached through intrinsics. Each computes what its portable
+//! twin computes, token k in lane k % 8, with the products of the sums fused (one rounding
+//! instead of two: inside the certificate's slack, as the tier's other differences).
+//! A block's last len % 8 tokens go through the same code with a lane mask.
+
+#![cfg(target_arch = "x86_64")]
+
+use super::kernels::ExpertSums;
+use crate::numerics::exp512::exp8;
+use std::arch::x86_64::*;
+
+/// Lanes (tokens) per vector.
+const W: usize = 8;
+
+/// Eight f32 at `p` (lanes outside `m` read as 0) as f64.
+///
+/// # Safety
+/// The lanes in `m` must be readable.
+#[inline(always)]
+unsafe fn load_f32(p: *const f32, m: __mmask8) -> __m512d {
+    // SAFETY: the caller's contract; masked-off lanes are not read.
+    _mm512_cvtps_pd(unsafe { _mm256_maskz_loadu_ps(m, p) })
+}
+
+/// # Safety
+/// The lanes in `m` must be readable.
+#[inline(always)]
+unsafe fn load(p: *const f64, m: __mmask8) -> __m512d {
+    // SAFETY: the caller's contract.
+    unsafe { _mm512_maskz_loadu_pd(m, p) }
+}
+
+/// # Safety
+/// The lanes in `m` must be writable.
+#[inline(always)]
+unsafe fn store(p: *mut f64, m: __mmask8, v: __m512d) {
+    // SAFETY: the caller's contract.
+    unsafe { _mm512_mask_storeu_pd(p, m, v) }
+}
+
+/// The lane masks of a block of `n` tokens: full vectors, then the remainder's lanes.
+fn masks(n: usize) -> impl Iterator<Item = (usize, __mmask8)> {
+    let full = n / W * W;
+    (0..full)
+        .step_by(W)
+        .map(|k| (k, 0xFF))
+        .chain((full < n).then(|| (full, ((1u32 << (n - full)) - 1) as __mmask8)))
+}
+
+/// `kernels::large`: lp = z - ml, p = e^lp, tail = 1 where z = -inf (else 0), acc += p.
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub(crate) fn avx512_large(
+    z: &[f32],
+    ml: f64,
+    lp: &mut [f64],
+    p: &mut [f64],
+    tail: &mut [f64],
+    acc: &mut [f64; 8],
+) {
+    let n = z.len().min(lp.len()).min(p.len()).min(tail.len());
+    let (mlv, ninf, one) = (
+        _mm512_set1_pd(ml),
+        _mm512_set1_pd(f64::NEG_INFINITY),
+        _mm512_set1_pd(1.0),
+    );
+    // SAFETY: acc holds eight f64.
+    let mut a = unsafe { _mm512_loadu_pd(acc.as_ptr()) };
+    for (k, m) in masks(n) {
+        // SAFETY: k + (lanes in m) <= n, within every slice.
+        unsafe {
+            let o = _mm512_sub_pd(load_f32(z.as_ptr().add(k), m), mlv);
+            let e = exp8(o);
+            store(lp.as_mut_ptr().add(k), m, o);
+            store(p.as_mut_ptr().add(k), m, e);
+            let possible = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(o, ninf);
+            store(
+                tail.as_mut_ptr().add(k),
+                m,
+                _mm512_maskz_mov_pd(!possible, one),
+            );
+            a = _mm512_mask_add_pd(a, m, a, e);
+        }
+    }
+    // SAFETY: acc holds eight f64.
+    unsafe { _mm512_storeu_pd(acc.as_mut_ptr(), a) };
+}
+
+/// -inf read as `rep`, as f64.
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+#[inline]
+fn replaced(x: __m512d, rep: f64) -> __m512d {
+    let is_ninf = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(x, _mm512_set1_pd(f64::NEG_INFINITY));
+    _mm512_mask_mov_pd(x, is_ninf, _mm512_set1_pd(rep))
+}
+
+/// `kernels::row`: x = z (-inf read as rep), q = e^(x - shift), acc += q.
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub(crate) fn avx512_row(
+    z: &[f32],
+    rep: f32,
+    shift: f64,
+    x: &mut [f64],
+    q: &mut [f64],
+    acc: &mut [f64; 8],
+) {
+    let n = z.len().min(x.len()).min(q.len());
+    let sv = _mm512_set1_pd(shift);
+    // SAFETY: acc holds eight f64.
+    let mut a = unsafe { _mm512_loadu_pd(acc.as_ptr()) };
+    for (k, m) in masks(n) {
+        // SAFETY: k + (lanes in m) <= n, within every slice.
+        unsafe {
+            let v = replaced(load_f32(z.as_ptr().add(k), m), rep as f64);
+            let e = exp8(_mm512_sub_pd(v, sv));
+            store(x.as_mut_ptr().add(k), m, v);
+            store(q.as_mut_ptr().add(k), m, e);
+            a = _mm512_mask_add_pd(a, m, a, e);
+        }
+    }
+    // SAFETY: acc holds eight f64.
+    unsafe { _mm512_storeu_pd(acc.as_mut_ptr(), a) };
+}
+
+/// `kernels::expert`: d = z_t - z_S, tail += 1 where |d| > delta, the sums of q_t, q_t d, q d,
+/// p d, p |d| and the largest |d| (tokens with P > 0, and all).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub(crate) fn avx512_expert(
+    zt: &[f32],
+    rep: f32,
+    mt: f64,
+    zs: &[f64],
+    d: &mut [f64],
+    q: &[f64],
+    p: &[f64],
+    lp: &[f64],
+    tail: &mut [f64],
+    delta: f64,
+    sums: &mut ExpertSums,
+) {
+    let n = zt
+        .len()
+        .min(zs.len())
+        .min(d.len())
+        .min(q.len())
+        .min(p.len())
+        .min(lp.len())
+        .min(tail.len());
+    let (mtv, dv, one, ninf) = (
+        _mm512_set1_pd(mt),
+        _mm512_set1_pd(delta),
+        _mm512_set1_pd(1.0),
+        _mm512_set1_pd(f64::NEG_INFINITY),
+    );
+    let ExpertSums {
+        acc,
+        amax,
+        amax_all,
+    } = sums;
+    // SAFETY: every array below holds eight f64.
+    let ld = |a: &[f64; 8]| unsafe { _mm512_loadu_pd(a.as_ptr()) };
+    let mut s = [
+        ld(&acc[0]),
+        ld(&acc[1]),
+        ld(&acc[2]),
+        ld(&acc[3]),
+        ld(&acc[4]),
+    ];
+    let (mut mx, mut mx_all) = (ld(amax), ld(amax_all));
+    for (k, m) in masks(n) {
+        // SAFETY: k + (lanes in m) <= n, within every slice.
+        unsafe {
+            let x = replaced(load_f32(zt.as_ptr().add(k), m), rep as f64);
+            let dd = _mm512_sub_pd(x, load(zs.as_ptr().add(k), m));
+            store(d.as_mut_ptr().add(k), m, dd);
+            let qt = exp8(_mm512_sub_pd(x, mtv));
+            let ad = _mm512_abs_pd(dd);
+            let out = _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(ad, dv);
+            let tp = tail.as_mut_ptr().add(k);
+            let tv = load(tp, m);
+            store(tp, m, _mm512_mask_add_pd(tv, out, tv, one));
+            let (qv, pv) = (load(q.as_ptr().add(k), m), load(p.as_ptr().add(k), m));
+            s[0] = _mm512_mask_add_pd(s[0], m, s[0], qt);
+            s[1] = _mm512_mask3_fmadd_pd(qt, dd, s[1], m);
+            s[2] = _mm512_mask3_fmadd_pd(qv, dd, s[2], m);
+            s[3] = _mm512_mask3_fmadd_pd(pv, dd, s[3], m);
+            s[4] = _mm512_mask3_fmadd_pd(pv, ad, s[4], m);
+            let live = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(load(lp.as_ptr().add(k), m), ninf);
+            mx = _mm512_mask_max_pd(mx, live & m, mx, ad);
+            mx_all = _mm512_mask_max_pd(mx_all, m, mx_all, ad);
+        }
+    }
+    // SAFETY: every array below holds eight f64.
+    let st = |a: &mut [f64; 8], v: __m512d| unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) };
+    for (a, v) in acc.iter_mut().zip(s) {
+        st(a, v);
+    }
+    st(amax, mx);
+    st(amax_all, mx_all);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels::{expert, large, row};
+    use super::*;
+
+    fn close(a: &[f64], b: &[f64], what: &str) {
+        for (k, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-15 * x.abs().max(y.abs()),
+                "{what}[{k}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Each hand-written kernel against its portable twin on blocks of every remainder length:
+    /// exact where no exponential or sum is involved, to a few ulps where one is.
+    #[test]
+    fn hand_written_kernels_match_portable() {
+        if !crate::numerics::has_avx512() {
+            return;
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for n in [1usize, 7, 8, 9, 15, 16, 17, 100, 512] {
+            let mut logits = |ninf: f64| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        if next() < ninf {
+                            f32::NEG_INFINITY
+                        } else {
+                            (next() * 40.0 - 30.0) as f32
+                        }
+                    })
+                    .collect()
+            };
+            let (zl, zs, zt) = (logits(0.1), logits(0.1), logits(0.1));
+            let (ml, rep) = (10.0, -70.0f32);
+            let mut a = (vec![0.0; n], vec![0.0; n], vec![0.0; n], [0.5; 8]);
+            let mut b = a.clone();
+            large(&zl, ml, &mut a.0, &mut a.1, &mut a.2, &mut a.3);
+            // SAFETY (here and below): AVX-512 detected above.
+            unsafe { avx512_large(&zl, ml, &mut b.0, &mut b.1, &mut b.2, &mut b.3) };
+            assert_eq!(a.0, b.0, "lp, n={n}");
+            close(&a.1, &b.1, "p");
+            assert_eq!(a.2, b.2, "tail");
+            close(&a.3, &b.3, "p sums");
+            let (lp, p, tail) = (a.0, a.1, a.2);
+
+            let mut ra = (vec![0.0; n], vec![0.0; n], [0.0; 8]);
+            let mut rb = ra.clone();
+            row(&zs, rep, 12.0, &mut ra.0, &mut ra.1, &mut ra.2);
+            unsafe { avx512_row(&zs, rep, 12.0, &mut rb.0, &mut rb.1, &mut rb.2) };
+            assert_eq!(ra.0, rb.0, "x, n={n}");
+            close(&ra.1, &rb.1, "q");
+            close(&ra.2, &rb.2, "q sums");
+            let (x, q) = (ra.0, ra.1);
+
+            let (mut da, mut db) = (vec![0.0; n], vec![0.0; n]);
+            let (mut ta, mut tb) = (tail.clone(), tail.clone());
+            let (mut sa, mut sb) = (ExpertSums::default(), ExpertSums::default());
+            let d = 0.5;
+            expert(&zt, rep, 9.0, &x, &mut da, &q, &p, &lp, &mut ta, d, &mut sa);
+            unsafe { avx512_expert(&zt, rep, 9.0, &x, &mut db, &q, &p, &lp, &mut tb, d, &mut sb) };
+            assert_eq!(da, db, "d, n={n}");
+            assert_eq!(ta, tb, "tail counts, n={n}");
+            assert_eq!(sa.amax, sb.amax);
+            assert_eq!(sa.amax_all, sb.amax_all);
+            for (x, y) in sa.acc.iter().zip(&sb.acc) {
+                // Sums of signed terms: compare against the sum of magnitudes.
+                let scale: f64 = x.iter().map(|v| v.abs()).sum::<f64>().max(1e-300);
+                for (u, v) in x.iter().zip(y) {
+                    assert!(
+                        (u - v).abs() <= 1e-14 * scale,
+                        "expert sums, n={n}: {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+}
