@@ -17,7 +17,9 @@ pub(crate) fn fuse_row(
     alphas: &[f32],
     out: &mut [f32],
 ) {
-    out.copy_from_slice(large);
+    // The first expert with a != 0 reads z_L itself (z_L + a * diff, the same rounding as adding
+    // to a copy), which spares a copying pass over the row.
+    let mut first = true;
     for (e, &a) in experts.iter().zip(alphas) {
         // a * diff adds +-0 when a == 0 unless diff overflowed, and that case is recomputed below
         // to the same value, so skipping is bit-identical.
@@ -25,11 +27,24 @@ pub(crate) fn fuse_row(
             continue;
         }
         let (er, sr) = (e.rep, small.rep);
-        for ((o, &ze), &zs) in out.iter_mut().zip(e.z).zip(small.z) {
+        let term = |ze: f32, zs: f32| {
             let ze = if ze == f32::NEG_INFINITY { er } else { ze };
             let zs = if zs == f32::NEG_INFINITY { sr } else { zs };
-            *o += a * (ze - zs);
+            a * (ze - zs)
+        };
+        if first {
+            for (((o, &zl), &ze), &zs) in out.iter_mut().zip(large).zip(e.z).zip(small.z) {
+                *o = zl + term(ze, zs);
+            }
+            first = false;
+        } else {
+            for ((o, &ze), &zs) in out.iter_mut().zip(e.z).zip(small.z) {
+                *o += term(ze, zs);
+            }
         }
+    }
+    if first {
+        out.copy_from_slice(large);
     }
     // -inf in the large model and overflow are rare: one vectorised check, then the fix-up pass.
     let rare = out.iter().zip(large).fold(false, |acc, (&o, &l)| {
