@@ -249,7 +249,7 @@ fn summarize(
         for t in 0..n_t {
             let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
             simd_dispatch!(
-                avx512: kernels::avx512_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
+                avx512: kernels512::avx512_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
             avx2: kernels::avx2_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
                 portable: kernels::moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
             );

@@ -3,7 +3,7 @@
 //! baseline x86-64 and AVX2 (the same operations in the same order: identical results) and
 //! AVX-512 with FMA (the `Fused` exponential; the proof's rounding slack covers the difference).
 //! They hold no logic of the certificate: what is summed, and why it bounds J, is in the parent.
-//! `large`, `row`, `expert` and `outside` have hand-written AVX-512 versions (`kernels512.rs`,
+//! `large`, `row`, `expert`, `moments` and `outside` have hand-written AVX-512 versions (`kernels512.rs`,
 //! and `avx512_outside` below) instead of the compiled one.
 
 use super::{LANES, ORDER};
@@ -145,7 +145,7 @@ pub(super) use expert_k::{avx2_expert, expert};
 
 mod moments_k {
     use super::*;
-    tiers!(moments, avx2_moments, avx512_moments, fn (
+    tiers!(moments, avx2_moments, fn (
         tail: &[f64], d: &[f64], p: &[f64], mom: &mut [[f64; LANES]; ORDER + 1], tmax: &mut f64,
     ) {
         let n = d.len();
@@ -184,7 +184,7 @@ mod moments_k {
         }
     });
 }
-pub(super) use moments_k::{avx2_moments, avx512_moments, moments};
+pub(super) use moments_k::{avx2_moments, moments};
 
 mod outside_k {
     use super::*;
