@@ -269,10 +269,7 @@ mod tests {
     use crate::kl::reference::log_sum_exp;
 
     fn mr(z: &[f32]) -> ModelRow<'_> {
-        ModelRow {
-            z,
-            rep: f32::NEG_INFINITY,
-        }
+        ModelRow::new(z, f32::NEG_INFINITY)
     }
 
     #[test]
@@ -318,7 +315,7 @@ mod tests {
             } else {
                 -50.0
             };
-            let row = ModelRow { z: &z, rep };
+            let row = ModelRow::new(&z, rep);
             for k in [1usize, 5, 64, 256] {
                 let (mut s, mut c) = (Vec::new(), Vec::new());
                 guessed += usize::from(candidates_above_guess(row, k, &mut s, &mut c));
@@ -347,10 +344,7 @@ mod tests {
         for j in 0..300 {
             z[j * stride] = 10.0 + j as f32 * 0.01;
         }
-        let row = ModelRow {
-            z: &z,
-            rep: f32::NEG_INFINITY,
-        };
+        let row = ModelRow::new(&z, f32::NEG_INFINITY);
         let (mut s, mut c) = (Vec::new(), Vec::new());
         assert!(!candidates_above_guess(row, 256, &mut s, &mut c));
         let mut mask = vec![false; v];

@@ -12,6 +12,7 @@
 
 use crate::config::{Sampling, Seeds, SolverConfig, Speculative, Weights, MAX_DRAFT_LEN};
 use crate::error::DlfError;
+use crate::numerics::passes::RowScan;
 
 /// At most this many grid points per call: with B rows, V tokens and T experts a grid call does
 /// O(points x B x V x T) work, so this caps it (10,001 = step 0.01 on [-50, 50]).
@@ -244,9 +245,18 @@ pub struct ModelRow<'a> {
     pub z: &'a [f32],
     /// Replacement for -inf (row minimum minus 30); -inf itself for the large model.
     pub rep: f32,
+    /// The row's largest value with -inf read as `rep` (from the validation pass).
+    pub max: f32,
 }
 
-impl ModelRow<'_> {
+impl<'a> ModelRow<'a> {
+    /// A row with its maximum computed here (tests build rows without the validation pass).
+    #[cfg(test)]
+    pub fn new(z: &'a [f32], rep: f32) -> Self {
+        let max = z.iter().fold(rep, |m, &x| if x > m { x } else { m });
+        ModelRow { z, rep, max }
+    }
+
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {
         let v = self.z[i];
@@ -268,32 +278,45 @@ pub(crate) fn scan_models<'a>(
     b: usize,
 ) -> Result<(ModelRow<'a>, ModelRow<'a>, Vec<ModelRow<'a>>), DlfError> {
     let span = b * v..(b + 1) * v;
+    // A model row with its -inf replacement (smallest finite logit minus 30) and maximum.
+    let model_row = |z: &'a [f32], s: RowScan| {
+        let rep = s.min - 30.0;
+        ModelRow {
+            z,
+            rep,
+            max: s.max.max(rep),
+        }
+    };
     let large = &large[span.clone()];
-    scan_row("large", b, large)?;
-    let small = &small[span.clone()];
-    let rep = scan_row("small", b, small)?;
-    let small = ModelRow { z: small, rep };
-    let mut rows = Vec::with_capacity(experts.len());
-    for (t, e) in experts.iter().enumerate() {
-        let z = &e[span.clone()];
-        let rep = scan_row_named(|| format!("experts[{t}]"), b, z)?;
-        rows.push(ModelRow { z, rep });
-    }
+    let s = scan_row_named(|| "large".to_string(), b, large)?;
     let large = ModelRow {
         z: large,
         rep: f32::NEG_INFINITY,
+        max: s.max,
     };
+    let z = &small[span.clone()];
+    let small = model_row(z, scan_row_named(|| "small".to_string(), b, z)?);
+    let mut rows = Vec::with_capacity(experts.len());
+    for (t, e) in experts.iter().enumerate() {
+        let z = &e[span.clone()];
+        rows.push(model_row(
+            z,
+            scan_row_named(|| format!("experts[{t}]"), b, z)?,
+        ));
+    }
     Ok((large, small, rows))
 }
 
 /// Checks one row (NaN / +inf are errors, at least one finite value) and returns the value -inf
 /// stands for in that row: its smallest finite logit minus 30 (f32 arithmetic).
 pub(crate) fn scan_row(model: &str, row: usize, z: &[f32]) -> Result<f32, DlfError> {
-    scan_row_named(|| model.to_string(), row, z)
+    scan_row_named(|| model.to_string(), row, z).map(|s| s.min - 30.0)
 }
 
-fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f32, DlfError> {
-    let (min, bad) = crate::numerics::passes::finite_min_and_bad(z);
+/// The validation pass over one row, its errors named.
+fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<RowScan, DlfError> {
+    let scan = crate::numerics::passes::scan(z);
+    let RowScan { min, bad, .. } = scan;
     if bad {
         // The vectorised pass saw NaN or +inf; find it for the message. If it is gone, another
         // thread wrote to the array during the call (the binding documents that as an error).
@@ -319,7 +342,7 @@ fn scan_row_named(model: impl Fn() -> String, row: usize, z: &[f32]) -> Result<f
             row,
         });
     }
-    Ok(min - 30.0)
+    Ok(scan)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Hand-written AVX2 kernels (dispatched by `simd_dispatch!`) for the three passes that touch every logit of every model row:
-//! validation (finite minimum, NaN/+inf), the top-k candidate filter, and the tail-bucket
+//! validation (finite minimum, maximum, NaN/+inf), the top-k candidate filter, and the tail-bucket
 //! exponential sum. They run once per model row per step, so on pruned supports they are most
 //! of `fuse_step`'s time; LLVM's auto-vectorisation of the portable versions gave four lanes at
 //! best (and scalar compares in the filter). Each kernel has a portable twin, used when the CPU
@@ -10,11 +10,22 @@ use super::{fast_exp_f32, simd_dispatch};
 
 const LANES: usize = 8;
 
-/// (minimum of the values above -inf, whether any value is NaN or +inf); +inf when none is.
-pub fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+/// What the validation pass finds in a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowScan {
+    /// The smallest value above -inf; +inf when there is none.
+    pub min: f32,
+    /// The largest value (-inf when every value is -inf; meaningless when `bad`).
+    pub max: f32,
+    /// Whether any value is NaN or +inf.
+    pub bad: bool,
+}
+
+/// The validation pass: one read of the row for its finite minimum, maximum and NaN/+inf.
+pub fn scan(z: &[f32]) -> RowScan {
     simd_dispatch!(
-        avx2: avx2::finite_min_and_bad(z),
-        portable: portable::finite_min_and_bad(z),
+        avx2: avx2::scan(z),
+        portable: portable::scan(z),
     )
 }
 
@@ -50,32 +61,50 @@ pub fn masked_exp_sum(z: &[f32], mask: &[bool], rep: f32, shift: f32) -> f64 {
 /// pass at the speed the row is read.
 const GROUPS: usize = 4;
 
-/// The validation pass's lane groups folded into one, lane by lane in a fixed order (the minimum
-/// is exact, so only the order between -0 and +0 could differ; both kernels use this one).
+/// The validation pass's lane groups folded into one, lane by lane in a fixed order (minimum and
+/// maximum are exact, so only the order between -0 and +0 could differ; both kernels use this).
 #[inline(always)]
-fn merge_groups(g: [[f32; LANES]; GROUPS]) -> [f32; LANES] {
-    let sel = |a: f32, b: f32| if a < b { a } else { b };
-    let mut out = [0.0; LANES];
+fn merge_groups(
+    g: [[f32; LANES]; GROUPS],
+    h: [[f32; LANES]; GROUPS],
+) -> ([f32; LANES], [f32; LANES]) {
+    let lo = |a: f32, b: f32| if a < b { a } else { b };
+    let hi = |a: f32, b: f32| if a > b { a } else { b };
+    let (mut min, mut max) = ([0.0; LANES], [0.0; LANES]);
     for l in 0..LANES {
-        out[l] = sel(sel(g[0][l], g[1][l]), sel(g[2][l], g[3][l]));
+        min[l] = lo(lo(g[0][l], g[1][l]), lo(g[2][l], g[3][l]));
+        max[l] = hi(hi(h[0][l], h[1][l]), hi(h[2][l], h[3][l]));
     }
-    out
+    (min, max)
 }
 
 /// The last partial lane group of a validation pass (scalar, into lanes 0..) and the lanes'
-/// minimum; shared by both kernels so their results cannot drift apart.
+/// minimum and maximum; shared by both kernels so their results cannot drift apart.
 #[inline(always)]
-fn finish_min(mut min: [f32; LANES], mut bad: bool, rest: &[f32]) -> (f32, bool) {
+fn finish_scan(
+    mut min: [f32; LANES],
+    mut max: [f32; LANES],
+    mut bad: bool,
+    rest: &[f32],
+) -> RowScan {
     for (l, &x) in rest.iter().enumerate() {
         bad |= x.is_nan() | (x == f32::INFINITY);
         if x > f32::NEG_INFINITY && x < min[l] {
             min[l] = x;
         }
+        if x > max[l] {
+            max[l] = x;
+        }
     }
-    let m = min
-        .iter()
-        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
-    (m, bad)
+    RowScan {
+        min: min
+            .iter()
+            .fold(f32::INFINITY, |a, &b| if b < a { b } else { a }),
+        max: max
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
+        bad,
+    }
 }
 
 /// The last partial lane group of one block of the exponential sum, then the block's total in a
@@ -93,11 +122,12 @@ fn finish_block(mut acc: [f32; LANES], zr: &[f32], mr: &[bool], rep: f32, shift:
 pub(crate) mod portable {
     use super::*;
 
-    pub fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+    pub fn scan(z: &[f32]) -> RowScan {
         // GROUPS independent lane groups (as the AVX2 kernel's accumulators), then one.
         let mut min = [[f32::INFINITY; LANES]; GROUPS];
+        let mut max = [[f32::NEG_INFINITY; LANES]; GROUPS];
         let mut bad = false;
-        let mut step = |min: &mut [f32; LANES], c: &[f32]| {
+        let mut step = |min: &mut [f32; LANES], max: &mut [f32; LANES], c: &[f32]| {
             for l in 0..LANES {
                 let x = c[l];
                 bad |= x.is_nan() | (x == f32::INFINITY);
@@ -107,21 +137,22 @@ pub(crate) mod portable {
                     f32::INFINITY
                 };
                 min[l] = if m < min[l] { m } else { min[l] };
+                max[l] = if x > max[l] { x } else { max[l] };
             }
         };
         let wide = z.len() / (GROUPS * LANES) * (GROUPS * LANES);
         for c in z[..wide].chunks_exact(GROUPS * LANES) {
-            for (g, m) in min.iter_mut().enumerate() {
-                step(m, &c[g * LANES..(g + 1) * LANES]);
+            for (g, (lo, hi)) in min.iter_mut().zip(max.iter_mut()).enumerate() {
+                step(lo, hi, &c[g * LANES..(g + 1) * LANES]);
             }
         }
-        let mut one = merge_groups(min);
+        let (mut lo, mut hi) = merge_groups(min, max);
         let chunks = z[wide..].chunks_exact(LANES);
         let rest = chunks.remainder();
         for c in chunks {
-            step(&mut one, c);
+            step(&mut lo, &mut hi, c);
         }
-        finish_min(one, bad, rest)
+        finish_scan(lo, hi, bad, rest)
     }
 
     pub fn filter_at_least(z: &[f32], g: f32, cand: &mut Vec<(f32, usize)>) {
@@ -162,13 +193,13 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn finite_min_and_bad(z: &[f32]) -> (f32, bool) {
+    pub unsafe fn scan(z: &[f32]) -> RowScan {
         let p = z.as_ptr();
         let inf = _mm256_set1_ps(f32::INFINITY);
         let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut badv = _mm256_setzero_ps();
         // One lane group: the portable twin's `step`, operation for operation.
-        let step = |minv: __m256, badv: &mut __m256, j: usize| {
+        let step = |minv: __m256, maxv: __m256, badv: &mut __m256, j: usize| {
             // SAFETY: callers pass j + 8 <= z.len().
             let x = unsafe { _mm256_loadu_ps(p.add(j)) };
             let bad = _mm256_or_ps(
@@ -178,34 +209,46 @@ pub(crate) mod avx2 {
             *badv = _mm256_or_ps(*badv, bad);
             let valid = _mm256_cmp_ps::<_CMP_GT_OQ>(x, ninf);
             let m = _mm256_blendv_ps(inf, x, valid);
-            // m < min ? m : min, as the portable twin (operands never NaN here).
-            _mm256_blendv_ps(minv, m, _mm256_cmp_ps::<_CMP_LT_OQ>(m, minv))
+            // m < min ? m : min and x > max ? x : max, as the portable twin (max_ps(a, b) is
+            // a > b ? a : b; operands never NaN when the row is kept).
+            (
+                _mm256_blendv_ps(minv, m, _mm256_cmp_ps::<_CMP_LT_OQ>(m, minv)),
+                _mm256_max_ps(x, maxv),
+            )
         };
         let wide = z.len() / (GROUPS * LANES) * (GROUPS * LANES);
         let mut mv = [inf; GROUPS];
+        let mut xv = [ninf; GROUPS];
         let mut j = 0;
         while j < wide {
-            for (g, m) in mv.iter_mut().enumerate() {
-                *m = step(*m, &mut badv, j + g * LANES);
+            for g in 0..GROUPS {
+                (mv[g], xv[g]) = step(mv[g], xv[g], &mut badv, j + g * LANES);
             }
             j += GROUPS * LANES;
         }
-        let mut g = [[0.0f32; LANES]; GROUPS];
-        for (o, m) in g.iter_mut().zip(mv) {
-            // SAFETY: o holds 8 f32.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), m) };
+        let (mut g, mut h) = ([[0.0f32; LANES]; GROUPS], [[0.0f32; LANES]; GROUPS]);
+        for k in 0..GROUPS {
+            // SAFETY: g[k], h[k] hold 8 f32.
+            unsafe {
+                _mm256_storeu_ps(g[k].as_mut_ptr(), mv[k]);
+                _mm256_storeu_ps(h[k].as_mut_ptr(), xv[k]);
+            }
         }
-        let one = merge_groups(g);
-        // SAFETY: one holds 8 f32.
-        let mut minv = unsafe { _mm256_loadu_ps(one.as_ptr()) };
+        let (lo, hi) = merge_groups(g, h);
+        // SAFETY: lo, hi hold 8 f32.
+        let (mut minv, mut maxv) =
+            unsafe { (_mm256_loadu_ps(lo.as_ptr()), _mm256_loadu_ps(hi.as_ptr())) };
         while j + LANES <= z.len() {
-            minv = step(minv, &mut badv, j);
+            (minv, maxv) = step(minv, maxv, &mut badv, j);
             j += LANES;
         }
-        let mut min = [0.0f32; LANES];
-        // SAFETY: min holds 8 f32.
-        unsafe { _mm256_storeu_ps(min.as_mut_ptr(), minv) };
-        finish_min(min, _mm256_movemask_ps(badv) != 0, &z[j..])
+        let (mut min, mut max) = ([0.0f32; LANES], [0.0f32; LANES]);
+        // SAFETY: min, max hold 8 f32.
+        unsafe {
+            _mm256_storeu_ps(min.as_mut_ptr(), minv);
+            _mm256_storeu_ps(max.as_mut_ptr(), maxv);
+        }
+        finish_scan(min, max, _mm256_movemask_ps(badv) != 0, &z[j..])
     }
 
     #[target_feature(enable = "avx2")]
@@ -350,12 +393,13 @@ mod tests {
                 let mask: Vec<bool> = (0..z.len()).map(|i| (i * 7 + k) % 5 == 0).collect();
                 // SAFETY: AVX2 detected above.
                 unsafe {
-                    let (a, b) = (
-                        avx2::finite_min_and_bad(&z),
-                        portable::finite_min_and_bad(&z),
-                    );
-                    assert_eq!(a.0.to_bits(), b.0.to_bits());
-                    assert_eq!(a.1, b.1);
+                    let (a, b) = (avx2::scan(&z), portable::scan(&z));
+                    assert_eq!(a.min.to_bits(), b.min.to_bits());
+                    assert_eq!(a.max.to_bits(), b.max.to_bits());
+                    assert_eq!(a.bad, b.bad);
+                    let finite = z.iter().copied().filter(|x| x.is_finite());
+                    assert_eq!(a.min, finite.clone().fold(f32::INFINITY, f32::min));
+                    assert_eq!(a.max, z.iter().copied().fold(f32::NEG_INFINITY, f32::max));
                     for g in [-10.0f32, 0.0, 9.5] {
                         let (mut ca, mut cb) = (Vec::new(), Vec::new());
                         avx2::filter_at_least(&z, g, &mut ca);
@@ -377,17 +421,19 @@ mod tests {
         let mut z = vec![1.0f32; 20];
         z[3] = f32::NEG_INFINITY;
         z[5] = -2.0;
-        assert_eq!(finite_min_and_bad(&z), (-2.0, false));
+        let s = scan(&z);
+        assert_eq!((s.min, s.max, s.bad), (-2.0, 1.0, false));
         for bad in [f32::NAN, f32::INFINITY] {
             for pos in [0usize, 17] {
                 let mut w = z.clone();
                 w[pos] = bad;
-                assert!(finite_min_and_bad(&w).1);
+                assert!(scan(&w).bad);
             }
         }
+        let s = scan(&[f32::NEG_INFINITY; 9]);
         assert_eq!(
-            finite_min_and_bad(&[f32::NEG_INFINITY; 9]),
-            (f32::INFINITY, false)
+            (s.min, s.max, s.bad),
+            (f32::INFINITY, f32::NEG_INFINITY, false)
         );
     }
 

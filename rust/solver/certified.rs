@@ -135,17 +135,6 @@ struct Summary {
     target_scale: Vec<f64>,
 }
 
-/// Largest value of a row (the validated rows have no NaN).
-fn row_max(z: &[f32]) -> f32 {
-    let mut m = f32::NEG_INFINITY;
-    simd_dispatch!(
-        avx512: kernels::avx512_max(z, &mut m),
-        avx2: kernels::avx2_max(z, &mut m),
-        portable: kernels::max(z, &mut m),
-    );
-    m
-}
-
 /// Lane sums over a block: LANES independent accumulators (vectorisable, fixed order).
 #[inline(always)]
 fn lanes_add(acc: &mut [f64; LANES], v: &[f64]) {
@@ -177,14 +166,10 @@ fn summarize(
     let v = large.z.len();
     let n_t = experts.len();
     let max_sup = ((v as f64) * MAX_SUPPORT_FRACTION) as usize + 1;
-    let ml = row_max(large.z) as f64;
-    // The replacement value is below every finite logit, so the finite maximum is the maximum
-    // (rows with no finite value were refused by `validate`).
-    let ms = row_max(small.z).max(small.rep) as f64;
-    let mts: Vec<f64> = experts
-        .iter()
-        .map(|e| row_max(e.z).max(e.rep) as f64)
-        .collect();
+    // The rows' maxima come from the validation pass (-inf read as the row's replacement).
+    let ml = large.max as f64;
+    let ms = small.max as f64;
+    let mts: Vec<f64> = experts.iter().map(|e| e.max as f64).collect();
     for b in [
         &mut sc.bp,
         &mut sc.bl,

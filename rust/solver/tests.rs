@@ -44,17 +44,11 @@ fn reduced(zl: &[f32], zs: &[f32], zts: &[Vec<f32>], k: Option<usize>) -> Reduce
             .fold(f32::INFINITY, f32::min)
             - 30.0
     };
-    let experts: Vec<ModelRow<'_>> = zts.iter().map(|z| ModelRow { z, rep: rep(z) }).collect();
+    let experts: Vec<ModelRow<'_>> = zts.iter().map(|z| ModelRow::new(z, rep(z))).collect();
     let mut r = Reduced::default();
     r.fill(
-        ModelRow {
-            z: zl,
-            rep: f32::NEG_INFINITY,
-        },
-        ModelRow {
-            z: zs,
-            rep: rep(zs),
-        },
+        ModelRow::new(zl, f32::NEG_INFINITY),
+        ModelRow::new(zs, rep(zs)),
         &experts,
         k,
     );

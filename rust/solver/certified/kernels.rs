@@ -47,25 +47,6 @@ macro_rules! tiers {
     };
 }
 
-mod max_k {
-    use super::*;
-    tiers!(max, avx2_max, avx512_max, fn (z: &[f32], out: &mut f32) {
-        let mut m = [f32::NEG_INFINITY; 16];
-        let ch = z.chunks_exact(16);
-        let rest = ch.remainder();
-        for c in ch {
-            for l in 0..16 {
-                m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-            }
-        }
-        for &x in rest {
-            m[0] = m[0].max(x);
-        }
-        *out = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    });
-}
-pub(super) use max_k::{avx2_max, avx512_max, max};
-
 mod large_k {
     use super::*;
     tiers!(large, avx2_large, fn (
