@@ -53,6 +53,16 @@ def torch_to_numpy(x: Any, name: str) -> np.ndarray:
 def as_f32(x: object, name: str, ndim: int) -> np.ndarray:
     """``x`` as a C-contiguous, aligned float32 ndarray with ``ndim`` dimensions, copying only
     when the dtype or layout requires it."""
+    # The decode loop's case (a float32 C-contiguous array) without np.require's checks: about a
+    # quarter of a small step's Python time.
+    if (
+        type(x) is np.ndarray
+        and x.dtype == np.float32
+        and x.ndim == ndim
+        and x.flags.c_contiguous
+        and x.flags.aligned
+    ):
+        return x
     if is_torch_tensor(x):
         arr = torch_to_numpy(x, name)
     elif isinstance(x, np.ndarray):
