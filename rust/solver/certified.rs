@@ -197,6 +197,14 @@ fn summarize(
     let mut too_big = false;
     let mut sums = vec![kernels::ExpertSums::default(); n_t];
 
+    // Give up as soon as the support passes the cap, or, from an eighth of the row on, once it
+    // is on course for 1.5 times the cap (token ids carry no order, so the share seen so far
+    // predicts the rest): a row that cannot be certified then costs an eighth of a pass more
+    // than the full scan instead of most of one. Only speed depends on this.
+    let give_up = |n_sup: usize, seen: usize| {
+        let projected = n_sup as f64 * v as f64 / seen as f64;
+        n_sup > max_sup || (8 * seen >= v && projected > 1.5 * max_sup as f64)
+    };
     let mut j0 = 0;
     while j0 < v {
         let len = BLOCK.min(v - j0);
@@ -207,29 +215,56 @@ fn summarize(
             &mut sc.bq[..len],
             &mut sc.tail[..len],
         );
+        // One expert under AVX-512: large, row and expert in one loop (`avx512_front1`, the
+        // same values as the three kernels below).
+        #[cfg(target_arch = "x86_64")]
+        let front1 = n_t == 1 && crate::numerics::has_avx512();
+        #[cfg(not(target_arch = "x86_64"))]
+        let front1 = false;
+        #[cfg(target_arch = "x86_64")]
+        if front1 {
+            let (r, e) = (j0..j0 + len, &experts[0]);
+            let bd = &mut sc.bd[..len];
+            // SAFETY: AVX-512 detected above.
+            unsafe {
+                kernels512::avx512_front1(
+                    [&large.z[r.clone()], &small.z[r.clone()], &e.z[r]],
+                    [small.rep, e.rep],
+                    [ml, ms, mts[0]],
+                    delta,
+                    bl,
+                    bp,
+                    bd,
+                    tail,
+                    (&mut z, &mut qsum, &mut sums[0]),
+                )
+            };
+        }
         // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
-        simd_dispatch!(
-            avx512: kernels512::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
-            avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
-            portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
-        );
-        simd_dispatch!(
-            avx512: kernels512::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
-            avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
-            portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
-        );
-        // `tail` counts why a token is outside the tail: z_L = -inf, or |d_t| > delta for an
-        // expert t. The tail is where it is 0. Possible tokens outside it form the support,
-        // whatever their p (a p that underflowed can still carry weight p e^{a d} when d is large).
-        for (t, e) in experts.iter().enumerate() {
-            let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
-            let zt = &e.z[j0..j0 + len];
-            let sums = &mut sums[t];
+        if !front1 {
             simd_dispatch!(
-                avx512: kernels512::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
-            avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
-                portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                avx512: kernels512::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+                avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+                portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
             );
+            simd_dispatch!(
+                avx512: kernels512::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+                avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+                portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+            );
+            // `tail` counts why a token is outside the tail: z_L = -inf, or |d_t| > delta for an
+            // expert t. The tail is where it is 0. Possible tokens outside it form the support,
+            // whatever their p (a p that underflowed can still carry weight p e^{a d} when d is large).
+            for (t, e) in experts.iter().enumerate() {
+                let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
+                let zt = &e.z[j0..j0 + len];
+                let sums = &mut sums[t];
+                simd_dispatch!(
+                    avx512: kernels512::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                    portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                );
+            }
         }
         for t in 0..n_t {
             let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
@@ -255,12 +290,7 @@ fn summarize(
             }
         }
         j0 += len;
-        // Give up as soon as the support passes the cap, or, from an eighth of the row on, once
-        // it is on course for 1.5 times the cap (token ids carry no order, so the share seen so
-        // far predicts the rest): a row that cannot be certified then costs an eighth of a pass
-        // more than the full scan instead of most of one. Only speed depends on this.
-        let projected = sc.sp.len() as f64 * v as f64 / j0 as f64;
-        if sc.sp.len() > max_sup || (8 * j0 >= v && projected > 1.5 * max_sup as f64) {
+        if give_up(sc.sp.len(), j0) {
             too_big = true;
             break;
         }
