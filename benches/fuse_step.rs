@@ -196,11 +196,6 @@ fn exp_sum(z: &[f32]) -> f64 {
         acc.iter().sum::<f64>() + rest.iter().map(|&x| X::exp(x as f64 - 1.0)).sum::<f64>()
     }
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
-    unsafe fn avx512(z: &[f32]) -> f64 {
-        body::<dlf_rs::numerics::Fused>(z)
-    }
-    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn avx2(z: &[f32]) -> f64 {
         body::<dlf_rs::numerics::Plain>(z)
@@ -208,8 +203,9 @@ fn exp_sum(z: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if dlf_rs::numerics::has_avx512() {
+            // The table exponential the AVX-512 summary pass uses.
             // SAFETY: the features were detected at run time.
-            return unsafe { avx512(z) };
+            return unsafe { dlf_rs::numerics::exp512::exp_sum(z, 1.0) };
         }
         if dlf_rs::numerics::has_avx2() {
             // SAFETY: as above.

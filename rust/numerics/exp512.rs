@@ -79,6 +79,28 @@ pub(crate) fn exp8(x: __m512d) -> __m512d {
     _mm512_maskz_scalef_pd(keep, y, m)
 }
 
+/// sum_k e^(z_k - shift) over f32 logits with `exp8` (eight f64 lanes): the cost of one exact
+/// exponential per logit, which the benches report as a floor under the certified pass.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/VL and FMA (`numerics::has_avx512`).
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub unsafe fn exp_sum(z: &[f32], shift: f64) -> f64 {
+    let s = _mm512_set1_pd(shift);
+    let mut acc = _mm512_setzero_pd();
+    let full = z.len() / 8 * 8;
+    for k in (0..full).step_by(8) {
+        // SAFETY: k + 8 <= z.len().
+        let x = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(z.as_ptr().add(k)) });
+        acc = _mm512_add_pd(acc, exp8(_mm512_sub_pd(x, s)));
+    }
+    let m = ((1u32 << (z.len() - full)) - 1) as __mmask8;
+    // SAFETY: only the lanes of m, within z, are read.
+    let x = _mm512_cvtps_pd(unsafe { _mm256_maskz_loadu_ps(m, z.as_ptr().add(full)) });
+    acc = _mm512_mask_add_pd(acc, m, acc, exp8(_mm512_sub_pd(x, s)));
+    _mm512_reduce_add_pd(acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +146,11 @@ mod tests {
             x += 0.0137;
         }
         assert_eq!(exp1(f64::NEG_INFINITY), 0.0);
+        let z: Vec<f32> = (0..21).map(|k| k as f32 * 0.25 - 3.0).collect();
+        let want: f64 = z.iter().map(|&x| (x as f64 - 1.0).exp()).sum();
+        // SAFETY: AVX-512 detected above.
+        let got = unsafe { exp_sum(&z, 1.0) };
+        assert!((got - want).abs() <= 1e-15 * want, "{got} vs {want}");
         assert_eq!(exp1(0.0), 1.0);
         // Every table entry and both signs of k mod 16.
         for k in -40..40 {

@@ -13,7 +13,7 @@
 //! `DLF_RS_SIMD=avx2|portable` caps the tier for a process.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod exp512;
+pub mod exp512;
 pub mod passes;
 
 /// The widest instruction tier the kernels may use: the CPU's, capped by the environment
