@@ -29,6 +29,8 @@ pub mod sample;
 pub mod solver;
 pub mod step;
 pub mod support;
+#[cfg(test)]
+mod testing;
 pub mod validate;
 pub mod verify;
 

@@ -287,13 +287,7 @@ mod tests {
     /// many ties, -inf entries and a replacement value, for k from 1 to V/16 (where it applies).
     #[test]
     fn fast_top_k_equals_sorting() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x9E37_79B9_7F4A_7C15);
         let mut guessed = 0;
         for case in 0..60 {
             let v = 4096 + (next() % 5000) as usize;
@@ -301,7 +295,7 @@ mod tests {
             let z: Vec<f32> = (0..v)
                 .map(|_| {
                     let r = next();
-                    if r % 97 == 0 {
+                    if r.is_multiple_of(97) {
                         f32::NEG_INFINITY
                     } else {
                         // heavy right tail, like LM logits; coarse levels make ties

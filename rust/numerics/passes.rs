@@ -416,13 +416,7 @@ mod tests {
     use super::*;
 
     fn rows() -> Vec<Vec<f32>> {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x2545_F491_4F6C_DD1D);
         let mut out = Vec::new();
         for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 41, 1023, 1024, 1025, 5000] {
             let z: Vec<f32> = (0..n)

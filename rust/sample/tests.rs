@@ -42,13 +42,7 @@ fn filter_masks() {
 #[test]
 fn argmax_is_the_first_maximum_of_a_plain_scan() {
     // Rows of every length around the 16-lane chunks, with many ties and -inf.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15);
     for len in (0..70).chain([1000, 1023, 32_000]) {
         for _ in 0..20 {
             let z: Vec<f32> = (0..len)

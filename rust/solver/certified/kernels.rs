@@ -347,13 +347,7 @@ mod tests {
     #[test]
     fn outside_kernels_agree() {
         // Lengths around the 32- and 8-token steps; counts 0/1/2, -inf and finite log p.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15);
         for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 40, 63, 64, 65, 511, 512] {
             for density in [0u64, 3, 50, 100] {
                 let tail: Vec<f64> = (0..n)
@@ -367,7 +361,7 @@ mod tests {
                     .collect();
                 let lp: Vec<f64> = (0..n)
                     .map(|_| {
-                        if next() % 7 == 0 {
+                        if next().is_multiple_of(7) {
                             f64::NEG_INFINITY
                         } else {
                             -((next() % 50) as f64)

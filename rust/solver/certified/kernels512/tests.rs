@@ -19,13 +19,7 @@ fn hand_written_kernels_match_portable() {
     if !crate::numerics::has_avx512() {
         return;
     }
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = crate::testing::uniform(0x2545_f491_4f6c_dd1d);
     for n in [1usize, 7, 8, 9, 15, 16, 17, 100, 512] {
         let mut logits = |ninf: f64| -> Vec<f32> {
             (0..n)
@@ -105,13 +99,7 @@ fn front1_equals_the_separate_kernels() {
     if !crate::numerics::has_avx512() {
         return;
     }
-    let mut state = 0x0123_4567_89ab_cdefu64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = crate::testing::uniform(0x0123_4567_89ab_cdef);
     for n in [1usize, 9, 100, 512] {
         let mut row = |ninf: f64, base: &[f32], spread: f64| -> Vec<f32> {
             (0..n)
