@@ -260,8 +260,8 @@ pub(crate) fn avx512_moments(
 /// `large`, `row` and `expert` for one expert in one loop: the small row's x and q and the
 /// large row's p stay in registers instead of being stored and reloaded (with one expert, the
 /// paper's single-task setting, those were a fifth of the pass's memory operations). Writes lp,
-/// p, d and the tail counts for `moments` and `outside`, and every sum, bit for bit as the
-/// separate kernels (tested). (Folding `moments` in too ran 28% slower: 19 accumulators and the
+/// p, d, the tail flags for `moments` and `outside` (1 where the separate kernels' count is
+/// not 0) and every sum, bit for bit as the separate kernels (tested). (Folding `moments` in too ran 28% slower: 19 accumulators and the
 /// exponential's constants do not fit in 32 registers.)
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
@@ -323,12 +323,13 @@ pub(crate) fn avx512_front1(
             let qt = exp8(_mm512_sub_pd(xt, mt));
             let ad = _mm512_abs_pd(dd);
             let far = _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(ad, dv);
-            // The count: 1 for -inf in z_L, plus 1 for |d| > delta (as large, then expert).
-            let t0 = _mm512_maskz_mov_pd(!possible, one);
+            // Outside the tail (-inf in z_L, or |d| > delta): 1, else 0. The separate kernels
+            // count the reasons (up to 2); `moments` and `outside` only test for 0.
+            let outside = !possible | far;
             store(
                 tail.as_mut_ptr().add(k),
                 m,
-                _mm512_mask_add_pd(t0, far, t0, one),
+                _mm512_maskz_mov_pd(outside, one),
             );
             s[0] = _mm512_mask_add_pd(s[0], m, s[0], qt);
             s[1] = _mm512_mask3_fmadd_pd(qt, dd, s[1], m);
