@@ -215,56 +215,61 @@ fn summarize(
             &mut sc.bq[..len],
             &mut sc.tail[..len],
         );
-        // One expert under AVX-512: large, row and expert in one loop (`avx512_front1`, the
-        // same values as the three kernels below).
+        // One expert under AVX-512: the block in two loops (`avx512_front1`, then the power
+        // sums), the same values as the kernels below.
         #[cfg(target_arch = "x86_64")]
-        let front1 = n_t == 1 && crate::numerics::has_avx512();
-        #[cfg(not(target_arch = "x86_64"))]
-        let front1 = false;
-        #[cfg(target_arch = "x86_64")]
-        if front1 {
+        if n_t == 1 && crate::numerics::has_avx512() {
             let (r, e) = (j0..j0 + len, &experts[0]);
             let bd = &mut sc.bd[..len];
+            // The block's support (log p, d) lands in bl and bq, which this path leaves unused.
             // SAFETY: AVX-512 detected above.
-            unsafe {
-                kernels512::avx512_front1(
+            let n_sup = unsafe {
+                let n_sup = kernels512::avx512_front1(
                     [&large.z[r.clone()], &small.z[r.clone()], &e.z[r]],
                     [small.rep, e.rep],
                     [ml, ms, mts[0]],
                     delta,
-                    bl,
                     bp,
                     bd,
-                    tail,
+                    (bl, bq),
                     (&mut z, &mut qsum, &mut sums[0]),
-                )
+                    &mut tail_absmax[0],
+                );
+                kernels512::avx512_moments_w(bp, bd, &mut mom[0]);
+                n_sup
             };
+            sc.sp.extend_from_slice(&bl[..n_sup]);
+            sc.sd.extend_from_slice(&bq[..n_sup]);
+            j0 += len;
+            if give_up(sc.sp.len(), j0) {
+                too_big = true;
+                break;
+            }
+            continue;
         }
         // -inf - ml is -inf and fast_exp gives 0 below -708: impossible tokens get p = 0.
-        if !front1 {
+        simd_dispatch!(
+            avx512: kernels512::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+            avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+            portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+        );
+        simd_dispatch!(
+            avx512: kernels512::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+            avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+            portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
+        );
+        // `tail` counts why a token is outside the tail: z_L = -inf, or |d_t| > delta for an
+        // expert t. The tail is where it is 0. Possible tokens outside it form the support,
+        // whatever their p (a p that underflowed can still carry weight p e^{a d} when d is large).
+        for (t, e) in experts.iter().enumerate() {
+            let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
+            let zt = &e.z[j0..j0 + len];
+            let sums = &mut sums[t];
             simd_dispatch!(
-                avx512: kernels512::avx512_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
-                avx2: kernels::avx2_large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
-                portable: kernels::large(&large.z[j0..j0 + len], ml, bl, bp, tail, &mut z),
+                avx512: kernels512::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+            avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
+                portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
             );
-            simd_dispatch!(
-                avx512: kernels512::avx512_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
-                avx2: kernels::avx2_row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
-                portable: kernels::row(&small.z[j0..j0 + len], small.rep, ms, bzs, bq, &mut qsum),
-            );
-            // `tail` counts why a token is outside the tail: z_L = -inf, or |d_t| > delta for an
-            // expert t. The tail is where it is 0. Possible tokens outside it form the support,
-            // whatever their p (a p that underflowed can still carry weight p e^{a d} when d is large).
-            for (t, e) in experts.iter().enumerate() {
-                let bd = &mut sc.bd[t * BLOCK..t * BLOCK + len];
-                let zt = &e.z[j0..j0 + len];
-                let sums = &mut sums[t];
-                simd_dispatch!(
-                    avx512: kernels512::avx512_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
-                avx2: kernels::avx2_expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
-                    portable: kernels::expert(zt, e.rep, mts[t], bzs, bd, bq, bp, bl, tail, delta, sums),
-                );
-            }
         }
         for t in 0..n_t {
             let bd = &sc.bd[t * BLOCK..t * BLOCK + len];

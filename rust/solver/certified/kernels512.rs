@@ -205,6 +205,28 @@ pub(crate) fn avx512_expert(
     st(amax_all, mx_all);
 }
 
+/// The power sums' step: s_j += w0 d^j, j = 0..8, the powers from d^2, d^4 and w0 d^0..4 with
+/// the last product of each fused into its sum.
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+#[inline]
+fn powers(s: &mut [__m512d; ORDER + 1], w0: __m512d, d: __m512d) {
+    let d2 = _mm512_mul_pd(d, d);
+    let d4 = _mm512_mul_pd(d2, d2);
+    let w1 = _mm512_mul_pd(w0, d);
+    let w2 = _mm512_mul_pd(w0, d2);
+    let w3 = _mm512_mul_pd(w1, d2);
+    let w4 = _mm512_mul_pd(w0, d4);
+    s[0] = _mm512_add_pd(s[0], w0);
+    s[1] = _mm512_fmadd_pd(w0, d, s[1]);
+    s[2] = _mm512_fmadd_pd(w0, d2, s[2]);
+    s[3] = _mm512_fmadd_pd(w1, d2, s[3]);
+    s[4] = _mm512_fmadd_pd(w0, d4, s[4]);
+    s[5] = _mm512_fmadd_pd(w1, d4, s[5]);
+    s[6] = _mm512_fmadd_pd(w2, d4, s[6]);
+    s[7] = _mm512_fmadd_pd(w3, d4, s[7]);
+    s[8] = _mm512_fmadd_pd(w4, d4, s[8]);
+}
+
 /// `kernels::moments`: over the tail (count 0) the power sums p d^j, j = 0..8, and the largest
 /// |d|. The powers come from the same tree (d^2, d^4, then p d^0..4), with the last product of
 /// each sum fused into its accumulation: 16 operations per vector instead of 20.
@@ -232,22 +254,7 @@ pub(crate) fn avx512_moments(
             )
         };
         let in_tail = _mm512_mask_cmp_pd_mask::<_CMP_EQ_OQ>(m, tv, zero);
-        let w0 = _mm512_maskz_mov_pd(in_tail, pv);
-        let d2 = _mm512_mul_pd(dd, dd);
-        let d4 = _mm512_mul_pd(d2, d2);
-        let w1 = _mm512_mul_pd(w0, dd);
-        let w2 = _mm512_mul_pd(w0, d2);
-        let w3 = _mm512_mul_pd(w1, d2);
-        let w4 = _mm512_mul_pd(w0, d4);
-        s[0] = _mm512_add_pd(s[0], w0);
-        s[1] = _mm512_fmadd_pd(w0, dd, s[1]);
-        s[2] = _mm512_fmadd_pd(w0, d2, s[2]);
-        s[3] = _mm512_fmadd_pd(w1, d2, s[3]);
-        s[4] = _mm512_fmadd_pd(w0, d4, s[4]);
-        s[5] = _mm512_fmadd_pd(w1, d4, s[5]);
-        s[6] = _mm512_fmadd_pd(w2, d4, s[6]);
-        s[7] = _mm512_fmadd_pd(w3, d4, s[7]);
-        s[8] = _mm512_fmadd_pd(w4, d4, s[8]);
+        powers(&mut s, _mm512_maskz_mov_pd(in_tail, pv), dd);
         mx = _mm512_mask_max_pd(mx, in_tail, mx, _mm512_abs_pd(dd));
     }
     for (a, v) in mom.iter_mut().zip(s) {
@@ -257,12 +264,15 @@ pub(crate) fn avx512_moments(
     *tmax = tmax.max(_mm512_reduce_max_pd(mx));
 }
 
-/// `large`, `row` and `expert` for one expert in one loop: the small row's x and q and the
-/// large row's p stay in registers instead of being stored and reloaded (with one expert, the
-/// paper's single-task setting, those were a fifth of the pass's memory operations). Writes lp,
-/// p, d, the tail flags for `moments` and `outside` (1 where the separate kernels' count is
-/// not 0) and every sum, bit for bit as the separate kernels (tested). (Folding `moments` in too ran 28% slower: 19 accumulators and the
-/// exponential's constants do not fit in 32 registers.)
+/// The single-expert block (the paper's single-task setting) in two loops instead of five:
+/// `large`, `row`, `expert` and `outside` here, the power sums in `avx512_moments_w`. The small
+/// row's x and q and the large row's p stay in registers; instead of p and the tail counts it
+/// writes w0 = p on tail tokens (0 elsewhere), so the power sums need no mask, and it collects
+/// the support itself (possible tokens with |d| > delta, in token order: log p and d into the
+/// front of `support`'s two slices, at least n long; returns how many). No call may sit in
+/// the loop: around one every vector register is spilled (a `Vec::push` made it 40% slower).
+/// Every sum equals the separate kernels' bit for bit (tested). (Folding the power sums in too
+/// ran 28% slower: 19 accumulators and the exponential's constants do not fit in 32 registers.)
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
 pub(crate) fn avx512_front1(
@@ -270,22 +280,25 @@ pub(crate) fn avx512_front1(
     reps: [f32; 2],
     maxes: [f64; 3],
     delta: f64,
-    lp: &mut [f64],
-    p: &mut [f64],
+    w0: &mut [f64],
     d: &mut [f64],
-    tail: &mut [f64],
+    support: (&mut [f64], &mut [f64]),
     sums: (&mut [f64; 8], &mut [f64; 8], &mut ExpertSums),
-) {
+    tmax: &mut f64,
+) -> usize {
     let [zl, zs, zt] = rows;
-    let n = zl.len().min(zs.len()).min(zt.len());
-    let n = n.min(lp.len()).min(p.len()).min(d.len()).min(tail.len());
+    let (sp, sd) = support;
+    let n = zl
+        .len()
+        .min(zs.len())
+        .min(zt.len())
+        .min(w0.len())
+        .min(d.len());
+    let n = n.min(sp.len()).min(sd.len());
+    let mut n_sup = 0;
     let (acc_z, acc_q, e) = sums;
     let [ml, ms, mt] = maxes.map(|x| _mm512_set1_pd(x));
-    let (dv, ninf, one) = (
-        _mm512_set1_pd(delta),
-        _mm512_set1_pd(f64::NEG_INFINITY),
-        _mm512_set1_pd(1.0),
-    );
+    let (dv, ninf) = (_mm512_set1_pd(delta), _mm512_set1_pd(f64::NEG_INFINITY));
     // SAFETY: every array below holds eight f64.
     let ld = |a: &[f64; 8]| unsafe { _mm512_loadu_pd(a.as_ptr()) };
     let (mut z, mut qsum) = (ld(acc_z), ld(acc_q));
@@ -297,47 +310,63 @@ pub(crate) fn avx512_front1(
         ld(&e.acc[4]),
     ];
     let (mut mx, mut mx_all) = (ld(&e.amax), ld(&e.amax_all));
+    let mut tmx = _mm512_setzero_pd();
     for (k, m) in masks(n) {
         // SAFETY: k + (lanes in m) <= n, within every slice.
-        unsafe {
-            let (lz, sz, tz) = (
+        let (lz, sz, tz) = unsafe {
+            (
                 load_f32(zl.as_ptr().add(k), m),
                 load_f32(zs.as_ptr().add(k), m),
                 load_f32(zt.as_ptr().add(k), m),
-            );
-            // large
-            let o = _mm512_sub_pd(lz, ml);
-            let pv = exp8(o);
-            store(lp.as_mut_ptr().add(k), m, o);
-            store(p.as_mut_ptr().add(k), m, pv);
-            let possible = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(o, ninf);
-            z = _mm512_mask_add_pd(z, m, z, pv);
-            // row
-            let x = replaced(sz, reps[0] as f64);
-            let q = exp8(_mm512_sub_pd(x, ms));
-            qsum = _mm512_mask_add_pd(qsum, m, qsum, q);
-            // expert
-            let xt = replaced(tz, reps[1] as f64);
-            let dd = _mm512_sub_pd(xt, x);
+            )
+        };
+        // large
+        let o = _mm512_sub_pd(lz, ml);
+        let pv = exp8(o);
+        let possible = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(o, ninf);
+        z = _mm512_mask_add_pd(z, m, z, pv);
+        // row
+        let x = replaced(sz, reps[0] as f64);
+        let q = exp8(_mm512_sub_pd(x, ms));
+        qsum = _mm512_mask_add_pd(qsum, m, qsum, q);
+        // expert
+        let xt = replaced(tz, reps[1] as f64);
+        let dd = _mm512_sub_pd(xt, x);
+        let qt = exp8(_mm512_sub_pd(xt, mt));
+        let ad = _mm512_abs_pd(dd);
+        let far = _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(ad, dv);
+        s[0] = _mm512_mask_add_pd(s[0], m, s[0], qt);
+        s[1] = _mm512_mask3_fmadd_pd(qt, dd, s[1], m);
+        s[2] = _mm512_mask3_fmadd_pd(q, dd, s[2], m);
+        s[3] = _mm512_mask3_fmadd_pd(pv, dd, s[3], m);
+        s[4] = _mm512_mask3_fmadd_pd(pv, ad, s[4], m);
+        mx = _mm512_mask_max_pd(mx, possible & m, mx, ad);
+        mx_all = _mm512_mask_max_pd(mx_all, m, mx_all, ad);
+        // The tail (possible, |d| <= delta) for the power sums; the support (possible, far).
+        let in_tail = possible & !far & m;
+        tmx = _mm512_mask_max_pd(tmx, in_tail, tmx, ad);
+        // SAFETY: as above.
+        unsafe {
+            store(w0.as_mut_ptr().add(k), m, _mm512_maskz_mov_pd(in_tail, pv));
             store(d.as_mut_ptr().add(k), m, dd);
-            let qt = exp8(_mm512_sub_pd(xt, mt));
-            let ad = _mm512_abs_pd(dd);
-            let far = _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(ad, dv);
-            // Outside the tail (-inf in z_L, or |d| > delta): 1, else 0. The separate kernels
-            // count the reasons (up to 2); `moments` and `outside` only test for 0.
-            let outside = !possible | far;
-            store(
-                tail.as_mut_ptr().add(k),
-                m,
-                _mm512_maskz_mov_pd(outside, one),
-            );
-            s[0] = _mm512_mask_add_pd(s[0], m, s[0], qt);
-            s[1] = _mm512_mask3_fmadd_pd(qt, dd, s[1], m);
-            s[2] = _mm512_mask3_fmadd_pd(q, dd, s[2], m);
-            s[3] = _mm512_mask3_fmadd_pd(pv, dd, s[3], m);
-            s[4] = _mm512_mask3_fmadd_pd(pv, ad, s[4], m);
-            mx = _mm512_mask_max_pd(mx, possible & m, mx, ad);
-            mx_all = _mm512_mask_max_pd(mx_all, m, mx_all, ad);
+        }
+        let mut out = (possible & far & m) as u32;
+        if out != 0 {
+            let (mut lpa, mut da) = ([0.0f64; 8], [0.0f64; 8]);
+            // SAFETY: both arrays hold eight f64.
+            unsafe {
+                _mm512_storeu_pd(lpa.as_mut_ptr(), o);
+                _mm512_storeu_pd(da.as_mut_ptr(), dd);
+            }
+            while out != 0 {
+                let l = out.trailing_zeros() as usize;
+                // n_sup < k + 8 <= n <= both lengths: the checks never fail (and a failed one
+                // ends the call, so it costs no spill).
+                sp[n_sup] = lpa[l];
+                sd[n_sup] = da[l];
+                n_sup += 1;
+                out &= out - 1;
+            }
         }
     }
     // SAFETY: every array below holds eight f64.
@@ -349,6 +378,28 @@ pub(crate) fn avx512_front1(
     }
     st(&mut e.amax, mx);
     st(&mut e.amax_all, mx_all);
+    *tmax = tmax.max(_mm512_reduce_max_pd(tmx));
+    n_sup
+}
+
+/// `avx512_moments` on w0 = p masked to the tail (`avx512_front1`): the same products and sums
+/// without the tail test (w0 = 0 elsewhere adds exact zeros: every power is built on w0, so a
+/// huge d outside the tail never meets a 0 * inf).
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub(crate) fn avx512_moments_w(w0: &[f64], d: &[f64], mom: &mut [[f64; 8]; ORDER + 1]) {
+    let n = w0.len().min(d.len());
+    // SAFETY: every array below holds eight f64.
+    let mut s: [__m512d; ORDER + 1] =
+        std::array::from_fn(|j| unsafe { _mm512_loadu_pd(mom[j].as_ptr()) });
+    for (k, m) in masks(n) {
+        // SAFETY: k + (lanes in m) <= n, within both slices.
+        let (w0, dd) = unsafe { (load(w0.as_ptr().add(k), m), load(d.as_ptr().add(k), m)) };
+        powers(&mut s, w0, dd);
+    }
+    for (a, v) in mom.iter_mut().zip(s) {
+        // SAFETY: a holds eight f64.
+        unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) };
+    }
 }
 
 #[cfg(test)]
