@@ -18,12 +18,13 @@ use rayon::prelude::*;
 use crate::cancel::Cancel;
 use crate::config::{Sampling, Seeds, Weights};
 use crate::error::DlfError;
-use crate::fuse::fuse_row;
+use crate::fuse::{fuse_row, fused_argmax_one};
 use crate::numerics::with_simd;
 use crate::sample::{sample_row, RowSeeds, SampleScratch};
 use crate::solver::certified::{self, CertScratch};
 use crate::solver::{solve_row, SolverScratch};
 use crate::support::Reduced;
+use crate::validate::ModelRow;
 use crate::validate::{
     scan_models, shape, validate_inputs, validate_sampling, validate_seeds, validate_weight_values,
     validate_weights,
@@ -265,9 +266,34 @@ fn row_with_scratch(
     cancel: Cancel<'_>,
     sc: &mut Scratch,
 ) -> Result<RowOut, DlfError> {
-    let mut out = solve_and_fuse_row(inputs, b, weights, cancel, sc)?;
+    let (mut out, large, small, experts) = solve_row_models(inputs, b, weights, cancel, sc)?;
+    // Greedy with one weighted expert: the token without writing the fused row (AVX-512).
+    let mut live = (0..experts.len()).filter(|&t| out.alphas[t] != 0.0);
+    if let (true, Some(t), None) = (sampling.temperature == 0.0, live.next(), live.next()) {
+        if let Some(tok) = fused_argmax_one(large.z, small, experts[t], out.alphas[t]) {
+            out.token = tok as i64;
+            return Ok(out);
+        }
+    }
+    fuse_into(&mut sc.fused, large, small, &experts, &out.alphas);
     out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
     Ok(out)
+}
+
+/// The fused row into `fused` (resized to the row).
+#[inline(always)]
+fn fuse_into(
+    fused: &mut Vec<f32>,
+    large: ModelRow<'_>,
+    small: ModelRow<'_>,
+    experts: &[ModelRow<'_>],
+    alphas: &[f32],
+) {
+    fused.resize(large.z.len(), 0.0);
+    with_simd(
+        #[inline(always)]
+        || fuse_row(large.z, small, experts, alphas, fused),
+    );
 }
 
 /// Row `b`'s weights (solved or static) and traces, with its fused full-vocabulary logits left
@@ -281,6 +307,21 @@ pub(crate) fn solve_and_fuse_row(
     cancel: Cancel<'_>,
     sc: &mut Scratch,
 ) -> Result<RowOut, DlfError> {
+    let (out, large, small, experts) = solve_row_models(inputs, b, weights, cancel, sc)?;
+    fuse_into(&mut sc.fused, large, small, &experts, &out.alphas);
+    Ok(out)
+}
+
+/// Row `b`'s weights and traces, and its validated model rows; nothing fused or drawn.
+#[allow(clippy::type_complexity)]
+#[inline(always)]
+fn solve_row_models<'a>(
+    inputs: &StepInputs<'a>,
+    b: usize,
+    weights: &Weights,
+    cancel: Cancel<'_>,
+    sc: &mut Scratch,
+) -> Result<(RowOut, ModelRow<'a>, ModelRow<'a>, Vec<ModelRow<'a>>), DlfError> {
     let (large, small, experts) =
         scan_models(inputs.large, inputs.small, inputs.experts, inputs.vocab, b)?;
     let n_t = experts.len();
@@ -325,12 +366,7 @@ pub(crate) fn solve_and_fuse_row(
             }
         }
     };
-    sc.fused.resize(inputs.vocab, 0.0);
-    with_simd(
-        #[inline(always)]
-        || fuse_row(large.z, small, &experts, &out.alphas, &mut sc.fused),
-    );
-    Ok(out)
+    Ok((out, large, small, experts))
 }
 
 pub fn fuse_logits(
