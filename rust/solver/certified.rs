@@ -3,8 +3,9 @@
 //!
 //! Over 500 lines on purpose: the pass, the interval bounds and the decision are one proof
 //! whose invariants (what the summary holds, which slack covers which rounding) must be read
-//! together. The pass's loops, compiled for each instruction tier, are in `certified/kernels.rs`;
-//! the tests in `step/certified_tests.rs`.
+//! together. The pass's loops, compiled for each instruction tier, are in `certified/kernels.rs`
+//! (the AVX-512 tier's by hand in `certified/kernels512.rs`); the tests in
+//! `step/certified_tests.rs`.
 //!
 //! Flow for one row: `summarize` makes one blocked pass over every logit of the row (after
 //! `validate`'s scan) and keeps (1) the exact targets KL(Q_t||Q), KL(Q||Q_t); (2) the exact
