@@ -143,6 +143,37 @@ impl Default for Sampling {
     }
 }
 
+/// Penalties on the tokens a row has already seen (its history), applied to the fused logits
+/// before `Sampling` (and before the greedy argmax); the weights never see them. Order, as
+/// vLLM's: the repetition penalty first (Hugging Face's `RepetitionPenaltyLogitsProcessor`), then
+/// the frequency and presence penalties (OpenAI's). The defaults switch every penalty off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Penalties {
+    /// > 0; 1 is off. A seen token's logit l becomes l / p when l > 0, else l * p.
+    pub repetition: f64,
+    /// In [-2, 2]; 0 is off. l -= frequency * (times the token was seen).
+    pub frequency: f64,
+    /// In [-2, 2]; 0 is off. l -= presence once per seen token.
+    pub presence: f64,
+}
+
+impl Penalties {
+    /// Whether any penalty changes a logit (and so a history is needed).
+    pub fn active(&self) -> bool {
+        self.repetition != 1.0 || self.frequency != 0.0 || self.presence != 0.0
+    }
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Penalties {
+            repetition: 1.0,
+            frequency: 0.0,
+            presence: 0.0,
+        }
+    }
+}
+
 /// Random seeds for sampling (ignored when greedy).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seeds {

@@ -7,6 +7,8 @@
 //! - `support`: the vectors the solver works on (full vocabulary, or top-k plus an exact tail);
 //! - `solver`: the DLF objective J and its minimisation per row (`objective`, `grid`, `exact`);
 //! - `fuse`: the fused full-vocabulary logits of one row;
+//! - `penalty`: repetition / frequency / presence penalties on each row's seen tokens, applied to
+//!   the fused logits (never to what the solver reads);
 //! - `sample`: greedy / temperature / top-k / top-p / min-p sampling with reproducible seeds;
 //! - `step`: the batch loops (rayon over rows) tying the stages together;
 //! - `verify`: speculative DLF's acceptance and correction of drafted tokens, position by
@@ -25,6 +27,7 @@ pub mod error;
 pub mod fuse;
 pub mod kl;
 pub mod numerics;
+pub mod penalty;
 pub mod sample;
 pub mod solver;
 pub mod step;
@@ -38,10 +41,14 @@ pub mod verify;
 mod python;
 
 pub use cancel::Cancel;
-pub use config::{MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Speculative, Weights};
+pub use config::{
+    MultiExpert, Penalties, Sampling, Seeds, SolverConfig, SolverKind, Speculative, Weights,
+};
 pub use error::DlfError;
-pub use sample::{sample_batch, sample_batch_with_cancel};
+pub use penalty::History;
+pub use sample::{sample_batch, sample_batch_penalized, sample_batch_with_cancel};
 pub use step::{
-    fuse_logits, fuse_logits_with_cancel, fuse_step, fuse_step_with_cancel, StepInputs, StepOutput,
+    fuse_logits, fuse_logits_with_cancel, fuse_step, fuse_step_with_cancel,
+    fuse_step_with_penalties, StepInputs, StepOutput,
 };
 pub use verify::{fuse_verify, fuse_verify_with_cancel, VerifyInputs, VerifyOutput};

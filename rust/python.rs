@@ -32,8 +32,8 @@ use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use numpy::{
-    PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray2, PyReadonlyArray3,
-    PyUntypedArrayMethods,
+    PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray3, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -42,9 +42,11 @@ use pyo3::types::PyDict;
 
 use crate::cancel::Cancel;
 use crate::config::{
-    MultiExpert, Sampling, Seeds, SolverConfig, SolverKind, Speculative, Weights, MAX_DRAFT_LEN,
+    MultiExpert, Penalties, Sampling, Seeds, SolverConfig, SolverKind, Speculative, Weights,
+    MAX_DRAFT_LEN,
 };
 use crate::error::DlfError as CoreError;
+use crate::penalty::History;
 use crate::step::{StepInputs, StepOutput};
 use crate::validate::{self, to_usize, MAX_ABS_ALPHA, MAX_GRID_POINTS};
 use crate::verify::{VerifyInputs, VerifyOutput};
@@ -294,6 +296,69 @@ fn sampling_of(temperature: f64, top_k: u64, top_p: f64, min_p: f64) -> PyResult
     })
 }
 
+fn penalties_of((repetition, frequency, presence): (f64, f64, f64)) -> Penalties {
+    Penalties {
+        repetition,
+        frequency,
+        presence,
+    }
+}
+
+/// The history keywords as the core reads them: `history` the row-major token ids (int64, any
+/// negative id is padding) and `history_offsets` the B + 1 row boundaries into it (a `[B, L]`
+/// array is `history.reshape(-1)` with offsets 0, L, ..., B * L: no copy). Both or neither.
+/// The ids are borrowed, like the logits, while the GIL is released.
+struct HistoryArgs<'py> {
+    tokens: PyReadonlyArray1<'py, i64>,
+    offsets: Vec<usize>,
+}
+
+impl<'py> HistoryArgs<'py> {
+    fn new(
+        tokens: Option<PyReadonlyArray1<'py, i64>>,
+        offsets: Option<PyReadonlyArray1<'py, i64>>,
+    ) -> PyResult<Option<Self>> {
+        let (tokens, offsets) = match (tokens, offsets) {
+            (None, None) => return Ok(None),
+            (Some(t), Some(o)) => (t, o),
+            _ => {
+                return Err(to_py(CoreError::invalid(
+                    "history",
+                    "history and history_offsets together (dlf_rs.fuse_step builds both)",
+                    "only one of them",
+                )))
+            }
+        };
+        let offsets = offsets
+            .as_array()
+            .iter()
+            .map(|&o| usize::try_from(o))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                to_py(CoreError::invalid(
+                    "history_offsets",
+                    "non-negative row offsets",
+                    "a negative offset",
+                ))
+            })?;
+        Ok(Some(HistoryArgs { tokens, offsets }))
+    }
+
+    fn view(&self) -> PyResult<History<'_>> {
+        let tokens = self.tokens.as_slice().map_err(|_| {
+            to_py(CoreError::invalid(
+                "history",
+                "a C-contiguous int64 array",
+                "a non-contiguous array",
+            ))
+        })?;
+        Ok(History {
+            tokens,
+            offsets: &self.offsets,
+        })
+    }
+}
+
 /// The solver's settings from the caller's keywords (names parsed, integers fitted to usize).
 fn solver_of(
     alpha_min: f64,
@@ -496,6 +561,10 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("top_k", smp.top_k)?;
     d.set_item("top_p", smp.top_p)?;
     d.set_item("min_p", smp.min_p)?;
+    let pen = Penalties::default();
+    d.set_item("repetition_penalty", pen.repetition)?;
+    d.set_item("frequency_penalty", pen.frequency)?;
+    d.set_item("presence_penalty", pen.presence)?;
     d.set_item("max_grid_points", MAX_GRID_POINTS)?;
     d.set_item("max_abs_alpha", MAX_ABS_ALPHA)?;
     d.set_item("speculative", Speculative::default().name())?;
@@ -510,7 +579,8 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 #[pyo3(signature = (
     *, alpha, alpha_min, alpha_max, grid_step, solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p, speculative=None,
+    temperature, top_k, top_p, min_p,
+    repetition_penalty, frequency_penalty, presence_penalty, speculative=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn validate_options(
@@ -525,6 +595,9 @@ fn validate_options(
     top_k: u64,
     top_p: f64,
     min_p: f64,
+    repetition_penalty: f64,
+    frequency_penalty: f64,
+    presence_penalty: f64,
     speculative: Option<SpecArg>,
 ) -> PyResult<()> {
     guarded("validate_options", move || {
@@ -537,8 +610,11 @@ fn validate_options(
             support_k,
         )?;
         let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-        validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
-        validate::validate_speculative(speculative_of(speculative)?).map_err(to_py)
+        let pen = penalties_of((repetition_penalty, frequency_penalty, presence_penalty));
+        validate::validate_options(alpha.as_deref(), &cfg, &sampling, &pen).map_err(to_py)?;
+        let spec = speculative_of(speculative)?;
+        validate::validate_speculative(spec).map_err(to_py)?;
+        validate::validate_speculative_penalties(spec, &pen).map_err(to_py)
     })
 }
 
@@ -572,7 +648,7 @@ fn speculative_of(arg: Option<SpecArg>) -> PyResult<Speculative> {
 /// The options of `fuse_step` and `fuse_verify` as the core's types, checked with the one
 /// validation `validate_options` runs. Every option is checked, even those static weights do not
 /// use, so that an options record valid for one call is valid for every call.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn step_options(
     alpha: Option<Vec<f64>>,
     [alpha_min, alpha_max, grid_step]: [f64; 3],
@@ -580,8 +656,9 @@ fn step_options(
     multi_expert: &str,
     support_k: Option<u64>,
     (temperature, top_k, top_p, min_p): (f64, u64, f64, f64),
+    penalties: (f64, f64, f64),
     (seed, seeds): (Option<u64>, Option<Vec<u64>>),
-) -> PyResult<(Weights, Sampling, Seeds)> {
+) -> PyResult<(Weights, Sampling, Penalties, Seeds)> {
     let cfg = solver_of(
         alpha_min,
         alpha_max,
@@ -591,12 +668,13 @@ fn step_options(
         support_k,
     )?;
     let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-    validate::validate_options(alpha.as_deref(), &cfg, &sampling).map_err(to_py)?;
+    let pen = penalties_of(penalties);
+    validate::validate_options(alpha.as_deref(), &cfg, &sampling, &pen).map_err(to_py)?;
     let weights = match alpha {
         Some(a) => Weights::Static(a),
         None => Weights::Dynamic(cfg),
     };
-    Ok((weights, sampling, seeds_of(seed, seeds)?))
+    Ok((weights, sampling, pen, seeds_of(seed, seeds)?))
 }
 
 /// Every option is a required keyword: the defaults live in `DEFAULTS` only.
@@ -604,7 +682,9 @@ fn step_options(
 #[pyo3(signature = (
     large, small, experts, *, alpha, alpha_min, alpha_max, grid_step,
     solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p, seed=None, seeds=None,
+    temperature, top_k, top_p, min_p,
+    repetition_penalty, frequency_penalty, presence_penalty,
+    seed=None, seeds=None, history=None, history_offsets=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn fuse_step(
@@ -623,19 +703,27 @@ fn fuse_step(
     top_k: u64,
     top_p: f64,
     min_p: f64,
+    repetition_penalty: f64,
+    frequency_penalty: f64,
+    presence_penalty: f64,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
+    history: Option<PyReadonlyArray1<'_, i64>>,
+    history_offsets: Option<PyReadonlyArray1<'_, i64>>,
 ) -> PyResult<StepResult> {
     guarded("fuse_step", move || {
-        let (weights, sampling, seeds) = step_options(
+        let (weights, sampling, penalties, seeds) = step_options(
             alpha,
             [alpha_min, alpha_max, grid_step],
             solver,
             multi_expert,
             support_k,
             (temperature, top_k, top_p, min_p),
+            (repetition_penalty, frequency_penalty, presence_penalty),
             (seed, seeds),
         )?;
+        let history = HistoryArgs::new(history, history_offsets)?;
+        let history = history.as_ref().map(HistoryArgs::view).transpose()?;
         let m = borrow_models(&large, &small, &experts)?;
         let inputs = StepInputs {
             large: m.large,
@@ -649,7 +737,15 @@ fn fuse_step(
         // happens if it does). `dlf_rs.FusedGenerator` owns its staging buffers and never does.
         let work = step_work(m.batch, m.vocab, m.experts.len(), &weights);
         let out = run_core(py, "fuse_step", work, |cancel| {
-            crate::step::fuse_step_with_cancel(&inputs, &weights, &sampling, &seeds, cancel)
+            crate::step::fuse_step_with_penalties(
+                &inputs,
+                &weights,
+                &sampling,
+                &penalties,
+                history.as_ref(),
+                &seeds,
+                cancel,
+            )
         })?;
         Ok(StepResult { out })
     })
@@ -815,7 +911,8 @@ fn slice3<'a>(arr: &'a PyReadonlyArray3<'_, f32>, arg: &str) -> PyResult<&'a [f3
 #[pyo3(signature = (
     large, small, experts, draft_tokens, draft_lens, *, draft_logits, alpha, alpha_min,
     alpha_max, grid_step, solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p, seed=None, seeds=None,
+    temperature, top_k, top_p, min_p,
+    repetition_penalty, frequency_penalty, presence_penalty, seed=None, seeds=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn fuse_verify(
@@ -837,19 +934,38 @@ fn fuse_verify(
     top_k: u64,
     top_p: f64,
     min_p: f64,
+    repetition_penalty: f64,
+    frequency_penalty: f64,
+    presence_penalty: f64,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<VerifyResult> {
     guarded("fuse_verify", move || {
-        let (weights, sampling, seeds) = step_options(
+        let (weights, sampling, penalties, seeds) = step_options(
             alpha,
             [alpha_min, alpha_max, grid_step],
             solver,
             multi_expert,
             support_k,
             (temperature, top_k, top_p, min_p),
+            (repetition_penalty, frequency_penalty, presence_penalty),
             (seed, seeds),
         )?;
+        // Verification does not apply penalties; the options record already refuses
+        // `speculative` with an active penalty (`validate_speculative_penalties`).
+        let p = &penalties;
+        let active = [
+            ("repetition_penalty", p.repetition, 1.0),
+            ("frequency_penalty", p.frequency, 0.0),
+            ("presence_penalty", p.presence, 0.0),
+        ];
+        if let Some((arg, x, off)) = active.into_iter().find(|&(_, x, off)| x != off) {
+            return Err(to_py(CoreError::invalid(
+                arg,
+                format!("{off:?} in fuse_verify (speculative verification applies no penalties)"),
+                format!("{x:?}"),
+            )));
+        }
         let [b, p, v] = [large.shape()[0], large.shape()[1], large.shape()[2]];
         check_shape3(&small, "small", [b, p, v])?;
         for (t, e) in experts.iter().enumerate() {
@@ -910,7 +1026,11 @@ fn fuse_verify(
 
 /// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`.
 #[pyfunction]
-#[pyo3(signature = (logits, *, temperature, top_k, top_p, min_p, seed=None, seeds=None))]
+#[pyo3(signature = (
+    logits, *, temperature, top_k, top_p, min_p,
+    repetition_penalty, frequency_penalty, presence_penalty,
+    seed=None, seeds=None, history=None, history_offsets=None,
+))]
 #[allow(clippy::too_many_arguments)]
 fn sample<'py>(
     py: Python<'py>,
@@ -919,19 +1039,36 @@ fn sample<'py>(
     top_k: u64,
     top_p: f64,
     min_p: f64,
+    repetition_penalty: f64,
+    frequency_penalty: f64,
+    presence_penalty: f64,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
+    history: Option<PyReadonlyArray1<'py, i64>>,
+    history_offsets: Option<PyReadonlyArray1<'py, i64>>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     guarded("sample", move || {
         let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
+        let penalties = penalties_of((repetition_penalty, frequency_penalty, presence_penalty));
         let seeds = seeds_of(seed, seeds)?;
+        let history = HistoryArgs::new(history, history_offsets)?;
+        let history = history.as_ref().map(HistoryArgs::view).transpose()?;
         let [batch, vocab] = [logits.shape()[0], logits.shape()[1]];
         let z = slice_of(&logits, "logits")?;
         // Borrowed read-only without copying while detached; see `fuse_step`. Sorting for top-p
         // makes a row cost up to ~log V passes.
         let work = (batch as u64) * (vocab as u64) * 16;
         let tokens = run_core(py, "sample", work, |cancel| {
-            crate::sample_batch_with_cancel(z, batch, vocab, &sampling, &seeds, cancel)
+            crate::sample_batch_penalized(
+                z,
+                batch,
+                vocab,
+                &sampling,
+                &penalties,
+                history.as_ref(),
+                &seeds,
+                cancel,
+            )
         })?;
         Ok(PyArray1::from_vec(py, tokens))
     })

@@ -1,4 +1,5 @@
-//! Drawing the next token from one row of fused f32 logits, after the solver and the fusion.
+//! Drawing the next token from one row of fused f32 logits, after the solver, the fusion and
+//! the penalties on seen tokens (`penalty`; only when the caller asks for them).
 //!
 //! Order (Hugging Face's warpers): temperature, top-k, top-p, min-p, renormalise, then an inverse
 //! CDF with one uniform u over the kept tokens in ascending token order. Probabilities are in f64:
@@ -24,10 +25,13 @@ use rand_core::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::cancel::Cancel;
-use crate::config::{Sampling, Seeds};
+use crate::config::{Penalties, Sampling, Seeds};
 use crate::error::DlfError;
 use crate::numerics::{fast_exp, with_simd};
-use crate::validate::{check_matrix, scan_row, validate_sampling, validate_seeds};
+use crate::penalty::{apply_penalties, resolve_history, History, SeenCounts};
+use crate::validate::{
+    check_matrix, scan_row, validate_penalties, validate_sampling, validate_seeds,
+};
 
 /// Per-thread buffers reused across rows.
 #[derive(Debug, Default)]
@@ -36,6 +40,10 @@ pub struct SampleScratch {
     p: Vec<f64>,
     sel: Vec<f64>,
     order: Vec<u32>,
+    /// Token counts of the row's history (`penalty`).
+    pub(crate) seen: SeenCounts,
+    /// `sample_batch`'s copy of a row to penalise (its input is read-only).
+    row: Vec<f32>,
 }
 
 impl SampleScratch {
@@ -46,7 +54,8 @@ impl SampleScratch {
 
     pub(crate) fn heap_bytes(&self) -> usize {
         (self.l.capacity() + self.p.capacity() + self.sel.capacity()) * 8
-            + self.order.capacity() * 4
+            + (self.order.capacity() + self.row.capacity()) * 4
+            + self.seen.heap_bytes()
     }
 }
 
@@ -264,8 +273,28 @@ pub fn sample_batch_with_cancel(
     seeds: &Seeds,
     cancel: Cancel<'_>,
 ) -> Result<Vec<i64>, DlfError> {
+    let off = Penalties::default();
+    sample_batch_penalized(logits, batch, vocab, sampling, &off, None, seeds, cancel)
+}
+
+/// `sample_batch` with penalties on each row's `history` applied to a copy of the row before
+/// drawing (`penalty`): the same token `fuse_step` draws from those logits. `history` is needed
+/// when a penalty is active and ignored otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_batch_penalized(
+    logits: &[f32],
+    batch: usize,
+    vocab: usize,
+    sampling: &Sampling,
+    penalties: &Penalties,
+    history: Option<&History<'_>>,
+    seeds: &Seeds,
+    cancel: Cancel<'_>,
+) -> Result<Vec<i64>, DlfError> {
     check_matrix("logits", logits.len(), batch, vocab)?;
     validate_sampling(sampling)?;
+    validate_penalties(penalties)?;
+    let history = resolve_history(penalties, history, batch, vocab)?;
     validate_seeds(seeds, batch)?;
     if batch == 0 {
         return Ok(vec![]);
@@ -277,7 +306,17 @@ pub fn sample_batch_with_cancel(
         .map_init(SampleScratch::default, |sc, (b, z)| {
             cancel.check()?;
             scan_row("logits", b, z)?;
-            Ok(sample_row(z, sampling, || row_seeds.uniform(b), sc) as i64)
+            let u = || row_seeds.uniform(b);
+            let Some(h) = history else {
+                return Ok(sample_row(z, sampling, u, sc) as i64);
+            };
+            let mut row = std::mem::take(&mut sc.row);
+            row.clear();
+            row.extend_from_slice(z);
+            apply_penalties(&mut row, h.row(b), penalties, &mut sc.seen);
+            let token = sample_row(&row, sampling, u, sc);
+            sc.row = row;
+            Ok(token as i64)
         })
         .collect()
 }

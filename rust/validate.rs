@@ -8,9 +8,13 @@
 //! - grid_step: finite > 0 and at most `MAX_GRID_POINTS` points on the range (bounds one call's
 //!   work; `solver="exact"` is the way to precision);
 //! - support_k: None or >= 1; top_p in (0, 1]; min_p in [0, 1]; temperature finite >= 0;
+//! - repetition_penalty finite > 0; frequency_penalty and presence_penalty finite in [-2, 2]
+//!   (OpenAI's and vLLM's range); speculative decoding with an active penalty is refused;
 //! - integers from the caller arrive as u64 and must fit `usize`.
 
-use crate::config::{Sampling, Seeds, SolverConfig, Speculative, Weights, MAX_DRAFT_LEN};
+use crate::config::{
+    Penalties, Sampling, Seeds, SolverConfig, Speculative, Weights, MAX_DRAFT_LEN,
+};
 use crate::error::DlfError;
 use crate::numerics::passes::RowScan;
 
@@ -197,6 +201,32 @@ pub fn validate_sampling(s: &Sampling) -> Result<(), DlfError> {
     Ok(())
 }
 
+/// Largest |frequency_penalty| and |presence_penalty| (OpenAI's and vLLM's bound).
+pub const MAX_ABS_PENALTY: f64 = 2.0;
+
+pub fn validate_penalties(p: &Penalties) -> Result<(), DlfError> {
+    if !(p.repetition.is_finite() && p.repetition > 0.0) {
+        return Err(DlfError::invalid(
+            "repetition_penalty",
+            "a finite number > 0 (1 is off)",
+            num(p.repetition),
+        ));
+    }
+    for (arg, x) in [
+        ("frequency_penalty", p.frequency),
+        ("presence_penalty", p.presence),
+    ] {
+        if !(x.is_finite() && x.abs() <= MAX_ABS_PENALTY) {
+            return Err(DlfError::invalid(
+                arg,
+                format!("a finite number in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}] (0 is off)"),
+                num(x),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn validate_seeds(seeds: &Seeds, batch: usize) -> Result<(), DlfError> {
     if let Seeds::PerRow(v) = seeds {
         if v.len() != batch {
@@ -211,18 +241,42 @@ pub(crate) fn validate_seeds(seeds: &Seeds, batch: usize) -> Result<(), DlfError
 }
 
 /// Every option of a step at once, in the order `fuse_step` checks them: static weights (when
-/// given), the solver's settings, sampling. The binding's `validate_options` and `fuse_step` both
-/// call this, so an options record validated once is valid for every call.
+/// given), the solver's settings, sampling, penalties. The binding's `validate_options` and
+/// `fuse_step` both call this, so an options record validated once is valid for every call.
 pub fn validate_options(
     alpha: Option<&[f64]>,
     cfg: &SolverConfig,
     sampling: &Sampling,
+    penalties: &Penalties,
 ) -> Result<(), DlfError> {
     if let Some(a) = alpha {
         validate_static_alpha(a)?;
     }
     validate_solver(cfg)?;
-    validate_sampling(sampling)
+    validate_sampling(sampling)?;
+    validate_penalties(penalties)
+}
+
+/// Speculative verification does not apply penalties (each drafted position would need the
+/// row's history extended by the draft before it), so the two are refused together, naming
+/// `speculative`, rather than verified against logits the sequential step would not sample.
+pub fn validate_speculative_penalties(
+    spec: Speculative,
+    penalties: &Penalties,
+) -> Result<(), DlfError> {
+    if spec != Speculative::Off && penalties.active() {
+        let got = match spec {
+            Speculative::Fixed(k) => k.to_string(),
+            _ => "'auto'".to_string(),
+        };
+        return Err(DlfError::invalid(
+            "speculative",
+            "None when repetition_penalty != 1, frequency_penalty != 0 or presence_penalty != 0 \
+             (speculative verification does not apply penalties)",
+            got,
+        ));
+    }
+    Ok(())
 }
 
 /// The `speculative` option: a draft length in [1, `MAX_DRAFT_LEN`] (`Fixed`) or `Auto`.
@@ -380,6 +434,40 @@ mod tests {
             assert!(validate_speculative(ok).is_ok());
         }
         assert!(validate_speculative(Speculative::Fixed(MAX_DRAFT_LEN)).is_ok());
+        let p = |repetition, frequency, presence| Penalties {
+            repetition,
+            frequency,
+            presence,
+        };
+        for ok in [p(1.0, 0.0, 0.0), p(1e-9, 2.0, -2.0), p(50.0, -2.0, 2.0)] {
+            assert!(validate_penalties(&ok).is_ok());
+        }
+        let bad_p = [
+            (
+                p(0.0, 0.0, 0.0),
+                "repetition_penalty: expected a finite number > 0 (1 is off), got 0.0",
+            ),
+            (p(-1.0, 0.0, 0.0), "repetition_penalty:"),
+            (p(f64::INFINITY, 0.0, 0.0), "repetition_penalty:"),
+            (p(f64::NAN, 0.0, 0.0), "repetition_penalty:"),
+            (
+                p(1.0, 2.5, 0.0),
+                "frequency_penalty: expected a finite number in [-2, 2] (0 is off), got 2.5",
+            ),
+            (p(1.0, f64::NAN, 0.0), "frequency_penalty:"),
+            (p(1.0, 0.0, -2.01), "presence_penalty:"),
+        ];
+        for (bad, msg) in bad_p {
+            let e = validate_penalties(&bad).unwrap_err().to_string();
+            assert!(e.starts_with(msg), "{e}");
+        }
+        let on = p(1.1, 0.0, 0.0);
+        assert!(validate_speculative_penalties(Speculative::Off, &on).is_ok());
+        assert!(validate_speculative_penalties(Speculative::Auto, &p(1.0, 0.0, 0.0)).is_ok());
+        for spec in [Speculative::Auto, Speculative::Fixed(3)] {
+            assert!(matches!(validate_speculative_penalties(spec, &on),
+                Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "speculative"));
+        }
         for bad in [0, MAX_DRAFT_LEN + 1] {
             assert!(matches!(validate_speculative(Speculative::Fixed(bad)),
                 Err(DlfError::InvalidArgument { ref arg, .. }) if arg == "speculative"));

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from dlf_rs import _core
 
-OPTION_KEYS = ["alpha_min", "alpha_max", "grid_step", "solver", "multi_expert", "support_k", "temperature", "top_k", "top_p", "min_p"]
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+OPTION_KEYS = ["alpha_min", "alpha_max", "grid_step", "solver", "multi_expert", "support_k", *SAMPLING_KEYS]
 
 
 def options(**overrides):
@@ -52,6 +52,9 @@ def test_defaults_are_the_documented_ones():
         "top_k": 0,
         "top_p": 1.0,
         "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
         "max_grid_points": 10001,
         "max_abs_alpha": 100.0,
         "speculative": None,
@@ -79,6 +82,10 @@ BAD_OPTIONS = [
     ({"top_p": 0.0}, "top_p:"),
     ({"top_p": 1.5}, "top_p:"),
     ({"min_p": -0.1}, "min_p:"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty:"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty:"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty:"),
+    ({"presence_penalty": -float("inf")}, "presence_penalty:"),
 ]
 
 
@@ -190,7 +197,8 @@ def test_ctrl_c_stops_a_long_call_within_a_bound():
         z = lambda: np.ascontiguousarray(rng.normal(0, 2, (b, v)).astype(np.float32))
         large, small, experts = z(), z(), [z() for _ in range(4)]
         opts = {k: _core.DEFAULTS[k] for k in
-                "solver multi_expert support_k temperature top_k top_p min_p".split()}
+                "solver multi_expert support_k temperature top_k top_p min_p "
+                "repetition_penalty frequency_penalty presence_penalty".split()}
         threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         t0 = time.perf_counter()
         try:

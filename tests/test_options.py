@@ -26,9 +26,10 @@ def test_defaults_are_the_cores() -> None:
     o = StepOptions()
     assert o.alpha_range == (d["alpha_min"], d["alpha_max"])
     for name in ("grid_step", "solver", "multi_expert", "support_k", "temperature", "top_k",
-                 "top_p", "min_p"):  # fmt: skip
+                 "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                 "presence_penalty"):  # fmt: skip
         assert getattr(o, name) == d[name], name
-    assert o.method == "dlf" and o.greedy and o.fused
+    assert o.method == "dlf" and o.greedy and o.fused and not o.penalized
 
 
 def test_method_is_inferred_from_alpha() -> None:
@@ -69,6 +70,13 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
     ("solver", 1, TypeError, "solver:"),
     ("multi_expert", "all", DlfError, "multi_expert:"),
     ("method", "best", DlfError, "method:"),
+    ("repetition_penalty", 0.0, DlfError, "repetition_penalty: expected a finite number > 0"),
+    ("repetition_penalty", -1.2, DlfError, "repetition_penalty:"),
+    ("repetition_penalty", "1.2", TypeError, "repetition_penalty:"),
+    ("frequency_penalty", 2.5, DlfError, "frequency_penalty: expected a finite number in [-2, 2]"),
+    ("frequency_penalty", float("nan"), DlfError, "frequency_penalty:"),
+    ("presence_penalty", -3.0, DlfError, "presence_penalty:"),
+    ("presence_penalty", True, TypeError, "presence_penalty:"),
 ]
 
 

@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any]
 SIMD_TIER: str
 """Every step option's default, from the Rust `Default` impls (the single source): alpha_min,
 alpha_max, grid_step, solver, multi_expert, support_k, temperature, top_k, top_p, min_p,
-speculative, and the limits max_grid_points, max_abs_alpha and max_draft_len."""
+repetition_penalty, frequency_penalty, presence_penalty, speculative, and the limits max_grid_points, max_abs_alpha and max_draft_len."""
 
 class DlfError(ValueError):
     """Invalid input to the decode core; the message names the argument, expected and actual."""
@@ -45,9 +45,13 @@ def validate_options(
     top_k: int,
     top_p: float,
     min_p: float,
+    repetition_penalty: float,
+    frequency_penalty: float,
+    presence_penalty: float,
     speculative: int | str | None = None,
 ) -> None:
-    """Raise DlfError exactly as fuse_step would for these options (all but alpha's count)."""
+    """Raise DlfError exactly as fuse_step would for these options (all but alpha's count);
+    also refuses `speculative` together with an active penalty."""
 
 class StepResult:
     """Per-row results of one `fuse_step`; every array getter returns a fresh copy."""
@@ -96,9 +100,17 @@ def fuse_step(
     top_k: int,
     top_p: float,
     min_p: float,
+    repetition_penalty: float,
+    frequency_penalty: float,
+    presence_penalty: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
-) -> StepResult: ...
+    history: npt.NDArray[np.int64] | None = None,
+    history_offsets: npt.NDArray[np.int64] | None = None,
+) -> StepResult:
+    """`history` (int64, flat, negative ids are padding) and `history_offsets` (int64 [B + 1]:
+    row b is history[offsets[b]:offsets[b + 1]]) together: the tokens each row has seen, needed
+    when a penalty is active (applied to the fused row before the draw), ignored otherwise."""
 def fuse_logits(
     large: npt.NDArray[np.float32],
     small: npt.NDArray[np.float32],
@@ -112,8 +124,13 @@ def sample(
     top_k: int,
     top_p: float,
     min_p: float,
+    repetition_penalty: float,
+    frequency_penalty: float,
+    presence_penalty: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
+    history: npt.NDArray[np.int64] | None = None,
+    history_offsets: npt.NDArray[np.int64] | None = None,
 ) -> npt.NDArray[np.int64]: ...
 
 class VerifyResult:
@@ -167,10 +184,14 @@ def fuse_verify(
     top_k: int,
     top_p: float,
     min_p: float,
+    repetition_penalty: float,
+    frequency_penalty: float,
+    presence_penalty: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
 ) -> VerifyResult:
     """Speculative verification (rust/verify.rs): model logits [B, P, V] (P = k + 1; position j
     after the row's first j drafted tokens), drafted tokens [B, k], per-row draft lengths, and
     when sampling the draft's logits [B, k, V]. Greedy: drafts accepted while they equal the
-    fused argmax; sampling: accepted with min(1, p/q), else a draw from max(0, p - q)."""
+    fused argmax; sampling: accepted with min(1, p/q), else a draw from max(0, p - q). The
+    penalties must be off (DlfError naming the first one that is not)."""

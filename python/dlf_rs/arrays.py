@@ -1,4 +1,5 @@
-"""Logits as the core reads them: C-contiguous, aligned float32 numpy arrays.
+"""Logits as the core reads them: C-contiguous, aligned float32 numpy arrays; token histories
+(for the penalties) as one flat int64 array with row offsets (:func:`history_arrays`).
 
 Where it sits: used by the checked step API (:mod:`dlf_rs.step`) on every array a caller passes.
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from ._core import DlfError
 
-__all__ = ["as_f32", "experts_f32", "is_torch_tensor", "torch_to_numpy"]
+__all__ = ["as_f32", "experts_f32", "history_arrays", "is_torch_tensor", "torch_to_numpy"]
 
 
 def is_torch_tensor(x: object) -> bool:
@@ -93,4 +94,63 @@ def experts_f32(experts: object) -> list[np.ndarray]:
     raise TypeError(
         "experts: expected a [T, B, V] array or a list of T [B, V] arrays, "
         f"got {type(experts).__name__}"
+    )
+
+
+_I64_MAX = np.iinfo(np.int64).max
+
+
+def _ids_i64(x: object, name: str, ndim: int) -> np.ndarray:
+    """Token ids as a C-contiguous int64 array with ``ndim`` dimensions (no copy when they
+    already are); integer dtypes only (bool and floats are refused, an empty sequence is fine)."""
+    if is_torch_tensor(x):
+        t: Any = x
+        if t.device.type != "cpu":
+            raise TypeError(
+                f"{name}: expected a CPU tensor, got a tensor on {t.device}; call .cpu() first"
+            )
+        x = t.detach().numpy()
+    try:
+        arr = np.asarray(x)
+    except (OverflowError, ValueError) as e:  # ints beyond int64, ragged nested lists
+        raise DlfError(f"{name}: expected integer token ids, got {e}") from None
+    if arr.ndim != ndim:
+        want = "a 1-D sequence of token ids" if ndim == 1 else "a 2-D int array [B, L]"
+        raise DlfError(f"{name}: expected {want}, got shape {list(arr.shape)}")
+    if arr.size == 0:
+        return np.zeros(arr.shape, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(
+            f"{name}: expected integer token ids, got dtype {arr.dtype}; convert with "
+            ".astype(np.int64)"
+        )
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > _I64_MAX:
+        raise DlfError(f"{name}: expected token ids that fit int64, got {int(arr.max())}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def history_arrays(history: object) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens each row has seen, as the core reads them: ``(ids, offsets)`` with row b's ids
+    ``ids[offsets[b]:offsets[b + 1]]``. Negative ids are padding (skipped by the core).
+
+    ``history`` is a 2-D int array ``[B, L]`` (numpy or CPU torch; an int64 C-contiguous one is
+    passed without a copy: ``ids`` is its flat view, ``offsets`` 0, L, ..., B * L) or a list of B
+    1-D integer sequences of any lengths (concatenated once). Row count and id range are the
+    core's checks (``history``, ``history[b]``).
+    """
+    if isinstance(history, np.ndarray) and history.dtype == object and history.ndim == 1:
+        history = list(history)
+    if isinstance(history, np.ndarray) or is_torch_tensor(history):
+        arr = _ids_i64(history, "history", 2)
+        rows, width = arr.shape
+        return arr.reshape(-1), np.arange(rows + 1, dtype=np.int64) * width
+    if isinstance(history, (list, tuple)):
+        seqs = [_ids_i64(h, f"history[{b}]", 1) for b, h in enumerate(history)]
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(h) for h in seqs], out=offsets[1:])
+        ids = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+        return ids, offsets
+    raise TypeError(
+        "history: expected a list of B token-id sequences or a 2-D int array [B, L], "
+        f"got {type(history).__name__}"
     )

@@ -139,6 +139,13 @@ class StepOptions:
     - ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` in (0, 1], ``min_p`` in
       [0, 1]: how the token is drawn from the fused logits (the weights always use the raw
       logits).
+    - ``repetition_penalty`` (> 0, 1 = off), ``frequency_penalty`` and ``presence_penalty``
+      (each in [-2, 2], 0 = off): penalties on the tokens a row has already seen (its
+      ``history``, given per call), applied to the fused logits before the sampler and the
+      greedy argmax, never to the weights. Repetition first (Hugging Face's
+      ``RepetitionPenaltyLogitsProcessor``: l / p if l > 0, else l * p, once per distinct
+      token), then l -= frequency * count + presence (OpenAI's), the order vLLM uses. Any
+      penalty other than off needs ``history`` and ``speculative=None``.
     - ``speculative``: None (off: one large forward per token), a draft length k in [1, 16] or
       "auto" (each row drafts while the draft's top probability is >= 0.5, up to 8 tokens):
       speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.speculative`), same output
@@ -158,6 +165,9 @@ class StepOptions:
     top_p: float = _D["top_p"]
     min_p: float = _D["min_p"]
     speculative: int | str | None = _D["speculative"]
+    repetition_penalty: float = _D["repetition_penalty"]
+    frequency_penalty: float = _D["frequency_penalty"]
+    presence_penalty: float = _D["presence_penalty"]
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalise the checked values once, here
@@ -196,6 +206,8 @@ class StepOptions:
         put(self, "top_k", check_int(self.top_k, "top_k"))
         put(self, "top_p", check_real(self.top_p, "top_p"))
         put(self, "min_p", check_real(self.min_p, "min_p"))
+        for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
+            put(self, name, check_real(getattr(self, name), name))
         spec = self.speculative
         if spec is not None and not isinstance(spec, str):
             try:
@@ -239,6 +251,15 @@ class StepOptions:
         return self.temperature == 0.0
 
     @property
+    def penalized(self) -> bool:
+        """Whether a penalty on seen tokens is active (then every call needs a ``history``)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+    @property
     def fused(self) -> bool:
         """Whether the step fuses several models ("dlf" or "static")."""
         return self.method in ("dlf", "static")
@@ -264,12 +285,16 @@ class StepOptions:
 
     @cached_property
     def sampling_kwargs(self) -> dict[str, Any]:
-        """The keywords of ``_core.sample`` (every one given: the core holds no defaults)."""
+        """The keywords of ``_core.sample`` (every one given: the core holds no defaults); the
+        penalties' ``history`` is per call, not part of the record."""
         return {
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
             "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
         }
 
     def core_kwargs(self, n_experts: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ._core import DlfError, StepResult
 from ._core import fuse_logits as core_fuse_logits
 from ._core import fuse_step as core_fuse_step
 from ._core import sample as core_sample
-from .arrays import as_f32, experts_f32, torch_to_numpy
+from .arrays import as_f32, experts_f32, history_arrays, torch_to_numpy
 from .options import StepOptions, check_real, check_seed
 
 __all__ = ["fuse_logits", "fuse_step", "fuse_step_prepared", "sample"]
@@ -33,18 +33,37 @@ def _seed_kwargs(seed: object) -> dict[str, Any]:
     return {"seed": checked}
 
 
+def _history_kwargs(history: object, options: StepOptions) -> dict[str, Any]:
+    """The core's ``history`` / ``history_offsets`` keywords; nothing (and no look at
+    ``history``) when no penalty is active, so such calls are unchanged. An active penalty
+    without a history is the core's error (naming ``history``)."""
+    if history is None or not options.penalized:
+        return {}
+    ids, offsets = history_arrays(history)
+    return {"history": ids, "history_offsets": offsets}
+
+
 def fuse_step_prepared(
     large: np.ndarray,
     small: np.ndarray,
     experts: list[np.ndarray],
     options: StepOptions,
     seeds: list[int] | None,
+    history: Any = None,
 ) -> StepResult:
     """``fuse_step`` for callers that hold float32 C-contiguous arrays and a checked record
-    (the generation loop): no conversion, no re-validation of the record in Python."""
+    (the generation loop): no conversion, no re-validation of the record in Python.
+
+    ``history`` as in :func:`fuse_step`; cheapest as an int64 C-contiguous ``[B, L]`` array
+    padded with -1 (passed without a copy), e.g. a buffer the loop fills in place.
+    """
+    kwargs = options.core_kwargs(len(experts))
+    if history is None:  # the loop's common case: not one more call
+        return core_fuse_step(large, small, experts, **kwargs, seed=None, seeds=seeds)
     return core_fuse_step(
-        large, small, experts, **options.core_kwargs(len(experts)), seed=None, seeds=seeds
-    )
+        large, small, experts, **kwargs, seed=None, seeds=seeds,
+        **_history_kwargs(history, options),
+    )  # fmt: skip
 
 
 def fuse_step(
@@ -54,6 +73,7 @@ def fuse_step(
     options: StepOptions | None = None,
     *,
     seed: int | list[int] | None = None,
+    history: Any = None,
     **overrides: Any,
 ) -> StepResult:
     """One Dynamic Logit Fusion decoding step for a batch.
@@ -70,6 +90,12 @@ def fuse_step(
     :func:`sample` on one model's logits.
 
     ``seed``: None (fresh entropy), an int (row b draws from stream b), or B ints (one per row).
+
+    ``history``: the tokens each row has seen, for ``repetition_penalty``,
+    ``frequency_penalty`` and ``presence_penalty`` (applied to the fused logits before the
+    draw; the weights, ``loss`` and KLs are those without): a list of B 1-D integer sequences
+    (any lengths) or a 2-D int array ``[B, L]`` whose negative entries are padding. Needed when
+    a penalty is active, ignored otherwise. Ids must be < V (error naming ``history[b]``).
     Raises ``DlfError`` (a ValueError) on bad values or shapes, ``TypeError`` on bad types.
     """
     opts = StepOptions.build(options, **overrides)
@@ -81,7 +107,10 @@ def fuse_step(
     zl = as_f32(large, "large", 2)
     zs = as_f32(small, "small", 2)
     ze = experts_f32(experts)
-    return core_fuse_step(zl, zs, ze, **opts.core_kwargs(len(ze)), **_seed_kwargs(seed))
+    return core_fuse_step(
+        zl, zs, ze, **opts.core_kwargs(len(ze)), **_seed_kwargs(seed),
+        **_history_kwargs(history, opts),
+    )  # fmt: skip
 
 
 def fuse_logits(large: Any, small: Any, experts: Any, alphas: Any) -> np.ndarray:
@@ -123,6 +152,7 @@ def sample(
     options: StepOptions | None = None,
     *,
     seed: int | list[int] | None = None,
+    history: Any = None,
     **overrides: Any,
 ) -> np.ndarray:
     """Draw one token per row from float32 logits [B, V]; int64 [B].
@@ -130,8 +160,11 @@ def sample(
     Sampling fields of :class:`StepOptions` as a record and/or keywords: ``temperature=0`` is
     greedy (argmax, lowest index on ties); otherwise softmax((z - max z) / temperature), then
     top-k, top-p and min-p filter before drawing. ``-inf`` tokens are never drawn. ``seed`` as in
-    :func:`fuse_step`.
+    :func:`fuse_step`. The penalties (with ``history``, as in :func:`fuse_step`) apply to a copy
+    of each row first: ``sample(fused, history=h, ...)`` draws what ``fuse_step`` draws.
     """
     opts = StepOptions.build(options, **overrides)
     z = as_f32(logits, "logits", 2)
-    return core_sample(z, **opts.sampling_kwargs, **_seed_kwargs(seed))
+    return core_sample(
+        z, **opts.sampling_kwargs, **_seed_kwargs(seed), **_history_kwargs(history, opts)
+    )

@@ -1,12 +1,14 @@
 //! Last in the flow: the batch loops. `fuse_step` validates (`validate`), then per row, in
 //! parallel with rayon: scan the rows (`validate`), reduce the support (`support`), solve the
-//! weights (`solver`), fuse the full-vocabulary logits (`fuse`) and draw the token (`sample`).
+//! weights (`solver`), fuse the full-vocabulary logits (`fuse`), penalise the row's seen tokens
+//! (`penalty`, only when asked) and draw the token (`sample`).
 //! `fuse_logits` is the same loop with given weights and no draw.
 //!
 //! CONTRACT (used by rust/python.rs, benches and tests; do not rename):
 //! - `StepInputs`: `large`, `small` and each `experts[t]` are row-major `batch * vocab` f32.
 //! - `fuse_step(&inputs, &weights, &sampling, &seeds) -> Result<StepOutput, DlfError>`.
 //! - `fuse_logits(&inputs, alphas /* batch * T, row-major */, out /* batch * vocab */)`.
+//! - `fuse_step_with_penalties(&inputs, &weights, &sampling, &penalties, history, &seeds, cancel)`.
 //!
 //! Rows are independent: each is processed on a rayon worker with that thread's scratch buffers,
 //! and errors are reported for the lowest failing row, so the result never depends on scheduling.
@@ -16,18 +18,19 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::cancel::Cancel;
-use crate::config::{Sampling, Seeds, Weights};
+use crate::config::{Penalties, Sampling, Seeds, Weights};
 use crate::error::DlfError;
 use crate::fuse::{fuse_row, fused_argmax_one};
 use crate::numerics::with_simd;
+use crate::penalty::{apply_penalties, resolve_history, History};
 use crate::sample::{sample_row, RowSeeds, SampleScratch};
 use crate::solver::certified::{self, CertScratch};
 use crate::solver::{solve_row, SolverScratch};
 use crate::support::Reduced;
 use crate::validate::ModelRow;
 use crate::validate::{
-    scan_models, shape, validate_inputs, validate_sampling, validate_seeds, validate_weight_values,
-    validate_weights,
+    scan_models, shape, validate_inputs, validate_penalties, validate_sampling, validate_seeds,
+    validate_weight_values, validate_weights,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -174,10 +177,49 @@ pub fn fuse_step_with_cancel(
     fuse_step_impl(inputs, weights, sampling, seeds, true, cancel)
 }
 
+/// `fuse_step_with_cancel` with penalties on each row's `history` (`penalty`), applied to the
+/// fused logits before the draw; the weights, J and the traces are those without. `history` is
+/// needed when a penalty is active and ignored otherwise.
+pub fn fuse_step_with_penalties(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    penalties: &Penalties,
+    history: Option<&History<'_>>,
+    seeds: &Seeds,
+    cancel: Cancel<'_>,
+) -> Result<StepOutput, DlfError> {
+    let seen = Seen { penalties, history };
+    fuse_step_rows(inputs, weights, sampling, seen, seeds, true, cancel)
+}
+
+/// The penalties of a step and the history they apply to.
+#[derive(Clone, Copy)]
+struct Seen<'p, 'h, 'a> {
+    penalties: &'p Penalties,
+    history: Option<&'h History<'a>>,
+}
+
 pub(crate) fn fuse_step_impl(
     inputs: &StepInputs<'_>,
     weights: &Weights,
     sampling: &Sampling,
+    seeds: &Seeds,
+    parallel: bool,
+    cancel: Cancel<'_>,
+) -> Result<StepOutput, DlfError> {
+    let off = Seen {
+        penalties: &Penalties::default(),
+        history: None,
+    };
+    fuse_step_rows(inputs, weights, sampling, off, seeds, parallel, cancel)
+}
+
+fn fuse_step_rows(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    seen: Seen<'_, '_, '_>,
     seeds: &Seeds,
     parallel: bool,
     cancel: Cancel<'_>,
@@ -192,12 +234,15 @@ pub(crate) fn fuse_step_impl(
     let n_t = inputs.experts.len();
     validate_weights(weights, n_t)?;
     validate_sampling(sampling)?;
+    validate_penalties(seen.penalties)?;
+    let history = resolve_history(seen.penalties, seen.history, inputs.batch, inputs.vocab)?;
+    let penalise = history.map(|h| (seen.penalties, h));
     validate_seeds(seeds, inputs.batch)?;
     if inputs.batch == 0 {
         return Ok(StepOutput::empty(n_t));
     }
     let row_seeds = RowSeeds::new(seeds);
-    let run = |b: usize| step_row(inputs, b, weights, sampling, &row_seeds, cancel);
+    let run = |b: usize| step_row(inputs, b, weights, sampling, penalise, &row_seeds, cancel);
     let rows: Vec<Result<RowOut, DlfError>> = if parallel {
         (0..inputs.batch).into_par_iter().map(run).collect()
     } else {
@@ -231,16 +276,22 @@ pub(crate) fn gather_rows(
     Ok(out)
 }
 
+/// Active penalties with the (checked) history they apply to; `None` leaves the rows alone.
+type Penalise<'p, 'h, 'a> = Option<(&'p Penalties, &'h History<'a>)>;
+
 fn step_row(
     inputs: &StepInputs<'_>,
     b: usize,
     weights: &Weights,
     sampling: &Sampling,
+    penalise: Penalise<'_, '_, '_>,
     seeds: &RowSeeds<'_>,
     cancel: Cancel<'_>,
 ) -> Result<RowOut, DlfError> {
     cancel.check()?;
-    with_row_scratch(|sc| row_with_scratch(inputs, b, weights, sampling, seeds, cancel, sc))
+    with_row_scratch(|sc| {
+        row_with_scratch(inputs, b, weights, sampling, penalise, seeds, cancel, sc)
+    })
 }
 
 /// Runs `f` with this thread's scratch buffers (freed afterwards when they grew too large).
@@ -262,20 +313,30 @@ fn row_with_scratch(
     b: usize,
     weights: &Weights,
     sampling: &Sampling,
+    penalise: Penalise<'_, '_, '_>,
     seeds: &RowSeeds<'_>,
     cancel: Cancel<'_>,
     sc: &mut Scratch,
 ) -> Result<RowOut, DlfError> {
     let (mut out, large, small, experts) = solve_row_models(inputs, b, weights, cancel, sc)?;
     // Greedy with one weighted expert: the token without writing the fused row (AVX-512).
+    // Penalties change the row, so they take the general path below.
     let mut live = (0..experts.len()).filter(|&t| out.alphas[t] != 0.0);
-    if let (true, Some(t), None) = (sampling.temperature == 0.0, live.next(), live.next()) {
+    if let (true, None, Some(t), None) = (
+        sampling.temperature == 0.0,
+        penalise,
+        live.next(),
+        live.next(),
+    ) {
         if let Some(tok) = fused_argmax_one(large.z, small, experts[t], out.alphas[t]) {
             out.token = tok as i64;
             return Ok(out);
         }
     }
     fuse_into(&mut sc.fused, large, small, &experts, &out.alphas);
+    if let Some((p, h)) = penalise {
+        apply_penalties(&mut sc.fused, h.row(b), p, &mut sc.sample.seen);
+    }
     out.token = sample_row(&sc.fused, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
     Ok(out)
 }
