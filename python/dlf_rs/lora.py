@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .runner import ModelSlot
+from .runner import ModelSlot, cache_keyword
 
 __all__ = [
     "BASE", "LORA_MODES", "MIXED_MIN_PARAMS", "AdapterView", "MixedLora", "choose_mode",
@@ -83,19 +83,23 @@ class MixedLora:
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Any = None,
         **kwargs: Any,
     ) -> Any:
         ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         rows = int(ref.shape[0]) // len(self.members)
         names = [m for m in self.members for _ in range(rows)]
+        # The driver passes ``cache`` (it is named first); the base model gets the KV cache under
+        # the name its own transformers takes (runner.cache_keyword), ``past_key_values`` on 4.x.
+        kwargs[cache_keyword(self.base())] = cache if cache is not None else past_key_values
         return self.peft_model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, position_ids=position_ids, logits_to_keep=logits_to_keep,
-            adapter_names=names, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+            position_ids=position_ids, logits_to_keep=logits_to_keep, adapter_names=names,
+            **kwargs,
         )  # fmt: skip
 
     __call__ = forward
@@ -170,14 +174,27 @@ def _add_adapter(peft_model: Any, arg: str, name: str, src: Any) -> Any:
 
 
 def lora_experts(
-    small: Any, adapters: Sequence[Any], mode: str = "auto", *, arg: str = "experts"
+    small: Any, adapters: Sequence[Any], mode: str = "auto", *, arg: str = "experts",
+    local_files_only: bool = True,
 ) -> tuple[Any, list[Any], str]:
     """``(small, experts, mode)`` for :class:`FusedGenerator` from a loaded small base and T
     adapters (directories or ``PeftModel`` instances), run as ``mode`` (see the module doc).
 
     With "mixed" or "separate" the base is wrapped in place (LoRA layers injected into
     ``small``): pass a model the caller does not use elsewhere. "merged" copies it per adapter.
+    Adapters are local directories; with ``local_files_only`` (the default) peft runs in the
+    hub's offline mode (:func:`dlf_rs.loading.hub_scope`), so an adapter directory without its
+    weights fails instead of peft fetching them from the hub under the directory's name.
     """
+    from .loading import hub_scope
+
+    with hub_scope(local_files_only):
+        return _lora_experts(small, adapters, mode, arg)
+
+
+def _lora_experts(
+    small: Any, adapters: Sequence[Any], mode: str, arg: str
+) -> tuple[Any, list[Any], str]:
     if mode not in LORA_MODES:
         raise ValueError(f"lora_mode: expected one of {LORA_MODES}, got {mode!r}")
     if isinstance(adapters, (str, os.PathLike)):

@@ -10,6 +10,7 @@ with ``fast=True`` a reused static cache and compiled decode forwards, :mod:`dlf
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 import weakref
@@ -24,7 +25,8 @@ from .fastpath import FastModel, FastOptions, cache_length
 from .staging import LogitStaging
 
 __all__ = [
-    "ModelRunner", "ModelSlot", "context_length", "forward_params", "model_device", "model_vocab",
+    "ModelRunner", "ModelSlot", "cache_keyword", "context_length", "forward_params", "model_device",
+    "model_vocab", "output_cache",
 ]  # fmt: skip
 
 
@@ -76,6 +78,39 @@ def forward_params(model: Any) -> frozenset[str]:
     return params
 
 
+@functools.cache
+def _library_cache_keyword() -> str:
+    """The installed transformers' name for the KV cache: ``cache`` where its output classes
+    carry a ``cache`` field (from 5.24, which deprecates ``past_key_values`` for removal in
+    5.40), else ``past_key_values``."""
+    try:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+    except ImportError:
+        return "past_key_values"
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model``'s forward takes its KV cache by, read from its signature: ``cache``
+    from transformers 5.24 (passing ``past_key_values`` there prints a FutureWarning on every
+    call), ``past_key_values`` on older releases and older remote code. A forward naming neither
+    (``**kwargs`` only, e.g. a ``PeftModel``) gets the installed transformers' name."""
+    params = forward_params(model)
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    return _library_cache_keyword()
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned: ``out.cache`` on current transformers, else
+    ``out.past_key_values`` (reading that name on current releases logs a deprecation)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 _PLAIN_CACHE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
@@ -109,7 +144,7 @@ class ModelSlot:
 
     name: str  # "large", "small", "expert:<i>"
     model: Any
-    prompts: list[str]
+    prompts: list[Any]  # str, or a tuple of token ids (dlf_rs.inputs)
     device: torch.device
     takes_logits_to_keep: bool
     takes_position_ids: bool
@@ -121,17 +156,18 @@ class ModelSlot:
     # A mixed LoRA batch (dlf_rs.lora.group_slots): this slot's forward runs ``group`` models'
     # rows member-major, and its logits fill ``group`` staging buffers.
     group: int = 1
+    cache_kw: str = "past_key_values"  # the forward's name for the KV cache (cache_keyword)
 
     @classmethod
-    def of(cls, name: str, model: Any, prompts: list[str], fast: FastModel | None) -> ModelSlot:
+    def of(cls, name: str, model: Any, prompts: list[Any], fast: FastModel | None) -> ModelSlot:
         params = forward_params(model)
         return cls(name, model, prompts, model_device(model), "logits_to_keep" in params,
-                   "position_ids" in params, fast)  # fmt: skip
+                   "position_ids" in params, fast, cache_kw=cache_keyword(model))  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, call: Any = None) -> Any:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
-            "past_key_values": self.cache,
+            self.cache_kw: self.cache,
             "use_cache": True,
         }
         # Without padding the mask is all ones and the positions are the cache length onwards:
@@ -147,7 +183,7 @@ class ModelSlot:
             out = (call or self.model)(**kwargs)
         except torch.cuda.OutOfMemoryError as err:
             raise oom_hint(self.name, err) from err
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out.logits[:, -1, :]
 
 
@@ -161,7 +197,7 @@ class ModelRunner:
         slots: list[ModelSlot],
         staging: LogitStaging,
         timings: dict[str, float],
-        tokenize: Callable[[list[str]], list[list[int]]],
+        tokenize: Callable[[list[Any]], list[list[int]]],  # text or token-id prompts
         pad_id: int,
         fast: FastOptions | None,
         side_stream: Callable[[torch.device], torch.cuda.Stream],
