@@ -8,10 +8,16 @@ On the shipped family (float32, CPU, greedy), per generated token:
 - dlf_rs ``FusedGenerator.generate`` with static alpha 1 (the same computation, through the core)
   and with DLF (the solver added).
 Tokens are compared row by row; times are medians over prompts; ratios are taken in this run.
-Then the thread sweep behind ``dlf-rs generate --threads``' default: torch threads 1 and 2 (the
-core's rayon pool follows ``RAYON_NUM_THREADS``) at B = 1 and B = 8.
+Then the thread sweep behind the ``--threads`` default of ``dlf-rs generate`` and ``dlf-rs bench``:
+torch threads 1 and 2 (the core's rayon pool follows ``RAYON_NUM_THREADS``) at B = 1 and B = 8,
+each setting in a fresh process with ``OMP_WAIT_POLICY=PASSIVE`` (what the CLI sets; ``--wait-policy``
+changes it), on the machine as it is and, with ``--busy N``, while N busy-loop processes take the
+cores (the case where spinning OpenMP workers collapse). ``--repeats R`` runs the grid R times in
+alternating order and prints the median of each cell, so drift in the machine's load spreads
+over every cell.
 
     python benches/bench_loop.py [--prompts 40] [--task qa] [--max-new-tokens 24]
+    python benches/bench_loop.py --no-loop --busy 0 2 --wait-policy PASSIVE ACTIVE --repeats 3
 """
 
 from __future__ import annotations
@@ -97,34 +103,67 @@ def loop_cost(args: argparse.Namespace) -> None:
         print(f"{name:22s} {1e3 * statistics.median(xs):9.3f} {ratio:37.3f}x")
 
 
+def _thread_cell(args: argparse.Namespace, policy: str, batch: int, threads: int) -> float:
+    """Seconds per token of DLF with one expert, median of 3 calls, in a fresh process (rayon's
+    pool size and OpenMP's wait policy are fixed when the process first uses them)."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_WAIT_POLICY=policy)
+    code = (
+        "import sys, time, statistics, torch\n"
+        "from dlf_rs.family import CHECKPOINTS, example_prompts\n"
+        "from dlf_rs.generate import FusedGenerator\n"
+        f"torch.set_num_threads({threads})\n"
+        "g = FusedGenerator.from_pretrained(CHECKPOINTS/'large_base', "
+        f"CHECKPOINTS/'small_base', [CHECKPOINTS/'small_expert_{args.task}'])\n"
+        f"p = example_prompts('{args.task}', {batch})\n"
+        "g.eos_token_ids = set()\n"
+        f"g.generate(p, {args.max_new_tokens})\n"
+        "ts = []\n"
+        "for _ in range(3):\n"
+        f"    t0 = time.perf_counter(); g.generate(p, {args.max_new_tokens})\n"
+        f"    ts.append((time.perf_counter() - t0) / {args.max_new_tokens})\n"
+        "print(statistics.median(ts))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, timeout=900)  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _start_hogs(n: int) -> list[subprocess.Popen[bytes]]:
+    """n busy-loop processes (each takes one core), as other users' work would."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
 def thread_sweep(args: argparse.Namespace) -> None:
-    """Each setting in a fresh process: rayon's pool size is fixed at its first use."""
-    print("\nthreads (torch = rayon), DLF, one expert, ms per token (median of 3 calls):")
-    print(f"{'B':>3s} " + " ".join(f"{f'threads={t}':>11s}" for t in (1, 2)))
-    for batch in (1, 8):
-        cells = []
-        for threads in (1, 2):
-            env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-            code = (
-                "import sys, time, statistics, torch\n"
-                "from dlf_rs.family import CHECKPOINTS, example_prompts\n"
-                "from dlf_rs.generate import FusedGenerator\n"
-                f"torch.set_num_threads({threads})\n"
-                "g = FusedGenerator.from_pretrained(CHECKPOINTS/'large_base', "
-                f"CHECKPOINTS/'small_base', [CHECKPOINTS/'small_expert_{args.task}'])\n"
-                f"p = example_prompts('{args.task}', {batch})\n"
-                "g.eos_token_ids = set()\n"
-                f"g.generate(p, {args.max_new_tokens})\n"
-                "ts = []\n"
-                "for _ in range(3):\n"
-                f"    t0 = time.perf_counter(); g.generate(p, {args.max_new_tokens})\n"
-                f"    ts.append((time.perf_counter() - t0) / {args.max_new_tokens})\n"
-                "print(statistics.median(ts))\n"
-            )
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                 text=True, check=True)  # fmt: skip
-            cells.append(float(out.stdout.strip().splitlines()[-1]))
-        print(f"{batch:3d} " + " ".join(f"{1e3 * c:11.3f}" for c in cells))
+    threads_list, batches = (1, 2), (1, 8)
+    cells = [(busy, pol, b, t) for busy in args.busy for pol in args.wait_policy
+             for b in batches for t in threads_list]  # fmt: skip
+    times: dict[tuple[int, str, int, int], list[float]] = {c: [] for c in cells}
+    for rep in range(args.repeats):
+        for busy in args.busy:
+            hogs = _start_hogs(busy)
+            try:
+                grid = [c for c in cells if c[0] == busy]
+                for cell in grid if rep % 2 == 0 else grid[::-1]:
+                    times[cell].append(_thread_cell(args, *cell[1:]))
+            finally:
+                _stop(hogs)
+    print(f"\nthreads (torch = rayon), DLF, one expert, ms per token, {os.cpu_count()} CPUs; "
+          f"each cell: median over {args.repeats} run(s) (alternating order) of the median of "
+          "3 calls")  # fmt: skip
+    print(f"{'busy procs':>10s} {'OMP_WAIT_POLICY':>15s} {'B':>3s} "
+          + " ".join(f"{f'threads={t}':>11s}" for t in threads_list))  # fmt: skip
+    for busy in args.busy:
+        for pol in args.wait_policy:
+            for b in batches:
+                row = [statistics.median(times[(busy, pol, b, t)]) for t in threads_list]
+                print(f"{busy:10d} {pol:>15s} {b:3d} "
+                      + " ".join(f"{1e3 * c:11.3f}" for c in row))  # fmt: skip
 
 
 def main() -> None:
@@ -133,8 +172,16 @@ def main() -> None:
     ap.add_argument("--task", default="qa", choices=("math", "qa", "summary"))
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--no-threads", action="store_true", help="skip the thread sweep")
+    ap.add_argument("--no-loop", action="store_true", help="only the thread sweep")
+    ap.add_argument("--busy", type=int, nargs="+", default=[0], metavar="N",
+                    help="thread sweep with N busy-loop processes running (e.g. 0 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="thread sweep repetitions")
+    ap.add_argument("--wait-policy", nargs="+", choices=("PASSIVE", "ACTIVE"),
+                    default=[os.environ.get("OMP_WAIT_POLICY", "PASSIVE")],
+                    help="OMP_WAIT_POLICY of the sweep (several: each is measured)")
     args = ap.parse_args()
-    loop_cost(args)
+    if not args.no_loop:
+        loop_cost(args)
     if not args.no_threads:
         thread_sweep(args)
 

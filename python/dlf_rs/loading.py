@@ -7,11 +7,16 @@ shared tokenizer. Decisions (README "Loading checkpoints"):
   ``/``, or whose first component is an existing local directory, e.g. the mistyped
   ``default_family/large_bse``) and does not exist fails at once, naming the argument.
   Anything else is a hub id, resolved **only from the local Hugging Face cache** unless the
-  caller passes ``local_files_only=False``: dlf_rs never downloads unless asked to.
+  caller passes ``local_files_only=False``: dlf_rs never downloads unless asked to, and with
+  ``local_files_only=True`` (the default) loading makes no network request at all (see
+  :func:`hub_scope`: transformers' adapter lookup and huggingface_hub's request headers would
+  otherwise reach the hub even for a local-only load).
 - Safetensors only: a checkpoint with only pickle weights (``pytorch_model.bin``) is refused
   unless ``allow_pickle=True`` (pickle can run code when loaded).
 - ``trust_remote_code`` is False unless the caller passes True explicitly (it runs the
   checkpoint's Python code).
+- ``device``: a CUDA device is checked (CUDA usable, index in range) when the options are built,
+  before any model loads, as a ``ValueError`` naming ``device``.
 - dtype: float32 on CPU unless asked otherwise (float16 matrix work is slow on most CPUs and
   makes padded batches differ from single prompts); on an accelerator the checkpoint's own dtype.
   A ``device_map`` on a machine without CUDA counts as CPU.
@@ -24,16 +29,17 @@ shared tokenizer. Decisions (README "Loading checkpoints"):
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .runner import oom_hint
 
-__all__ = ["LoadOptions", "load_family", "load_model", "load_tokenizer",
-           "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
+__all__ = ["LoadOptions", "check_device", "hub_scope", "load_family", "load_model",
+           "load_tokenizer", "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
 
 PER_MODEL = ("gguf_file", "device_map", "max_memory", "offload_folder")
 
@@ -96,6 +102,7 @@ class LoadOptions:
             self.device = torch.device(device) if device is not None else None
         except RuntimeError as err:
             raise ValueError(f"device: {err}") from None
+        check_device("device", self.device)
         self.device_map = device_map
         self.local_files_only = local_files_only
         self.allow_pickle = allow_pickle
@@ -114,11 +121,16 @@ class LoadOptions:
         )
         if dtype is None:
             dtype = torch.float32 if on_cpu else "auto"
+        # transformers' AutoModel looks for adapter_config.json on the hub with adapter_kwargs,
+        # which do not inherit local_files_only (transformers 5.x, auto_factory.from_pretrained).
+        adapter_kwargs = dict(extra.get("adapter_kwargs") or {})
+        adapter_kwargs.setdefault("local_files_only", local_files_only)
         self.kwargs: dict[str, Any] = {
             **extra,
             "dtype": dtype,
             "local_files_only": local_files_only,
             "trust_remote_code": trust_remote_code,
+            "adapter_kwargs": adapter_kwargs,
         }
 
     def kwargs_for(self, name: str) -> dict[str, Any]:
@@ -134,6 +146,60 @@ class LoadOptions:
         if per_model("device_map", self.device_map, name) is None and self.device is not None:
             model = model.to(self.device)
         return model.eval()
+
+
+def check_device(arg: str, device: str | torch.device | None) -> None:
+    """Refuse a CUDA device that this process cannot use, before any model loads (torch would
+    only fail at the first ``.to(device)``, after every checkpoint was read): ``ValueError``
+    naming ``arg``."""
+    if device is None:
+        return
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{arg}: {str(dev)!r} requested but CUDA is not available here (no NVIDIA GPU or "
+            "driver visible to torch); use cpu"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"{arg}: {str(dev)!r} requested but this machine has {count} CUDA device(s) "
+            f"(cuda:0 to cuda:{count - 1})"
+        )
+
+
+@contextlib.contextmanager
+def hub_scope(local_files_only: bool) -> Iterator[None]:
+    """With ``local_files_only``, the Hugging Face hub's offline mode for the scope of a load.
+
+    Passing ``local_files_only`` is not enough for zero network requests: huggingface_hub
+    builds request headers (which fetch its agent registry from the hub once a day) before it
+    looks at ``local_files_only``. Its offline switch is read from ``HF_HUB_OFFLINE`` once, at
+    import, into ``huggingface_hub.constants.HF_HUB_OFFLINE``, which every request consults; so
+    the constant (and the variable, for code that reads it at call time) is set here and
+    restored on exit. Other threads loading from the hub during the scope are offline too."""
+    if not local_files_only:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        yield
+        return
+    saved_const = constants.HF_HUB_OFFLINE
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_const
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -235,7 +301,8 @@ def load_model(arg: str, src: str, opts: LoadOptions, name: str | None = None) -
     if not opts.allow_pickle and gguf is None:
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        with hub_scope(opts.local_files_only):
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except torch.cuda.OutOfMemoryError as err:
         raise oom_hint(arg, err) from err
     except OSError as err:
@@ -283,12 +350,13 @@ def load_tokenizer(arg: str, src: str, opts: LoadOptions, gguf_file: str | None 
     elif os.path.isdir(src) and not has_tokenizer_files(src):
         raise FileNotFoundError(f"{arg}: {src!r} holds no tokenizer files (tokenizer.json, ...)")
     try:
-        return AutoTokenizer.from_pretrained(
-            src,
-            local_files_only=opts.local_files_only,
-            trust_remote_code=opts.trust_remote_code,
-            **kwargs,
-        )
+        with hub_scope(opts.local_files_only):
+            return AutoTokenizer.from_pretrained(
+                src,
+                local_files_only=opts.local_files_only,
+                trust_remote_code=opts.trust_remote_code,
+                **kwargs,
+            )
     except OSError as err:
         if os.path.isdir(src):
             raise OSError(f"{arg}: no tokenizer could be loaded from {src!r}: {err}") from err
@@ -338,8 +406,9 @@ def load_family(
             loaded[i] = load_model(f"experts[{i}]", src, opts, f"expert:{i}")
     if adapters:
         small_model, lora, _ = lora_experts(
-            small_model, [expert_srcs[i] for i in adapters], lora_mode, arg="experts"
-        )
+            small_model, [expert_srcs[i] for i in adapters], lora_mode, arg="experts",
+            local_files_only=opts.local_files_only,
+        )  # fmt: skip
         loaded.update(zip(adapters, lora))
     expert_models = [loaded[i] for i in range(len(expert_srcs))]
     if tok_src is None:

@@ -135,14 +135,17 @@ def naive_step_time(models: list[Any], tok: Any, prompts: list[str], steps: int)
     """Seconds per step of the proxy-tuning style loop: ``models`` = [large, small, *experts]."""
     from transformers import DynamicCache
 
+    from dlf_rs.runner import cache_keyword
+
     device = next(models[0].parameters()).device
     vocab = len(tok)
     with torch.no_grad():
         ids, mask, pos = _encode(tok, prompts, device)
-        caches = [DynamicCache(config=m.config) for m in models]
+        # {"cache": c} (or {"past_key_values": c} on transformers 4.x), made once per model.
+        caches = [{cache_keyword(m): DynamicCache(config=m.config)} for m in models]
         z = [
-            m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c,
-              use_cache=True).logits[:, -1, :vocab].float()
+            m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+              **c).logits[:, -1, :vocab].float()
             for m, c in zip(models, caches)
         ]  # fmt: skip
         pos = pos[:, -1:]
@@ -154,8 +157,8 @@ def naive_step_time(models: list[Any], tok: Any, prompts: list[str], steps: int)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             pos = pos + 1
             z = [
-                m(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=c,
-                  use_cache=True).logits[:, -1, :vocab].float()
+                m(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                  **c).logits[:, -1, :vocab].float()
                 for m, c in zip(models, caches)
             ]  # fmt: skip
         _sync(device)
@@ -166,6 +169,7 @@ def own_step_times(gen: Any, prompts: list[str], steps: int) -> dict[str, float]
     """Seconds per single-token decode step of each model alone, reusing the fast generator's
     static caches and compiled calls (same shapes, so nothing is recompiled)."""
     from dlf_rs.fastpath import cache_length
+    from dlf_rs.runner import cache_keyword
 
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -174,7 +178,8 @@ def own_step_times(gen: Any, prompts: list[str], steps: int) -> dict[str, float]
             ids, mask, pos = _encode(gen.tokenizer, prompts, device)
             ctx = getattr(state.model.config, "max_position_embeddings", None)
             state.prepare(ids.shape[0], cache_length(ids.shape[1] + steps, ctx), mask)
-            kw = {"attention_mask": state.mask, "past_key_values": state.cache, "use_cache": True}
+            kw = {"attention_mask": state.mask, cache_keyword(state.model): state.cache,
+                  "use_cache": True}
             state.model(input_ids=ids, position_ids=pos, logits_to_keep=1, **kw)
             call = state.decode_call()
             nxt, pos = ids[:, -1:].clone(), pos[:, -1:]
@@ -231,7 +236,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bandwidth", type=float, default=None, metavar="B_PER_S",
                     help="memory bandwidth for the floor (default: spec sheet by GPU name, "
                          "else measured with a large torch copy)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    # The same flag as `dlf-rs generate --threads` (default and meaning): torch's threads and the
+    # core's workers. torch's own default (every core) was measured 21x slower per step at B=1
+    # on a shared 2-core machine (168.7 ms against 7.99 with one thread).
+    from dlf_rs.cli import add_threads_argument
+
+    add_threads_argument(ap)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -247,13 +257,15 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dlf_rs.cli import set_threads
     from dlf_rs.fastpath import cache_length, kv_cache_bytes
     from dlf_rs.generate import FusedGenerator
+    from dlf_rs.loading import check_device
     from dlf_rs.options import StepOptions
 
     _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_device("--device", args.device)
+    set_threads(args.threads)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     large_cfg = args.large_config or ("llama2-13b" if on_gpu else "tiny")
