@@ -107,3 +107,45 @@ def test_chat_template_for_the_expert_only(smol: Any) -> None:
     new = out[:, enc["input_ids"].shape[1] :].tolist()
     for b in range(2):
         assert expert.token_ids[b] == new[b][: len(expert.token_ids[b])]
+
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of Italy?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Name a colour of the sea."}],
+    [{"role": "user", "content": "Write a haiku about rust."}],
+]
+
+
+def test_messages_equal_apply_chat_template_and_hf_generate(smol: Any) -> None:
+    """generate(messages=...) with method "large" equals transformers: apply_chat_template with
+    the generation prompt, then greedy generate, token for token, conversations batched."""
+    got = smol.generate(messages=CHATS, max_new_tokens=8, method="large")
+    tok = smol.tokenizer
+    for b, conv in enumerate(CHATS):
+        enc = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)  # fmt: skip
+        with torch.no_grad():
+            out = smol.large.generate(**enc, max_new_tokens=8, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)  # fmt: skip
+        row = out[0, enc["input_ids"].shape[1] :].tolist()
+        assert got.token_ids[b] == row[: len(got.token_ids[b])], b
+        if got.finish_reasons[b] == "length":
+            assert len(got.token_ids[b]) == 8
+    # DLF reads the same chat ids in every model (one template here): L = S = expert.
+    fused = smol.generate(messages=CHATS, max_new_tokens=8)
+    assert fused.token_ids == got.token_ids
+
+
+def test_stream_on_byte_level_text(smol: Any) -> None:
+    """Streamed chunks of a byte-level vocabulary (a character over three tokens, a stop string
+    ending inside a token) join to generate's texts and ids; no chunk carries U+FFFD."""
+    prompts = ["Crab emoji: 🦀🦀🦀🦀🦀🦀🦀🦀🦀", PROMPTS[0], PROMPTS[2]]
+    for kw in ({}, {"stop": ["🦀🦀", " is"]}, {"speculative": 3}):
+        want = smol.generate(prompts, 10, method="dlf", **kw)
+        texts, ids = [""] * 3, [[], [], []]  # type: ignore[var-annotated]
+        for chunk in smol.stream(prompts, 10, method="dlf", **kw):
+            assert "\ufffd" not in chunk.text
+            texts[chunk.row] += chunk.text
+            ids[chunk.row] += chunk.token_ids
+        assert ids == want.token_ids and texts == want.texts, kw

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -242,12 +243,12 @@ def test_seeds_reproduce_and_rows_are_batch_independent(gens: dict[str, FusedGen
 def test_refused_where_it_does_not_apply(gens: dict[str, FusedGenerator]) -> None:
     gen = _gen(gens, "qa", 1)
     with pytest.raises(DlfError, match="^speculative: needs a fused method"):
-        gen.generate(["question : where does ana live ? answer :"], 4, method="large",
+        gen.generate(["question : where does kubrai moulos live ? answer :"], 4, method="large",
                      speculative=2)  # fmt: skip
     with pytest.raises(DlfError, match=r"^speculative: expected None, a draft length in \[1, 16\]"):
-        gen.generate(["question : where does ana live ? answer :"], 4, speculative=0)
+        gen.generate(["question : where does kubrai moulos live ? answer :"], 4, speculative=0)
     with pytest.raises(TypeError, match="^speculative: expected None, an int"):
-        gen.generate(["question : where does ana live ? answer :"], 4, speculative=2.0)
+        gen.generate(["question : where does kubrai moulos live ? answer :"], 4, speculative=2.0)
 
 
 def test_cli_flag(tmp_path: Any) -> None:
@@ -259,7 +260,11 @@ def test_cli_flag(tmp_path: Any) -> None:
             "--max-new-tokens", "12", "--no-progress", "-o"]  # fmt: skip
     assert main([*args, str(out), "--speculative", "4"]) == 0
     assert main([*args, str(tmp_path / "s.jsonl")]) == 0
-    assert out.read_text() == (tmp_path / "s.jsonl").read_text()
+    spec, seq = json.loads(out.read_text()), json.loads((tmp_path / "s.jsonl").read_text())
+    # The speculative record adds the acceptance figures; everything else is sequential DLF's.
+    assert 0.0 <= spec.pop("acceptance_rate") <= 1.0
+    assert len(spec.pop("accepted_draft")) == len(seq["token_ids"])
+    assert spec == seq
     assert main([*args, str(out), "--speculative", "auto"]) == 0
     assert main([*args, str(out), "--speculative", "0"]) == 2
     assert main([*args, str(out), "--speculative", "fast"]) == 2

@@ -5,7 +5,8 @@ models with :meth:`FusedGenerator.from_pretrained`, reads prompts from ``--promp
 file, decodes them in batches and writes one JSON line per prompt. ``dlf-rs demo`` delegates to
 :mod:`dlf_rs.family.demo` and ``dlf-rs bench`` to :mod:`dlf_rs.bench` (imported only when used).
 Errors print one line to stderr and exit with status 2, no traceback (``DLF_RS_DEBUG=1`` shows
-it for an unexpected error).
+it for an unexpected error). :func:`main` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before
+anything imports torch (:func:`passive_omp`).
 """
 
 from __future__ import annotations
@@ -37,22 +38,45 @@ commands:
 
 examples:
   dlf-rs generate --family default --expert qa \\
-      --prompt "question : where does ana live ? answer :" --max-new-tokens 12
+      --prompt "question : where does kubrai moulos live ? answer :" --max-new-tokens 12
   dlf-rs generate --large L --small S --expert MATH --expert QA --prompts in.jsonl -o out.jsonl
 """
+
+# The default of --threads (generate and bench), measured with benches/bench_loop.py on a shared
+# 2-core machine (README, "Command line"): with OMP_WAIT_POLICY=PASSIVE two threads no longer
+# collapse when the cores are busy (B=8: 12.5 ms/token, 77 with ACTIVE) but were not reliably
+# faster than one (idle B=1: 3.5 one, 6.0 two; busy B=8: 5.1 / 12.5); one thread was never the
+# slow case, so it stays the default.
+DEFAULT_THREADS = 1
+
+THREADS_HELP = (
+    "CPU threads for torch and the core's workers (default %(default)s: measured on a shared "
+    "2-core machine, one thread was at most 1.4x slower than two and two up to 2.4x slower than "
+    "one; try 2 or more on an idle machine, README 'Command line'). OMP_WAIT_POLICY=PASSIVE is "
+    "set unless you set it"
+)
 
 GENERATE_EPILOG = """\
 --family default: the shipped tiny family (python/dlf_rs/family/checkpoints); --large and
 --small default to its large_base and small_base, and --expert takes its task names (math, qa,
 summary). Its vocabulary is the words of its synthetic world; prompts follow its task formats,
-e.g. "question : where does <name> live ? answer :" (see README, "The shipped family").
---prompts FILE.jsonl: one JSON object per line with a "prompt" field (or a bare JSON string).
+e.g. "question : where does kubrai moulos live ? answer :" (a person of that world; more in
+dlf_rs.family.example_prompts("qa"), README "The shipped family's prompts").
+Hub ids are read from the local Hugging Face cache only, with no network request at all, unless
+--allow-download is given.
+--prompts FILE.jsonl: one JSON object per line with a "prompt" field (or a bare JSON string),
+or a "messages" field (a chat conversation: a list of {"role", "content"} objects).
+--chat: every prompt is a user message, rendered with each model's own chat template and the
+generation prompt (--system adds a system message first); JSONL "messages" need no --chat.
+--stream: print the text as it is decided, for one prompt (the default when there is one
+prompt, no --output and stdout is a terminal); the JSON line then goes only to --output.
 Output (--output, default stdout): one JSON object per prompt with "prompt", "text",
-"token_ids", "alphas" ([steps][T] weights), "active", "finish_reason", "method".
+"token_ids", "alphas" ([steps][T] weights), "active", "finish_reason", "method"; with
+--speculative also "acceptance_rate" (accepted / tested drafted tokens, null if none was tested)
+and "accepted_draft" (per token: a drafted token the large model accepted).
 Seeds: row seeds are derived from --seed and the prompt's index in the whole input, so the
-output does not depend on --batch-size.
-Threads: --threads N sets torch's CPU threads and the core's worker threads (default 1: on a
-busy 2-core machine one torch thread decoded the shipped family fastest; see README).
+output does not depend on --batch-size; --seed matters only when sampling (--temperature > 0).
+Threads: --threads N sets torch's CPU threads and the core's worker threads (see --threads).
 """
 
 
@@ -65,6 +89,25 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         raise _Failure(message)
 
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The epilog as written, and "(default: X)" after every option that has a real default
+    and whose help does not already say it (argparse's ArgumentDefaultsHelpFormatter also
+    prints "default: None" for options whose default lives in the options record)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 def _max_memory(text: str) -> dict[Any, str]:
@@ -103,7 +146,7 @@ def _draft_length(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     from dlf_rs import __version__
-    from dlf_rs.options import MULTI_EXPERT_RULES
+    from dlf_rs.options import MULTI_EXPERT_RULES, StepOptions
 
     parser = _Parser(
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,19 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused generation with Hugging Face checkpoints",
         description="Fused generation: DLF, static weights (proxy-tuning), or one model alone.",
         epilog=GENERATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     models = gen.add_argument_group("models")
     models.add_argument("--family", help='"default" (the shipped family) or a family directory')
-    models.add_argument("--large", help="large model L: local path or cached hub id")
-    models.add_argument("--small", help="small base model S (needed by dlf and static)")
+    models.add_argument("--large", help="large model L: local path or cached hub id "
+                        "(default with --family: its large_base)")
+    models.add_argument("--small", help="small base model S, needed by dlf and static "
+                        "(default with --family: its small_base)")
     models.add_argument(
         "--expert", action="append", default=[], metavar="PATH",
-        help="small expert (checkpoint or LoRA adapter dir; a task name with --family); repeat",
+        help="small expert (checkpoint or LoRA adapter dir; with --family a task name: math, "
+        "qa, summary for the shipped family); repeat",
     )  # fmt: skip
     models.add_argument("--tokenizer", help="tokenizer path (default: the large model's)")
-    models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    models.add_argument("--device-map", default=None, help='e.g. "auto" (needs accelerate)')
+    models.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cpu); checked before loading")
+    models.add_argument("--device-map", default=None,
+                        help='e.g. "auto" (needs accelerate; default: none, one --device)')
     models.add_argument("--max-memory", default=None, type=_max_memory, metavar="DEV=SIZE,...",
                         help='with --device-map: e.g. "0=20GiB,cpu=60GiB" (accelerate)')
     models.add_argument("--offload-folder", default=None,
@@ -137,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--lora-mode", default="auto", choices=("auto", "mixed", "separate", "merged"),
         help="LoRA adapter experts: one mixed-batch forward, separate forwards on one base, "
-        "or merged copies (auto: by the small model's size, README)",
+        "or merged copies (auto: by the small model's size, README; default: auto)",
     )  # fmt: skip
     models.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
@@ -152,34 +200,64 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeatable")
     src.add_argument("--prompts", metavar="FILE.jsonl", help="JSONL file of prompts")
+    chat = gen.add_argument_group("chat and streaming")
+    chat.add_argument("--chat", action="store_true",
+                      help="prompts are user messages: apply each model's chat template")
+    chat.add_argument("--system", default=None, metavar="TEXT",
+                      help="with --chat: a system message before each prompt")
+    chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                      help="print the text as it is decided (one prompt); default: on for one "
+                      "prompt without --output on a terminal")
+    # The decoding flags default to None ("not given"): the options record holds the defaults,
+    # which their help strings quote from it (no second copy of a default here).
+    d = StepOptions()
+    lo, hi = d.alpha_range
     step = gen.add_argument_group("decoding (dlf_rs.StepOptions)")
     step.add_argument("--method", default=None, choices=("dlf", "static", "large", "expert"),
                       help="default: dlf, or static when --alpha is given")
     step.add_argument(
-        "--alpha", type=float, action="append", default=None,
-        help="static weight (method static); once for all experts or once per expert",
+        "--alpha", type=float, nargs="+", action="extend", default=None, metavar="A",
+        help="static weight(s) (method static): one value for every expert or one per expert, "
+        "e.g. --alpha 1.0 0.5 (default: none)",
     )  # fmt: skip
-    step.add_argument("--expert-index", type=int, default=None, help="expert for method expert")
-    step.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
-    step.add_argument("--solver", choices=("grid", "exact"), default=None)
+    step.add_argument("--expert-index", type=int, default=None,
+                      help="expert for method expert (default: none)")
+    step.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
+                      help="tokens to generate per prompt at most")
+    step.add_argument("--solver", choices=("grid", "exact"), default=None,
+                      help=f"DLF weight solver (default: {d.solver})")
     step.add_argument("--support-k", type=_int_at_least(1), default=None,
                       help="top-k support (default: the full vocabulary)")
-    step.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-    step.add_argument("--grid-step", type=float, default=None, help="grid spacing (default 0.1)")
-    step.add_argument("--multi-expert", choices=MULTI_EXPERT_RULES, default=None)
-    step.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
-    step.add_argument("--top-k", type=_int_at_least(0), default=None)
-    step.add_argument("--top-p", type=float, default=None)
-    step.add_argument("--min-p", type=float, default=None)
-    step.add_argument("--seed", type=_int_at_least(0), default=None)
-    step.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    step.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                      help=f"DLF weights' range (default: {lo:g} {hi:g})")
+    step.add_argument("--grid-step", type=float, default=None,
+                      help=f"grid spacing (default: {d.grid_step:g})")
+    step.add_argument("--multi-expert", choices=MULTI_EXPERT_RULES, default=None,
+                      help=f"rule for several experts (default: {d.multi_expert})")
+    step.add_argument("--temperature", type=float, default=None,
+                      help=f"0 = greedy (default: {d.temperature:g})")
+    step.add_argument("--top-k", type=_int_at_least(0), default=None,
+                      help=f"0 = off (default: {d.top_k})")
+    step.add_argument("--top-p", type=float, default=None, help=f"(default: {d.top_p:g})")
+    step.add_argument("--min-p", type=float, default=None, help=f"(default: {d.min_p:g})")
+    step.add_argument("--repetition-penalty", type=float, default=None,
+                      help=f"seen tokens' logits / p if > 0, else * p (default: "
+                      f"{d.repetition_penalty:g}, off)")
+    step.add_argument("--frequency-penalty", type=float, default=None,
+                      help=f"minus this times a token's count so far (default: "
+                      f"{d.frequency_penalty:g}, off)")
+    step.add_argument("--presence-penalty", type=float, default=None,
+                      help=f"minus this for every seen token (default: {d.presence_penalty:g}, off)")
+    step.add_argument("--seed", type=_int_at_least(0), default=None,
+                      help="sampling seed (only with --temperature > 0; default: fresh entropy)")
+    step.add_argument("--stop", action="append", default=None,
+                      help="stop string; repeatable (default: none)")
     step.add_argument("--speculative", type=_draft_length, default=None, metavar="K|auto",
                       help="speculative DLF: the expert drafts K tokens per large forward "
-                      "(1-16, or auto); same output as sequential DLF")
+                      "(1-16, or auto); same output as sequential DLF (default: off)")
     run = gen.add_argument_group("run")
-    run.add_argument("--batch-size", type=_int_at_least(1), default=8)
-    run.add_argument("--threads", type=_int_at_least(1), default=1,
-                     help="CPU threads for torch and the core (default 1)")
+    run.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per batch")
+    add_threads_argument(run)
     run.add_argument("--output", "-o", default=None, help="JSONL output file (default: stdout)")
     run.add_argument("--no-progress", action="store_true", help="hide every progress bar")
 
@@ -209,8 +287,9 @@ def _delegate(command: str, argv: list[str]) -> int:
         raise _Failure(str(err)) from None
 
 
-def _read_prompts(path: str) -> list[str]:
-    prompts: list[str] = []
+def _read_prompts(path: str) -> list[Any]:
+    """Prompts (strings) or chat conversations (lists of message objects) from a JSONL file."""
+    prompts: list[Any] = []
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -223,11 +302,22 @@ def _read_prompts(path: str) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise _Failure(f"--prompts: {path}:{n}: not JSON ({err.msg})") from None
-        if isinstance(item, dict):
+        if isinstance(item, dict) and "messages" in item:
+            item = item["messages"]
+            if not isinstance(item, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in item
+            ) or not item:  # fmt: skip
+                raise _Failure(f'--prompts: {path}:{n}: "messages" must be a list of '
+                               '{"role": ..., "content": ...} objects')  # fmt: skip
+        elif isinstance(item, dict):
             item = item.get("prompt")
-        if not isinstance(item, str):
+        if not isinstance(item, (str, list)):
             raise _Failure(f'--prompts: {path}:{n}: expected a "prompt" string')
         prompts.append(item)
+    kinds = {isinstance(p, str) for p in prompts}
+    if len(kinds) > 1:
+        raise _Failure(f'--prompts: {path} mixes "prompt" and "messages" lines; use one kind')
     if not prompts:
         raise _Failure(f"--prompts: {path!r} holds no prompts")
     return prompts
@@ -246,11 +336,20 @@ def _family_sources(args: argparse.Namespace) -> tuple[str, str | None, list[str
         raise _Failure(f"--family: {args.family!r} is not a model family directory "
                        "(expected 'default' or a directory with large_base/ and small_base/)")
 
+    tasks = sorted(
+        p.name[len("small_expert_"):] for p in root.glob("small_expert_*")
+        if (p / "config.json").is_file()
+    )  # fmt: skip
+
     def pick(name: str) -> str:
         for cand in (name, f"small_expert_{name}"):
             if (root / cand / "config.json").is_file():
                 return str(root / cand)
-        return name  # a path or hub id of the user's own
+        # A path or an "owner/name" hub id is the user's own model; a bare word can only mean
+        # one of the family's tasks (it would otherwise be looked up as a hub id).
+        if "/" in name or os.sep in name or os.path.exists(os.path.expanduser(name)):
+            return name
+        raise _Failure(f"--expert: unknown expert {name!r}; expected {', '.join(tasks)}")
 
     return (args.large or str(root / "large_base"), args.small or str(root / "small_base"),
             [pick(e) for e in args.expert])  # fmt: skip
@@ -265,7 +364,8 @@ def _step_options(args: argparse.Namespace) -> Any:
         "multi_expert": args.multi_expert, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
         "alpha_range": tuple(args.alpha_range) if args.alpha_range else None,
-        "speculative": args.speculative,
+        "speculative": args.speculative, "repetition_penalty": args.repetition_penalty,
+        "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
     }  # fmt: skip
     if args.alpha is not None:
         fields["alpha"] = args.alpha[0] if len(args.alpha) == 1 else tuple(args.alpha)
@@ -290,6 +390,15 @@ def _check_output(path: str | None) -> None:
         raise _Failure(f"--output: the folder {parent!r} is not writable")
 
 
+def passive_omp() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy. OpenMP (libgomp, loaded with
+    torch) reads it once, when torch is imported, so this runs before that import: with the
+    default (active) policy idle workers spin and, on a machine whose cores are taken by other
+    work, two torch threads decoded the shipped family 6x slower than with PASSIVE (B=8, 77 ms
+    per token against 12.5; README, "Command line")."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def set_threads(n: int) -> None:
     """torch's intra-op threads and the Rust core's worker threads (rayon reads
     RAYON_NUM_THREADS when its pool starts, i.e. on the first core call of the process)."""
@@ -297,6 +406,12 @@ def set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     os.environ.setdefault("RAYON_NUM_THREADS", str(n))
+
+
+def add_threads_argument(group: Any) -> None:
+    """``--threads`` with the same default and meaning for ``generate`` and ``bench``."""
+    group.add_argument("--threads", type=_int_at_least(1), default=DEFAULT_THREADS,
+                       help=THREADS_HELP)  # fmt: skip
 
 
 def _quiet_loading() -> None:
@@ -309,6 +424,19 @@ def _quiet_loading() -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
+def _check_device(device: str | None) -> None:
+    """--device names a device this process can use (checked before any model loads)."""
+    if device is None:
+        return
+    from dlf_rs.loading import check_device
+
+    try:
+        check_device("--device", device)
+    except (RuntimeError, ValueError) as err:  # RuntimeError: torch cannot parse the string
+        msg = " ".join(str(err).split())
+        raise _Failure(msg if msg.startswith("--device") else f"--device: {msg}") from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     # Every argument error comes before the (slow) model loading.
     large, small, experts = _family_sources(args)
@@ -318,16 +446,39 @@ def _generate(args: argparse.Namespace) -> int:
     if opts.fused and not experts:
         raise _Failure(f"--expert: method {opts.method!r} needs at least one expert")
     _check_output(args.output)
-    prompts = list(args.prompt) if args.prompt else _read_prompts(args.prompts)
+    items: list[Any] = list(args.prompt) if args.prompt else _read_prompts(args.prompts)
+    if args.system is not None and not args.chat:
+        raise _Failure("--system: only used with --chat")
+    if args.chat and isinstance(items[0], list):
+        raise _Failure('--chat: the --prompts file already holds "messages"; drop --chat')
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        items = [[*system, {"role": "user", "content": p}] for p in items]
+    chat = isinstance(items[0], list)
+    stream = args.stream
+    if stream is None:
+        stream = len(items) == 1 and args.output is None and sys.stdout.isatty()
+    if stream and len(items) != 1:
+        raise _Failure(f"--stream: prints one prompt's text as it comes; got {len(items)} prompts")
+    _check_device(args.device)
+    if args.seed is not None and opts.greedy:
+        # Hugging Face's generate also accepts a seed with greedy decoding; say it does nothing.
+        print("dlf-rs: note: --seed has no effect with greedy decoding (--temperature 0, the "
+              "default); pass --temperature > 0 to sample", file=sys.stderr)  # fmt: skip
+    import dlf_rs
+
+    try:
+        fused_generator = dlf_rs.FusedGenerator
+    except ImportError as err:  # names the extra to install
+        raise _Failure(f"generate: {err}") from None
     from tqdm import tqdm
 
-    from dlf_rs.generate import FusedGenerator
     from dlf_rs.seeds import row_seed
 
     set_threads(args.threads)
     if args.no_progress:
         _quiet_loading()
-    gen = FusedGenerator.from_pretrained(
+    gen = fused_generator.from_pretrained(
         large=large, small=small, experts=experts, tokenizer=args.tokenizer,
         device=args.device, torch_dtype=args.dtype, device_map=args.device_map,
         local_files_only=not args.allow_download, allow_pickle=args.allow_pickle,
@@ -335,30 +486,46 @@ def _generate(args: argparse.Namespace) -> int:
         max_memory=args.max_memory, offload_folder=args.offload_folder,
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
-        out: TextIO = (
+        out: TextIO | None = (
             stack.enter_context(open(args.output, "w", encoding="utf-8"))
             if args.output
-            else sys.stdout
+            else None if stream else sys.stdout
         )
-        starts = range(0, len(prompts), args.batch_size)
-        for start in tqdm(starts, desc="batches", unit="batch", disable=args.no_progress):
-            batch = prompts[start : start + args.batch_size]
+        starts = range(0, len(items), args.batch_size)
+        for start in tqdm(starts, desc="batches", unit="batch",
+                          disable=args.no_progress or stream):  # fmt: skip
+            batch = items[start : start + args.batch_size]
             seeds = (
                 None
                 if args.seed is None
                 else [row_seed(args.seed, start + i) for i in range(len(batch))]
             )
-            res = gen.generate(batch, args.max_new_tokens, opts, seed=seeds, stop=args.stop)
-            out.writelines(
-                json.dumps({"prompt": prompt, **record}) + "\n"
-                for prompt, record in zip(batch, res.to_records())
-            )
-            out.flush()
+            given: dict[str, Any] = {"messages": batch} if chat else {"prompts": batch}
+            call = {"max_new_tokens": args.max_new_tokens, "options": opts, "seed": seeds,
+                    "stop": args.stop, **given}  # fmt: skip
+            if stream:
+                it = gen.stream(**call)
+                for chunk in it:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                assert it.result is not None
+                res = it.result
+            else:
+                res = gen.generate(**call)
+            if out is not None:
+                key = "messages" if chat else "prompt"
+                out.writelines(
+                    json.dumps({key: item, **record}) + "\n"
+                    for item, record in zip(batch, res.to_records())
+                )
+                out.flush()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dlf-rs``; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    passive_omp()
     try:
         args_list = list(sys.argv[1:] if argv is None else argv)
         if args_list[:1] in (["demo"], ["bench"]):  # their parsers see --help and --x themselves

@@ -18,17 +18,19 @@ Decisions (also in the API docstrings):
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ._core import sample as core_sample
+from .arrays import history_arrays
 from .fastpath import FastModel, FastOptions, resolve_options
+from .inputs import Inputs, Prompt, build_inputs, warn_unknown
 from .loading import LoadOptions, load_family
 from .lora import group_slots
 from .options import StepOptions, check_int
@@ -38,8 +40,9 @@ from .seeds import row_seeds, step_seeds
 from .staging import LogitStaging
 from .step import fuse_step_prepared
 from .stopping import Stopping, check_stop, eos_ids
+from .streaming import DecodeLoop, GenerationStream, StreamChunk, drain
 
-__all__ = ["FusedGenerator", "GenerationResult"]
+__all__ = ["FusedGenerator", "GenerationResult", "GenerationStream", "StreamChunk"]
 
 
 class FusedGenerator:
@@ -102,6 +105,9 @@ class FusedGenerator:
                 f"expert_names: {len(self.expert_names)} names for {len(self.experts)} experts"
             )
         self.vocab_size = len(tokenizer)
+        # A model's own tokenizer (same vocabulary, checked) is kept for its chat template:
+        # keys are model names, optionally followed by " (source)" as from_pretrained gives them.
+        self._chat_tokenizers: dict[str, Any] = {}
         if model_tokenizers:
             ref = dict(tokenizer.get_vocab())
             for name, tok in model_tokenizers.items():
@@ -111,6 +117,8 @@ class FusedGenerator:
                         f"({getattr(tok, 'name_or_path', '?')}) does not match the shared tokenizer "
                         f"({getattr(tokenizer, 'name_or_path', '?')}); DLF needs one vocabulary"
                     )
+                if tok is not None:
+                    self._chat_tokenizers[str(name).split(" (", 1)[0]] = tok
         for name, model in self._named_models():
             if model_vocab(model) < self.vocab_size:
                 raise ValueError(
@@ -131,6 +139,18 @@ class FusedGenerator:
         )
         self._fast_models: dict[str, FastModel] = {}
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __repr__(self) -> str:
+        lines = [f"FusedGenerator(vocab={self.vocab_size}, fast={self.fast},"]
+        for name, model in self._named_models():
+            if name.startswith("expert:"):
+                name = f"{name} {self.expert_names[int(name[7:])]!r}"
+            lines.append(f"  {name}: {_describe(model)},")
+        if not self.experts:
+            lines.append("  experts: none,")
+        tok = self.tokenizer
+        lines.append(f"  tokenizer: {type(tok).__name__}({getattr(tok, 'name_or_path', '') or '?'!r}),")
+        return "\n".join(lines) + "\n)"
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -186,16 +206,27 @@ class FusedGenerator:
     # ------------------------------------------------------------------ generation
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | None = None,
         max_new_tokens: int = 64,
         options: StepOptions | None = None,
         *,
+        messages: Sequence[Any] | None = None,
+        input_ids: Any = None,
+        attention_mask: Any = None,
         seed: int | Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         prompts_for: Mapping[str, Sequence[str]] | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
         **overrides: Any,
     ) -> GenerationResult:
-        """Generate a continuation for every prompt (one batch).
+        """Generate a continuation for every prompt.
+
+        Input, one of: ``prompts`` (a string or a list of strings), ``messages`` (a list of
+        chat conversations, each a list of ``{"role", "content"}`` dicts: every model applies
+        its own tokenizer's chat template with the generation prompt) or ``input_ids`` (a list
+        of token-id lists, or a ``[B, L]`` tensor with an optional ``attention_mask``, as
+        ``generate`` of transformers takes them). :mod:`dlf_rs.inputs` has the rules.
 
         ``options`` (a :class:`dlf_rs.StepOptions`) and/or its fields as keywords: ``method``
         ("dlf", "static", "large", "expert"), ``alpha``, ``expert``, ``solver``, ``support_k``,
@@ -205,25 +236,109 @@ class FusedGenerator:
         ``seed``: None (fresh entropy), an int (row seeds derived from it and the row index) or
         one int per prompt, each in [0, 2**64). ``stop``: strings that end a row.
         ``prompts_for``: per-model prompt lists keyed "large", "small" or "expert:<i>" (same
-        length as ``prompts``); models without a key read ``prompts``. Every model gets its own
+        length as the input); models without a key read the input. Every model gets its own
         prompt tokens and cache; the continuation is shared.
+        ``batch_size``: decode at most this many prompts at once (default: all in one batch);
+        results are in input order and equal to one batch's. ``progress``: a progress bar over
+        the prompts (default: shown when there is more than one batch).
         """
+        loops, sizes, show = self._calls(
+            prompts, max_new_tokens, options, messages, input_ids, attention_mask, seed, stop,
+            prompts_for, batch_size, progress, overrides,
+        )  # fmt: skip
+        return drain(loops, sizes, show)
+
+    def stream(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        max_new_tokens: int = 64,
+        options: StepOptions | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        seed: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        prompts_for: Mapping[str, Sequence[str]] | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        **overrides: Any,
+    ) -> GenerationStream:
+        """:meth:`generate`, yielding each row's new text and token ids as they are decided.
+
+        Returns a :class:`dlf_rs.streaming.GenerationStream` of
+        :class:`~dlf_rs.streaming.StreamChunk` (``row``, ``text``, ``token_ids``,
+        ``finish_reason`` on a row's last chunk); joined per row they equal ``generate``'s
+        ``texts`` and ``token_ids``, and ``stream.result`` is the whole
+        :class:`GenerationResult` once the stream is exhausted. With speculative decoding a
+        chunk may hold several tokens. Arguments as :meth:`generate`; they are checked here,
+        before the first chunk is asked for.
+        """
+        loops, sizes, show = self._calls(
+            prompts, max_new_tokens, options, messages, input_ids, attention_mask, seed, stop,
+            prompts_for, batch_size, progress, overrides,
+        )  # fmt: skip
+        return GenerationStream(loops, sizes, show)
+
+    def _calls(
+        self, prompts: Any, max_new_tokens: Any, options: Any, messages: Any, input_ids: Any,
+        attention_mask: Any, seed: Any, stop: Any, prompts_for: Any, batch_size: Any,
+        progress: Any, overrides: dict[str, Any],
+    ) -> tuple[list[Callable[[], DecodeLoop]], list[int], bool]:  # fmt: skip
+        """Checks every argument, then the decoding loop of each batch (not started)."""
         t_start = time.perf_counter()
         opts = StepOptions.build(options, **overrides)
-        prompts_list = self._check_prompts(prompts, "prompts")
-        batch = len(prompts_list)
-        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
         self._check_models(opts)
+        names = [name for name, _ in self._named_models()]
+        inputs = build_inputs(
+            prompts=prompts, messages=messages, input_ids=input_ids,
+            attention_mask=attention_mask, prompts_for=prompts_for, names=names,
+            chat_tokenizers=self._chat_tokenizers, tokenizer=self.tokenizer,
+            vocab=self.vocab_size,
+        )  # fmt: skip
+        total = inputs.batch
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
         stops = check_stop(stop)
-        seeds_of_rows = None if opts.greedy else row_seeds(seed, batch)
+        size = total if batch_size is None else check_int(batch_size, "batch_size", low=1)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress: expected True, False or None, got {progress!r}")
+        seeds_of_rows = None if opts.greedy else row_seeds(seed, total)
         if opts.greedy and seed is not None:
-            row_seeds(seed, batch)  # checked all the same: a bad seed is an error either way
-        per_model = self._check_prompts_for(prompts_for, batch)
+            row_seeds(seed, total)  # checked all the same: a bad seed is an error either way
+        loops: list[Callable[[], DecodeLoop]] = []
+        sizes = []
+        for lo in range(0, total, size):
+            hi = min(lo + size, total)
+            part = inputs.rows(lo, hi)
+            seeds = None if seeds_of_rows is None else seeds_of_rows[lo:hi]
+            # The first batch's clock starts at the call (argument checks included).
+            start = t_start if lo == 0 else None
+            loops.append(functools.partial(self._decode, opts, part, max_new_tokens, seeds,
+                                           stops, start))  # fmt: skip
+            sizes.append(hi - lo)
+        show = progress if progress is not None else len(loops) > 1
+        return loops, sizes, show
+
+    def _decode(
+        self,
+        opts: StepOptions,
+        inputs: Inputs,
+        max_new_tokens: int,
+        seeds_of_rows: list[int] | None,
+        stops: list[str],
+        t_start: float | None,
+    ) -> DecodeLoop:
+        """One batch's decoding loop: yields the row state after every step, returns the
+        batch's :class:`GenerationResult`."""
+        if t_start is None:
+            t_start = time.perf_counter()
+        batch = inputs.batch
         if opts.speculative is not None:
             from .speculative import generate_speculative
 
-            return generate_speculative(self, opts, prompts_list, max_new_tokens, seeds_of_rows,
-                                        stops, per_model, t_start)  # fmt: skip
+            return (yield from generate_speculative(
+                self, opts, inputs, max_new_tokens, seeds_of_rows, stops, t_start
+            ))  # fmt: skip
 
         if opts.method == "large":
             chosen = [("large", self.large)]
@@ -231,7 +346,7 @@ class FusedGenerator:
             chosen = [(f"expert:{opts.expert}", self.experts[opts.expert or 0])]
         else:
             chosen = self._named_models()
-        slots = [ModelSlot.of(name, model, per_model.get(name, prompts_list),
+        slots = [ModelSlot.of(name, model, inputs.for_model(name),
                               self._fast_model(name, model)) for name, model in chosen]  # fmt: skip
         slots = group_slots(slots)  # LoRA experts of one base marked mixed: one forward
         timings = {"forward": 0.0, "prefill": 0.0, "copy": 0.0, "fuse_step": 0.0, "sample": 0.0}
@@ -239,16 +354,23 @@ class FusedGenerator:
         runner = ModelRunner(slots, staging, timings, self._tokenize, self.pad_token_id,
                              self._fast_options, self._side_stream, self.sync_timings)  # fmt: skip
         ids = [runner.prompt_ids(slot, max_new_tokens) for slot in slots]
-        self._warn_unknown(ids[0], slots[0])
+        warn_unknown(self.tokenizer, ids[0], inputs.for_model(slots[0].name), slots[0].name)
         n_exp = len(self.experts)
         trace = TraceRecorder(batch, n_exp)
         rows = Stopping(batch, self.tokenizer, self.eos_token_ids, stops)
+        # Penalties on seen tokens read each row's prompt (of the model that leads: the large
+        # one, or the expert alone) and its new tokens, as transformers' processors read
+        # input_ids: one int64 buffer padded with -1, filled in place (the core reads it as is).
+        hist, fill = (_history(ids[0], batch, max_new_tokens) if opts.penalized
+                      else (None, None))  # fmt: skip
         # The fast path runs under no_grad like HF generate with static caches and torch.compile
         # (its caches outlive the call and are reused; inference tensors gain nothing there).
-        with torch.no_grad() if self.fast else torch.inference_mode():
+        grad_off = torch.no_grad if self.fast else torch.inference_mode
+        with grad_off():
             runner.prefill(ids, max_new_tokens)
-            steps = 0
-            for step in range(max_new_tokens):
+        steps = 0
+        for step in range(max_new_tokens):
+            with grad_off():
                 t0 = time.perf_counter()
                 staging.wait()
                 timings["copy"] += time.perf_counter() - t0
@@ -257,19 +379,27 @@ class FusedGenerator:
                 t0 = time.perf_counter()
                 if opts.fused:
                     views = staging.views()
-                    r = fuse_step_prepared(views[0], views[1], views[2:], opts, seeds)
+                    r = fuse_step_prepared(views[0], views[1], views[2:], opts, seeds, hist)
                     timings["fuse_step"] += time.perf_counter() - t0
                     next_tokens = r.tokens
                     trace.fused(live, r)
                 else:
+                    seen, offsets = (None, None) if hist is None else history_arrays(hist)
                     next_tokens = core_sample(staging.view(0), **opts.sampling_kwargs,
-                                               seed=None, seeds=seeds)  # fmt: skip
+                                               seed=None, seeds=seeds, history=seen,
+                                               history_offsets=offsets)  # fmt: skip
                     timings["sample"] += time.perf_counter() - t0
                     trace.single(live, 0.0 if opts.method == "large" else np.nan)
                 steps = step + 1
                 rows.record(next_tokens, live)
-                if step == max_new_tokens - 1 or rows.all_finished():
-                    break
+                if hist is not None and fill is not None:
+                    hist[live, fill[live]] = next_tokens[live]
+                    fill[live] += 1
+            if step == max_new_tokens - 1 or rows.all_finished():
+                break
+            # Outside the grad context: a stream's consumer runs here, before the next forward.
+            yield rows
+            with grad_off():
                 runner.decode(np.where(rows.finished, self.pad_token_id, next_tokens))
 
         alphas, traces = trace.rows()
@@ -315,7 +445,15 @@ class FusedGenerator:
                 return int(cand)
         return 0
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+    def _tokenize(self, items: list[Prompt]) -> list[list[int]]:
+        """Token ids of each prompt item: text is tokenized, token-id tuples pass as they are."""
+        texts = [p for p in items if isinstance(p, str)]
+        if len(texts) == len(items):
+            return self._tokenize_texts(texts)
+        encoded = iter(self._tokenize_texts(texts) if texts else [])
+        return [next(encoded) if isinstance(p, str) else list(p) for p in items]
+
+    def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (special tokens added, as the models were trained).
 
         A fast tokenizer's ``__call__`` is its Rust backend's ``encode_batch`` plus ~100 us of
@@ -357,47 +495,7 @@ class FusedGenerator:
             self._fast_models[name] = state
         return state
 
-    def _warn_unknown(self, ids: list[list[int]], slot: ModelSlot) -> None:
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is None:
-            return
-        for b, row in enumerate(ids):
-            n_unk = sum(1 for t in row if t == unk)
-            if n_unk * 2 > len(row):
-                warnings.warn(
-                    f"prompts[{b}]: {n_unk} of {len(row)} tokens are unknown to the tokenizer "
-                    f"({self.tokenizer.unk_token!r}) for the {slot.name} model; the output will "
-                    "not mean much. Use the vocabulary and prompt format the models were "
-                    "trained on (for the shipped family: dlf_rs.family.example_prompts)",
-                    UserWarning,
-                    stacklevel=3,
-                )
-
     # ------------------------------------------------------------------ argument checks
-    @staticmethod
-    def _check_prompts(prompts: object, name: str) -> list[str]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence):
-            raise TypeError(
-                f"{name}: expected a string or a list of strings, got {type(prompts).__name__}"
-            )
-        out = list(prompts)
-        if not out:
-            raise ValueError(f"{name}: the prompt list is empty")
-        for i, p in enumerate(out):
-            if not isinstance(p, str):
-                raise TypeError(f"{name}[{i}]: expected a string, got {type(p).__name__}")
-            if not p.strip():
-                raise ValueError(f"{name}[{i}]: empty or whitespace-only prompt {p!r}")
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError(
-                    f"{name}[{i}]: not valid Unicode ({err.reason} at position {err.start})"
-                ) from None
-        return out
-
     def _check_models(self, opts: StepOptions) -> None:
         n_exp = len(self.experts)
         if opts.method == "expert" and not (opts.expert or 0) < n_exp:
@@ -410,25 +508,28 @@ class FusedGenerator:
             if isinstance(opts.alpha, tuple) and len(opts.alpha) != n_exp:
                 raise ValueError(f"alpha: {len(opts.alpha)} weights given for {n_exp} experts")
 
-    def _check_prompts_for(
-        self, prompts_for: Mapping[str, Sequence[str]] | None, batch: int
-    ) -> dict[str, list[str]]:
-        if not prompts_for:
-            return {}
-        if not isinstance(prompts_for, Mapping):
-            raise TypeError(
-                f"prompts_for: expected a dict of model name -> prompts, got "
-                f"{type(prompts_for).__name__}"
-            )
-        names = {name for name, _ in self._named_models()}
-        out: dict[str, list[str]] = {}
-        for key, lst in prompts_for.items():
-            if key not in names:
-                raise ValueError(
-                    f"prompts_for: unknown key {key!r}; expected one of {sorted(names)}"
-                )
-            items = self._check_prompts(lst, f"prompts_for[{key!r}]")
-            if len(items) != batch:
-                raise ValueError(f"prompts_for[{key!r}]: {len(items)} prompts for {batch} prompts")
-            out[key] = items
-        return out
+
+def _describe(model: Any) -> str:
+    """One model in a line: class, source, size, device and dtype (adapters by their base)."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or "?"
+    try:
+        params = sum(p.numel() for p in model.parameters())
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    except (AttributeError, StopIteration, TypeError):
+        params, dtype = 0, "?"
+    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    return (f"{type(model).__name__}({os.path.basename(str(source).rstrip('/')) or source!r}, "
+            f"{size} params, {model_device(model)}, {dtype})")  # fmt: skip
+
+
+def _history(prompt_ids: list[list[int]], batch: int,
+             max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The seen-token buffer of a penalised call: ``[B, prompt + max_new_tokens]`` int64, -1
+    where nothing was seen yet, and each row's next free column."""
+    rows = prompt_ids[:batch]
+    hist = np.full((batch, max(map(len, rows)) + max_new_tokens), -1, dtype=np.int64)
+    fill = np.zeros(batch, dtype=np.int64)
+    for b, row in enumerate(rows):
+        hist[b, : len(row)] = row
+        fill[b] = len(row)
+    return hist, fill

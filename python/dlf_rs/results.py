@@ -6,6 +6,7 @@ Where it sits: filled step by step by the generation loop (:mod:`dlf_rs.generate
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,19 +61,78 @@ class GenerationResult:
     method: str = "dlf"
     expert_names: list[str] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __repr__(self) -> str:
+        n = len(self.texts)
+        steps = [len(t) for t in self.token_ids]
+        reasons: dict[str, int] = {}
+        for r in self.finish_reasons:
+            reasons[r] = reasons.get(r, 0) + 1
+        shape = "x".join(str(s) for s in np.shape(self.alphas[0])) if n else "0"
+        lines = [
+            (f"GenerationResult(method={self.method!r}, rows={n}, "
+             f"new tokens={min(steps, default=0)}..{max(steps, default=0)}, "
+             f"finish_reasons={reasons}, experts={self.expert_names}, alphas[0]: [{shape}])")
+        ]
+        for i, text in enumerate(self.texts[:3]):
+            short = text if len(text) <= 60 else text[:57] + "..."
+            lines.append(f"  [{i}] {short!r}")
+        if n > 3:
+            lines.append(f"  ... {n - 3} more")
+        return "\n".join(lines)
+
+    @classmethod
+    def concat(cls, parts: list[GenerationResult]) -> GenerationResult:
+        """Several batches' results as one, rows in order; timings are summed."""
+        if len(parts) == 1:
+            return parts[0]
+        timings: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        if "acceptance" in timings:  # a rate, not a sum: accepted over tested drafts
+            tested = sum(p.timings.get("accepted", 0.0) / max(p.timings["acceptance"], 1e-300)
+                         for p in parts if p.timings.get("acceptance"))  # fmt: skip
+            timings["acceptance"] = timings.get("accepted", 0.0) / tested if tested else 0.0
+        return cls(
+            texts=[t for p in parts for t in p.texts],
+            token_ids=[t for p in parts for t in p.token_ids],
+            alphas=[a for p in parts for a in p.alphas],
+            trace=[t for p in parts for t in p.trace],
+            finish_reasons=[r for p in parts for r in p.finish_reasons],
+            timings=timings,
+            method=parts[0].method,
+            expert_names=parts[0].expert_names,
+        )
+
     def to_records(self) -> list[dict[str, Any]]:
-        """JSON-ready dicts (used by the CLI's JSONL output)."""
-        return [
-            {
+        """JSON-ready dicts (used by the CLI's JSONL output). Rows decoded speculatively also
+        carry ``acceptance_rate`` (None when no drafted token was tested) and
+        ``accepted_draft`` (per token)."""
+        records = []
+        for i in range(len(self.texts)):
+            trace = self.trace[i]
+            record: dict[str, Any] = {
                 "text": self.texts[i],
                 "token_ids": [int(t) for t in self.token_ids[i]],
                 "alphas": _short_floats(np.asarray(self.alphas[i], dtype=np.float32)),
-                "active": [int(a) for a in self.trace[i].active],
+                "active": [int(a) for a in trace.active],
                 "finish_reason": self.finish_reasons[i],
                 "method": self.method,
             }
-            for i in range(len(self.texts))
-        ]
+            if trace.accepted_draft is not None or trace.acceptance_rate is not None:
+                rate = trace.acceptance_rate
+                record["acceptance_rate"] = (
+                    None if rate is None or math.isnan(rate) else float(rate)
+                )
+                record["accepted_draft"] = (
+                    None if trace.accepted_draft is None
+                    else [bool(a) for a in trace.accepted_draft]
+                )  # fmt: skip
+            records.append(record)
+        return records
 
 
 class TraceRecorder:

@@ -53,11 +53,13 @@ import torch
 from ._core import DlfError, VerifyResult
 from ._core import fuse_verify as core_fuse_verify
 from ._core import sample as core_sample
+from .inputs import Inputs, warn_unknown
 from .options import StepOptions
 from .results import GenerationResult, RowTrace
-from .runner import ModelRunner, ModelSlot, context_length
+from .runner import ModelRunner, ModelSlot, context_length, output_cache
 from .seeds import step_seed
 from .stopping import Stopping
+from .streaming import DecodeLoop
 
 __all__ = ["AUTO_CONFIDENCE", "AUTO_MAX_DRAFT", "generate_speculative"]
 
@@ -122,7 +124,7 @@ class _Forwards:
         )
         kwargs: dict[str, Any] = {
             "input_ids": torch.from_numpy(tokens).to(dev),
-            "past_key_values": slot.cache,
+            slot.cache_kw: slot.cache,
             "use_cache": True,
         }
         # While no row is padded and no rejected column is masked, the mask is all ones and the
@@ -135,7 +137,7 @@ class _Forwards:
         if slot.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n
         out = slot.model(**kwargs)
-        slot.cache = out.past_key_values
+        slot.cache = output_cache(out)
         slot.last_position = positions[:, -1:]
         logits = out.logits[:, -n:, : self.vocab]
         if self.sync and dev.type == "cuda":
@@ -152,14 +154,15 @@ class _Forwards:
 def generate_speculative(
     gen: Any,
     opts: StepOptions,
-    prompts: list[str],
+    inputs: Inputs,
     max_new_tokens: int,
     seeds_of_rows: list[int] | None,
     stops: list[str],
-    per_model: dict[str, list[str]],
     t_start: float,
-) -> GenerationResult:
-    """Speculative DLF for :meth:`FusedGenerator.generate` (arguments already checked there)."""
+) -> DecodeLoop:
+    """Speculative DLF for one batch of :meth:`FusedGenerator.generate` (arguments already
+    checked there): yields the row state after every round (a stream's consumer runs there,
+    outside inference mode), returns the batch's result."""
     if not opts.fused:
         raise DlfError(
             f"speculative: needs a fused method ('dlf' or 'static'), got method={opts.method!r}"
@@ -169,8 +172,8 @@ def generate_speculative(
             "speculative: not available with fast=True (its static caches are not cropped per "
             "row); build the generator with fast=False"
         )
-    batch, n_exp, vocab = len(prompts), len(gen.experts), gen.vocab_size
-    slots = [ModelSlot.of(name, model, per_model.get(name, prompts), None)
+    batch, n_exp, vocab = inputs.batch, len(gen.experts), gen.vocab_size
+    slots = [ModelSlot.of(name, model, inputs.for_model(name), None)
              for name, model in gen._named_models()]  # fmt: skip
     timings = {"prefill": 0.0, "forward": 0.0, "draft": 0.0, "verify": 0.0, "copy": 0.0,
                "fuse_verify": 0.0, "sample": 0.0, "crop": 0.0}  # fmt: skip
@@ -178,7 +181,7 @@ def generate_speculative(
     runner = ModelRunner(slots, staging, timings, gen._tokenize, gen.pad_token_id, None,
                          gen._side_stream, gen.sync_timings)  # fmt: skip
     ids = [runner.prompt_ids(slot, max_new_tokens) for slot in slots]
-    gen._warn_unknown(ids[0], slots[0])
+    warn_unknown(gen.tokenizer, ids[0], inputs.for_model("large"), "large")
     rows = Stopping(batch, gen.tokenizer, gen.eos_token_ids, stops)
     fwd = _Forwards(slots, vocab, timings, gen.sync_timings)
     auto = opts.speculative == "auto"
@@ -201,6 +204,7 @@ def generate_speculative(
     accepted_total = np.zeros(batch, dtype=np.int64)
     counts = {"rounds": 0, "drafted": 0, "large_forwards": 0}
 
+    outer_grad = torch.is_grad_enabled()
     with torch.inference_mode():
         t0 = time.perf_counter()
         runner.prefill(ids, max_new_tokens)
@@ -305,6 +309,9 @@ def generate_speculative(
                 _drop_rejected(slots, width, n_feed, kept, kept_max)
             pending = np.where(rows.finished, pad, pending)
             timings["crop"] += time.perf_counter() - t0
+            if not rows.all_finished():
+                with torch.inference_mode(False), torch.set_grad_enabled(outer_grad):
+                    yield rows
 
     timings["forward"] = timings["draft"] + timings["verify"] + timings["prefill"]
     timings["steps"] = float(counts["rounds"])
