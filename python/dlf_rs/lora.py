@@ -23,9 +23,11 @@ noise of a few milliseconds and merged (plain forwards, no peft at decode time) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -131,6 +133,17 @@ def _adapter_name(i: int, src: Any) -> str:
     return f"e{i}"
 
 
+@contextlib.contextmanager
+def _peft_quiet() -> Iterator[None]:
+    """peft's PeftModel constructor reads ``is_gradient_checkpointing``, which transformers 5.x
+    deprecates with a FutureWarning on every adapter load; it is peft's call, not the user's,
+    so that one message is hidden (every other warning still shows)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated",
+                                category=FutureWarning)  # fmt: skip
+        yield
+
+
 def _add_adapter(peft_model: Any, arg: str, name: str, src: Any) -> Any:
     """Load ``src`` (an adapter directory or a ``PeftModel``) into ``peft_model`` as ``name``;
     returns the PeftModel (created from the plain base for the first adapter)."""
@@ -145,7 +158,8 @@ def _add_adapter(peft_model: Any, arg: str, name: str, src: Any) -> Any:
             if isinstance(peft_model, peft.PeftModel):
                 peft_model.load_adapter(path, adapter_name=name)
                 return peft_model
-            return peft.PeftModel.from_pretrained(peft_model, path, adapter_name=name)
+            with _peft_quiet():
+                return peft.PeftModel.from_pretrained(peft_model, path, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as err:
             msg = " ".join(str(err).split())[:400]
             raise ValueError(
@@ -159,7 +173,8 @@ def _add_adapter(peft_model: Any, arg: str, name: str, src: Any) -> Any:
         if isinstance(peft_model, peft.PeftModel):
             peft_model.add_adapter(name, config)
         else:
-            peft_model = peft.get_peft_model(peft_model, config, adapter_name=name)
+            with _peft_quiet():
+                peft_model = peft.get_peft_model(peft_model, config, adapter_name=name)
         try:
             set_peft_model_state_dict(peft_model, state, adapter_name=name)
         except RuntimeError as err:
