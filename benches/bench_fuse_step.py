@@ -1,15 +1,32 @@
 """Python-side benchmark of one DLF decode step (`make bench-python`).
 
-On the same Zipf-like inputs it times `dlf_rs.fuse_step` (the certified default, the plain
-full-vocabulary scan it replaces (support_k=V), grid + support_k=256/1024, exact), the numpy
-reference's vectorised paper grid (tests/reference.py), a vectorised torch (CPU) paper grid
-written here, and a memory floor: numpy reading every input array once. Prints median times and
-ratios, the issue-11 goals as measured ratios, the certified/fallback rates of the default on
-Zipf and flat Gaussian rows, then the pruning-error figures. Timing is reported, never asserted.
+First, one table per kind of row, side by side (`--kinds`): for each vocabulary size and shape
+(B=8 T=1, B=32 T=4), the certified default's median time, the plain full-vocabulary scan it
+replaces (support_k=V), the exact solver, the numpy reference's vectorised paper grid
+(tests/reference.py; at the largest shapes one call), a memory floor (numpy reading every input
+array once), the share of rows the default certified, and whether the default equals the full
+scan (weights and tokens). The kinds:
+
+- zipf: `reference.zipf_logits`: Zipf-like large and small rows; each expert differs from the
+  small model on 300 of its likeliest tokens only (d = z_E - z_S is exactly 0 elsewhere).
+- dense: `reference.dense_logits`, shaped like real fine-tunes (issue 22): the same large and
+  small rows; each expert row = small + N(0, s) on every token, s ~ U(0.05, 0.3) per row and
+  expert, plus 20 task tokens (uniform over the vocabulary) boosted by U(2, 6) each.
+- real: the shipped family (python/dlf_rs/family): large_base, small_base and the small experts
+  (qa; for T=3 also math and summary), logits recorded by one forward pass of each model over
+  held-out qa prompts followed by their DLF continuation (greedy, 12 new tokens); every decode
+  position is a row. Its vocabulary has 215 tokens, so these rows are reported at V=215 only.
+
+Then (unless `--quick`) the older detail tables on Zipf rows at V=32000: support_k=256/1024 and a
+vectorised torch (CPU) paper grid, the certified/fallback rates on Zipf and flat Gaussian rows,
+and the pruning-error figures. Timing is reported, never asserted. `--quick` (V=32000 only,
+shorter samples, no detail tables) runs in a few minutes.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import dlf_rs
-from reference import objective_row, paper_grid_numpy, zipf_logits
+from reference import dense_logits, objective_row, paper_grid_numpy, zipf_logits
 
 try:
     import torch
@@ -199,11 +216,147 @@ def pruning_figures(
     )
 
 
+VOCABS = (32000, 128256, 151936)
+SHAPES = ((8, 1), (32, 4))
+
+
+def real_rows(n_prompts: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(large [N, 215], small [N, 215], experts [3, N, 215]) float32 from the shipped family:
+    every decode position of held-out qa prompts continued by DLF (12 greedy tokens)."""
+    import torch as th
+    from dlf_rs.family import checkpoint, example_prompts
+
+    names = ("small_expert_qa", "small_expert_math", "small_expert_summary")
+    gen = dlf_rs.FusedGenerator.from_pretrained(
+        checkpoint("large_base"), checkpoint("small_base"), [checkpoint(n) for n in names]
+    )
+    prompts = example_prompts("qa", n_prompts)
+    out = gen.generate(prompts, max_new_tokens=12)
+    v = gen.vocab_size
+    models = [gen.large, gen.small, *gen.experts]
+    rows: list[list[np.ndarray]] = [[] for _ in models]
+    for prompt, new in zip(prompts, out.token_ids, strict=True):
+        ids = list(gen.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        full = th.tensor([ids + list(new)])
+        with th.inference_mode():
+            for m, acc in zip(models, rows, strict=True):
+                z = m(full).logits[0, len(ids) - 1 : full.shape[1] - 1, :v]
+                acc.append(z.float().numpy())
+    arrs = [np.concatenate(a).astype(np.float32) for a in rows]
+    return arrs[0], arrs[1], np.stack(arrs[2:])
+
+
+def kind_row(
+    large: np.ndarray, small: np.ndarray, experts: np.ndarray, quick: bool
+) -> dict[str, float]:
+    """One line of a kind's table: medians in seconds, the certified share, identical or not."""
+    vocab = large.shape[1]
+    ex = list(experts)
+    budget = 1.0 if quick else 3.0
+    work = large.size * (1 + len(ex))
+    slow = work * len(ex) > 8 * 128256 * 4  # numpy's grid takes seconds: one call
+    out: dict[str, float] = {}
+    res = dlf_rs.fuse_step(large, small, ex)
+    scan = dlf_rs.fuse_step(large, small, ex, support_k=vocab)
+    out["certified"] = float(res.certified.mean())
+    out["same"] = float(
+        np.array_equal(res.alphas, scan.alphas) and np.array_equal(res.tokens, scan.tokens)
+    )
+    out["default"] = median_time(lambda: dlf_rs.fuse_step(large, small, ex), 9, budget)
+    out["full"] = median_time(
+        lambda: dlf_rs.fuse_step(large, small, ex, support_k=vocab), 5, budget
+    )
+    out["exact"] = median_time(
+        lambda: dlf_rs.fuse_step(large, small, ex, solver="exact"), 3, budget
+    )
+    out["grid"] = median_time(
+        lambda: paper_grid_numpy(large, small, ex), 1 if slow else 3, budget, 0.0 if slow else 0.5
+    )
+    out["floor"] = median_time(lambda: read_once([large, small, *ex]), 9, budget)
+    return out
+
+
+def print_kind(title: str, lines: list[tuple[str, dict[str, float]]]) -> None:
+    print(f"\n{title}")
+    print(
+        f"  {'shape':22s} {'certified':>9s} {'default':>9s} {'full scan':>9s} {'exact':>9s} "
+        f"{'numpy grid':>10s} {'read floor':>10s} {'grid/def':>8s} {'def/floor':>9s} "
+        f"{'exact/def':>9s} {'= scan':>6s}"
+    )
+    for shape, r in lines:
+        print(
+            f"  {shape:22s} {r['certified']:9.0%} {r['default'] * 1e3:9.3f} "
+            f"{r['full'] * 1e3:9.3f} {r['exact'] * 1e3:9.3f} {r['grid'] * 1e3:10.1f} "
+            f"{r['floor'] * 1e3:10.3f} {r['grid'] / r['default']:7.0f}x "
+            f"{r['default'] / r['floor']:8.1f}x {r['exact'] / r['default']:8.1f}x "
+            f"{'yes' if r['same'] else 'NO':>6s}"
+        )
+
+
+def three_kinds(kinds: list[str], vocabs: tuple[int, ...], quick: bool) -> None:
+    print(
+        "\nRow kinds side by side (median ms per fuse_step call; grid/def = numpy paper grid / "
+        "default, def/floor = default / numpy read-once floor; = scan: the default's weights and "
+        "tokens equal the full scan's)"
+    )
+    for kind in kinds:
+        lines: list[tuple[str, dict[str, float]]] = []
+        if kind == "real":
+            large, small, experts = real_rows()
+            n = large.shape[0]
+            cert = dlf_rs.fuse_step(large, small, list(experts[:1])).certified.mean()
+            cert3 = dlf_rs.fuse_step(large, small, list(experts)).certified.mean()
+            for b, t in ((8, 1), (32, 1), (32, 3)):
+                lines.append(
+                    (f"V={large.shape[1]} B={b} T={t}",
+                     kind_row(large[:b], small[:b], experts[:t, :b], quick))
+                )
+            print_kind(
+                f"real rows (shipped family, V={large.shape[1]}: its own vocabulary; {n} decode "
+                f"rows of held-out qa prompts; certified over all {n} rows: {cert:.0%} with the "
+                f"qa expert, {cert3:.0%} with all three)",
+                lines,
+            )
+            continue
+        make = zipf_logits if kind == "zipf" else dense_logits
+        for v in vocabs:
+            for b, t in SHAPES:
+                rng = np.random.default_rng(b * 1000 + t + v)
+                large, small, experts = make(rng, b, v, t)
+                lines.append((f"V={v} B={b} T={t}", kind_row(large, small, experts, quick)))
+        print_kind(
+            "Zipf rows (experts move 300 head tokens; d = 0 elsewhere)"
+            if kind == "zipf"
+            else "dense rows (experts = small + N(0, 0.05..0.3) everywhere + 20 tokens +2..+6)",
+            lines,
+        )
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--kinds", default="zipf,dense,real", help="comma-separated: zipf, dense, real"
+    )
+    ap.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes of the synthetic rows")
+    ap.add_argument(
+        "--quick", action="store_true", help="V=32000 only, short samples, no detail tables"
+    )
+    args = ap.parse_args()
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("zipf", "dense", "real")]
+    if bad:
+        ap.error(f"--kinds: unknown {bad}; expected zipf, dense, real")
+    vocabs = tuple(args.vocab) if args.vocab else ((32000,) if args.quick else VOCABS)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"dlf_rs {dlf_rs.__version__} (kernels: {dlf_rs._core.SIMD_TIER}); numpy {np.__version__}"
         + (f"; torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
+        + f"; load average {load:.2f}"
     )
+    three_kinds(kinds, vocabs, args.quick)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    if args.quick:
+        return
     bench_case(1, 32000, 1, repeats=15)
     bench_case(8, 32000, 1, repeats=9)
     bench_case(32, 32000, 4, repeats=5)

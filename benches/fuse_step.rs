@@ -4,6 +4,12 @@
 //! small model an independent draw of the same shape, each expert = small + a sparse
 //! perturbation on ~2% of tokens; all from a fixed xorshift seed. Runs are kept short by default
 //! (10 samples, 1 s warm-up, 2 s measurement); pass criterion flags to lengthen them.
+//!
+//! `kinds` compares row kinds side by side (issue 22) at V in {32000, 128256, 151936}, B=8 T=1
+//! and B=32 T=4: the default, the plain full scan (support_k=V) and the exact solver on the Zipf
+//! family above and on dense rows shaped like real fine-tunes (`dense_family`: each expert =
+//! small + N(0, s) on every token, s in [0.05, 0.3] per row, plus 20 tokens boosted by 2..6).
+//! The real rows (the shipped family's models) are in `benches/bench_fuse_step.py`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -82,6 +88,80 @@ fn family(b: usize, v: usize, n_t: usize) -> Family {
         small,
         experts,
     }
+}
+
+impl XorShift {
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.next_f64().max(1e-300), self.next_f64());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// Rows like a real fine-tune's: d = z_E - z_S small and nonzero on every token (N(0, s),
+/// s ~ U(0.05, 0.3) per row and expert) plus 20 task tokens boosted by U(2, 6).
+fn dense_family(b: usize, v: usize, n_t: usize) -> Family {
+    let mut rng = XorShift(0x5eed_1234_abcd_0002);
+    let large = zipf_rows(&mut rng, b, v);
+    let small = zipf_rows(&mut rng, b, v);
+    let experts = (0..n_t)
+        .map(|_| {
+            let mut e = Vec::with_capacity(b * v);
+            for row in small.chunks(v) {
+                let sigma = 0.05 + 0.25 * rng.next_f64();
+                let start = e.len();
+                e.extend(row.iter().map(|&s| s + (sigma * rng.normal()) as f32));
+                for _ in 0..20 {
+                    let k = (rng.next_f64() * v as f64) as usize % v;
+                    e[start + k] += (2.0 + 4.0 * rng.next_f64()) as f32;
+                }
+            }
+            e
+        })
+        .collect();
+    Family {
+        large,
+        small,
+        experts,
+    }
+}
+
+fn bench_kinds(c: &mut Criterion) {
+    let mut group = c.benchmark_group("kinds");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    for &v in &[32_000usize, 128_256, 151_936] {
+        for &(b, n_t) in &[(8usize, 1usize), (32, 4)] {
+            for (kind, fam) in [
+                ("zipf", family(b, v, n_t)),
+                ("dense", dense_family(b, v, n_t)),
+            ] {
+                let ex = fam.expert_rows();
+                let inputs = fam.inputs(&ex, b, v);
+                for (name, solver, support_k) in [
+                    ("default", SolverKind::Grid, None),
+                    ("full_scan", SolverKind::Grid, Some(v)),
+                    ("exact", SolverKind::Exact, None),
+                ] {
+                    let w = Weights::Dynamic(SolverConfig {
+                        solver,
+                        support_k,
+                        ..Default::default()
+                    });
+                    let id =
+                        BenchmarkId::new(format!("{kind}_{name}"), format!("B{b}_V{v}_T{n_t}"));
+                    group.bench_with_input(id, &inputs, |bch, inp| {
+                        bch.iter(|| {
+                            fuse_step(black_box(inp), &w, &Sampling::default(), &Seeds::One(0))
+                                .unwrap()
+                        })
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
 }
 
 fn bench_fuse_step(c: &mut Criterion) {
@@ -250,5 +330,11 @@ fn bench_grid_ranges(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_floors, bench_grid_ranges, bench_fuse_step);
+criterion_group!(
+    benches,
+    bench_floors,
+    bench_grid_ranges,
+    bench_fuse_step,
+    bench_kinds
+);
 criterion_main!(benches);

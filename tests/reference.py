@@ -173,6 +173,35 @@ def zipf_logits(
     return large, small, experts
 
 
+def dense_logits(
+    rng: np.random.Generator,
+    batch: int,
+    vocab: int,
+    n_experts: int,
+    *,
+    sigma: tuple[float, float] = (0.05, 0.3),
+    n_task: int = 20,
+    boost: tuple[float, float] = (2.0, 6.0),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows shaped like a real fine-tune's (issue 22): (large [B, V], small [B, V], experts
+    [T, B, V]), float32.
+
+    `large` and `small` are `zipf_logits`' (Zipf-like heads, a perturbed exponent and swapped
+    ranks in `small`). Each expert row is `small` plus N(0, s) on every token, s ~ U(sigma) per
+    row and expert (so d = z_E - z_S is nonzero and small everywhere), plus `n_task` "task"
+    tokens, drawn uniformly from the vocabulary, boosted by U(boost) each.
+    """
+    large, small, _ = zipf_logits(rng, batch, vocab, 0)
+    experts = np.empty((n_experts, batch, vocab), dtype=np.float32)
+    for t in range(n_experts):
+        for b in range(batch):
+            ze = small[b].astype(np.float64) + rng.normal(0.0, rng.uniform(*sigma), vocab)
+            idx = rng.choice(vocab, size=min(n_task, vocab), replace=False)
+            ze[idx] += rng.uniform(*boost, idx.size)
+            experts[t, b] = ze
+    return large, small, experts
+
+
 def paper_grid_numpy(
     large: np.ndarray,
     small: np.ndarray,

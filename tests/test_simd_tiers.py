@@ -26,13 +26,18 @@ import numpy as np
 sys.path.insert(0, sys.argv[2])
 import dlf_rs
 from dlf_rs import _core
-from reference import zipf_logits
+from reference import dense_logits, zipf_logits
 
 rng = np.random.default_rng(11)
 out = {"tier": _core.SIMD_TIER}
 cases = {}
 for t in (1, 3):
     cases[f"zipf{t}"] = zipf_logits(rng, 4, 32000, t)
+    cases[f"dense{t}"] = dense_logits(rng, 4, 32000, t)
+if len(sys.argv) > 3:  # real rows recorded from the shipped family
+    real = np.load(sys.argv[3])
+    cases["real1"] = (real["l"], real["s"], real["e"][:1])
+    cases["real3"] = (real["l"], real["s"], real["e"])
 cases["zipf_masked"] = zipf_logits(rng, 4, 32000, 2, neg_inf_frac=0.05)
 large = rng.standard_normal((4, 2000)).astype(np.float32)
 small = (large + 0.5 * rng.standard_normal((4, 2000))).astype(np.float32)
@@ -59,18 +64,44 @@ print(json.dumps(out))
 EXACT = ("tokens", "alphas", "active", "certified", "fallback")
 
 
-def run_tier(tier: str) -> dict:
+def run_tier(tier: str, real: Path | None = None) -> dict:
     env = {**os.environ, "DLF_RS_SIMD": tier}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, "x", str(HERE)],
+        [sys.executable, "-c", SCRIPT, "x", str(HERE), *([str(real)] if real else [])],
         env=env, capture_output=True, text=True, check=True, timeout=300,
     )
     return json.loads(proc.stdout)
 
 
+def record_real_rows(path: Path) -> Path | None:
+    """Rows of the shipped family (large_base, small_base, the three small experts): one forward
+    pass over held-out qa prompts, every position a row (V = 215). None without torch."""
+    try:
+        import torch
+        from dlf_rs.family import checkpoint, example_prompts
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        return None
+    names = ["large_base", "small_base", "small_expert_qa", "small_expert_math",
+             "small_expert_summary"]
+    tok = AutoTokenizer.from_pretrained(checkpoint("large_base"))
+    v = len(tok)
+    rows: list[list[np.ndarray]] = [[] for _ in names]
+    models = [AutoModelForCausalLM.from_pretrained(checkpoint(n)) for n in names]
+    for prompt in example_prompts("qa", 6):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.inference_mode():
+            for m, acc in zip(models, rows, strict=True):
+                acc.append(m(ids).logits[0, :, :v].float().numpy())
+    arrs = [np.concatenate(a).astype(np.float32) for a in rows]
+    np.savez(path, l=arrs[0], s=arrs[1], e=np.stack(arrs[2:]))
+    return path
+
+
 @pytest.fixture(scope="module")
-def tiers() -> dict[str, dict]:
-    return {t: run_tier(t) for t in ("portable", "avx2", "avx512")}
+def tiers(tmp_path_factory) -> dict[str, dict]:
+    real = record_real_rows(tmp_path_factory.mktemp("real") / "rows.npz")
+    return {t: run_tier(t, real) for t in ("portable", "avx2", "avx512")}
 
 
 def test_portable_and_avx2_are_bit_identical(tiers):

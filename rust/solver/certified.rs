@@ -12,11 +12,16 @@
 //! normaliser Z = sum_v p_v and E_P[d_t]; (3) the "support": tokens with P > 0 whose direction
 //! |d_t| exceeds delta for some expert, with p and every d; (4) for every other token with P > 0
 //! (the "tail", |d_t| <= delta for all t), the power sums S_j = sum p d_t^j, j = 0..8, per expert.
+//! Rows whose experts move most tokens a little (fine-tunes: d small and nonzero everywhere) put
+//! most of the vocabulary beyond delta; for them (the first block's support above
+//! SWITCH_FRACTION) the pass restarts with the "wide" tail: delta = WIDE_REACH / max|a| and power
+//! sums to order WIDE_ORDER = 16, bounded the same way.
 //! `certify` then bounds, at every grid value a,
 //!   A(a) = sum_v p_v e^{a d_v}  and  B(a) = sum_v p_v d_v e^{a d_v}
 //! from below and above: the support exactly (plus rounding slack), the tail by its Taylor
-//! polynomial of degree 7 (A) or 6 (B) in a, whose Lagrange remainders are at most
-//! |a|^8/8! e^{|a| delta_t} S_8 and |a|^7/7! e^{|a| delta_t} S_8 (delta_t the tail's largest |d_t|).
+//! polynomial of degree 7 (A) or 6 (B) in a (15 and 14 for the wide tail), whose Lagrange
+//! remainders are at most |a|^8/8! e^{|a| delta_t} S_8 and |a|^7/7! e^{|a| delta_t} S_8 (delta_t
+//! the tail's largest |d_t|; S_16 and the 16th and 15th powers for the wide tail).
 //! KL(P~||P) = a B/A - ln(A/Z) and KL(P||P~) = ln(A/Z) - a E_P[d] follow by interval arithmetic,
 //! then J. When the grid's winner (scan order, the paper's tie rule) is below every other
 //! candidate's lower bound by a margin that also covers the full scan's own rounding, the plain
@@ -43,6 +48,17 @@ use crate::validate::ModelRow;
 const ORDER: usize = 8;
 // `kernels::moments` computes the powers p d^0..p d^8 in a fixed tree.
 const _: () = assert!(ORDER == 8);
+/// The wide tail's order (`summarize` with `wide`): rows where the expert moves every token a
+/// little (fine-tunes) have most tokens beyond the narrow delta; with power sums to order 16 the
+/// tail may reach |d| <= WIDE_REACH / max|a|. The remainder is |a|^16 / 16! e^{|a| dt} S_16: at
+/// most 1.3e-6 of the tail's mass if every tail token sat at the edge, but S_16 is far smaller
+/// when d is spread inside dt (N(0, s) with s <= 0.7 at max|a| = 2 certified 100% of rows; reach
+/// 1.5 lost s = 0.7, reach 3.0 lost 6% at s = 0.5 to loose bounds: measured on dense rows).
+const WIDE_ORDER: usize = 16;
+const WIDE_REACH: f64 = 2.5;
+/// The narrow summary switches to the wide one when its first block's support passes this
+/// fraction (dense rows: most tokens; LM-like rows with sparse edits: a few percent).
+const SWITCH_FRACTION: f64 = 1.0 / 8.0;
 /// Tokens per block of the summary pass (the block's d values stay in L1).
 const BLOCK: usize = 512;
 /// The summary gives up (full scan) once the support passes this fraction of the vocabulary, or
@@ -124,8 +140,10 @@ struct Summary {
     z: f64,
     pd: Vec<f64>,
     pabsd: Vec<f64>,
-    /// Per expert: S_0..S_ORDER over the tail (S_0 shared), largest |d_t| in the tail.
-    mom: Vec<[f64; ORDER + 1]>,
+    /// Per expert: S_0..S_order over the tail (S_0 shared), largest |d_t| in the tail; `order` is
+    /// ORDER (narrow tail) or WIDE_ORDER (wide tail).
+    mom: Vec<[f64; WIDE_ORDER + 1]>,
+    order: usize,
     tail_absmax: Vec<f64>,
     /// Largest |d_t| over every token with P > 0, per expert, and over every token.
     absmax: Vec<f64>,
@@ -156,14 +174,26 @@ fn total(a: &[f64; LANES]) -> f64 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-/// The summary pass; `delta` is the tail's bound on |d|. None when the support is too large.
-fn summarize(
+/// The first ORDER + 1 power sums' accumulators.
+fn narrow(m: &mut [[f64; LANES]; WIDE_ORDER + 1]) -> &mut [[f64; LANES]; ORDER + 1] {
+    (&mut m[..ORDER + 1])
+        .try_into()
+        .expect("ORDER < WIDE_ORDER")
+}
+
+/// The summary pass; `delta` is the tail's bound on |d|, `WIDE` picks the tail's order
+/// (WIDE_ORDER, else ORDER). None when the support is too large (the narrow pass also gives up
+/// after its first block when that block's support passes SWITCH_FRACTION: the wide pass is
+/// then tried).
+fn summarize<const WIDE: bool>(
     large: ModelRow<'_>,
     small: ModelRow<'_>,
     experts: &[ModelRow<'_>],
     delta: f64,
     sc: &mut CertScratch,
 ) -> Option<Summary> {
+    // A constant, so that each form compiles without the other's branches in its loop.
+    let wide = WIDE;
     let v = large.z.len();
     let n_t = experts.len();
     let max_sup = ((v as f64) * MAX_SUPPORT_FRACTION) as usize + 1;
@@ -191,7 +221,7 @@ fn summarize(
     let mut qd = vec![[0.0; LANES]; n_t];
     let mut pd = vec![[0.0; LANES]; n_t];
     let mut pabsd = vec![[0.0; LANES]; n_t];
-    let mut mom = vec![[[0.0; LANES]; ORDER + 1]; n_t];
+    let mut mom = vec![[[0.0; LANES]; WIDE_ORDER + 1]; n_t];
     let mut tail_absmax = vec![0.0f64; n_t];
     let mut absmax = vec![0.0f64; n_t];
     let mut absmax_all = vec![0.0f64; n_t];
@@ -204,7 +234,9 @@ fn summarize(
     // than the full scan instead of most of one. Only speed depends on this.
     let give_up = |n_sup: usize, seen: usize| {
         let projected = n_sup as f64 * v as f64 / seen as f64;
-        n_sup > max_sup || (8 * seen >= v && projected > 1.5 * max_sup as f64)
+        n_sup > max_sup
+            || (8 * seen >= v && projected > 1.5 * max_sup as f64)
+            || (!wide && seen <= BLOCK && n_sup as f64 > SWITCH_FRACTION * seen as f64)
     };
     let mut j0 = 0;
     while j0 < v {
@@ -236,7 +268,11 @@ fn summarize(
                     (&mut z, &mut qsum, &mut sums[0]),
                     &mut tail_absmax[0],
                 );
-                kernels512::avx512_moments_w(bp, bd, &mut mom[0]);
+                if wide {
+                    kernels512::avx512_moments_wide_w(bp, bd, &mut mom[0]);
+                } else {
+                    kernels512::avx512_moments_w(bp, bd, narrow(&mut mom[0]));
+                }
                 n_sup
             };
             sc.sp.extend_from_slice(&bl[..n_sup]);
@@ -274,11 +310,21 @@ fn summarize(
         }
         for t in 0..n_t {
             let bd = &sc.bd[t * BLOCK..t * BLOCK + len];
-            simd_dispatch!(
-                avx512: kernels512::avx512_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
-            avx2: kernels::avx2_moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
-                portable: kernels::moments(tail, bd, bp, &mut mom[t], &mut tail_absmax[t]),
-            );
+            let (m, tm) = (&mut mom[t], &mut tail_absmax[t]);
+            if wide {
+                simd_dispatch!(
+                    avx512: kernels512::avx512_moments_wide(tail, bd, bp, m, tm),
+                    avx2: kernels::avx2_moments_wide(tail, bd, bp, m, tm),
+                    portable: kernels::moments_wide(tail, bd, bp, m, tm),
+                );
+            } else {
+                let m = narrow(m);
+                simd_dispatch!(
+                    avx512: kernels512::avx512_moments(tail, bd, bp, m, tm),
+                    avx2: kernels::avx2_moments(tail, bd, bp, m, tm),
+                    portable: kernels::moments(tail, bd, bp, m, tm),
+                );
+            }
         }
         // The block's support tokens (possible, outside the tail), found eight at a time.
         sc.idx.clear();
@@ -324,13 +370,14 @@ fn summarize(
         mom: mom
             .iter()
             .map(|m| {
-                let mut o = [0.0; ORDER + 1];
+                let mut o = [0.0; WIDE_ORDER + 1];
                 for (k, a) in m.iter().enumerate() {
                     o[k] = total(a);
                 }
                 o
             })
             .collect(),
+        order: if wide { WIDE_ORDER } else { ORDER },
         tail_absmax,
         absmax,
         absmax_all,
@@ -396,15 +443,15 @@ fn surrogate_cgf(s: &Summary, sp: &[f64], sd: &[f64], t: usize, a: f64) -> (f64,
         portable: kernels::cgf_support(sp, sd, n_t, t, a, &mut acc),
     );
     let mut m = acc.map(|x| total(&x));
-    let mom = &s.mom[t];
+    let (mom, order) = (&s.mom[t], s.order);
     let mut apow = 1.0;
     let mut fact = 1.0;
-    for j in 0..ORDER {
+    for j in 0..order {
         if j > 0 {
             fact *= j as f64;
         }
         for (r, mr) in m.iter_mut().enumerate() {
-            if j + r <= ORDER {
+            if j + r <= order {
                 *mr += apow * mom[j + r] / fact;
             }
         }
@@ -572,15 +619,30 @@ fn kl_bounds(
 ) -> Result<(), DlfError> {
     let n_t = s.pd.len();
     let n_sup = s.n_sup;
-    let gv = s.n_vocab as f64 * EPS * 1.01;
+    // Every sum of the pass runs in LANES independent lanes of at most ceil(V / LANES) terms,
+    // then three levels of adds (`total`): its rounding error is at most that many ulps of the
+    // sum of magnitudes.
+    let gv = (s.n_vocab.div_ceil(LANES) + 3) as f64 * EPS * 1.01;
     // Z: the sum's rounding and each p's (fast_exp: < 4e-16 relative) error.
     let zr = gv + 2e-15;
     let z: Iv = (s.z * (1.0 - zr), s.z * (1.0 + zr));
     let mu0_mid = s.pd[t] / s.z;
     let mu0_err = (gv + 2e-15) * s.pabsd[t] / z.0 + 4.0 * EPS * mu0_mid.abs();
     let mu0: Iv = (mu0_mid - mu0_err, mu0_mid + mu0_err);
-    let m = &s.mom[t];
+    let (m, order) = (&s.mom[t], s.order);
     let dt = s.tail_absmax[t];
+    // sum p |d|^j over the tail (the scale of S_j's rounding): S_j for even j, for odd j at most
+    // sqrt(S_{j-1} S_{j+1}) (Cauchy-Schwarz); the factor covers the computed sums' own rounding.
+    let abs_mom: Vec<f64> = (0..=order)
+        .map(|j| {
+            let x = if j % 2 == 0 {
+                m[j].max(0.0)
+            } else {
+                (m[j - 1].max(0.0) * m[j + 1].max(0.0)).sqrt()
+            };
+            x * (1.0 + 1e-10)
+        })
+        .collect();
     // Lattice over the support: x = d, w = p e^{a_0 d}, advanced by e^{h d} per grid point.
     sc.x.clear();
     sc.x.extend((0..n_sup).map(|k| sc.sd[k * n_t + t]));
@@ -596,7 +658,8 @@ fn kl_bounds(
     // A lattice weight at point i carries i products by e^{hd} (each with the exponential's
     // < 6e-16 and one rounding), the sums n_sup roundings.
     let sup_r = |i: usize| (n_sup as f64 + 8.0) * EPS * 1.01 + (i as f64 + 2.0) * 6e-16 + 2e-15;
-    let fact = |k: usize| (1..=k).map(|x| x as f64).product::<f64>();
+    let facts: [f64; WIDE_ORDER + 1] = std::array::from_fn(|k| (1..=k).map(|x| x as f64).product());
+    let fact = |k: usize| facts[k];
     for i in 0..n_pts {
         // A 10,001-point grid on a large support takes long enough to need this.
         if i % 64 == 0 {
@@ -631,24 +694,31 @@ fn kl_bounds(
         let aa = a.abs();
         let ea = (aa * dt).exp() * (1.0 + 1e-15);
         let (mut ar, mut br) = (0.0, 0.0);
-        let mut apow = 1.0;
-        for j in 0..ORDER {
+        // With them, sum_j |a|^j / j! sum p |d|^j (A's terms) and sum p |d|^{j+1} (B's): the
+        // scale of the power sums' rounding.
+        let (mut ta, mut tb, mut apow) = (0.0, 0.0, 1.0);
+        for j in 0..order {
             let f = fact(j);
             ar += apow * m[j] / f;
-            if j < ORDER - 1 {
+            ta += apow.abs() * abs_mom[j] / f;
+            if j < order - 1 {
                 br += apow * m[j + 1] / f;
+                tb += apow.abs() * abs_mom[j + 1] / f;
             }
             apow *= a;
         }
-        let rem_a = aa.powi(ORDER as i32) / fact(ORDER) * ea * m[ORDER];
-        let rem_b = aa.powi(ORDER as i32 - 1) / fact(ORDER - 1) * ea * m[ORDER];
-        // Rounding of the power sums (n terms each, |p d^j| <= p dt^j) and of the polynomial.
-        let tr = (gv + 2e-15 + 32.0 * EPS) * m[0] * ea * (1.0 + dt);
+        // (1 + 1e-12): the remainders' own rounding (S_order and the factors, a few ulps).
+        let rem_a = aa.powi(order as i32) / fact(order) * ea * m[order] * (1.0 + 1e-12);
+        let rem_b = aa.powi(order as i32 - 1) / fact(order - 1) * ea * m[order] * (1.0 + 1e-12);
+        // Rounding of the power sums (n terms each, |p d^j| <= p dt^j; each power a product
+        // tree of at most 2 * order roundings) and of the polynomial (order terms).
+        let ur = gv + 2e-15 + 4.0 * order as f64 * EPS;
+        let (tr_a, tr_b) = (ur * ta, ur * tb);
         let a_iv: Iv = (
-            a_s * (1.0 - sr) + ar - rem_a - tr - tiny,
-            a_s * (1.0 + sr) + ar + rem_a + tr + tiny,
+            a_s * (1.0 - sr) + ar - rem_a - tr_a - tiny,
+            a_s * (1.0 + sr) + ar + rem_a + tr_a + tiny,
         );
-        let b_err = sr * b_abs + rem_b + tr + tiny;
+        let b_err = sr * b_abs + rem_b + tr_b + tiny;
         let b_iv: Iv = (b_s + br - b_err, b_s + br + b_err);
         let (k1, k2) = if a == 0.0 {
             ((0.0, 0.0), (0.0, 0.0))
@@ -716,7 +786,12 @@ fn certified_inner(
     let n_t = experts.len();
     let amax = cfg.alpha_min.abs().max(cfg.alpha_max.abs());
     let delta = if amax > 0.0 { 0.125 / amax } else { 1.0 };
-    let Some(s) = summarize(large, small, experts, delta, sc) else {
+    // The narrow tail first (cheaper power sums); rows whose experts move most tokens a little
+    // take the wide one.
+    let wide_delta = if amax > 0.0 { WIDE_REACH / amax } else { 1.0 };
+    let Some(s) = summarize::<false>(large, small, experts, delta, sc)
+        .or_else(|| summarize::<true>(large, small, experts, wide_delta, sc))
+    else {
         fail!(Fallback::Support)
     };
     let v = s.n_vocab as f64;
@@ -732,8 +807,15 @@ fn certified_inner(
     for t in 0..n_t {
         kl_bounds(&s, cfg, n_pts, t, sc, cancel)?;
     }
-    // Target intervals: each is lse_t - lse_s +- E[d] with sums over V tokens.
-    let terr = |t: usize| (v * EPS * 1.01 + 8e-15) * s.target_scale[t];
+    // Target intervals: each is lse_t - lse_s +- E[d] with sums over V tokens in LANES lanes.
+    // A lane sum's relative error (`kl_bounds`' gv, and each exponential's) moves ln(sum) by as
+    // much in absolute terms and E[d] by as much times max|d|; the logs, quotients and the final
+    // adds round relative to the magnitudes (`target_scale`).
+    let gv = (s.n_vocab.div_ceil(LANES) + 3) as f64 * EPS * 1.01;
+    let terr = |t: usize| {
+        (gv + 2e-15 + EPS * (1.0 + v.ln())) * (2.0 + s.absmax_all[t])
+            + 16.0 * EPS * s.target_scale[t]
+    };
     let b_iv: Vec<Iv> = (0..n_t)
         .map(|t| {
             let e = terr(t);

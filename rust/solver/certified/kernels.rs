@@ -3,10 +3,10 @@
 //! baseline x86-64 and AVX2 (the same operations in the same order: identical results) and
 //! AVX-512 with FMA (the `Fused` exponential; the proof's rounding slack covers the difference).
 //! They hold no logic of the certificate: what is summed, and why it bounds J, is in the parent.
-//! `large`, `row`, `expert`, `moments` and `outside` have hand-written AVX-512 versions (`kernels512.rs`,
-//! and `avx512_outside` below) instead of the compiled one.
+//! `large`, `row`, `expert`, `moments`, `moments_wide` and `outside` have hand-written AVX-512
+//! versions (`kernels512.rs`, and `avx512_outside` below) instead of the compiled one.
 
-use super::{LANES, ORDER};
+use super::{LANES, ORDER, WIDE_ORDER};
 use crate::numerics::{Exp, Fused, Plain};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -166,6 +166,88 @@ mod moments_k {
     });
 }
 pub(super) use moments_k::{avx2_moments, moments};
+
+mod moments_wide_k {
+    use super::*;
+    /// p d^0..p d^16 from w0 = p (or 0) and d, in a tree at most five multiplies deep.
+    #[inline(always)]
+    pub(super) fn powers16(a: &mut [[f64; LANES]; WIDE_ORDER + 1], l: usize, w0: f64, d: f64) {
+        let d2 = d * d;
+        let d4 = d2 * d2;
+        let d8 = d4 * d4;
+        let w1 = w0 * d;
+        let (w2, w3) = (w0 * d2, w1 * d2);
+        let (w4, w5, w6, w7) = (w0 * d4, w1 * d4, w2 * d4, w3 * d4);
+        let lo = [w0, w1, w2, w3, w4, w5, w6, w7];
+        for j in 0..8 {
+            a[j][l] += lo[j];
+            a[j + 8][l] += lo[j] * d8;
+        }
+        a[16][l] += lo[0] * d8 * d8;
+    }
+    // The wide tail (`summarize` with `WIDE_ORDER`): power sums p d^j, j = 0..16, over the tail
+    // (count 0), and the tail's largest |d|. Portable and AVX2 compute the same values; the
+    // AVX-512 twin (`kernels512::avx512_moments_wide`) fuses each sum's last product.
+    tiers!(moments_wide, avx2_moments_wide, fn (
+        tail: &[f64], d: &[f64], p: &[f64], mom: &mut [[f64; LANES]; WIDE_ORDER + 1], tmax: &mut f64,
+    ) {
+        let n = tail.len().min(d.len()).min(p.len());
+        let full = n / LANES * LANES;
+        let mut amax = [0.0f64; LANES];
+        #[inline(always)]
+        fn lane(
+            mom: &mut [[f64; LANES]; WIDE_ORDER + 1], amax: &mut [f64; LANES], l: usize, m: f64,
+            d: f64, p: f64,
+        ) {
+            // A huge d outside the tail would make 0 * inf: its powers are built on d = 0.
+            let dd = if m == 0.0 { d } else { 0.0 };
+            powers16(mom, l, if m == 0.0 { p } else { 0.0 }, dd);
+            amax[l] = if dd.abs() > amax[l] { dd.abs() } else { amax[l] };
+        }
+        let ch = tail[..full]
+            .chunks_exact(LANES)
+            .zip(d[..full].chunks_exact(LANES))
+            .zip(p[..full].chunks_exact(LANES));
+        for ((m8, d8), p8) in ch {
+            for l in 0..LANES {
+                lane(mom, &mut amax, l, m8[l], d8[l], p8[l]);
+            }
+        }
+        for k in full..n {
+            lane(mom, &mut amax, k - full, tail[k], d[k], p[k]);
+        }
+        for m in amax {
+            *tmax = tmax.max(m);
+        }
+    });
+}
+#[allow(dead_code)]
+mod moments_wide_w_k {
+    use super::moments_wide_k::powers16;
+    use super::*;
+    // The same sums from w0 = p masked to the tail (`avx512_front1`'s output).
+    tiers!(moments_wide_w, avx2_moments_wide_w, fn (
+        w0: &[f64], d: &[f64], mom: &mut [[f64; LANES]; WIDE_ORDER + 1],
+    ) {
+        let n = w0.len().min(d.len());
+        let full = n / LANES * LANES;
+        // Outside the tail w0 = 0 and d may be huge: 0 * inf must not occur.
+        for (w8, d8) in w0[..full].chunks_exact(LANES).zip(d[..full].chunks_exact(LANES)) {
+            for l in 0..LANES {
+                powers16(mom, l, w8[l], if w8[l] != 0.0 { d8[l] } else { 0.0 });
+            }
+        }
+        for k in full..n {
+            powers16(mom, k - full, w0[k], if w0[k] != 0.0 { d[k] } else { 0.0 });
+        }
+    });
+}
+#[allow(unused_imports)]
+pub(super) use moments_wide_k::{avx2_moments_wide, moments_wide};
+// The one-expert form is only called on the AVX-512 tier (its hand-written twin); the others are
+// its reference in the kernel tests.
+#[allow(unused_imports)]
+pub(super) use moments_wide_w_k::{avx2_moments_wide_w, moments_wide_w};
 
 mod outside_k {
     use super::*;

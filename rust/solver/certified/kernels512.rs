@@ -3,7 +3,8 @@
 //! certified step, and the table exponential (`numerics::exp512::exp8`, ~17 operations per
 //! vector against the polynomial's 26) can only be reached through intrinsics; `moments` fuses
 //! the last product of each power sum into its accumulation, and `avx512_front1` runs the first
-//! three as one loop when there is one expert. Each computes what its portable twin computes,
+//! three as one loop when there is one expert; `avx512_moments_wide(_w)` are the wide tail's
+//! order-16 power sums. Each computes what its portable twin computes,
 //! token k in lane k % 8, with the products of the sums fused (one rounding instead of two:
 //! inside the certificate's slack, as the tier's other differences). A block's last len % 8
 //! tokens go through the same code with a lane mask. Tests in `kernels512/tests.rs`.
@@ -11,7 +12,7 @@
 #![cfg(target_arch = "x86_64")]
 
 use super::kernels::ExpertSums;
-use super::ORDER;
+use super::{ORDER, WIDE_ORDER};
 use crate::numerics::exp512::exp8;
 use std::arch::x86_64::*;
 
@@ -395,6 +396,98 @@ pub(crate) fn avx512_moments_w(w0: &[f64], d: &[f64], mom: &mut [[f64; 8]; ORDER
         // SAFETY: k + (lanes in m) <= n, within both slices.
         let (w0, dd) = unsafe { (load(w0.as_ptr().add(k), m), load(d.as_ptr().add(k), m)) };
         powers(&mut s, w0, dd);
+    }
+    for (a, v) in mom.iter_mut().zip(s) {
+        // SAFETY: a holds eight f64.
+        unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) };
+    }
+}
+
+/// `powers` to order 16 (the wide tail): s_j += w0 d^j, j = 0..16, from d^2, d^4, d^8 and
+/// w0 d^0..7, the last product of each sum fused into it.
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+#[inline]
+fn powers16(s: &mut [__m512d; WIDE_ORDER + 1], w0: __m512d, d: __m512d) {
+    let d2 = _mm512_mul_pd(d, d);
+    let d4 = _mm512_mul_pd(d2, d2);
+    let d8 = _mm512_mul_pd(d4, d4);
+    let w1 = _mm512_mul_pd(w0, d);
+    let w2 = _mm512_mul_pd(w0, d2);
+    let w3 = _mm512_mul_pd(w1, d2);
+    let w4 = _mm512_mul_pd(w0, d4);
+    let w5 = _mm512_mul_pd(w1, d4);
+    let w6 = _mm512_mul_pd(w2, d4);
+    let w7 = _mm512_mul_pd(w3, d4);
+    let w8 = _mm512_mul_pd(w0, d8);
+    s[0] = _mm512_add_pd(s[0], w0);
+    s[1] = _mm512_fmadd_pd(w0, d, s[1]);
+    s[2] = _mm512_fmadd_pd(w0, d2, s[2]);
+    s[3] = _mm512_fmadd_pd(w1, d2, s[3]);
+    s[4] = _mm512_fmadd_pd(w0, d4, s[4]);
+    s[5] = _mm512_fmadd_pd(w1, d4, s[5]);
+    s[6] = _mm512_fmadd_pd(w2, d4, s[6]);
+    s[7] = _mm512_fmadd_pd(w3, d4, s[7]);
+    s[8] = _mm512_fmadd_pd(w0, d8, s[8]);
+    s[9] = _mm512_fmadd_pd(w1, d8, s[9]);
+    s[10] = _mm512_fmadd_pd(w2, d8, s[10]);
+    s[11] = _mm512_fmadd_pd(w3, d8, s[11]);
+    s[12] = _mm512_fmadd_pd(w4, d8, s[12]);
+    s[13] = _mm512_fmadd_pd(w5, d8, s[13]);
+    s[14] = _mm512_fmadd_pd(w6, d8, s[14]);
+    s[15] = _mm512_fmadd_pd(w7, d8, s[15]);
+    s[16] = _mm512_fmadd_pd(w8, d8, s[16]);
+}
+
+/// `kernels::moments_wide`: over the tail (count 0) the power sums p d^j, j = 0..16, and the
+/// largest |d|; d is zeroed outside the tail (d^8 of a huge d is inf, and 0 * inf is NaN).
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub(crate) fn avx512_moments_wide(
+    tail: &[f64],
+    d: &[f64],
+    p: &[f64],
+    mom: &mut [[f64; 8]; WIDE_ORDER + 1],
+    tmax: &mut f64,
+) {
+    let n = tail.len().min(d.len()).min(p.len());
+    // SAFETY: every array below holds eight f64.
+    let mut s: [__m512d; WIDE_ORDER + 1] =
+        std::array::from_fn(|j| unsafe { _mm512_loadu_pd(mom[j].as_ptr()) });
+    let mut mx = _mm512_setzero_pd();
+    let zero = _mm512_setzero_pd();
+    for (k, m) in masks(n) {
+        // SAFETY: k + (lanes in m) <= n, within every slice.
+        let (tv, dd, pv) = unsafe {
+            (
+                load(tail.as_ptr().add(k), m),
+                load(d.as_ptr().add(k), m),
+                load(p.as_ptr().add(k), m),
+            )
+        };
+        let in_tail = _mm512_mask_cmp_pd_mask::<_CMP_EQ_OQ>(m, tv, zero);
+        let dt = _mm512_maskz_mov_pd(in_tail, dd);
+        powers16(&mut s, _mm512_maskz_mov_pd(in_tail, pv), dt);
+        mx = _mm512_max_pd(mx, _mm512_abs_pd(dt));
+    }
+    for (a, v) in mom.iter_mut().zip(s) {
+        // SAFETY: a holds eight f64.
+        unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) };
+    }
+    *tmax = tmax.max(_mm512_reduce_max_pd(mx));
+}
+
+/// `avx512_moments_wide` on w0 = p masked to the tail (`avx512_front1`), d zeroed where w0 = 0.
+#[target_feature(enable = "avx512f,avx512vl,fma,avx2")]
+pub(crate) fn avx512_moments_wide_w(w0: &[f64], d: &[f64], mom: &mut [[f64; 8]; WIDE_ORDER + 1]) {
+    let n = w0.len().min(d.len());
+    // SAFETY: every array below holds eight f64.
+    let mut s: [__m512d; WIDE_ORDER + 1] =
+        std::array::from_fn(|j| unsafe { _mm512_loadu_pd(mom[j].as_ptr()) });
+    let zero = _mm512_setzero_pd();
+    for (k, m) in masks(n) {
+        // SAFETY: k + (lanes in m) <= n, within both slices.
+        let (w0, dd) = unsafe { (load(w0.as_ptr().add(k), m), load(d.as_ptr().add(k), m)) };
+        let live = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(w0, zero);
+        powers16(&mut s, w0, _mm512_maskz_mov_pd(live, dd));
     }
     for (a, v) in mom.iter_mut().zip(s) {
         // SAFETY: a holds eight f64.

@@ -181,3 +181,63 @@ fn front1_equals_the_separate_kernels() {
         assert_eq!(tmax.to_bits(), tmax1.to_bits());
     }
 }
+
+/// The wide tail's power sums (order 16): the hand-written kernels (tail counts, and w0 = p masked
+/// to the tail) against the portable ones, with huge d outside the tail (whose d^8 is inf: it
+/// must add exact zeros, not NaN).
+#[test]
+fn wide_moments_match_portable() {
+    use super::super::kernels::{moments_wide, moments_wide_w};
+    let mut next = crate::testing::uniform(0x51_7cc1_b727_220a);
+    for n in [1usize, 7, 8, 9, 17, 100, 512] {
+        let tail: Vec<f64> = (0..n).map(|_| f64::from(next() < 0.2)).collect();
+        let d: Vec<f64> = (0..n)
+            .map(|k| {
+                if tail[k] != 0.0 && next() < 0.5 {
+                    3e38
+                } else {
+                    2.0 * next() - 1.0
+                }
+            })
+            .collect();
+        let p: Vec<f64> = (0..n).map(|_| next()).collect();
+        let w0: Vec<f64> = (0..n)
+            .map(|k| if tail[k] == 0.0 { p[k] } else { 0.0 })
+            .collect();
+        let (mut ma, mut xa) = ([[0.0; 8]; WIDE_ORDER + 1], 0.0);
+        moments_wide(&tail, &d, &p, &mut ma, &mut xa);
+        let mut mw = [[0.0; 8]; WIDE_ORDER + 1];
+        moments_wide_w(&w0, &d, &mut mw);
+        assert_eq!(ma, mw, "portable tail-count and w0 forms, n={n}");
+        let want_max = (0..n)
+            .filter(|&k| tail[k] == 0.0)
+            .map(|k| d[k].abs())
+            .fold(0.0, f64::max);
+        assert_eq!(xa, want_max);
+        let want0: f64 = w0.iter().sum();
+        let got0: f64 = ma[0].iter().sum();
+        assert!((want0 - got0).abs() <= 1e-13 * want0.max(1e-300));
+        if !crate::numerics::has_avx512() {
+            continue;
+        }
+        let (mut mb, mut xb) = ([[0.0; 8]; WIDE_ORDER + 1], 0.0);
+        let mut mbw = [[0.0; 8]; WIDE_ORDER + 1];
+        // SAFETY: AVX-512 detected above.
+        unsafe {
+            avx512_moments_wide(&tail, &d, &p, &mut mb, &mut xb);
+            avx512_moments_wide_w(&w0, &d, &mut mbw);
+        }
+        assert_eq!(xa, xb, "tail max |d|, n={n}");
+        assert_eq!(mb, mbw, "hand-written forms, n={n}");
+        for (j, (x, y)) in ma.iter().zip(&mb).enumerate() {
+            let scale: f64 = x.iter().map(|v| v.abs()).sum::<f64>().max(1e-300);
+            for (u, v) in x.iter().zip(y) {
+                assert!(u.is_finite() && v.is_finite(), "moment {j}, n={n}");
+                assert!(
+                    (u - v).abs() <= 1e-14 * scale,
+                    "moment {j}, n={n}: {u} vs {v}"
+                );
+            }
+        }
+    }
+}
