@@ -215,3 +215,16 @@ def test_reprs_are_short_and_informative(family: Family) -> None:
     assert r.startswith("GenerationResult(method='dlf', rows=16") and "... 13 more" in r
     assert len(r) < 800 and "array(" not in r
     assert len(res) == 16
+
+
+def test_batches_sum_speculative_counts(family: Family) -> None:
+    gen = gen_of(family, 1)
+    prompts = PROMPTS * 2
+    one = gen.generate(prompts, 8, speculative=3)
+    split = gen.generate(prompts, 8, speculative=3, batch_size=3, progress=False)
+    assert split.token_ids == one.token_ids
+    t = split.timings
+    assert t["tested"] >= t["accepted"] > 0
+    assert t["acceptance"] == pytest.approx(t["accepted"] / t["tested"])
+    rows = [r.acceptance_rate for r in split.trace]
+    assert all(r is not None and 0.0 <= r <= 1.0 for r in rows)

@@ -517,7 +517,8 @@ def _describe(model: Any) -> str:
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     except (AttributeError, StopIteration, TypeError):
         params, dtype = 0, "?"
-    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    size = (f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M" if params >= 1e6
+            else f"{params / 1e3:.1f}k")  # fmt: skip
     return (f"{type(model).__name__}({os.path.basename(str(source).rstrip('/')) or source!r}, "
             f"{size} params, {model_device(model)}, {dtype})")  # fmt: skip
 

@@ -93,9 +93,7 @@ class GenerationResult:
             for k, v in p.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
         if "acceptance" in timings:  # a rate, not a sum: accepted over tested drafts
-            tested = sum(p.timings.get("accepted", 0.0) / max(p.timings["acceptance"], 1e-300)
-                         for p in parts if p.timings.get("acceptance"))  # fmt: skip
-            timings["acceptance"] = timings.get("accepted", 0.0) / tested if tested else 0.0
+            timings["acceptance"] = timings.get("accepted", 0.0) / max(timings["tested"], 1.0)
         return cls(
             texts=[t for p in parts for t in p.texts],
             token_ids=[t for p in parts for t in p.token_ids],

@@ -19,7 +19,7 @@ the draft's top probability is at least ``AUTO_CONFIDENCE``, up to ``AUTO_MAX_DR
 3. The core (``fuse_verify``) solves every position's weights as a sequential step would,
    accepts drafts up to the first disagreement and emits the fused token there (or the bonus
    token after k acceptances). Greedy: the same tokens as sequential DLF (up to the last bits of
-   a multi-token forward, see README). Sampling: accept with min(1, p/q), else draw from the
+   a multi-token forward, see docs/speculative.md). Sampling: accept with min(1, p/q), else draw from the
    normalised max(0, p - q): the same distribution as sequential DLF.
 4. Emitted tokens go through EOS, stop strings and ``max_new_tokens`` one by one, so a row ends
    at the right token inside an accepted run.
@@ -318,6 +318,7 @@ def generate_speculative(
     timings["large_forwards"] = float(counts["large_forwards"])
     timings["drafted"] = float(counts["drafted"])
     timings["accepted"] = float(accepted_total.sum())
+    timings["tested"] = float(tested.sum())
     timings["acceptance"] = float(accepted_total.sum() / max(tested.sum(), 1))
     timings["total"] = time.perf_counter() - t_start
     alphas, traces = _traces(per_row, n_exp, tested, accepted_total)
