@@ -266,7 +266,7 @@ def test_bench_refuses_cuda_without_gpu(
 
 
 def test_generate_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    from dlf_rs.cli import DEFAULT_THREADS
+    from dlf_rs.threads import DEFAULT_THREADS
 
     with pytest.raises(SystemExit) as info:
         main(["generate", "--help"])
@@ -287,7 +287,8 @@ def test_bench_threads_default_and_rule_match_generate(
     import argparse
 
     from dlf_rs.bench import add_arguments
-    from dlf_rs.cli import DEFAULT_THREADS, build_parser
+    from dlf_rs.cli import build_parser
+    from dlf_rs.threads import DEFAULT_THREADS
 
     ap = argparse.ArgumentParser()
     add_arguments(ap)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from .threads import passive_omp, set_threads, threads_argument
+
 __all__ = ["build_parser", "main"]
 
 DESCRIPTION = """\
@@ -42,19 +44,6 @@ examples:
   dlf-rs generate --large L --small S --expert MATH --expert QA --prompts in.jsonl -o out.jsonl
 """
 
-# The default of --threads (generate and bench), measured with benches/bench_loop.py on a shared
-# 2-core machine (README, "Command line"): with OMP_WAIT_POLICY=PASSIVE two threads no longer
-# collapse when the cores are busy (B=8: 12.5 ms/token, 77 with ACTIVE) but were not reliably
-# faster than one (idle B=1: 3.5 one, 6.0 two; busy B=8: 5.1 / 12.5); one thread was never the
-# slow case, so it stays the default.
-DEFAULT_THREADS = 1
-
-THREADS_HELP = (
-    "CPU threads for torch and the core's workers (default %(default)s: measured on a shared "
-    "2-core machine, one thread was at most 1.4x slower than two and two up to 2.4x slower than "
-    "one; try 2 or more on an idle machine, README 'Command line'). OMP_WAIT_POLICY=PASSIVE is "
-    "set unless you set it"
-)
 
 GENERATE_EPILOG = """\
 --family default: the shipped tiny family (python/dlf_rs/family/checkpoints); --large and
@@ -185,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--lora-mode", default="auto", choices=("auto", "mixed", "separate", "merged"),
         help="LoRA adapter experts: one mixed-batch forward, separate forwards on one base, "
-        "or merged copies (auto: by the small model's size, README; default: auto)",
+        "or merged copies (auto: by the small model's size, docs/lora.md; default: auto)",
     )  # fmt: skip
     models.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
@@ -257,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(1-16, or auto); same output as sequential DLF (default: off)")
     run = gen.add_argument_group("run")
     run.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per batch")
-    add_threads_argument(run)
+    threads_argument(run)
     run.add_argument("--output", "-o", default=None, help="JSONL output file (default: stdout)")
     run.add_argument("--no-progress", action="store_true", help="hide every progress bar")
 
@@ -388,30 +377,6 @@ def _check_output(path: str | None) -> None:
         raise _Failure(f"--output: the folder {parent!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise _Failure(f"--output: the folder {parent!r} is not writable")
-
-
-def passive_omp() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy. OpenMP (libgomp, loaded with
-    torch) reads it once, when torch is imported, so this runs before that import: with the
-    default (active) policy idle workers spin and, on a machine whose cores are taken by other
-    work, two torch threads decoded the shipped family 6x slower than with PASSIVE (B=8, 77 ms
-    per token against 12.5; README, "Command line")."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def set_threads(n: int) -> None:
-    """torch's intra-op threads and the Rust core's worker threads (rayon reads
-    RAYON_NUM_THREADS when its pool starts, i.e. on the first core call of the process)."""
-    import torch
-
-    torch.set_num_threads(n)
-    os.environ.setdefault("RAYON_NUM_THREADS", str(n))
-
-
-def add_threads_argument(group: Any) -> None:
-    """``--threads`` with the same default and meaning for ``generate`` and ``bench``."""
-    group.add_argument("--threads", type=_int_at_least(1), default=DEFAULT_THREADS,
-                       help=THREADS_HELP)  # fmt: skip
 
 
 def _quiet_loading() -> None:

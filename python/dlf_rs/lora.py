@@ -15,7 +15,7 @@ with :func:`lora_experts`. Three ways to run them (``lora_mode``):
   forwards with no LoRA work, ``T + 1`` copies of the weights.
 
 ``"auto"`` chooses by :func:`choose_mode`'s rule, read from ``benches/bench_lora.py`` (CPU, one
-thread, T = 4, r = 16 on the attention projections; numbers in the README): from a small base of
+thread, T = 4, r = 16 on the attention projections; numbers in docs/lora.md): from a small base of
 :data:`MIXED_MIN_PARAMS` parameters up, mixed costs 1.5-2.7x less per step than merged and 2.0-3.3x
 less than separate; below it (the shipped 24k-parameter base) the three are within the timing
 noise of a few milliseconds and merged (plain forwards, no peft at decode time) is chosen.
@@ -42,7 +42,7 @@ __all__ = [
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 LORA_MODES = ("auto", "mixed", "separate", "merged")
 # From this size up the mixed batch was measured cheapest (11.8M: 3.4x one small forward per step
-# against 5.0x merged and 8.0x separate; 135M: see the README); benches/bench_lora.py.
+# against 5.0x merged and 8.0x separate; 135M: see docs/lora.md); benches/bench_lora.py.
 MIXED_MIN_PARAMS = 10_000_000
 
 
@@ -198,10 +198,10 @@ def lora_experts(
     With "mixed" or "separate" the base is wrapped in place (LoRA layers injected into
     ``small``): pass a model the caller does not use elsewhere. "merged" copies it per adapter.
     Adapters are local directories; with ``local_files_only`` (the default) peft runs in the
-    hub's offline mode (:func:`dlf_rs.loading.hub_scope`), so an adapter directory without its
+    hub's offline mode (:func:`dlf_rs.hub.hub_scope`), so an adapter directory without its
     weights fails instead of peft fetching them from the hub under the directory's name.
     """
-    from .loading import hub_scope
+    from .hub import hub_scope
 
     with hub_scope(local_files_only):
         return _lora_experts(small, adapters, mode, arg)

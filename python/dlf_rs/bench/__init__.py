@@ -6,7 +6,7 @@
 import os
 
 # Before e2e imports torch: OpenMP reads its wait policy once, when torch loads it (see
-# dlf_rs.cli.passive_omp, which `dlf-rs bench` has already run; this covers direct imports).
+# dlf_rs.threads.passive_omp, which `dlf-rs bench` has already run; this covers direct imports).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .e2e import __doc__ as _e2e_doc

@@ -239,9 +239,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     # The same flag as `dlf-rs generate --threads` (default and meaning): torch's threads and the
     # core's workers. torch's own default (every core) was measured 21x slower per step at B=1
     # on a shared 2-core machine (168.7 ms against 7.99 with one thread).
-    from dlf_rs.cli import add_threads_argument
+    from dlf_rs.threads import threads_argument
 
-    add_threads_argument(ap)
+    threads_argument(ap)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -257,11 +257,11 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlf_rs.cli import set_threads
     from dlf_rs.fastpath import cache_length, kv_cache_bytes
     from dlf_rs.generate import FusedGenerator
     from dlf_rs.loading import check_device
     from dlf_rs.options import StepOptions
+    from dlf_rs.threads import set_threads
 
     _check(args)
     check_device("--device", args.device)
