@@ -19,13 +19,16 @@ scan (weights and tokens). The kinds:
 
 Then (unless `--quick`) the older detail tables on Zipf rows at V=32000: support_k=256/1024 and a
 vectorised torch (CPU) paper grid, the certified/fallback rates on Zipf and flat Gaussian rows,
-and the pruning-error figures. Timing is reported, never asserted. `--quick` (V=32000 only,
+and the pruning-error figures. `--rows FILE` adds a table of real models' rows recorded by
+`python -m dlf_rs.real_family record` (Qwen2.5-Coder 1.5B / 0.5B, V=151,936). Timing is
+reported, never asserted. `--quick` (V=32000 only,
 shorter samples, no detail tables) runs in a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -332,6 +335,32 @@ def three_kinds(kinds: list[str], vocabs: tuple[int, ...], quick: bool) -> None:
         )
 
 
+def recorded_rows(path: str, quick: bool) -> None:
+    """A table of rows recorded by ``python -m dlf_rs.real_family record`` (real models' logits
+    of greedy DLF decoding: large, small and the expert at every step), in batches of 8 and 32
+    consecutive rows, T = 1, plus the certified share over every recorded row."""
+    from dlf_rs.real_family.record import load_rows
+
+    arrays, meta = load_rows(path)
+    large, small = arrays["large"], arrays["small"]
+    n_exp = int(meta.get("experts", "1"))
+    experts = np.stack([arrays[f"expert_{t}"] for t in range(n_exp)])
+    n, v = large.shape
+    cert = dlf_rs.fuse_step(large, small, list(experts)).certified.mean()
+    lines = [(f"V={v} B={b} T={n_exp}", kind_row(large[:b], small[:b], experts[:, :b], quick))
+             for b in (8, 32) if b <= n]  # fmt: skip
+    try:
+        models = ", ".join(f"{k} {os.path.basename(str(d))}"
+                           for k, d in json.loads(meta.get("models", "{}")).items())  # fmt: skip
+    except ValueError:
+        models = "?"
+    print_kind(
+        f"recorded rows ({os.path.basename(path)}: {models}; {n} rows; "
+        f"certified over all rows: {cert:.0%})",
+        lines,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -341,6 +370,8 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="V=32000 only, short samples, no detail tables"
     )
+    ap.add_argument("--rows", metavar="FILE", help="also a table of recorded real rows "
+                    "(python -m dlf_rs.real_family record)")  # fmt: skip
     args = ap.parse_args()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("zipf", "dense", "real")]
@@ -354,6 +385,8 @@ def main() -> None:
         + f"; load average {load:.2f}"
     )
     three_kinds(kinds, vocabs, args.quick)
+    if args.rows:
+        recorded_rows(args.rows, args.quick)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     if args.quick:
         return
