@@ -16,7 +16,7 @@
 //! - helpers: `kl` (KL divergences), `numerics` (exponentials, lane sums, the one SIMD dispatch
 //!   and the AVX2 passes over every logit), `error` (the one error type), `cancel` (the flag a
 //!   long call checks between rows and grid groups);
-//! - `python` (feature `python`): the only file that touches PyO3.
+//! - `python/` (feature `python`): the only code that touches PyO3.
 //!
 //! The core is plain Rust over `&[f32]` slices so that `cargo test` and criterion need no Python.
 //! Each stage imports only from stages above it and from the helpers (no module cycle).

@@ -216,7 +216,7 @@ def test_ctrl_c_stops_a_long_call_within_a_bound():
 
 
 def test_threaded_path_gives_the_same_result_as_inline():
-    # Large enough to run on the worker thread (see INLINE_WORK in rust/python.rs).
+    # Large enough to run on the worker thread (see INLINE_WORK in rust/python/guard.rs).
     rng = np.random.default_rng(5)
     b, v = 32, 32000
     large, small = lm_rows(rng, b, v), lm_rows(rng, b, v)

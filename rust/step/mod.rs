@@ -4,7 +4,7 @@
 //! (`penalty`, only when asked) and draw the token (`sample`).
 //! `fuse_logits` is the same loop with given weights and no draw.
 //!
-//! CONTRACT (used by rust/python.rs, benches and tests; do not rename):
+//! CONTRACT (used by rust/python/, benches and tests; do not rename):
 //! - `StepInputs`: `large`, `small` and each `experts[t]` are row-major `batch * vocab` f32.
 //! - `fuse_step(&inputs, &weights, &sampling, &seeds) -> Result<StepOutput, DlfError>`.
 //! - `fuse_logits(&inputs, alphas /* batch * T, row-major */, out /* batch * vocab */)`.
