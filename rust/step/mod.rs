@@ -490,4 +490,7 @@ pub fn fuse_logits_with_cancel(
 mod tests;
 
 #[cfg(test)]
+mod edge_tests;
+
+#[cfg(test)]
 mod certified_tests;
