@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Any
 
-__all__ = ["DEFAULT_THREADS", "passive_omp", "set_threads", "threads_argument"]
+__all__ = ["DEFAULT_THREADS", "passive_omp", "positive_int", "set_threads", "threads_argument"]
 
 # The default of --threads (generate and bench), measured with benches/bench_loop.py on a shared
 # 2-core machine (README, "Command line"): with OMP_WAIT_POLICY=PASSIVE two threads no longer
@@ -49,11 +49,12 @@ def set_threads(n: int) -> None:
 
 def threads_argument(group: Any) -> None:
     """``--threads`` with the same default and meaning for ``generate`` and ``bench``."""
-    group.add_argument("--threads", type=_positive, default=DEFAULT_THREADS,
+    group.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
                        help=THREADS_HELP)  # fmt: skip
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -63,4 +64,4 @@ def _positive(text: str) -> int:
     return value
 
 
-_positive.__name__ = "int >= 1"
+positive_int.__name__ = "int >= 1"

@@ -34,6 +34,7 @@ from dlf_rs.family.world import (
     eval_set,
     few_shot_prompt,
 )
+from dlf_rs.threads import positive_int, set_threads, threads_argument
 
 DEFAULT_FAMILY = Path(__file__).resolve().parent / "checkpoints"
 STATIC_ALPHAS = (0.5, 1.0, 1.5)
@@ -73,23 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for results.md, results.json and the PNG plots")
     parser.add_argument("--family", type=Path, default=DEFAULT_FAMILY,
                         help="directory of the model family (default: the shipped one)")
-    parser.add_argument("-n", "--examples", type=_positive, default=None,
+    parser.add_argument("-n", "--examples", type=positive_int, default=None,
                         help="examples per task (default: 200, or 8 with --quick)")
-    parser.add_argument("--shots", type=_positive, default=2, help="shots for the few-shot rows")
+    parser.add_argument("--shots", type=positive_int, default=2, help="shots for the few-shot rows")
     parser.add_argument("--solver", default="grid", choices=("grid", "exact"),
                         help="DLF alpha solver (grid: the paper's Algorithm 1)")
-    # One thread: on a shared 2-core machine two intra-op threads were measured far slower.
-    parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
+    threads_argument(parser)  # the same --threads as generate and bench
 
 
 # ----------------------------------------------------------------------------- models
@@ -392,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     check_arguments(args)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     t0 = time.perf_counter()
     n = args.examples or (8 if args.quick else 200)
     out: Path = args.out
