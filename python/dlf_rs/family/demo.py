@@ -379,7 +379,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dlf-rs demo`; returns the process exit code."""
-    import torch
 
     check_arguments(args)
     set_threads(args.threads)
