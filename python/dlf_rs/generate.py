@@ -366,11 +366,16 @@ class FusedGenerator:
         # The fast path runs under no_grad like HF generate with static caches and torch.compile
         # (its caches outlive the call and are reused; inference tensors gain nothing there).
         grad_off = torch.no_grad if self.fast else torch.inference_mode
-        with grad_off():
-            runner.prefill(ids, max_new_tokens)
         steps = 0
+        feed: np.ndarray | None = None  # the previous step's tokens, fed at the next step
         for step in range(max_new_tokens):
+            # One grad context per step, forwards included; a stream's consumer runs between
+            # steps (the yield below), outside it.
             with grad_off():
+                if feed is None:
+                    runner.prefill(ids, max_new_tokens)
+                else:
+                    runner.decode(feed)
                 t0 = time.perf_counter()
                 staging.wait()
                 timings["copy"] += time.perf_counter() - t0
@@ -397,10 +402,8 @@ class FusedGenerator:
                     fill[live] += 1
             if step == max_new_tokens - 1 or rows.all_finished():
                 break
-            # Outside the grad context: a stream's consumer runs here, before the next forward.
+            feed = np.where(rows.finished, self.pad_token_id, next_tokens)
             yield rows
-            with grad_off():
-                runner.decode(np.where(rows.finished, self.pad_token_id, next_tokens))
 
         alphas, traces = trace.rows()
         timings["steps"] = float(steps)
