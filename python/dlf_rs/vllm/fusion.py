@@ -1,0 +1,99 @@
+"""Per-row fusion of member logits for an engine's batch (no vLLM import).
+
+An engine's batch mixes requests with different options; :func:`fuse_rows` groups the rows by
+their :class:`~dlf_rs.StepOptions` and runs dlf_rs's core on each group: ``fuse_step`` for the
+weights (method "dlf", the same call :class:`~dlf_rs.FusedGenerator` makes each step) and
+``fuse_logits`` for the fused logits z_L + sum_t alpha_t (z_t - z_S), which the engine's own
+sampler then draws from (its temperature, top-p, seeds and penalties, per request). The logits go
+to the core as float32 host arrays (a CPU float32 tensor without a copy; a GPU tensor is copied to
+the host and the fused logits back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..options import StepOptions
+from ..step import fuse_logits, fuse_step_prepared
+
+__all__ = ["fuse_rows", "greedy_options"]
+
+
+def greedy_options(options: StepOptions) -> StepOptions:
+    """``options`` with the core's own draw turned into the cheap argmax: the engine samples."""
+    if (
+        options.temperature == 0.0
+        and options.top_k == 0
+        and options.top_p == 1.0
+        and (options.min_p == 0.0)
+    ):
+        return options
+    return dataclasses.replace(options, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+def _host(x: Any) -> np.ndarray:
+    """A float32 C-contiguous host array of a torch tensor or array (no copy when already so)."""
+    if type(x).__module__.split(".")[0] == "torch":
+        x = x.detach()
+        if x.device.type != "cpu" or x.dtype != _torch().float32:
+            x = x.to(device="cpu", dtype=_torch().float32)
+        x = x.contiguous().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def fuse_rows(
+    large: Any,
+    small: Any,
+    experts: Sequence[Any],
+    row_options: Sequence[StepOptions],
+) -> tuple[Any, np.ndarray]:
+    """(fused logits like ``large``: float32, same device; alphas float32 [B, T]).
+
+    ``row_options[b]`` is row b's record (fusion fields used; its sampling fields ignored).
+    Rows of method "large" return the large model's logits, rows of method "expert" expert
+    ``expert``'s; their alphas are NaN (no weights were solved).
+    """
+    zl, zs = _host(large), _host(small)
+    ze = [_host(e) for e in experts]
+    b, t = zl.shape[0], len(ze)
+    if len(row_options) != b:
+        raise ValueError(f"row_options: expected {b} records (one per row), got {len(row_options)}")
+    fused = np.empty_like(zl)
+    alphas = np.full((b, t), np.nan, dtype=np.float32)
+    groups: dict[StepOptions, list[int]] = {}
+    for i, o in enumerate(row_options):
+        groups.setdefault(o, []).append(i)
+    for opts, rows in groups.items():
+        whole = len(rows) == b
+        idx = slice(None) if whole else np.asarray(rows)
+        if opts.method == "large":
+            fused[idx] = zl[idx]
+            continue
+        if opts.method == "expert":
+            fused[idx] = ze[opts.expert if opts.expert is not None else 0][idx]
+            continue
+        gl = zl if whole else np.ascontiguousarray(zl[idx])
+        gs = zs if whole else np.ascontiguousarray(zs[idx])
+        ge = ze if whole else [np.ascontiguousarray(e[idx]) for e in ze]
+        if opts.method == "static":
+            a = opts._alpha_list(t)
+            assert a is not None
+            w = np.broadcast_to(np.asarray(a, dtype=np.float32), (len(rows), t))
+        else:
+            w = fuse_step_prepared(gl, gs, ge, greedy_options(opts), None).alphas
+        fused[idx] = fuse_logits(gl, gs, ge, np.ascontiguousarray(w))
+        alphas[idx] = w
+    if type(large).__module__.split(".")[0] == "torch":
+        out = _torch().from_numpy(fused)
+        return (out if large.device.type == "cpu" else out.to(large.device)), alphas
+    return fused, alphas

@@ -1,0 +1,144 @@
+"""``dlf-rs serve``: build a fused directory from --large/--small/--expert (or --family) and
+start vLLM's OpenAI-compatible server on it, with the DLF logits processor.
+
+Every argument after ``--`` goes to ``vllm serve`` unchanged (``--port``, ``--dtype``,
+``--tensor-parallel-size``, ``--max-model-len``, ...). Requests take DLF options in their extra
+body: ``{"vllm_xargs": {"dlf_alpha": 1.0, "dlf_alpha_log": "run-7"}}`` (dlf_rs.vllm.spec lists
+them); a bad value is answered with HTTP 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .spec import FUSED_DIR_ENV, FusedConfigError, build_fused_dir
+from .state import PROCESSOR
+
+# vLLM's CPU attention (vllm.v1.attention.backends.cpu_attn, 0.32); checked before starting so
+# that a refused member is named here instead of deep inside vLLM's engine start.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..options import MULTI_EXPERT_RULES
+
+    m = parser.add_argument_group("models")
+    m.add_argument("--family", help='"default" (the shipped family) or a family directory')
+    m.add_argument("--large", help="large model L: local path or cached hub id")
+    m.add_argument("--small", help="small base model S")
+    m.add_argument("--expert", action="append", default=[], metavar="PATH",
+                   help="small expert checkpoint (full weights; merge LoRA adapters first); repeat")  # fmt: skip
+    m.add_argument("--allow-download", action="store_true",
+                   help="let hub ids be downloaded (default: the local cache only)")  # fmt: skip
+    o = parser.add_argument_group("default DLF options (each request may override them)")
+    o.add_argument("--method", choices=("dlf", "static", "large", "expert"), default=None)
+    o.add_argument("--alpha", type=float, action="append", default=None,
+                   help="static weight (one, or one per expert: repeat); implies --method static")  # fmt: skip
+    o.add_argument("--expert-index", type=int, default=None, help="for --method expert")
+    o.add_argument("--solver", choices=("grid", "exact"), default=None)
+    o.add_argument("--multi-expert", choices=MULTI_EXPERT_RULES, default=None)
+    o.add_argument("--support-k", type=int, default=None, help="0 = full vocabulary (default)")
+    o.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    o.add_argument("--grid-step", type=float, default=None)
+    parser.add_argument("--fused-dir", default=None,
+                        help="where to write the fused directory (default: ~/.cache/dlf_rs/fused/"
+                        "<hash of the members and options>)")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write the directory and print the vllm command; start nothing")  # fmt: skip
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                        help="-- then arguments for `vllm serve` (e.g. -- --port 8000)")  # fmt: skip
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "method": args.method,
+        "alpha": (args.alpha[0] if len(args.alpha) == 1 else args.alpha) if args.alpha else None,
+        "expert": args.expert_index,
+        "solver": args.solver,
+        "multi_expert": args.multi_expert,
+        "support_k": args.support_k,
+        "alpha_range": args.alpha_range,
+        "grid_step": args.grid_step,
+    }
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _sources(args: argparse.Namespace) -> tuple[str, str, list[str]]:
+    if args.family is not None:
+        from ..cli import _family_sources
+
+        large, small, experts = _family_sources(args)
+    else:
+        large, small, experts = args.large, args.small, list(args.expert)
+    if large is None:
+        raise FusedConfigError("--large: required (or --family)")
+    if small is None:
+        raise FusedConfigError("--small: required: the small base the experts were tuned from")
+    if not experts:
+        raise FusedConfigError("--expert: at least one expert is required")
+    return large, small, experts
+
+
+def check_head_sizes(fused_dir: Path) -> None:
+    """On a machine without CUDA, refuse members whose head size vLLM's CPU attention refuses."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    section = json.loads((fused_dir / "config.json").read_text())["dlf_rs"]
+    members = [("--large", section["large"]), ("--small", section["small"])] + [
+        (f"--expert {e}", e) for e in section["experts"]
+    ]
+    for arg, src in members:
+        cfg_path = Path(src) / "config.json"
+        if not cfg_path.exists():
+            continue  # a hub id: vLLM resolves and checks it
+        cfg = json.loads(cfg_path.read_text())
+        head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        if head not in CPU_HEAD_SIZES:
+            raise FusedConfigError(
+                f"{arg}: head size {head} is refused by vLLM's CPU attention (it takes "
+                f"{', '.join(map(str, CPU_HEAD_SIZES))}), so the shipped toy family (head size 24) "
+                "cannot serve on a CPU (GPU attention backends were not tested); serve a family "
+                "with supported head sizes (docs/vllm.md, 'Which families serve')"
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    large, small, experts = _sources(args)
+    options = _options(args)
+    if args.fused_dir is not None:
+        out = Path(args.fused_dir)
+    else:
+        key = json.dumps([large, small, experts, options], sort_keys=True).encode()
+        out = Path("~/.cache/dlf_rs/fused").expanduser() / hashlib.sha256(key).hexdigest()[:16]
+    build_fused_dir(out, large, small, experts, options,
+                    local_files_only=not args.allow_download, overwrite=True)  # fmt: skip
+    check_head_sizes(out)
+    rest = list(args.vllm_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    cmd = [sys.executable, "-m", "dlf_rs.vllm.api_server", "--model", str(out),
+           "--logits-processors", PROCESSOR, *rest]  # fmt: skip
+    env = dict(os.environ)
+    env[FUSED_DIR_ENV] = str(out)
+    if not args.allow_download:
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"dlf-rs serve: fused directory {out}", file=sys.stderr)
+    print(f"dlf-rs serve: {FUSED_DIR_ENV}={out} {' '.join(cmd[1:])}", file=sys.stderr)
+    if args.dry_run:
+        return 0
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise FusedConfigError(
+            f"serve: needs vLLM ({err}); pip install 'dlf_rs[vllm]' (docs/vllm.md has the CPU recipe)"
+        ) from None
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached

@@ -1,0 +1,182 @@
+"""dlf_rs.vllm without vLLM: the fused directory, request options, per-row fusion, `dlf-rs serve
+--dry-run`. (The engine itself is tested in tests/vllm/ inside the vLLM environment.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dlf_rs
+import numpy as np
+import pytest
+from dlf_rs.options import StepOptions
+from dlf_rs.vllm import FusedConfigError, build_fused_dir, load_spec, read_alphas, request_options
+from dlf_rs.vllm.fusion import fuse_rows
+from dlf_rs.vllm.spec import alpha_dir
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def members(family, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("members")
+    out = {}
+    for name, model in [("large", family.large), ("small", family.small),
+                        ("e0", family.experts[0]), ("e1", family.experts[1])]:  # fmt: skip
+        model.save_pretrained(root / name)
+        family.tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def test_fused_dir_layout(members, tmp_path) -> None:
+    d = build_fused_dir(tmp_path / "f", members["large"], members["small"],
+                        [members["e0"], members["e1"]], {"solver": "exact"})  # fmt: skip
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["DlfFusedForCausalLM"]
+    large_cfg = json.loads((members["large"] / "config.json").read_text())
+    assert (
+        cfg["hidden_size"] == large_cfg["hidden_size"]
+        and cfg["vocab_size"] == large_cfg["vocab_size"]
+    )
+    sec = cfg["dlf_rs"]
+    assert sec["format"] == "dlf_rs.fused/1"
+    assert sec["experts"] == [str(members["e0"].resolve()), str(members["e1"].resolve())]
+    assert sec["options"]["solver"] == "exact" and sec["options"]["method"] == "dlf"
+    assert (d / "tokenizer.json").exists() and (d / "dlf_rs_fused.safetensors").exists()
+    spec = load_spec(d)
+    assert spec.options == StepOptions(solver="exact") and len(spec.experts) == 2
+    assert alpha_dir(spec) == d / "alphas"
+
+
+def test_fused_dir_refuses_what_vllm_would_fail_on(members, tmp_path) -> None:
+    args = (members["large"], members["small"])
+    with pytest.raises(FusedConfigError, match=r"^options\.alpha: expected one float or 2"):
+        build_fused_dir(tmp_path / "a", *args, [members["e0"], members["e1"]], {"alpha": [1, 2, 3]})
+    with pytest.raises(FusedConfigError, match=r"^options\.solver: expected 'grid' or 'exact'"):
+        build_fused_dir(tmp_path / "b", *args, [members["e0"]], {"solver": "fast"})
+    with pytest.raises(FusedConfigError, match=r"^options\.temperature: unknown DLF option"):
+        build_fused_dir(tmp_path / "c", *args, [members["e0"]], {"temperature": 0.5})
+    with pytest.raises(FusedConfigError, match=r"^experts: expected at least one"):
+        build_fused_dir(tmp_path / "d", *args, [])
+    with pytest.raises(FusedConfigError, match=r"^experts\[0\]: .* has no config.json"):
+        (tmp_path / "empty").mkdir()
+        build_fused_dir(tmp_path / "e", *args, [tmp_path / "empty"])
+    with pytest.raises(FusedConfigError, match=r"^experts\[0\]: 'no/such-model' is neither"):
+        build_fused_dir(tmp_path / "g", *args, ["no/such-model"])
+    other = tmp_path / "other_vocab"
+    cfg = json.loads((members["e0"] / "config.json").read_text())
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    with pytest.raises(FusedConfigError, match=r"^experts\[0\]: vocabulary size .* differs"):
+        build_fused_dir(tmp_path / "h", *args, [other])
+    build_fused_dir(tmp_path / "i", *args, [members["e0"]])
+    with pytest.raises(FusedConfigError, match=r"^out: .* is not empty"):
+        build_fused_dir(tmp_path / "i", *args, [members["e0"]])
+
+
+def test_request_options_override_the_defaults() -> None:
+    d = StepOptions(solver="exact", alpha_range=(0.0, 1.0))
+    assert request_options(None, d) == (None, None)
+    assert request_options({"other_ext": 1}, d) == (None, None)
+    assert request_options({"dlf_alpha_log": "run-1"}, d) == (None, "run-1")
+    o, _ = request_options({"dlf_alpha": 1.0}, d, 2)
+    assert o == StepOptions(alpha=1.0, solver="exact", alpha_range=(0.0, 1.0))  # static now
+    o, _ = request_options({"dlf_support_k": 0, "dlf_multi_expert": "joint"}, d, 2)
+    assert o.support_k is None and o.multi_expert == "joint" and o.solver == "exact"
+    o, _ = request_options({"dlf_method": "expert", "dlf_expert": 1}, StepOptions(alpha=0.5), 2)
+    assert o.method == "expert" and o.expert == 1 and o.alpha is None
+
+
+@pytest.mark.parametrize(
+    "xargs, message",
+    [({"dlf_solver": 3}, r"^dlf_solver: expected one of 'grid', 'exact', got 3"),
+     ({"dlf_alpha": "1"}, r"^dlf_alpha: expected a real number"),
+     ({"dlf_alpha_range": [1, 0]}, r"^dlf_alpha_range: expected finite"),
+     ({"dlf_grid_step": 0}, r"^dlf_grid_step"),
+     ({"dlf_support_k": -1}, r"^dlf_support_k"),
+     ({"dlf_method": "expert"}, r"^dlf_expert: method='expert' needs"),
+     ({"dlf_method": "expert", "dlf_expert": 2}, r"^dlf_expert: expected an expert index in \[0, 2\)"),
+     ({"dlf_alpha": [1.0]}, r"^dlf_alpha: expected one float or 2"),
+     ({"dlf_temperature": 0.5}, r"^dlf_temperature: unknown DLF option"),
+     ({"dlf_alpha_log": "a/b"}, r"^dlf_alpha_log: expected a tag")],
+)  # fmt: skip
+def test_bad_request_options_name_the_field(xargs, message) -> None:
+    with pytest.raises(FusedConfigError, match=message):
+        request_options(xargs, StepOptions(), 2)
+
+
+def test_fuse_rows_equals_each_row_alone_and_numpy(family) -> None:
+    """A batch mixing methods equals each row fused on its own; static rows equal numpy."""
+    rng = np.random.default_rng(0)
+    b, v = 6, 300
+    zl, zs = (
+        rng.normal(0, 3, (b, v)).astype(np.float32),
+        rng.normal(0, 3, (b, v)).astype(np.float32),
+    )
+    ze = [zs + rng.normal(0, 1, (b, v)).astype(np.float32) for _ in range(2)]
+    rows = [StepOptions(), StepOptions(alpha=(0.5, 1.5)), StepOptions(method="large"),
+            StepOptions(method="expert", expert=1), StepOptions(), StepOptions(solver="exact")]  # fmt: skip
+    fused, alphas = fuse_rows(torch.from_numpy(zl), torch.from_numpy(zs),
+                              [torch.from_numpy(e) for e in ze], rows)  # fmt: skip
+    assert isinstance(fused, torch.Tensor) and fused.dtype == torch.float32
+    fused = fused.numpy()
+    np.testing.assert_array_equal(fused[2], zl[2])
+    np.testing.assert_array_equal(fused[3], ze[1][3])
+    assert np.isnan(alphas[2]).all() and np.isnan(alphas[3]).all()
+    want = zl[1] + 0.5 * (ze[0][1] - zs[1]) + 1.5 * (ze[1][1] - zs[1])
+    np.testing.assert_allclose(fused[1], want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(alphas[1], [0.5, 1.5])
+    for i in (0, 4, 5):
+        one = dlf_rs.fuse_step(zl[i : i + 1], zs[i : i + 1], [e[i : i + 1] for e in ze],
+                               solver=rows[i].solver)  # fmt: skip
+        np.testing.assert_array_equal(alphas[i], one.alphas[0])
+        np.testing.assert_array_equal(
+            fused[i], dlf_rs.fuse_logits(zl[i : i + 1], zs[i : i + 1], [e[i : i + 1] for e in ze],
+                                         one.alphas)[0])  # fmt: skip
+        assert int(np.argmax(fused[i])) == int(one.tokens[0])  # greedy: the generator's token
+    with pytest.raises(ValueError, match="row_options: expected 6 records"):
+        fuse_rows(zl, zs, ze, rows[:2])
+
+
+def test_read_alphas_orders_steps_and_keeps_the_last(members, tmp_path) -> None:
+    d = build_fused_dir(tmp_path / "f", members["large"], members["small"], [members["e0"]])
+    (d / "alphas").mkdir()
+    lines = [
+        {"step": 1, "alphas": [0.2]},
+        {"step": 0, "alphas": [0.9]},
+        {"step": 0, "alphas": [0.1]},
+    ]
+    (d / "alphas" / "t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_alphas(d, "t") == [[0.1], [0.2]]
+    with pytest.raises(FileNotFoundError, match="tag: no alphas logged under 'u'"):
+        read_alphas(d, "u")
+    with pytest.raises(FusedConfigError, match="tag: expected"):
+        read_alphas(d, "../t")
+
+
+def test_serve_dry_run_writes_the_directory(tmp_path, capsys) -> None:
+    import sys
+
+    from dlf_rs.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent / "vllm"))
+    from family import build_family  # head sizes 64 and 32: accepted by vLLM's CPU attention
+
+    m = build_family(tmp_path / "m", experts=1)
+    out = tmp_path / "served"
+    rc = main(["serve", "--large", str(m["large"]), "--small", str(m["small"]),
+               "--expert", str(m["expert0"]), "--alpha", "1.0", "--fused-dir", str(out),
+               "--dry-run", "--", "--port", "8123"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert load_spec(out).options == StepOptions(alpha=1.0)
+    assert f"DLF_RS_FUSED_DIR={out}" in err
+    assert "--logits-processors dlf_rs.vllm.logits:DlfLogitsProcessor" in err
+    assert err.rstrip().endswith("--port 8123")
+    assert main(["serve", "--large", str(m["large"]), "--expert", str(m["expert0"])]) == 2
+    assert "--small: required" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the shipped family (head size 24) is named, not started
+        assert main(["serve", "--family", "default", "--expert", "qa", "--dry-run",
+                     "--fused-dir", str(tmp_path / "toy")]) == 2  # fmt: skip
+        assert "--large: head size 24 is refused by vLLM's CPU attention" in capsys.readouterr().err
