@@ -180,3 +180,31 @@ def test_serve_dry_run_writes_the_directory(tmp_path, capsys) -> None:
         assert main(["serve", "--family", "default", "--expert", "qa", "--dry-run",
                      "--fused-dir", str(tmp_path / "toy")]) == 2  # fmt: skip
         assert "--large: head size 24 is refused by vLLM's CPU attention" in capsys.readouterr().err
+
+
+def test_lora_expert_is_merged_into_the_directory(members, family, tmp_path) -> None:
+    """vLLM members are plain models: a LoRA adapter expert is merged (lambda 1) into
+    experts/expert{t}, equal to peft's own merge."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from safetensors.torch import load_file
+
+    small = copy.deepcopy(family.small)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    torch.manual_seed(0)
+    model = peft.get_peft_model(small, cfg)
+    model.save_pretrained(tmp_path / "adapter")
+    d = build_fused_dir(tmp_path / "f", members["large"], members["small"],
+                        [members["e0"], tmp_path / "adapter"])  # fmt: skip
+    spec = load_spec(d)
+    assert spec.experts[1] == "experts/expert1" and spec.resolve(spec.experts[1]) == str(
+        d / "experts/expert1"
+    )
+    merged = load_file(str(d / "experts/expert1/model.safetensors"))
+    want = model.merge_and_unload().state_dict()
+    for k, v in merged.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
+    assert (d / "experts/expert1/config.json").exists()

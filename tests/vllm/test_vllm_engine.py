@@ -6,6 +6,7 @@ small of different head sizes), float32 on both sides. One engine serves the who
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -256,3 +257,22 @@ def test_bad_request_option_names_the_field(engine, xargs, field) -> None:
         .outputs[0]
         .token_ids
     )
+
+
+def test_tensor_parallel_two_ranks_equal_one(family, engine) -> None:
+    """--tensor-parallel-size 2 on this CPU (two worker processes, one core each): the members'
+    layers are sharded by vLLM, the fused tokens and the alpha log equal one rank's."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("tp_run.py")
+    ps = prompts(5, seed=7)
+    want = engine.generate(ps, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_LOGGING_LEVEL="WARNING")
+    r = subprocess.run([sys.executable, str(script), str(family["fused"]), *ps],
+                       capture_output=True, text=True, env=env, timeout=600, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
+    assert got == [list(o.outputs[0].token_ids) for o in want]
+    alphas = dv.read_alphas(family["fused"], "tp2-row0")
+    assert len(alphas) == len(got[0])  # one line per step: only rank 0 writes

@@ -53,6 +53,12 @@ class DlfLogitsProcessor(LogitsProcessor):
         # batch row -> (options or None for the defaults, alpha-log tag, the output token list)
         self.rows: dict[int, tuple[Any, str | None, list[int]]] = {}
         self.logs: dict[str, IO[str]] = {}
+        try:  # with tensor parallelism every rank samples the same rows: rank 0 writes the logs
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            self.writes_logs = get_tensor_model_parallel_rank() == 0
+        except (ImportError, AssertionError, RuntimeError):
+            self.writes_logs = True
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -103,7 +109,7 @@ class DlfLogitsProcessor(LogitsProcessor):
             alphas = alphas.copy()
             alphas[refuse] = a_rows
         for i, (_, tag, out) in self.rows.items():
-            if tag is not None and i < n:
+            if tag is not None and i < n and self.writes_logs:
                 self._log(tag, len(out), alphas[i])
         return logits
 

@@ -316,7 +316,9 @@ def build_fused_dir(
 
     Members keep their sources as given (absolute paths for local directories), so the
     directory stays small; the large model's config, tokenizer and generation config are
-    copied in. Checks now what vLLM would fail on later: every member has a config.json with
+    copied in. An expert that is a PEFT LoRA adapter on the small base is merged into a full
+    checkpoint under ``experts/`` (:func:`dlf_rs.merge.task_arithmetic` with lambda 1: vLLM
+    members are plain models). Checks now what vLLM would fail on later: every member has a config.json with
     the same vocabulary size as the large model, and the options fit the experts.
     """
     import torch
@@ -340,6 +342,21 @@ def build_fused_dir(
         (f"experts[{t}]", str(e)) for t, e in enumerate(experts)
     ]
     dirs = {arg: _member_dir(src, local_files_only, arg) for arg, src in sources}
+    out.mkdir(parents=True, exist_ok=True)
+    for t in range(len(experts)):
+        arg = f"experts[{t}]"
+        if (dirs[arg] / "adapter_config.json").exists():  # LoRA: merged into a full expert
+            from ..merge import task_arithmetic
+
+            merged = out / "experts" / f"expert{t}"
+            try:
+                task_arithmetic(dirs["small"], [dirs[arg]], 1.0, merged)
+            except (ValueError, TypeError, OSError) as e:
+                raise FusedConfigError(
+                    f"{arg}: cannot merge the LoRA adapter {dirs[arg]}: {e}"
+                ) from None
+            dirs[arg] = merged
+            sources[2 + t] = (arg, f"experts/expert{t}")
     configs = {}
     for arg, d in dirs.items():
         cfg_path = d / "config.json"
@@ -353,7 +370,6 @@ def build_fused_dir(
                 f"{arg}: vocabulary size {cfg.get('vocab_size')} differs from the large model's "
                 f"{vocab}; the members must share one tokenizer and vocabulary"
             )
-    out.mkdir(parents=True, exist_ok=True)
     for name in _TOKENIZER_FILES:
         src = dirs["large"] / name
         if src.exists():
@@ -363,6 +379,8 @@ def build_fused_dir(
 
     def keep(arg: str, src: str) -> str:
         p = Path(src)
+        if src.startswith("experts/"):  # merged here: relative to the fused directory
+            return src
         return str(p.resolve()) if p.is_dir() else src
 
     config = dict(configs["large"])
