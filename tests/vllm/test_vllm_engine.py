@@ -276,3 +276,27 @@ def test_tensor_parallel_two_ranks_equal_one(family, engine) -> None:
     assert got == [list(o.outputs[0].token_ids) for o in want]
     alphas = dv.read_alphas(family["fused"], "tp2-row0")
     assert len(alphas) == len(got[0])  # one line per step: only rank 0 writes
+
+
+def test_plain_vllm_llm_takes_the_fused_directory(family, engine) -> None:
+    """`vllm.LLM(dir)` with no dlf_rs call: the plugin registers the model and attaches the
+    logits processor, so per-request options and their 400-style errors work there too."""
+    import subprocess
+    import sys
+
+    ps = prompts(4, seed=8)
+    want = [list(o.outputs[0].token_ids) for o in engine.generate(
+        ps, SamplingParams(temperature=0, max_tokens=MAX_NEW))]  # fmt: skip
+    want += [list(o.outputs[0].token_ids) for o in engine.generate(
+        ps, SamplingParams(temperature=0, max_tokens=MAX_NEW, extra_args={"dlf_alpha": 1.0}))]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "DLF_RS_FUSED_DIR"}
+    env["VLLM_LOGGING_LEVEL"] = "WARNING"
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("tp_run.py")), "--plain",
+                        str(family["fused"]), *ps],
+                       capture_output=True, text=True, env=env, timeout=600, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
+    assert got == want
+    assert want[:4] != want[4:]  # the option changed something
+    errors = [line for line in r.stdout.splitlines() if line.startswith("ERROR")]
+    assert errors and "dlf_expert: expected an expert index in [0, 2), got 9" in errors[0], r.stdout

@@ -244,7 +244,10 @@ def frontend_spec() -> FusedSpec | None:
     if not path:
         return None
     if path not in _FRONTEND:
-        _FRONTEND[path] = load_spec(path)
+        try:
+            _FRONTEND[path] = load_spec(path)
+        except (FusedConfigError, OSError, ValueError):
+            return None  # not a fused directory: the engine checks what it can
     return _FRONTEND[path]
 
 
