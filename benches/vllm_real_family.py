@@ -114,7 +114,10 @@ def main() -> None:
     print(f"vLLM: engine start {got['start']:.1f} s, {args.prompts} prompts x {args.max_tokens} "
           f"tokens in {got['wall']:.1f} s ({sum(map(len, got['tokens'])) / got['wall']:.2f} tok/s)")  # fmt: skip
     dtype = getattr(torch, args.dtype)
-    gen = dlf_rs.FusedGenerator.from_pretrained(large, small, [adapter], torch_dtype=dtype)
+    # the expert vLLM ran: the adapter merged into the fused directory (equal to peft's merge:
+    # tests/test_vllm_spec.py); the vLLM venv has no peft
+    gen = dlf_rs.FusedGenerator.from_pretrained(large, small, [fused / "experts" / "expert0"],
+                                                torch_dtype=dtype)  # fmt: skip
     ps = PROMPTS[: args.prompts]
     t = time.perf_counter()
     res = gen.generate(input_ids=got["prompt_ids"], max_new_tokens=args.max_tokens)
