@@ -78,7 +78,9 @@ def test_default_equals_full_scan_and_reference_at_32000(kind: str) -> None:
             a_ref, _ = dlf_grid_row(large[b], small[b], [e[b] for e in experts])
             np.testing.assert_array_equal(got.alphas[b], a_ref.astype(np.float32))
     if kind == "flat":
-        assert got.fallback.all()  # every token's d is far from 0: the full scan runs
+        # every token's d is far from 0: the chunked support lattice certifies these rows now
+        # (before, the support cap sent them to the full scan); either way equal to the scan
+        assert (got.certified ^ got.fallback).all()
 
 
 def test_ties_between_grid_values_fall_back() -> None:

@@ -25,8 +25,12 @@
 //! KL(P~||P) = a B/A - ln(A/Z) and KL(P||P~) = ln(A/Z) - a E_P[d] follow by interval arithmetic,
 //! then J. When the grid's winner (scan order, the paper's tie rule) is below every other
 //! candidate's lower bound by a margin that also covers the full scan's own rounding, the plain
-//! full-vocabulary grid would pick the same candidate: the row is certified. Otherwise the caller
-//! runs the full computation (`Fallback`).
+//! full-vocabulary grid would pick the same candidate: the row is certified (its loss and KLs
+//! from the intervals when they are tight to float32, else from one full-vocabulary evaluation
+//! at the winning weight). Otherwise the caller runs the full computation (`Fallback`).
+//! The support is summed exactly at every grid value by a lattice in L1-sized chunks
+//! (`bounds::kl_bounds`), cheap enough that the paper's grid takes any support (real fine-tunes
+//! put most of the vocabulary there); fine grids keep a cap (`SUPPORT_POINTS`).
 //!
 //! Exactness does not depend on how good delta is: it only moves tokens between the exact support
 //! and the bounded tail. delta = 1/8 / max|a| makes the remainder below 2e-12 of the tail's mass.
@@ -36,7 +40,7 @@ use super::RowSolution;
 use crate::cancel::Cancel;
 use crate::config::{MultiExpert, SolverConfig, SolverKind};
 use crate::error::DlfError;
-use crate::numerics::{fast_exp, simd_dispatch};
+use crate::numerics::simd_dispatch;
 
 /// Independent accumulators of the summary's lane sums: two AVX2 vectors, so that every
 /// accumulation and power chain has two independent copies in flight (the pass is bound by the
@@ -61,25 +65,26 @@ const WIDE_REACH: f64 = 2.5;
 const SWITCH_FRACTION: f64 = 1.0 / 8.0;
 /// Tokens per block of the summary pass (the block's d values stay in L1).
 const BLOCK: usize = 512;
-/// The summary gives up (full scan) once the support passes this fraction of the vocabulary, or
-/// is on course for 1.5 times it after an eighth of the row (`summarize`). The support's lattice
-/// costs about what the full scan costs per token, so a quarter of the vocabulary still gains
-/// (experts that move 2% of tokens each, T = 4: 9 ms against 29 ms for the full scan at B = 32);
-/// rows of real fine-tuned experts, whose |d| is large on most tokens, give up after an eighth.
+/// On grids of more than SUPPORT_POINTS points the summary gives up (full scan) once the support
+/// passes this fraction of the vocabulary, or is on course for 1.5 times it after an eighth of
+/// the row (`summarize`): the support's lattice costs grow with the grid.
 const MAX_SUPPORT_FRACTION: f64 = 1.0 / 4.0;
+/// Grids of up to this many points take any support (`max_frac` in `certified_inner`): the
+/// support's lattice, in L1-sized chunks, costs less per token than the full scan's grid over the
+/// whole row, so giving up never pays. Larger grids keep MAX_SUPPORT_FRACTION.
+const SUPPORT_POINTS: f64 = 64.0;
 /// Unit roundoff of f64.
 const EPS: f64 = f64::EPSILON / 2.0;
 
 /// Why a row was not certified (the caller then runs the full computation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallback {
-    /// Too much of the vocabulary has |d| > delta (`MAX_SUPPORT_FRACTION`: flat or unrelated
-    /// rows, real fine-tunes).
+    /// Too much of the vocabulary has |d| > delta for a fine grid (`MAX_SUPPORT_FRACTION`, on
+    /// grids of more than `SUPPORT_POINTS` points).
     Support,
     /// |a| max|d| too large for the bounds' exponentials to stay inside f64.
     Range,
-    /// The bounds could not separate the winner from another candidate (near ties), or are too
-    /// wide to report the loss to float precision.
+    /// The bounds could not separate the winner from another candidate (near ties).
     Unproven,
     /// A bound came out NaN or infinite.
     NonFinite,
@@ -115,6 +120,8 @@ pub struct CertScratch {
     w: Vec<f64>,
     e: Vec<f64>,
     x: Vec<f64>,
+    /// Per grid point, the support lattice's lane sums of w, w d, w |d|.
+    lat: Vec<[[f64; LANES]; 3]>,
 }
 
 impl CertScratch {
@@ -126,6 +133,7 @@ impl CertScratch {
         f.iter().map(|v| v.capacity() * 8).sum::<usize>()
             + (self.k1.capacity() + self.k2.capacity()) * 16
             + self.idx.capacity() * 4
+            + self.lat.capacity() * 3 * LANES * 8
     }
 }
 
@@ -190,13 +198,14 @@ fn summarize<const WIDE: bool>(
     small: ModelRow<'_>,
     experts: &[ModelRow<'_>],
     delta: f64,
+    max_frac: f64,
     sc: &mut CertScratch,
 ) -> Option<Summary> {
     // A constant, so that each form compiles without the other's branches in its loop.
     let wide = WIDE;
     let v = large.z.len();
     let n_t = experts.len();
-    let max_sup = ((v as f64) * MAX_SUPPORT_FRACTION) as usize + 1;
+    let max_sup = ((v as f64) * max_frac) as usize + 1;
     // The rows' maxima come from the validation pass (-inf read as the row's replacement).
     let ml = large.max as f64;
     let ms = small.max as f64;
@@ -409,6 +418,15 @@ mod refine;
 use bounds::*;
 use refine::*;
 
+/// Whether an interval reports its value to float32 precision (the trace's).
+fn tight(x: Iv) -> bool {
+    #[cfg(test)]
+    if forced::LOOSE.with(|f| f.get()) {
+        return false;
+    }
+    x.1 - x.0 <= 1e-7 * x.1.abs() + 1e-12
+}
+
 /// The certified grid for one row: Ok with the full-vocabulary grid's answer, or the reason the
 /// full computation must run.
 /// Err only for cancellation (`DlfError::Cancelled`); Ok(Err(reason)) when the bounds cannot
@@ -443,8 +461,10 @@ fn certified_inner(
     // The narrow tail first (cheaper power sums); rows whose experts move most tokens a little
     // take the wide one.
     let wide_delta = if amax > 0.0 { WIDE_REACH / amax } else { 1.0 };
-    let Some(s) = summarize::<false>(large, small, experts, delta, sc)
-        .or_else(|| summarize::<true>(large, small, experts, wide_delta, sc))
+    let n_pts = cfg.grid_len() as usize;
+    let max_frac = (SUPPORT_POINTS / n_pts as f64).clamp(MAX_SUPPORT_FRACTION, 1.0);
+    let Some(s) = summarize::<false>(large, small, experts, delta, max_frac, sc)
+        .or_else(|| summarize::<true>(large, small, experts, wide_delta, max_frac, sc))
     else {
         fail!(Fallback::Support)
     };
@@ -455,7 +475,6 @@ fn certified_inner(
             fail!(Fallback::Range);
         }
     }
-    let n_pts = cfg.grid_len() as usize;
     sc.k1.resize(n_pts * n_t, (0.0, 0.0));
     sc.k2.resize(n_pts * n_t, (0.0, 0.0));
     for t in 0..n_t {
@@ -551,11 +570,6 @@ fn certified_inner(
     let a = cfg.grid_value(i);
     let (k1, k2) = (sc.k1[t * n_pts + i], sc.k2[t * n_pts + i]);
     let full = j_interval(k1, k2, &b_iv, &c_iv);
-    // The trace reports these to float32 precision.
-    let tight = |x: Iv| x.1 - x.0 <= 1e-7 * x.1.abs() + 1e-12;
-    if !(tight(k1) && tight(k2) && tight(full)) {
-        fail!(Fallback::Unproven);
-    }
     let mid = |x: Iv| 0.5 * (x.0 + x.1);
     if cfg.solver == SolverKind::Exact {
         let considered: Vec<usize> = (0..n_t).filter(|&t| only.is_none_or(|o| o == t)).collect();
@@ -568,10 +582,28 @@ fn certified_inner(
             n_pts,
             &considered,
             own,
-            (t, a),
+            GridWin {
+                t,
+                a,
+                k1,
+                k2,
+                score: cands[win].j,
+                full,
+            },
+            (&b_iv, &c_iv),
             sc,
         )));
     }
+    // The trace reports the loss and the KLs to float32 precision. Intervals that proved the
+    // winner but are too wide for that (a wide tail whose remainders are loose: most rows of
+    // real fine-tunes) give way to the winner's full-vocabulary KLs: one exponential per token
+    // at one weight, a fraction of the full scan, which evaluates every weight.
+    let (k1m, k2m, loss) = if tight(k1) && tight(k2) && tight(full) {
+        (mid(k1), mid(k2), mid(full))
+    } else {
+        let (k1, k2) = full_kls(large, small, experts[t], a, &s, t);
+        (k1, k2, objective(k1, k2, &s.targets_b, &s.targets_c))
+    };
     let mut alphas = vec![0.0; n_t];
     let active = if a != 0.0 {
         alphas[t] = a;
@@ -582,10 +614,23 @@ fn certified_inner(
     Ok(Ok(RowSolution {
         alphas,
         active,
-        loss: mid(full),
-        kl_fused_large: mid(k1),
-        kl_large_fused: mid(k2),
+        loss,
+        kl_fused_large: k1m,
+        kl_large_fused: k2m,
         targets_b: s.targets_b,
         targets_c: s.targets_c,
     }))
+}
+
+/// Switches that force the rare paths on this thread (`step/certified_tests.rs`): LOOSE makes
+/// every interval too wide to report (the winner's full-vocabulary KLs, the exact solver's full
+/// evaluations); UNBOUNDED gives the exact solver's refined weights no bounds (every candidate
+/// then evaluated on the full vocabulary).
+#[cfg(test)]
+pub(crate) mod forced {
+    use std::cell::Cell;
+    thread_local! {
+        pub(crate) static LOOSE: Cell<bool> = const { Cell::new(false) };
+        pub(crate) static UNBOUNDED: Cell<bool> = const { Cell::new(false) };
+    }
 }

@@ -39,16 +39,15 @@ pub(super) fn full_kls(
 pub(super) fn surrogate_cgf(
     s: &Summary,
     sp: &[f64],
-    sd: &[f64],
+    x: &[f64],
     t: usize,
     a: f64,
 ) -> (f64, f64, f64, f64) {
-    let n_t = s.pd.len();
     let mut acc = [[0.0f64; LANES]; 4];
     simd_dispatch!(
-        avx512: kernels::avx512_cgf_support(sp, sd, n_t, t, a, &mut acc),
-        avx2: kernels::avx2_cgf_support(sp, sd, n_t, t, a, &mut acc),
-        portable: kernels::cgf_support(sp, sd, n_t, t, a, &mut acc),
+        avx512: kernels::avx512_cgf_support(sp, x, a, &mut acc),
+        avx2: kernels::avx2_cgf_support(sp, x, a, &mut acc),
+        portable: kernels::cgf_support(sp, x, a, &mut acc),
     );
     let mut m = acc.map(|x| total(&x));
     let (mom, order) = (&s.mom[t], s.order);
@@ -71,10 +70,25 @@ pub(super) fn surrogate_cgf(
     (g, e1, var, e3 - 3.0 * e1 * e2 + 2.0 * e1 * e1 * e1)
 }
 
+/// The certified grid winner handed to `exact_refine`: expert, weight, and the intervals of its
+/// KLs, of its score (J, or the expert's own terms under "own-terms" and "max-shift") and of its
+/// full J.
+pub(super) struct GridWin {
+    pub(super) t: usize,
+    pub(super) a: f64,
+    pub(super) k1: Iv,
+    pub(super) k2: Iv,
+    pub(super) score: Iv,
+    pub(super) full: Iv,
+}
+
 /// The exact solver on the summary: for each expert, Newton (bisection fallback) on J around its
-/// best grid value with the surrogate's analytic derivatives; then every refined weight and the
-/// certified grid winner are evaluated on the full vocabulary, and the best of those wins (ties:
-/// the smaller weight, then the earlier expert), so it is never worse than the grid.
+/// best grid value with the surrogate's analytic derivatives, started at the vertex of the
+/// parabola through its three best grid values; then every refined weight is evaluated on the
+/// full vocabulary and compared with the certified grid winner (ties: the smaller weight, then
+/// the earlier expert), so it is never worse than the grid. The grid winner itself is evaluated
+/// on the full vocabulary only when its interval cannot decide the comparison or is too wide to
+/// report (a refined weight that lands on the winner is not evaluated twice).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn exact_refine(
     s: &Summary,
@@ -85,7 +99,8 @@ pub(super) fn exact_refine(
     n_pts: usize,
     considered: &[usize],
     own: bool,
-    grid_win: (usize, f64),
+    grid_win: GridWin,
+    targets: (&[Iv], &[Iv]),
     sc: &CertScratch,
 ) -> RowSolution {
     let n_t = experts.len();
@@ -103,14 +118,19 @@ pub(super) fn exact_refine(
         let (bs, cs) = scored(t);
         (objective(k1, k2, bs, cs), a, t, k1, k2)
     };
-    let mut best = full(grid_win.0, grid_win.1);
+    // Before `t`, `a` in the scan's tie order.
+    let earlier = |x: &(f64, f64, usize, f64, f64), y: &(f64, f64, usize, f64, f64)| {
+        x.0 < y.0 || (x.0 == y.0 && (x.1 < y.1 || (x.1 == y.1 && x.2 < y.2)))
+    };
+    let mut refined: Vec<(usize, f64, Vec<f64>)> = Vec::with_capacity(considered.len());
     for &t in considered {
+        let xt = support_direction(s, &sc.sd, t);
         let (bs, cs) = scored(t);
         let nt = bs.len() as f64;
         let (mb, mc) = (bs.iter().sum::<f64>() / nt, cs.iter().sum::<f64>() / nt);
         let mu0 = s.pd[t] / s.z;
         let eval = |a: f64| {
-            let (g, g1, g2, g3) = surrogate_cgf(s, &sc.sp, &sc.sd, t, a);
+            let (g, g1, g2, g3) = surrogate_cgf(s, &sc.sp, &xt, t, a);
             let (k1, k2) = if a == 0.0 {
                 (0.0, 0.0)
             } else {
@@ -133,6 +153,19 @@ pub(super) fn exact_refine(
         let mut lo = cfg.grid_value(i0.saturating_sub(1));
         let mut hi = cfg.grid_value((i0 + 1).min(n_pts - 1));
         let mut x = cfg.grid_value(i0);
+        // Start at the vertex of the parabola through the three grid values around the best
+        // (one or two Newton steps fewer than from the grid value; each costs a pass over the
+        // support, which is most of the row on real fine-tunes).
+        if i0 > 0 && i0 + 1 < n_pts {
+            let (jm, j0, jp) = (mid(i0 - 1), mid(i0), mid(i0 + 1));
+            let curv = jm - 2.0 * j0 + jp;
+            if curv > 0.0 {
+                let v = x + 0.5 * (hi - lo) * 0.5 * (jm - jp) / curv;
+                if v > lo && v < hi {
+                    x = v;
+                }
+            }
+        }
         let (mut bx, mut bj) = (x, f64::INFINITY);
         for _ in 0..60 {
             let (j, j1, j2) = eval(x);
@@ -160,16 +193,104 @@ pub(super) fn exact_refine(
             if (xn - x).abs() <= tol {
                 break;
             }
+            // Newton converges quadratically: after a step this small the error is of the order
+            // of its square (1e-12), far below the weights' float32, so the step is taken
+            // without another pass over the support.
+            if xn == newton && j == bj && (xn - x).abs() <= 1e-6 * x.abs().max(1.0) {
+                bx = xn;
+                break;
+            }
             x = xn;
         }
-        let cand = full(t, bx);
-        if cand.0 < best.0
-            || (cand.0 == best.0 && (cand.1 < best.1 || (cand.1 == best.1 && cand.2 < best.2)))
-        {
-            best = cand;
+        if !(t == grid_win.t && bx == grid_win.a) {
+            refined.push((t, bx, xt));
         }
     }
-    let (_, a, t, k1, k2) = best;
+    // Every candidate with its certified intervals (the grid winner's from the grid, the
+    // refined weights' from the summary at that weight: one exponential per support token).
+    // Candidates proven worse than another are dropped; a lone survivor is the answer, reported
+    // from its intervals when they are tight to float32 and else evaluated on the full
+    // vocabulary; several survivors (near ties) are all evaluated on the full vocabulary and
+    // compared exactly, as the full path does.
+    let mid = |x: Iv| 0.5 * (x.0 + x.1);
+    struct Cand {
+        t: usize,
+        a: f64,
+        k1: Iv,
+        k2: Iv,
+        score: Iv,
+        full: Iv,
+    }
+    let g = &grid_win;
+    let mut cands = vec![Cand {
+        t: g.t,
+        a: g.a,
+        k1: g.k1,
+        k2: g.k2,
+        score: g.score,
+        full: g.full,
+    }];
+    for (t, a, xt) in &refined {
+        let (t, a) = (*t, *a);
+        let (k1, k2) = kls_at(s, &sc.sp, xt, t, a);
+        let (bs, cs) = if own {
+            (&targets.0[t..t + 1], &targets.1[t..t + 1])
+        } else {
+            (targets.0, targets.1)
+        };
+        let score = j_interval(k1, k2, bs, cs);
+        let full = j_interval(k1, k2, targets.0, targets.1);
+        #[cfg(test)]
+        let score = if super::forced::UNBOUNDED.with(|f| f.get()) {
+            (f64::NAN, f64::NAN)
+        } else {
+            score
+        };
+        if score.0.is_finite() && score.1.is_finite() {
+            cands.push(Cand {
+                t,
+                a,
+                k1,
+                k2,
+                score,
+                full,
+            });
+        } else {
+            // No usable bound: keep it in the race, decided on the full vocabulary.
+            cands.push(Cand {
+                t,
+                a,
+                k1: (f64::NAN, f64::NAN),
+                k2: (f64::NAN, f64::NAN),
+                score: (f64::NEG_INFINITY, f64::INFINITY),
+                full: (f64::NEG_INFINITY, f64::INFINITY),
+            });
+        }
+    }
+    let best_hi = cands
+        .iter()
+        .map(|c| c.score.1)
+        .fold(f64::INFINITY, f64::min);
+    // Scores are finite or infinite (unbounded candidates), never NaN.
+    cands.retain(|c| c.score.0 <= best_hi);
+    let ((_, a, t, k1, k2), loss) = match &cands[..] {
+        [c] if tight(c.k1) && tight(c.k2) && tight(c.full) => (
+            (mid(c.score), c.a, c.t, mid(c.k1), mid(c.k2)),
+            Some(mid(c.full)),
+        ),
+        [c] => (full(c.t, c.a), None),
+        _ => {
+            let mut best = full(cands[0].t, cands[0].a);
+            for c in &cands[1..] {
+                let r = full(c.t, c.a);
+                if earlier(&r, &best) {
+                    best = r;
+                }
+            }
+            (best, None)
+        }
+    };
+    let loss = loss.unwrap_or_else(|| objective(k1, k2, b, c));
     let mut alphas = vec![0.0; n_t];
     if a != 0.0 {
         alphas[t] = a;
@@ -177,7 +298,7 @@ pub(super) fn exact_refine(
     RowSolution {
         active: if a != 0.0 { t as i64 } else { -1 },
         alphas,
-        loss: objective(k1, k2, b, c),
+        loss,
         kl_fused_large: k1,
         kl_large_fused: k2,
         targets_b: s.targets_b.clone(),
