@@ -9,7 +9,10 @@
 //! and B=32 T=4: the default, the plain full scan (support_k=V) and the exact solver on the Zipf
 //! family above and on dense rows shaped like real fine-tunes (`dense_family`: each expert =
 //! small + N(0, s) on every token, s in [0.05, 0.3] per row, plus 20 tokens boosted by 2..6).
-//! The real rows (the shipped family's models) are in `benches/bench_fuse_step.py`.
+//! Real rows: `kinds/real_*` reads the rows recorded by `python -m dlf_rs.real_family record`
+//! (Qwen2.5-Coder 1.5B / 0.5B, V = 151,936, one expert; the file named by `DLF_RS_REAL_ROWS`,
+//! default `~/.cache/dlf_rs/real-family/rows-8x32.safetensors`), B = 8 and 32, T = 1, when the
+//! file exists. The shipped family's rows are in `benches/bench_fuse_step.py`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -125,6 +128,52 @@ fn dense_family(b: usize, v: usize, n_t: usize) -> Family {
     }
 }
 
+/// The recorded real rows (large, small, expert_0 as f32 `[rows, vocab]`) from a safetensors
+/// file, or None when it is absent. The header is read by hand (a JSON object of
+/// `{"name": {"dtype": "F32", "shape": [r, v], "data_offsets": [a, b]}}`): no dependency for a
+/// bench.
+fn real_rows() -> Option<(Family, usize, usize)> {
+    let path = std::env::var("DLF_RS_REAL_ROWS").ok().or_else(|| {
+        std::env::var("HOME")
+            .ok()
+            .map(|h| format!("{h}/.cache/dlf_rs/real-family/rows-8x32.safetensors"))
+    })?;
+    let bytes = std::fs::read(&path).ok()?;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = std::str::from_utf8(bytes.get(8..8 + n)?).ok()?;
+    let tensor = |name: &str| -> Option<(Vec<f32>, usize, usize)> {
+        let at = header.find(&format!("\"{name}\""))?;
+        let rest = &header[at..];
+        let nums = |key: &str| -> Option<Vec<usize>> {
+            let k = rest.find(key)? + key.len();
+            let close = rest[k..].find(']')?;
+            rest[k..k + close]
+                .split(',')
+                .map(|x| x.trim().trim_start_matches('[').parse().ok())
+                .collect()
+        };
+        let (shape, off) = (nums("\"shape\":")?, nums("\"data_offsets\":")?);
+        let data = bytes.get(8 + n + off[0]..8 + n + off[1])?;
+        let z = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Some((z, shape[0], shape[1]))
+    };
+    let (large, r, v) = tensor("large")?;
+    let (small, _, _) = tensor("small")?;
+    let (expert, _, _) = tensor("expert_0")?;
+    Some((
+        Family {
+            large,
+            small,
+            experts: vec![expert],
+        },
+        r,
+        v,
+    ))
+}
+
 fn bench_kinds(c: &mut Criterion) {
     let mut group = c.benchmark_group("kinds");
     group
@@ -138,30 +187,53 @@ fn bench_kinds(c: &mut Criterion) {
                 ("dense", dense_family(b, v, n_t)),
             ] {
                 let ex = fam.expert_rows();
-                let inputs = fam.inputs(&ex, b, v);
-                for (name, solver, support_k) in [
-                    ("default", SolverKind::Grid, None),
-                    ("full_scan", SolverKind::Grid, Some(v)),
-                    ("exact", SolverKind::Exact, None),
-                ] {
-                    let w = Weights::Dynamic(SolverConfig {
-                        solver,
-                        support_k,
-                        ..Default::default()
-                    });
-                    let id =
-                        BenchmarkId::new(format!("{kind}_{name}"), format!("B{b}_V{v}_T{n_t}"));
-                    group.bench_with_input(id, &inputs, |bch, inp| {
-                        bch.iter(|| {
-                            fuse_step(black_box(inp), &w, &Sampling::default(), &Seeds::One(0))
-                                .unwrap()
-                        })
-                    });
-                }
+                bench_kind(&mut group, kind, &fam.inputs(&ex, b, v));
             }
         }
     }
+    match real_rows() {
+        Some((fam, rows, v)) => {
+            for b in [8usize, 32].into_iter().filter(|&b| b <= rows) {
+                let ex: Vec<&[f32]> = vec![&fam.experts[0][..b * v]];
+                let inputs = StepInputs {
+                    large: &fam.large[..b * v],
+                    small: &fam.small[..b * v],
+                    experts: &ex,
+                    batch: b,
+                    vocab: v,
+                };
+                bench_kind(&mut group, "real", &inputs);
+            }
+        }
+        None => eprintln!("kinds/real: no recorded rows (DLF_RS_REAL_ROWS); skipped"),
+    }
     group.finish();
+}
+
+/// The default, the plain full scan and the exact solver on one batch of one kind of rows.
+fn bench_kind(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    kind: &str,
+    inputs: &StepInputs<'_>,
+) {
+    let (b, v, n_t) = (inputs.batch, inputs.vocab, inputs.experts.len());
+    for (name, solver, support_k) in [
+        ("default", SolverKind::Grid, None),
+        ("full_scan", SolverKind::Grid, Some(v)),
+        ("exact", SolverKind::Exact, None),
+    ] {
+        let w = Weights::Dynamic(SolverConfig {
+            solver,
+            support_k,
+            ..Default::default()
+        });
+        let id = BenchmarkId::new(format!("{kind}_{name}"), format!("B{b}_V{v}_T{n_t}"));
+        group.bench_with_input(id, inputs, |bch, inp| {
+            bch.iter(|| {
+                fuse_step(black_box(inp), &w, &Sampling::default(), &Seeds::One(0)).unwrap()
+            })
+        });
+    }
 }
 
 fn bench_fuse_step(c: &mut Criterion) {
