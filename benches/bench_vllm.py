@@ -75,7 +75,9 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tiny", action="store_true", help="the tests' family (tests/vllm/family.py)")
+    p.add_argument(
+        "--tiny", action="store_true", help="the tests' family (tests/vllm_serving/family.py)"
+    )
     p.add_argument("--large")
     p.add_argument("--small")
     p.add_argument("--expert", action="append", default=[])
@@ -89,7 +91,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
     if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/vllm"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/vllm_serving"))
         from family import build_family
 
         fam = build_family(tmp / "family", experts=1)

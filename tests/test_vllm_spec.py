@@ -1,5 +1,5 @@
 """dlf_rs.vllm without vLLM: the fused directory, request options, per-row fusion, `dlf-rs serve
---dry-run`. (The engine itself is tested in tests/vllm/ inside the vLLM environment.)"""
+--dry-run`. (The engine itself is tested in tests/vllm_serving/ inside the vLLM environment.)"""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_serve_dry_run_writes_the_directory(tmp_path, capsys) -> None:
 
     from dlf_rs.cli import main
 
-    sys.path.insert(0, str(Path(__file__).parent / "vllm"))
+    sys.path.insert(0, str(Path(__file__).parent / "vllm_serving"))
     from family import build_family  # head sizes 64 and 32: accepted by vLLM's CPU attention
 
     m = build_family(tmp_path / "m", experts=1)
