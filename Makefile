@@ -110,7 +110,7 @@ real-family: develop
 
 # The weak-to-strong experiment on it (docs/real-family.md): the vexil task's LoRA expert on the
 # 0.5B and the same recipe on the 1.5B (the upper bound), then the table, HumanEval subset, alpha
-# plot and checks. Each step skips what is in place; about 90 min on 2 cores from a warm cache.
+# plot and checks. Training skips what is in place; about 85 min on 2 idle cores, warm cache.
 real-family-train: real-family
 	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(PY) -m dlf_rs.real_family train --base small
 	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(PY) -m dlf_rs.real_family train --base large

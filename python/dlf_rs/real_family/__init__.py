@@ -17,6 +17,19 @@ Every step skips what is already in place (a second run prints what it found and
 ``python -m dlf_rs.real_family record`` then records the models' next-token logits for the core's
 benchmark (:mod:`.record`, which documents the file format).
 
+The weak-to-strong experiment on this family (``make real-family-eval``):
+
+- :mod:`.task`: the vexil task, short programs against a fictional library (``library/vexil.py``)
+  that no model has seen, with a seeded training split and a held-out split whose conditions and
+  transforms never occur in training; replies are checked by running them (:mod:`.sandbox`:
+  subprocess, time and memory limits, no network);
+- :mod:`.train`: the LoRA expert on the small base (and the same recipe on the large one, the
+  upper bound) into ``<cache>/adapters/vexil-<base>/`` with a manifest of hashes;
+- :mod:`.evaluate` and :mod:`.humaneval`: the table (large alone, small base, expert alone,
+  static alpha 0.5 / 1.0 / 1.5, DLF, upper bound) on held-out examples and a HumanEval subset,
+  with the time per token, an alpha plot and two checks on the real family, into
+  ``<cache>/results/``.
+
 The family: large Qwen2.5-Coder-1.5B-Instruct, small Qwen2.5-Coder-0.5B-Instruct (made from an
 AWQ checkpoint, re-quantised), both Q4_K_M, one tokenizer (151,936 entries, 151,387 merges,
 pre-tokenizer "qwen2"; the tokenizer transformers rebuilds from the GGUF keeps all 151,936,

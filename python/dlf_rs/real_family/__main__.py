@@ -10,6 +10,10 @@
 - ``all``: the three above (``make real-family``).
 - ``record``: the models' next-token logits over greedy DLF decoding, for the core's benchmark
   (:mod:`.record`).
+- ``train``: the LoRA expert of the vexil task on the small base (``--base large``: the same
+  recipe on the large one, the upper bound) (:mod:`.train`).
+- ``eval``: the weak-to-strong table on the vexil task and a HumanEval subset, the alpha plot
+  and the checks on the real family (:mod:`.evaluate`).
 """
 
 from __future__ import annotations
@@ -201,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     from .record import add_arguments
 
     add_arguments(sub.add_parser("record", help="record next-token logits for the benchmark"))
+    from . import evaluate, train
+
+    train.add_arguments(sub.add_parser("train", help="train the vexil task's LoRA expert"))
+    evaluate.add_arguments(sub.add_parser("eval", help="the weak-to-strong table and checks"))
     args = parser.parse_args(argv)
     cache = cache_root(args.cache)
     t0 = time.perf_counter()
@@ -220,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             from .record import run
 
             run(args, cache)
+        if args.cmd == "train":
+            train.run(args, cache)
+        if args.cmd == "eval":
+            evaluate.run(args, cache)
     except AssemblyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
