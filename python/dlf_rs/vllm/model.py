@@ -18,7 +18,6 @@ with their own options and logs alphas. vLLM's sampler draws from the fused logi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -151,8 +150,3 @@ class DlfFusedForCausalLM(nn.Module):
                 got = {n for n, _ in member.named_parameters()}
             loaded.update(f"{name}.{n}" for n in got)
         return loaded
-
-
-def describe(fused_dir: str) -> dict[str, Any]:
-    """The ``dlf_rs`` section of a fused directory's config (for logs and ``dlf-rs serve``)."""
-    return dict(json.loads((Path(fused_dir) / "config.json").read_text())["dlf_rs"])

@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,6 @@ class FusedSpec:
     root: Path | None = None
     local_files_only: bool = True
     alpha_dir: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def members(self) -> list[tuple[str, str]]:

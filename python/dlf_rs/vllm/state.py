@@ -27,7 +27,6 @@ class WorkerState:
     experts: list[Any] = field(default_factory=list)
     alphas: np.ndarray | None = None
     fused: Any = None
-    rows: int = -1
 
     @property
     def defaults(self) -> StepOptions | None:
@@ -38,14 +37,14 @@ class WorkerState:
     ) -> None:
         self.large, self.small, self.experts = large, small, list(experts)
         self.alphas, self.fused = alphas, fused
-        self.rows = int(large.shape[0])
 
     def take(self, rows: int) -> tuple[Any, Any, list[Any], np.ndarray]:
         """The last step's member logits and alphas, checked to be for ``rows`` rows."""
-        if self.large is None or self.rows != rows or self.alphas is None:
+        made = -1 if self.large is None else int(self.large.shape[0])
+        if made != rows or self.alphas is None:
             raise RuntimeError(
                 f"dlf_rs: the logits processor got {rows} rows but the fused model's last "
-                f"compute_logits produced {self.rows}; the two must run in one worker, in order"
+                f"compute_logits produced {made}; the two must run in one worker, in order"
             )
         return self.large, self.small, self.experts, self.alphas
 
