@@ -3,13 +3,13 @@
 First, one table per kind of row, side by side (`--kinds`): for each vocabulary size and shape
 (B=8 T=1, B=32 T=4), the certified default's median time, the plain full-vocabulary scan it
 replaces (support_k=V), the exact solver, the numpy reference's vectorised paper grid
-(tests/reference.py; at the largest shapes one call), a memory floor (numpy reading every input
+(dlf_rs.reference; at the largest shapes one call), a memory floor (numpy reading every input
 array once), the share of rows the default certified, and whether the default equals the full
 scan (weights and tokens). The kinds:
 
 - zipf: `reference.zipf_logits`: Zipf-like large and small rows; each expert differs from the
   small model on 300 of its likeliest tokens only (d = z_E - z_S is exactly 0 elsewhere).
-- dense: `reference.dense_logits`, shaped like real fine-tunes (issue 22): the same large and
+- dense: `reference.dense_logits`, shaped like real fine-tunes: the same large and
   small rows; each expert row = small + N(0, s) on every token, s ~ U(0.05, 0.3) per row and
   expert, plus 20 task tokens (uniform over the vocabulary) boosted by U(2, 6) each.
 - real: the shipped family (python/dlf_rs/family): large_base, small_base and the small experts
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import dlf_rs
-from reference import dense_logits, objective_row, paper_grid_numpy, zipf_logits
+from dlf_rs.reference import dense_logits, objective_row, paper_grid_numpy, zipf_logits
 
 try:
     import torch

@@ -67,8 +67,8 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 
 def loop_cost(args: argparse.Namespace) -> None:
+    from dlf_rs.engines.hf.generate import FusedGenerator
     from dlf_rs.family import CHECKPOINTS, example_prompts
-    from dlf_rs.generate import FusedGenerator
 
     torch.set_num_threads(1)
     gen = FusedGenerator.from_pretrained(
@@ -110,7 +110,7 @@ def _thread_cell(args: argparse.Namespace, policy: str, batch: int, threads: int
     code = (
         "import sys, time, statistics, torch\n"
         "from dlf_rs.family import CHECKPOINTS, example_prompts\n"
-        "from dlf_rs.generate import FusedGenerator\n"
+        "from dlf_rs.engines.hf.generate import FusedGenerator\n"
         f"torch.set_num_threads({threads})\n"
         "g = FusedGenerator.from_pretrained(CHECKPOINTS/'large_base', "
         f"CHECKPOINTS/'small_base', [CHECKPOINTS/'small_expert_{args.task}'])\n"

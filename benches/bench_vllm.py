@@ -25,7 +25,7 @@ from typing import Any
 
 
 def _engine(model: str, args: argparse.Namespace, fused: bool) -> Any:
-    import dlf_rs.vllm as dv
+    import dlf_rs.engines.vllm as dv
     from vllm import LLM
 
     kw = {"dtype": args.dtype, "enforce_eager": True, "max_model_len": args.max_model_len,
@@ -102,7 +102,7 @@ def main() -> None:
         )
     if not (args.large and args.small and args.expert):
         p.error("--large, --small and --expert (or --tiny) are required")
-    import dlf_rs.vllm as dv
+    import dlf_rs.engines.vllm as dv
 
     fused = dv.build_fused_dir(tmp / "fused", args.large, args.small, args.expert)
     t_n = len(args.expert)

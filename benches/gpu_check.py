@@ -111,7 +111,7 @@ def compare(want: Any, got: Any, label: str) -> tuple[bool, str]:
 
 def greedy_equal(ctx: Context, key: str, variant: str, max_new: int) -> str:
     """Greedy tokens of the device generator ``variant`` against the CPU generator's."""
-    from dlf_rs.generate import FusedGenerator
+    from dlf_rs.engines.hf.generate import FusedGenerator
 
     cpu, dev, prompts = ctx.cache[key]
     kw: dict[str, Any] = {}
@@ -151,8 +151,8 @@ def greedy_equal(ctx: Context, key: str, variant: str, max_new: int) -> str:
 def family(ctx: Context) -> None:
     if "family" in ctx.cache:
         return
+    from dlf_rs.engines.hf.generate import FusedGenerator
     from dlf_rs.family import EXPERTS, checkpoint, example_prompts
-    from dlf_rs.generate import FusedGenerator
 
     paths = (checkpoint("large_base"), checkpoint("small_base"),
              [checkpoint(EXPERTS[t]) for t in sorted(EXPERTS)])  # fmt: skip
@@ -212,7 +212,7 @@ def smollm(ctx: Context) -> None:
     if "smollm" in ctx.cache:
         return
     import torch
-    from dlf_rs.generate import FusedGenerator
+    from dlf_rs.engines.hf.generate import FusedGenerator
     from dlf_rs.loading import LoadOptions, load_model, load_tokenizer
 
     path = find_smollm(ctx)
@@ -332,7 +332,7 @@ def per_token(
 def breakdown(batch: int) -> Callable[[Context], str]:
     def run(ctx: Context) -> str:
         import torch
-        from dlf_rs.generate import FusedGenerator
+        from dlf_rs.engines.hf.generate import FusedGenerator
 
         large, small, expert, tok, desc = breakdown_models(ctx)
         steps = 8 if ctx.dry_run else 32

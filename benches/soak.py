@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dlf_rs
-from reference import zipf_logits
+from dlf_rs.reference import zipf_logits
 
 FAMILY = ROOT / "python" / "dlf_rs" / "family" / "checkpoints"
 

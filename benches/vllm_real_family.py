@@ -49,7 +49,7 @@ PROMPTS = [
 
 
 def phase_vllm(args: argparse.Namespace) -> None:
-    import dlf_rs.vllm as dv
+    import dlf_rs.engines.vllm as dv
     from vllm import SamplingParams
 
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def main() -> None:
         phase_vllm(args)
         return
     import dlf_rs
-    import dlf_rs.vllm as dv
+    import dlf_rs.engines.vllm as dv
     import numpy as np
     import torch
     from dlf_rs.real_family import cache_root

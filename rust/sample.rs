@@ -6,7 +6,7 @@
 //! l = (logit - max logit) / temperature, p = exp(l) / sum. Subtracting the max before dividing
 //! keeps every l in [-inf, 0] with l = 0 at the maxima, so any finite temperature > 0, however
 //! small (even subnormal), gives a valid distribution: one that underflows to the tied maxima is
-//! exactly "uniform over the tied maxima", the greedy-like limit (rules.md). -inf logits get
+//! exactly "uniform over the tied maxima", the greedy-like limit (README.md, "Options"). -inf logits get
 //! p = 0 and are never drawn. `temperature == 0` is greedy (argmax, lowest index on ties) and
 //! draws nothing.
 //!

@@ -2,7 +2,7 @@
 //! logits (NaN / +inf refused, the value -inf stands for in each small-model and expert row). Each rule is written once here; `step`, `sample` and the Python binding's
 //! `validate_options` all call these functions, so a message never differs between entry points.
 //!
-//! Rules (rules.md, "Rules of the step options"):
+//! Rules (README.md, "Options": the table of fields and rules):
 //! - static alpha: each finite with |alpha| <= `MAX_ABS_ALPHA` (the count is checked against T);
 //! - alpha_range: finite, -`MAX_ABS_ALPHA` <= lo <= hi <= `MAX_ABS_ALPHA`;
 //! - grid_step: finite > 0 and at most `MAX_GRID_POINTS` points on the range (bounds one call's
@@ -241,7 +241,7 @@ pub(crate) fn validate_seeds(seeds: &Seeds, batch: usize) -> Result<(), DlfError
 }
 
 /// Every option of a step at once, in the order `fuse_step` checks them: static weights (when
-/// given), the solver's settings, sampling, penalties. The binding's `validate_options` and
+/// given), the solver's settings, sampling, penalties. The binding's `CoreOptions` constructor and
 /// `fuse_step` both call this, so an options record validated once is valid for every call.
 pub fn validate_options(
     alpha: Option<&[f64]>,

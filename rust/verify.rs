@@ -1,6 +1,6 @@
 //! Speculative DLF, the core's half: accept or correct drafted tokens, a whole batch at once.
 //!
-//! Where it sits: `python/dlf_rs/speculative.py` lets a draft (a small expert) propose up to k
+//! Where it sits: `python/dlf_rs/engines/hf/speculative.py` lets a draft (a small expert) propose up to k
 //! tokens per row, runs every model once over the drafted positions, and hands the logits here
 //! as `[B, P, V]` per model (P = k + 1 positions: position j holds each model's next-token
 //! logits after the prefix and the row's first j drafted tokens). Per row, position by position

@@ -20,9 +20,9 @@ import random
 from typing import Any
 
 import numpy as np
-from reference import zipf_logits
+from dlf_rs.reference import zipf_logits
 
-MAX_GRID_POINTS = 10_001  # rules.md: at most 10,001 grid points on the alpha range
+MAX_GRID_POINTS = 10_001  # README.md, "Options": at most 10,001 grid points on the alpha range
 ORACLE_BUDGET = 2_000_000  # grid points x experts x rows x vocab the oracle scans per case
 
 
@@ -54,7 +54,7 @@ def case_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"dlf-fuzz/{seed}/{index}")
 
 
-# Keyword values as source text. "ok": valid by rules.md; "odd": wrong type or value (or a value
+# Keyword values as source text. "ok": valid by the rules (README.md, "Options"); "odd": wrong type or value (or a value
 # the rules leave open; the oracle decides which).
 TEMPERATURE = {
     "ok": [

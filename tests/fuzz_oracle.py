@@ -1,4 +1,4 @@
-"""The fuzz oracle: what rules.md says a call must do, checked against what dlf_rs did.
+"""The fuzz oracle: what the rules (README.md, "Options") say a call must do, checked against what dlf_rs did.
 
 `expect(case)` reads the case's arguments the way the rules read them and returns either the
 errors the call must (or may) raise, each as (argument name, allowed classes), or the normalised
@@ -16,7 +16,7 @@ options a result must honour. `run_case(case)` makes the call and returns a verd
 
 Run as a script it is the worker of tests/fuzz_pool.py: JSON cases in on stdin, verdicts out.
 
-Over 500 lines: the whole of rules.md as checks, one function per entry point; split, the rules
+Over 500 lines: the whole of the rules as checks, one function per entry point; split, the rules
 would drift apart from each other.
 """
 
@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dlf_rs
+from dlf_rs.reference import fuse_row, grid_values, kl, log_softmax, replace_neg_inf
 from fuzz_cases import MAX_GRID_POINTS, build_call, truth_arrays
-from reference import fuse_row, grid_values, kl, log_softmax, replace_neg_inf
 
 DlfError = dlf_rs.DlfError
 # A caught panic (a bug). Not re-exported by every version of dlf_rs: also matched by name.

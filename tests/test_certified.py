@@ -8,9 +8,9 @@ from __future__ import annotations
 import dlf_rs
 import numpy as np
 import pytest
+from dlf_rs.reference import dense_logits, dlf_grid_row, zipf_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import dense_logits, dlf_grid_row, zipf_logits
 
 
 def _both(large, small, experts, **kw):

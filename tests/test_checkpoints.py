@@ -14,7 +14,7 @@ from conftest import PROMPTS, SMOLLM_GGUF, Family, smollm_gguf
 
 torch = pytest.importorskip("torch")
 
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 from dlf_rs.loading import per_model, resolve_source
 from dlf_rs.merge import load_state, merged_model, task_arithmetic, task_arithmetic_state
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import PROMPTS, Family
 from dlf_rs.cli import main
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 from dlf_rs.seeds import row_seed
 
 
@@ -396,3 +396,37 @@ def test_cli_examples_ask_about_people_of_the_shipped_world() -> None:
     assert names
     for name in names:
         assert name in people, f"the CLI example asks about {name!r}, unknown to the family"
+
+
+def test_generate_and_serve_share_the_fusion_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """One builder of the flags (dlf_rs.flags): both commands read --alpha the same two ways,
+    refuse --support-k 0 alike, and name a bad value by its flag."""
+    import argparse
+
+    from dlf_rs.cli import _Failure, _step_options, build_parser
+    from dlf_rs.engines.vllm import serve
+    from dlf_rs.flags import UsageError, fusion_fields, step_options
+
+    def serve_args(argv: list[str]) -> argparse.Namespace:
+        p = argparse.ArgumentParser(exit_on_error=False)
+        serve.add_arguments(p)
+        return p.parse_args(["--large", "L", *argv])
+
+    def gen_args(argv: list[str]) -> argparse.Namespace:
+        return build_parser().parse_args(["generate", "--large", "L", "--prompt", "w1", *argv])
+
+    for argv in (["--alpha", "1.0", "0.5"], ["--alpha", "1.0", "--alpha", "0.5"]):
+        assert _step_options(gen_args(argv)).alpha == (1.0, 0.5)
+        assert serve._options(serve_args(argv)) == {"alpha": (1.0, 0.5)}
+    flags = ["--method", "dlf", "--solver", "exact", "--support-k", "5", "--alpha-range", "0",
+             "1.5", "--grid-step", "0.05", "--multi-expert", "joint"]  # fmt: skip
+    assert fusion_fields(gen_args(flags)) == fusion_fields(serve_args(flags))
+    assert step_options(fusion_fields(serve_args(flags))) == _step_options(gen_args(flags))
+    for parse in (gen_args, serve_args):
+        with pytest.raises((argparse.ArgumentError, _Failure)) as err:
+            parse(["--support-k", "0"])
+        assert "expected an int >= 1, got 0" in str(err.value) + capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"^--grid-step: "):
+        serve._options(serve_args(["--grid-step", "-1"]))
+    with pytest.raises(UsageError, match=r"^--grid-step: "):
+        _step_options(gen_args(["--grid-step", "-1"]))

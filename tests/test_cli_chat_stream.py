@@ -58,7 +58,7 @@ def test_jsonl_messages_need_no_chat_flag_and_must_not_mix(tmp_path: Any,
 def test_chat_on_a_real_chat_model(smollm_dir: str, tmp_path: Any, one_thread: Any) -> None:
     """--chat with SmolLM2-135M-Instruct equals generate(messages=...) of the API, and a JSONL
     file of "messages" gives the same record."""
-    from dlf_rs.generate import FusedGenerator
+    from dlf_rs.engines.hf.generate import FusedGenerator
 
     args = ["generate", "--large", smollm_dir, "--method", "large", "--max-new-tokens", "6",
             "--no-progress"]  # fmt: skip
@@ -79,8 +79,8 @@ def test_chat_on_a_real_chat_model(smollm_dir: str, tmp_path: Any, one_thread: A
 
 
 def test_penalty_flags_reach_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from dlf_rs.engines.hf.generate import FusedGenerator
     from dlf_rs.family import checkpoint
-    from dlf_rs.generate import FusedGenerator
 
     assert main([*FAMILY, "--prompt", PROMPT, "--method", "large", "--repetition-penalty", "3",
                  "--presence-penalty", "1.5"]) == 0  # fmt: skip

@@ -1,6 +1,6 @@
 """Hardening of the Rust core (issue 14, Rust side) and the options contract of `dlf_rs._core`
-(issue 9): DEFAULTS and validate_options, no panic reaching Python, tiny temperatures, weight
-limits, Ctrl-C on a long call. Calls `dlf_rs._core` directly, with every option spelled out from
+(issue 9): DEFAULTS and CoreOptions, no panic reaching Python, tiny temperatures, weight limits,
+Ctrl-C on a long call. Calls `dlf_rs._core` directly, with every option spelled out from
 `DEFAULTS`, so it does not depend on the Python wrappers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from dlf_rs import _core
+from dlf_rs import StepOptions, _core
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 OPTION_KEYS = ["alpha_min", "alpha_max", "grid_step", "solver", "multi_expert", "support_k", *SAMPLING_KEYS]
@@ -25,10 +25,8 @@ def options(**overrides):
     return opts
 
 
-def sampling(**overrides):
-    opts = {k: _core.DEFAULTS[k] for k in SAMPLING_KEYS}
-    opts.update(overrides)
-    return opts
+def core(**overrides):
+    return _core.CoreOptions(**options(**overrides))
 
 
 def f32(x):
@@ -61,7 +59,9 @@ def test_defaults_are_the_documented_ones():
         "max_draft_len": 16,
     }
     assert issubclass(_core.DlfInternalError, _core.DlfError)
-    assert _core.validate_options(**options()) is None
+    assert isinstance(core(), _core.CoreOptions)
+    assert _core.MULTI_EXPERT_RULES == ("one-active", "joint", "own-terms", "max-shift")
+    assert _core.SOLVERS == ("grid", "exact")
 
 
 BAD_OPTIONS = [
@@ -90,20 +90,36 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("bad,prefix", BAD_OPTIONS)
-def test_validate_options_raises_what_fuse_step_raises(bad, prefix):
-    with pytest.raises(_core.DlfError) as by_validate:
-        _core.validate_options(**options(**bad))
-    assert str(by_validate.value).startswith(prefix), by_validate.value
-    z = f32([[0.0, 1.0, 2.0]])
-    with pytest.raises(_core.DlfError) as by_step:
-        _core.fuse_step(z, z, [z], **options(**bad))
-    assert str(by_step.value) == str(by_validate.value)
+def test_core_options_raise_what_the_record_raises(bad, prefix):
+    with pytest.raises(_core.DlfError) as by_core:
+        core(**bad)
+    assert str(by_core.value).startswith(prefix), by_core.value
+    assert not isinstance(by_core.value, _core.DlfInternalError)
+    fields = {k: tuple(v) if k == "alpha" else v for k, v in bad.items()}
+    if "alpha_min" in fields or "alpha_max" in fields:
+        d = _core.DEFAULTS
+        fields["alpha_range"] = (fields.pop("alpha_min", d["alpha_min"]),
+                                 fields.pop("alpha_max", d["alpha_max"]))  # fmt: skip
+    with pytest.raises(_core.DlfError) as by_record:
+        StepOptions(**fields)
+    assert str(by_record.value) == str(by_core.value)
 
 
 def test_limits_are_inclusive():
-    _core.validate_options(**options(alpha=[100.0, -100.0]))
-    _core.validate_options(**options(alpha_min=-50.0, alpha_max=50.0, grid_step=0.01))  # 10,001
-    _core.validate_options(**options(alpha_min=-100.0, alpha_max=100.0))
+    core(alpha=[100.0, -100.0])
+    core(alpha=-100.0)
+    core(alpha_min=-50.0, alpha_max=50.0, grid_step=0.01)  # 10,001 points
+    core(alpha_min=-100.0, alpha_max=100.0)
+
+
+def test_speculative_is_checked_with_the_penalties():
+    assert isinstance(core(speculative=16), _core.CoreOptions)
+    assert isinstance(core(speculative="auto"), _core.CoreOptions)
+    for bad in (0, 17, -1, "fast"):
+        with pytest.raises(_core.DlfError, match="^speculative: expected None, a draft length"):
+            core(speculative=bad)
+    with pytest.raises(_core.DlfError, match="^speculative: expected None when repetition"):
+        core(speculative=2, presence_penalty=0.5)
 
 
 def test_every_option_is_required():
@@ -112,6 +128,26 @@ def test_every_option_is_required():
         _core.fuse_step(z, z, [z])
     with pytest.raises(TypeError):
         _core.sample(z)
+    with pytest.raises(TypeError):
+        _core.CoreOptions(alpha=None)
+    with pytest.raises(TypeError):  # the options travel as one record, never as keywords
+        _core.sample(z, options(temperature=0.5))
+
+
+def test_one_static_weight_is_broadcast_to_the_experts():
+    rng = np.random.default_rng(2)
+    large, small = lm_rows(rng, 3, 40), lm_rows(rng, 3, 40)
+    experts = [lm_rows(rng, 3, 40) for _ in range(3)]
+    one = core(alpha=0.75)
+    assert one.static_alphas(3) == [0.75] * 3 and one.static_alphas(0) == []
+    assert core(alpha=[0.5, 1.0]).static_alphas(3) == [0.5, 1.0] and core().static_alphas(2) is None
+    for t in (1, 3):
+        a = _core.fuse_step(large, small, experts[:t], one)
+        b = _core.fuse_step(large, small, experts[:t], core(alpha=[0.75] * t))
+        np.testing.assert_array_equal(a.alphas, np.full((3, t), 0.75, np.float32))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    with pytest.raises(_core.DlfError, match=r"^alpha: expected 3 static weights \(one per expert\), got 2"):
+        _core.fuse_step(large, small, experts, core(alpha=[0.5, 1.0]))
 
 
 # ---- issue 14 reproducers ----
@@ -120,12 +156,12 @@ def test_every_option_is_required():
 @pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300])
 @pytest.mark.parametrize("top_p", [1.0, 0.5])
 def test_tiny_temperature_is_greedy_like(temperature, top_p):
-    opts = sampling(temperature=temperature, top_p=top_p)
-    assert _core.sample(f32([[1.0, 2.0]]), seed=0, **opts).tolist() == [1]
+    opts = core(temperature=temperature, top_p=top_p)
+    assert _core.sample(f32([[1.0, 2.0]]), opts, seed=0).tolist() == [1]
     z = f32([[-np.inf, 1.0, 2.0]] * 64)
-    assert set(_core.sample(z, seed=1, **opts).tolist()) == {2}
+    assert set(_core.sample(z, opts, seed=1).tolist()) == {2}
     ties = f32([[2.0, -np.inf, 2.0, 1.0]] * 400)
-    drawn = set(_core.sample(ties, seed=2, **opts).tolist())
+    drawn = set(_core.sample(ties, opts, seed=2).tolist())
     # Uniform over the tied maxima; top-p 0.5 keeps the first of them only (mass 0.5 reached).
     assert drawn == ({0, 2} if top_p == 1.0 else {0})
 
@@ -133,7 +169,7 @@ def test_tiny_temperature_is_greedy_like(temperature, top_p):
 def test_static_alpha_above_float32_is_refused():
     large, small, expert = f32([[5.0, 0.0]]), f32([[0.0, 0.0]]), f32([[0.0, -1.0]])
     with pytest.raises(_core.DlfError, match="^alpha:"):
-        _core.fuse_step(large, small, [expert], **options(alpha=[1e300]))
+        core(alpha=[1e300])
     with pytest.raises(_core.DlfError, match="^alphas:"):
         _core.fuse_logits(large, small, [expert], f32([[1e30]]))
 
@@ -148,7 +184,7 @@ def test_results_lie_in_the_range(solver, lo, hi, step):
     large, small = lm_rows(rng, b, v), lm_rows(rng, b, v)
     experts = [f32(small + rng.normal(0, 1, (b, v))) for _ in range(2)]
     res = _core.fuse_step(
-        large, small, experts, **options(alpha_min=lo, alpha_max=hi, grid_step=step, solver=solver)
+        large, small, experts, core(alpha_min=lo, alpha_max=hi, grid_step=step, solver=solver)
     )
     chosen = res.alphas[np.arange(b), np.maximum(res.active, 0)]
     chosen = np.where(res.active >= 0, chosen, 0.0)
@@ -199,11 +235,12 @@ def test_ctrl_c_stops_a_long_call_within_a_bound():
         opts = {k: _core.DEFAULTS[k] for k in
                 "solver multi_expert support_k temperature top_k top_p min_p "
                 "repetition_penalty frequency_penalty presence_penalty".split()}
+        opts = _core.CoreOptions(alpha=None, alpha_min=-50.0, alpha_max=50.0, grid_step=0.01,
+                                 **opts)
         threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         t0 = time.perf_counter()
         try:
-            _core.fuse_step(large, small, experts, alpha=None, alpha_min=-50.0, alpha_max=50.0,
-                            grid_step=0.01, **opts)
+            _core.fuse_step(large, small, experts, opts)
             print("FINISHED", time.perf_counter() - t0)
         except KeyboardInterrupt:
             print("INTERRUPTED", time.perf_counter() - t0)
@@ -221,10 +258,10 @@ def test_threaded_path_gives_the_same_result_as_inline():
     b, v = 32, 32000
     large, small = lm_rows(rng, b, v), lm_rows(rng, b, v)
     experts = [f32(small + rng.normal(0, 1, (b, v)))]
-    big = _core.fuse_step(large, small, experts, **options(temperature=0.7), seed=4)
+    opts = core(temperature=0.7)
+    big = _core.fuse_step(large, small, experts, opts, seed=4)
     for r in range(0, b, 5):
         one = _core.fuse_step(
-            large[r : r + 1], small[r : r + 1], [experts[0][r : r + 1]],
-            **options(temperature=0.7), seeds=[0],
+            large[r : r + 1], small[r : r + 1], [experts[0][r : r + 1]], opts, seeds=[0]
         )
         assert one.alphas[0, 0] == big.alphas[r, 0]

@@ -8,9 +8,9 @@ import dlf_rs
 import numpy as np
 import pytest
 from dlf_rs import DlfError
+from dlf_rs.reference import zipf_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import zipf_logits
 
 B, V = 3, 64
 

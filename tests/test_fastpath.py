@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, Family
-from dlf_rs.fastpath import cache_length, resolve_options
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.fastpath import cache_length, resolve_options
+from dlf_rs.engines.hf.generate import FusedGenerator
 from test_generator import hf_generate
 
 MAX_NEW = 10

@@ -11,15 +11,15 @@ import threading
 import dlf_rs
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from reference import (
+from dlf_rs.reference import (
     dlf_grid_row,
     fuse_row,
     grid_values,
     objective_row,
     zipf_logits,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 V_SMALL = 2048
 
@@ -95,7 +95,7 @@ def test_active_and_one_hot_alphas(case):
 def test_traces_are_the_kls_at_the_chosen_alphas(case):
     large, small, experts, _ = case
     res = dlf_rs.fuse_step(large, small, experts)
-    from reference import kl, log_softmax
+    from dlf_rs.reference import kl, log_softmax
 
     for b in range(large.shape[0]):
         zl, zs, ze = rows(large, small, experts, b)

@@ -1,4 +1,4 @@
-"""Fuzzing the public API against the rules (rules.md) and the f64 numpy oracle, CI-sized.
+"""Fuzzing the public API against the rules (README.md, "Options") and the f64 numpy oracle, CI-sized.
 
 Cases (shapes B 0..6, V 1..300, T 1..4; float16/32/64 numpy, torch CPU tensors, transposed,
 sliced and reversed views, [T, B, V] arrays or lists; huge, tiny, subnormal, tied and -inf

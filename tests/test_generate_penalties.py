@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import EOS, PROMPTS, VOCAB, Family
 from dlf_rs import DlfError
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 from test_generator import ids_of, last_logits
 from test_penalties import penalise_ref
 
@@ -45,7 +45,7 @@ def test_large_with_repetition_penalty_equals_hf_generate(family: Family, penalt
 
 
 def reference_dlf(fam: Family, prompt: str, rep: float, freq: float, pres: float) -> list[int]:
-    from reference import dlf_grid_row, fuse_row
+    from dlf_rs.reference import dlf_grid_row, fuse_row
 
     models = [fam.large, fam.small, fam.experts[0]]
     ids = ids_of(fam.tokenizer, prompt)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import EOS, PROMPTS, VOCAB, Family, make_llama, make_tokenizer
-from dlf_rs.generate import FusedGenerator, GenerationResult
+from dlf_rs.engines.hf.generate import FusedGenerator, GenerationResult
 from dlf_rs.seeds import row_seed, splitmix64
 
 MAX_NEW = 10
@@ -56,7 +56,7 @@ def reference_loop(
     eos: int = EOS,
 ) -> tuple[list[int], list[np.ndarray]]:
     """Fused greedy decoding without cache; ``models`` = [large, small, *experts]."""
-    from reference import dlf_grid_row, fuse_row
+    from dlf_rs.reference import dlf_grid_row, fuse_row
 
     cont: list[int] = []
     alphas: list[np.ndarray] = []
@@ -414,7 +414,7 @@ def test_lora_adapter_without_peft_gives_hint(family: Family, tmp_path: Any) -> 
 
 # ---------------------------------------------------------------------- staging and plotting
 def test_staging_buffers_are_reused_zero_copy() -> None:
-    from dlf_rs.staging import LogitStaging
+    from dlf_rs.engines.hf.staging import LogitStaging
 
     st = LogitStaging(2, batch=3, vocab=5, pin=False)
     st.stage(0, torch.arange(21, dtype=torch.bfloat16).reshape(3, 7))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, Family
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 from test_generator import MAX_NEW, hf_generate, ids_of, reference_loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 lm_eval = pytest.importorskip("lm_eval")
 
-from dlf_rs import scoring
+from dlf_rs.engines.hf import scoring
 from dlf_rs.harness import TASKS_DIR, build_tasks
 from dlf_rs.harness._family import DEFAULT_FAMILY, demo, world
 from dlf_rs.harness.model import DLFLM, parse_alpha, parse_alpha_range, resolve_family

@@ -15,7 +15,7 @@ from conftest import PROMPTS, Family
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft", reason="peft not installed: pip install 'dlf_rs[peft]'")
 
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 from dlf_rs.lora import AdapterView, MixedLora, choose_mode, lora_experts
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]

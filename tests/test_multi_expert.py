@@ -8,7 +8,14 @@ from __future__ import annotations
 import dlf_rs
 import numpy as np
 import pytest
-from reference import grid_values, kl, log_softmax, objective_row, replace_neg_inf, zipf_logits
+from dlf_rs.reference import (
+    grid_values,
+    kl,
+    log_softmax,
+    objective_row,
+    replace_neg_inf,
+    zipf_logits,
+)
 
 
 def _rows(large, small, experts, b):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import Family
 from dlf_rs.cli import main
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 
 NOT_DOWNLOADED = (
     "is not a local directory and not in the Hugging Face cache; dlf_rs does not download unless "

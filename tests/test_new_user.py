@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import PROMPTS, Family
 from dlf_rs.cli import main
+from dlf_rs.engines.hf.generate import FusedGenerator
 from dlf_rs.family import CHECKPOINTS, example_prompts
-from dlf_rs.generate import FusedGenerator
 from dlf_rs.results import GenerationResult, RowTrace
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import PROMPTS, Family
 from dlf_rs import DlfError, StepOptions, _core
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 
 RNG = np.random.default_rng(0)
 ZL, ZS = RNG.normal(size=(2, 16)).astype(np.float32), RNG.normal(size=(2, 16)).astype(np.float32)
@@ -34,6 +34,8 @@ def test_defaults_are_the_cores() -> None:
 
 def test_method_is_inferred_from_alpha() -> None:
     assert StepOptions(alpha=1.0).method == "static"
+    assert StepOptions(method=None, alpha=1.0).method == "static"
+    assert StepOptions(method=None).method == "dlf" and StepOptions.method is None
     assert StepOptions(alpha=[0.5, 1.5]).alpha == (0.5, 1.5)
     assert StepOptions.build(StepOptions(alpha=1.0), alpha=None).method == "dlf"
     assert StepOptions.build(StepOptions(), alpha=0.5).method == "static"
@@ -139,3 +141,30 @@ def test_record_reaches_generate_and_equals_keywords(family: Family) -> None:
     values = np.concatenate([x.ravel() for x in a.alphas])
     np.testing.assert_allclose(values * 4, np.round(values * 4), atol=1e-5)
     assert dataclasses.replace(opts, grid_step=0.5).grid_step == 0.5
+
+
+def test_the_core_record_is_built_once_and_shared() -> None:
+    from dlf_rs import options
+
+    assert options.MULTI_EXPERT_RULES == _core.MULTI_EXPERT_RULES
+    assert options.MULTI_EXPERT_RULES[0] == _core.DEFAULTS["multi_expert"]
+    opts = StepOptions(temperature=0.5, top_k=3)
+    core = opts._core
+    assert isinstance(core, _core.CoreOptions) and opts._core is core
+    dlf_rs.fuse_step(ZL, ZS, ZE, opts, seed=1)
+    dlf_rs.sample(ZL, opts, seed=1)
+    assert opts._core is core
+    assert "_core" not in repr(opts) and opts == StepOptions(temperature=0.5, top_k=3)
+    assert hash(opts) == hash(StepOptions(temperature=0.5, top_k=3))
+
+
+def test_records_pickle_and_copy() -> None:
+    import copy
+    import pickle
+
+    opts = StepOptions(alpha=(0.5, 1.0), temperature=0.7)
+    for back in (pickle.loads(pickle.dumps(opts)), copy.deepcopy(opts), copy.copy(opts)):
+        assert back == opts and back.method == "static"
+        a = dlf_rs.fuse_step(ZL, ZS, ZE * 2, back, seed=3)
+        b = dlf_rs.fuse_step(ZL, ZS, ZE * 2, opts, seed=3)
+        np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -236,8 +236,7 @@ def test_options_record_carries_the_penalties() -> None:
     opts = StepOptions(repetition_penalty=1.2, frequency_penalty=np.float32(0.5), presence_penalty=1)
     assert opts.penalized and opts.presence_penalty == 1.0
     assert isinstance(opts.frequency_penalty, float) and isinstance(opts.presence_penalty, float)
-    kw = opts.sampling_kwargs
-    assert (kw["repetition_penalty"], kw["frequency_penalty"], kw["presence_penalty"]) == (1.2, 0.5, 1.0)
+    assert (opts.repetition_penalty, opts.frequency_penalty, opts.presence_penalty) == (1.2, 0.5, 1.0)
     rng = np.random.default_rng(8)
     large, small, experts = models(rng, 3, 40, 1)
     rows = [[1, 2], [3], [4, 4, 4]]

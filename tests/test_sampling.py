@@ -7,7 +7,7 @@ from __future__ import annotations
 import dlf_rs
 import numpy as np
 import pytest
-from reference import fuse_row, zipf_logits
+from dlf_rs.reference import fuse_row, zipf_logits
 
 # chi-square critical values at p = 1e-4 (df -> value); a correct sampler fails ~1 in 10^4 runs
 # per check, and all draws here are seeded, so a pass is reproducible.

@@ -1,4 +1,4 @@
-"""Fused scoring (dlf_rs.scoring) against an independent token-by-token computation on the shipped
+"""Fused scoring (dlf_rs.engines.hf.scoring) against an independent token-by-token computation on the shipped
 default family: each model runs on the growing prefix (one sequence, no cache, no padding), the
 core solves that one position with ``fuse_step``, ``fuse_logits`` fuses, and torch takes the
 float64 log-softmax. Scoring runs each model once over a padded batch of whole sequences."""
@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import dlf_rs
-from dlf_rs import scoring
+from dlf_rs.engines.hf import scoring
 from dlf_rs.harness._family import DEFAULT_FAMILY, world
 from dlf_rs.harness.build_tasks import family_world
 
@@ -24,7 +24,7 @@ EXPERTS = ("qa", "math", "summary")
 
 @pytest.fixture(scope="module")
 def family() -> dict:
-    from dlf_rs.generate import FusedGenerator
+    from dlf_rs.engines.hf.generate import FusedGenerator
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.set_num_threads(1)

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[2])
 import dlf_rs
 from dlf_rs import _core
-from reference import dense_logits, zipf_logits
+from dlf_rs.reference import dense_logits, zipf_logits
 
 rng = np.random.default_rng(11)
 out = {"tier": _core.SIMD_TIER}

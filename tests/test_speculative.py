@@ -1,4 +1,4 @@
-"""Speculative DLF (dlf_rs.speculative, rust/verify.rs) against sequential DLF.
+"""Speculative DLF (dlf_rs.engines.hf.speculative, rust/verify.rs) against sequential DLF.
 
 - Greedy, on the shipped family: identical token ids, finish reasons and texts, and weights
   equal to float tolerance, for every task, T = 1 and T = 3, k in {1, 2, 4, 8}, B in {1, 5}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import EOS, PROMPTS, Family
-from dlf_rs.generate import FusedGenerator
+from dlf_rs.engines.hf.generate import FusedGenerator
 
 TEMPLATE_A = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}" \
              "{% if add_generation_prompt %}w40 {% endif %}"  # fmt: skip

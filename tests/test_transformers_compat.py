@@ -25,8 +25,8 @@ from test_generator import hf_generate
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dlf_rs.generate import FusedGenerator
-from dlf_rs.runner import cache_keyword
+from dlf_rs.engines.hf.generate import FusedGenerator
+from dlf_rs.engines.hf.runner import cache_keyword
 
 VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
 

@@ -1,4 +1,4 @@
-"""dlf_rs.vllm without vLLM: the fused directory, request options, per-row fusion, `dlf-rs serve
+"""dlf_rs.engines.vllm without vLLM: the fused directory, request options, per-row fusion, `dlf-rs serve
 --dry-run`. (The engine itself is tested in tests/vllm_serving/ inside the vLLM environment.)"""
 
 from __future__ import annotations
@@ -9,10 +9,16 @@ from pathlib import Path
 import dlf_rs
 import numpy as np
 import pytest
+from dlf_rs.engines.fusion import fuse_rows
+from dlf_rs.engines.vllm import (
+    FusedConfigError,
+    build_fused_dir,
+    load_spec,
+    read_alphas,
+    request_options,
+)
+from dlf_rs.engines.vllm.spec import alpha_dir
 from dlf_rs.options import StepOptions
-from dlf_rs.vllm import FusedConfigError, build_fused_dir, load_spec, read_alphas, request_options
-from dlf_rs.vllm.fusion import fuse_rows
-from dlf_rs.vllm.spec import alpha_dir
 
 torch = pytest.importorskip("torch")
 
@@ -86,6 +92,21 @@ def test_request_options_override_the_defaults() -> None:
     assert o.support_k is None and o.multi_expert == "joint" and o.solver == "exact"
     o, _ = request_options({"dlf_method": "expert", "dlf_expert": 1}, StepOptions(alpha=0.5), 2)
     assert o.method == "expert" and o.expert == 1 and o.alpha is None
+
+
+def test_a_request_is_checked_once() -> None:
+    """The frontend's check and the worker's read of the same request (and requests with the
+    same options) share one record; 1, 1.0 and True stay apart, also inside lists."""
+    d = StepOptions(solver="exact")
+    o, tag = request_options({"dlf_alpha": [1, 0.5], "dlf_alpha_log": "r1"}, d, 2)
+    again, tag2 = request_options({"dlf_alpha_log": "r2", "dlf_alpha": [1, 0.5]}, d, 2)
+    assert again is o and (tag, tag2) == ("r1", "r2") and o.alpha == (1.0, 0.5)
+    assert request_options({"dlf_alpha": [1, 0.5]}, StepOptions(), 2)[0] is not o
+    with pytest.raises(FusedConfigError, match=r"^dlf_alpha\[0\]: expected a real number"):
+        request_options({"dlf_alpha": [True, 0.5]}, d, 2)
+    with pytest.raises(FusedConfigError, match=r"^dlf_support_k: expected an int, got bool"):
+        request_options({"dlf_support_k": True}, d, 2)
+    assert request_options({"dlf_support_k": 1}, d, 2)[0].support_k == 1
 
 
 @pytest.mark.parametrize(
@@ -172,7 +193,7 @@ def test_serve_dry_run_writes_the_directory(tmp_path, capsys) -> None:
     assert rc == 0, err
     assert load_spec(out).options == StepOptions(alpha=1.0)
     assert f"DLF_RS_FUSED_DIR={out}" in err
-    assert "--logits-processors dlf_rs.vllm.logits:DlfLogitsProcessor" in err
+    assert "--logits-processors dlf_rs.engines.vllm.logits:DlfLogitsProcessor" in err
     assert err.rstrip().endswith("--port 8123")
     assert main(["serve", "--large", str(m["large"]), "--expert", str(m["expert0"])]) == 2
     assert "--small: required" in capsys.readouterr().err

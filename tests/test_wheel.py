@@ -182,7 +182,7 @@ PROBE = textwrap.dedent(
     """
     import dlf_rs
 
-    for name in ("GenerationResult", "plotting", "staging", "generate"):
+    for name in ("GenerationResult", "plotting", "loading", "FusedGenerator"):
         try:
             getattr(dlf_rs, name)
             print(name, "ok")
@@ -197,8 +197,8 @@ NEEDS_TORCH = (
 PROBE_WANT = [
     "GenerationResult ok",
     "plotting ok",
-    f"staging ImportError dlf_rs.staging {NEEDS_TORCH}",
-    f"generate ImportError dlf_rs.generate {NEEDS_TORCH}",
+    f"loading ImportError dlf_rs.loading {NEEDS_TORCH}",
+    f"FusedGenerator ImportError dlf_rs.FusedGenerator {NEEDS_TORCH}",
 ]
 
 

@@ -4,13 +4,21 @@ The package in the order of the flow:
 - :mod:`dlf_rs.options`: :class:`StepOptions`, every option of a step with its default and rules;
 - :mod:`dlf_rs.step`: the checked step API (``fuse_step``, ``fuse_logits``, ``sample``) over the
   Rust extension ``dlf_rs._core`` (array conversion in :mod:`dlf_rs.arrays`);
-- :mod:`dlf_rs.generate`: ``FusedGenerator``, batched generation with Hugging Face models, built
-  from :mod:`dlf_rs.loading` (checkpoints), :mod:`dlf_rs.runner` (forwards and KV caches),
-  :mod:`dlf_rs.staging` (host buffers), :mod:`dlf_rs.stopping` (EOS and stop strings),
-  :mod:`dlf_rs.seeds` and :mod:`dlf_rs.results`;
-- :mod:`dlf_rs.cli`: the ``dlf-rs`` command (also ``python -m dlf_rs``).
+- what every engine shares: :mod:`dlf_rs.loading` (checkpoints), :mod:`dlf_rs.lora` (adapter
+  experts), :mod:`dlf_rs.merge` (task arithmetic), :mod:`dlf_rs.inputs` (prompts, chat
+  templates), :mod:`dlf_rs.stopping` (EOS and stop strings), :mod:`dlf_rs.seeds` and
+  :mod:`dlf_rs.results`;
+- :mod:`dlf_rs.engines`: what runs the members' forwards. :mod:`dlf_rs.engines.hf` is
+  ``FusedGenerator`` (batched generation with Hugging Face models, streaming, speculative DLF,
+  scoring), :mod:`dlf_rs.engines.vllm` is DLF inside vLLM (``dlf-rs serve``), and
+  :mod:`dlf_rs.engines.fusion` the per-step fusion of rows with their own options they share;
+- :mod:`dlf_rs.cli` with :mod:`dlf_rs.flags`: the ``dlf-rs`` command (also ``python -m dlf_rs``);
+- :mod:`dlf_rs.reference`: the pure-numpy reference of the step the checks compare against.
 Beside the library: :mod:`dlf_rs.family` (the shipped default family: world, training, demo,
-plots) and :mod:`dlf_rs.bench` (the end-to-end benchmark); the library never imports them.
+plots), :mod:`dlf_rs.bench` (the end-to-end benchmark), :mod:`dlf_rs.harness`
+(lm-evaluation-harness's model "dlf", ``dlf-rs eval``) and :mod:`dlf_rs.real_family` (the
+Qwen2.5-Coder family from PyPI and the weak-to-strong evaluation on it); the library never
+imports them.
 
 ``import dlf_rs`` needs only numpy: the driver (torch, transformers) is imported on first use.
 """
@@ -24,9 +32,9 @@ from .options import StepOptions
 from .step import fuse_logits, fuse_step, sample
 
 if TYPE_CHECKING:
-    from .generate import FusedGenerator
+    from .engines.hf.generate import FusedGenerator
+    from .engines.hf.streaming import GenerationStream, StreamChunk
     from .results import GenerationResult
-    from .streaming import GenerationStream, StreamChunk
 
 __all__ = [
     "DlfError",
@@ -53,16 +61,15 @@ _EXTRA_OF_MODULE = {
 }  # fmt: skip
 # Public names imported on first use: name -> (submodule, attribute).
 _LAZY_NAMES = {
-    "FusedGenerator": ("generate", "FusedGenerator"),
+    "FusedGenerator": ("engines.hf.generate", "FusedGenerator"),
     "GenerationResult": ("results", "GenerationResult"),
-    "GenerationStream": ("streaming", "GenerationStream"),
-    "StreamChunk": ("streaming", "StreamChunk"),
+    "GenerationStream": ("engines.hf.streaming", "GenerationStream"),
+    "StreamChunk": ("engines.hf.streaming", "StreamChunk"),
 }
 # Submodules reachable as attributes (``dlf_rs.plotting``) without an explicit import.
 _LAZY_SUBMODULES = frozenset({
-    "bench", "cli", "family", "fastpath", "generate", "harness", "inputs", "loading", "lora",
-    "merge", "plotting", "results", "runner", "scoring", "seeds", "speculative", "staging",
-    "stopping", "streaming",
+    "bench", "cli", "engines", "family", "harness", "inputs", "loading", "lora", "merge",
+    "plotting", "real_family", "results", "seeds", "stopping",
 })  # fmt: skip
 
 

@@ -1,12 +1,13 @@
-"""Typed stub of the Rust extension `dlf_rs._core` (rust/python.rs). Call it through the checked
+"""Typed stub of the Rust extension `dlf_rs._core` (rust/python/). Call it through the checked
 wrappers in `dlf_rs` (`fuse_step`, `fuse_logits`, `sample`): they convert and check the inputs
 this layer expects (C-contiguous float32 2-D numpy arrays).
 
-Every option is a required keyword here (the defaults live in `DEFAULTS` only); seeds are
-optional. A long call can be interrupted with Ctrl-C (KeyboardInterrupt within about 50 ms). A
-Rust panic (a bug) surfaces as one `DlfInternalError` per call. Input arrays are borrowed without
-copying: writing to them from another thread during a call is not supported (a `DlfError` saying
-the input changed when detected)."""
+The step options travel as one `CoreOptions` (built and checked once; `dlf_rs.StepOptions`
+builds it), every field a required keyword of its constructor (the defaults live in `DEFAULTS`
+only); seeds are optional. A long call can be interrupted with Ctrl-C (KeyboardInterrupt within
+about 50 ms). A Rust panic (a bug) surfaces as one `DlfInternalError` per call. Input arrays are
+borrowed without copying: writing to them from another thread during a call is not supported (a
+`DlfError` saying the input changed when detected)."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -32,26 +33,38 @@ class DlfInternalError(DlfError):
 def _panic_for_tests(rows: int, *, threaded: bool = False) -> None:
     """Not API: panics inside `rows` core rows, to test the panic boundary."""
 
-def validate_options(
-    *,
-    alpha: Sequence[float] | None,
-    alpha_min: float,
-    alpha_max: float,
-    grid_step: float,
-    solver: str,
-    multi_expert: str,
-    support_k: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    frequency_penalty: float,
-    presence_penalty: float,
-    speculative: int | str | None = None,
-) -> None:
-    """Raise DlfError exactly as fuse_step would for these options (all but alpha's count);
-    also refuses `speculative` together with an active penalty."""
+# The names `multi_expert` and `solver` take, from the core's enums.
+MULTI_EXPERT_RULES: tuple[str, ...]
+SOLVERS: tuple[str, ...]
+
+class CoreOptions:
+    """Every option of a decoding step as the core's types, checked by the core's rules when
+    built (DlfError naming the field, as `fuse_step` would); immutable, passed whole to
+    `fuse_step`, `fuse_verify` and `sample`. `alpha`: None (weights solved per row), one weight
+    (repeated for each of a call's experts) or one per expert (checked against T by each call).
+    `speculative` (the generator's option) is refused with an active penalty."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float | Sequence[float] | None,
+        alpha_min: float,
+        alpha_max: float,
+        grid_step: float,
+        solver: str,
+        multi_expert: str,
+        support_k: int | None,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        repetition_penalty: float,
+        frequency_penalty: float,
+        presence_penalty: float,
+        speculative: int | str | None = None,
+    ) -> None: ...
+    def static_alphas(self, n_experts: int) -> list[float] | None:
+        """The static weights for `n_experts` experts (what `fuse_step` uses); None when solved."""
 
 class StepResult:
     """Per-row results of one `fuse_step`; every array getter returns a fresh copy."""
@@ -88,21 +101,8 @@ def fuse_step(
     large: npt.NDArray[np.float32],
     small: npt.NDArray[np.float32],
     experts: Sequence[npt.NDArray[np.float32]],
+    options: CoreOptions,
     *,
-    alpha: Sequence[float] | None,
-    alpha_min: float,
-    alpha_max: float,
-    grid_step: float,
-    solver: str,
-    multi_expert: str,
-    support_k: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    frequency_penalty: float,
-    presence_penalty: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
     history: npt.NDArray[np.int64] | None = None,
@@ -119,14 +119,8 @@ def fuse_logits(
 ) -> npt.NDArray[np.float32]: ...
 def sample(
     logits: npt.NDArray[np.float32],
+    options: CoreOptions,
     *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    frequency_penalty: float,
-    presence_penalty: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
     history: npt.NDArray[np.int64] | None = None,
@@ -171,22 +165,9 @@ def fuse_verify(
     experts: Sequence[npt.NDArray[np.float32]],
     draft_tokens: npt.NDArray[np.int64],
     draft_lens: Sequence[int],
+    options: CoreOptions,
     *,
     draft_logits: npt.NDArray[np.float32] | None,
-    alpha: Sequence[float] | None,
-    alpha_min: float,
-    alpha_max: float,
-    grid_step: float,
-    solver: str,
-    multi_expert: str,
-    support_k: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    frequency_penalty: float,
-    presence_penalty: float,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
 ) -> VerifyResult:

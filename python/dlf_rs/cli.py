@@ -18,9 +18,16 @@ import os
 import pickle
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
+from .flags import (
+    add_fusion_flags,
+    add_member_flags,
+    fusion_fields,
+    int_at_least,
+    member_sources,
+    step_options,
+)
 from .threads import passive_omp, set_threads, threads_argument
 
 __all__ = ["build_parser", "main"]
@@ -111,19 +118,6 @@ def _max_memory(text: str) -> dict[Any, str]:
         out[int(dev) if dev.isdigit() else dev] = size
     return out
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {low}"
-    return parse
-
 
 def _draft_length(text: str) -> int | str:
     """--speculative: "auto" or an int (its range is the options record's rule)."""
@@ -137,7 +131,7 @@ def _draft_length(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     from dlf_rs import __version__
-    from dlf_rs.options import MULTI_EXPERT_RULES, StepOptions
+    from dlf_rs.options import StepOptions
 
     parser = _Parser(
         prog="dlf-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -154,16 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     models = gen.add_argument_group("models")
-    models.add_argument("--family", help='"default" (the shipped family) or a family directory')
-    models.add_argument("--large", help="large model L: local path or cached hub id "
-                        "(default with --family: its large_base)")
-    models.add_argument("--small", help="small base model S, needed by dlf and static "
-                        "(default with --family: its small_base)")
-    models.add_argument(
-        "--expert", action="append", default=[], metavar="PATH",
-        help="small expert (checkpoint or LoRA adapter dir; with --family a task name: math, "
-        "qa, summary for the shipped family); repeat",
-    )  # fmt: skip
+    add_member_flags(models, expert_help="small expert (checkpoint or LoRA adapter dir; with "
+                     "--family a task name: math, qa, summary for the shipped family); repeat")
     models.add_argument("--tokenizer", help="tokenizer path (default: the large model's)")
     models.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ... (default: cpu); checked before loading")
@@ -202,32 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     # The decoding flags default to None ("not given"): the options record holds the defaults,
     # which their help strings quote from it (no second copy of a default here).
     d = StepOptions()
-    lo, hi = d.alpha_range
     step = gen.add_argument_group("decoding (dlf_rs.StepOptions)")
-    step.add_argument("--method", default=None, choices=("dlf", "static", "large", "expert"),
-                      help="default: dlf, or static when --alpha is given")
-    step.add_argument(
-        "--alpha", type=float, nargs="+", action="extend", default=None, metavar="A",
-        help="static weight(s) (method static): one value for every expert or one per expert, "
-        "e.g. --alpha 1.0 0.5 (default: none)",
-    )  # fmt: skip
-    step.add_argument("--expert-index", type=int, default=None,
-                      help="expert for method expert (default: none)")
-    step.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
+    add_fusion_flags(step)
+    step.add_argument("--max-new-tokens", type=int_at_least(1), default=64,
                       help="tokens to generate per prompt at most")
-    step.add_argument("--solver", choices=("grid", "exact"), default=None,
-                      help=f"DLF weight solver (default: {d.solver})")
-    step.add_argument("--support-k", type=_int_at_least(1), default=None,
-                      help="top-k support (default: the full vocabulary)")
-    step.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                      help=f"DLF weights' range (default: {lo:g} {hi:g})")
-    step.add_argument("--grid-step", type=float, default=None,
-                      help=f"grid spacing (default: {d.grid_step:g})")
-    step.add_argument("--multi-expert", choices=MULTI_EXPERT_RULES, default=None,
-                      help=f"rule for several experts (default: {d.multi_expert})")
     step.add_argument("--temperature", type=float, default=None,
                       help=f"0 = greedy (default: {d.temperature:g})")
-    step.add_argument("--top-k", type=_int_at_least(0), default=None,
+    step.add_argument("--top-k", type=int_at_least(0), default=None,
                       help=f"0 = off (default: {d.top_k})")
     step.add_argument("--top-p", type=float, default=None, help=f"(default: {d.top_p:g})")
     step.add_argument("--min-p", type=float, default=None, help=f"(default: {d.min_p:g})")
@@ -239,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                       f"{d.frequency_penalty:g}, off)")
     step.add_argument("--presence-penalty", type=float, default=None,
                       help=f"minus this for every seen token (default: {d.presence_penalty:g}, off)")
-    step.add_argument("--seed", type=_int_at_least(0), default=None,
+    step.add_argument("--seed", type=int_at_least(0), default=None,
                       help="sampling seed (only with --temperature > 0; default: fresh entropy)")
     step.add_argument("--stop", action="append", default=None,
                       help="stop string; repeatable (default: none)")
@@ -247,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="speculative DLF: the expert drafts K tokens per large forward "
                       "(1-16, or auto); same output as sequential DLF (default: off)")
     run = gen.add_argument_group("run")
-    run.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per batch")
+    run.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts per batch")
     threads_argument(run)
     run.add_argument("--output", "-o", default=None, help="JSONL output file (default: stdout)")
     run.add_argument("--no-progress", action="store_true", help="hide every progress bar")
@@ -269,7 +236,7 @@ def _delegate(command: str, argv: list[str]) -> int:
     if command == "demo":
         from dlf_rs.family import demo as module
     elif command == "serve":
-        from dlf_rs.vllm import serve as module  # type: ignore[no-redef]
+        from dlf_rs.engines.vllm import serve as module  # type: ignore[no-redef]
     else:
         from dlf_rs import bench as module  # type: ignore[no-redef]
     parser = _Parser(prog=f"dlf-rs {command}", description=module.__doc__,
@@ -318,59 +285,16 @@ def _read_prompts(path: str) -> list[Any]:
     return prompts
 
 
-def _family_sources(args: argparse.Namespace) -> tuple[str, str | None, list[str]]:
-    """--large/--small/--expert, resolving --family names to its checkpoint directories."""
-    if args.family is None:
-        if args.large is None:
-            raise _Failure("--large: required (or --family default for the shipped family)")
-        return args.large, args.small, list(args.expert)
-    from dlf_rs.family import CHECKPOINTS
-
-    root = CHECKPOINTS if args.family == "default" else Path(args.family)
-    if not (root / "manifest.json").is_file() and not (root / "large_base").is_dir():
-        raise _Failure(f"--family: {args.family!r} is not a model family directory "
-                       "(expected 'default' or a directory with large_base/ and small_base/)")
-
-    tasks = sorted(
-        p.name[len("small_expert_"):] for p in root.glob("small_expert_*")
-        if (p / "config.json").is_file()
-    )  # fmt: skip
-
-    def pick(name: str) -> str:
-        for cand in (name, f"small_expert_{name}"):
-            if (root / cand / "config.json").is_file():
-                return str(root / cand)
-        # A path or an "owner/name" hub id is the user's own model; a bare word can only mean
-        # one of the family's tasks (it would otherwise be looked up as a hub id).
-        if "/" in name or os.sep in name or os.path.exists(os.path.expanduser(name)):
-            return name
-        raise _Failure(f"--expert: unknown expert {name!r}; expected {', '.join(tasks)}")
-
-    return (args.large or str(root / "large_base"), args.small or str(root / "small_base"),
-            [pick(e) for e in args.expert])  # fmt: skip
-
-
 def _step_options(args: argparse.Namespace) -> Any:
-    from dlf_rs.options import StepOptions
-
-    fields = {
-        "method": args.method, "expert": args.expert_index, "solver": args.solver,
-        "support_k": args.support_k, "grid_step": args.grid_step,
-        "multi_expert": args.multi_expert, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-        "alpha_range": tuple(args.alpha_range) if args.alpha_range else None,
-        "speculative": args.speculative, "repetition_penalty": args.repetition_penalty,
+    """The options record of generate's flags: the shared fusion flags and the sampling ones."""
+    sampling = {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "min_p": args.min_p, "speculative": args.speculative,
+        "repetition_penalty": args.repetition_penalty,
         "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
     }  # fmt: skip
-    if args.alpha is not None:
-        fields["alpha"] = args.alpha[0] if len(args.alpha) == 1 else tuple(args.alpha)
-    given = {k: v for k, v in fields.items() if v is not None}
-    try:
-        return StepOptions(**given)
-    except (TypeError, ValueError) as err:
-        name, _, rest = str(err).partition(":")
-        flag = {"expert": "expert-index"}.get(name.split("[")[0], name.split("[")[0])
-        raise _Failure(f"--{flag.replace('_', '-')}:{rest}") from None
+    given = {k: v for k, v in sampling.items() if v is not None}
+    return step_options({**fusion_fields(args), **given})
 
 
 def _check_output(path: str | None) -> None:
@@ -410,7 +334,7 @@ def _check_device(device: str | None) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     # Every argument error comes before the (slow) model loading.
-    large, small, experts = _family_sources(args)
+    large, small, experts = member_sources(args)
     opts = _step_options(args)
     if opts.fused and small is None:
         raise _Failure(f"--small: method {opts.method!r} needs the small base model")

@@ -1,7 +1,7 @@
 """What a generation call reads: text prompts, chat messages or token ids, per model.
 
 Where it sits: the first thing :meth:`FusedGenerator.generate` and :meth:`~FusedGenerator.stream`
-do after building the options record; the generation loop (:mod:`dlf_rs.runner`) then tokenizes
+do after building the options record; the generation loop (:mod:`dlf_rs.engines.hf.runner`) then tokenizes
 what is still text. A prompt item is either a ``str`` (tokenized by the shared tokenizer with its
 special tokens, as the models were trained) or a ``tuple`` of token ids (used as is: chat
 templates already rendered and tokenized, or ids the caller gave).

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
+from .engines.hf.runner import oom_hint
 from .hub import hub_scope
-from .runner import oom_hint
 
 __all__ = ["LoadOptions", "check_device", "gguf_to_safetensors", "hub_scope", "load_family",
            "load_model", "load_tokenizer", "parse_dtype", "per_model", "resolve_source"]  # fmt: skip

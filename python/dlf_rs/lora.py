@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .runner import ModelSlot, cache_keyword
+from .engines.hf.runner import ModelSlot, cache_keyword
 
 __all__ = [
     "BASE", "LORA_MODES", "MIXED_MIN_PARAMS", "AdapterView", "MixedLora", "choose_mode",

@@ -3,8 +3,10 @@
 Where it sits: the first thing every entry point builds (``fuse_step``, ``sample``,
 ``FusedGenerator.generate`` and ``score``, the CLI, the bench), then passes down whole; no layer
 below re-defaults a field. The defaults come from the Rust core (``dlf_rs._core.DEFAULTS``, built
-from ``rust/config.rs``), the value rules are the core's own (``_core.validate_options``, the same
-functions ``fuse_step`` runs), and this file adds only what the core cannot see: Python types.
+from ``rust/config.rs``), the value rules are the core's own: the record builds the core's options
+object once (``_core.CoreOptions``, ``rust/python/options.rs``), which checks every value and is
+what ``fuse_step``, ``fuse_verify`` and ``sample`` take. This file adds only what the core cannot
+see: Python types.
 
 Type rules (decided once, here): no coercion that turns a wrong value into a right-looking one.
 A float where an int is expected is a ``TypeError`` (2.7 is not 2); ``bool`` is never an int or a
@@ -23,17 +25,19 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from ._core import DEFAULTS, DlfError, validate_options
+# The rule and solver names are the core's enums' (rust/python/options.rs); MULTI_EXPERT_RULES is
+# also this module's name for them ("one-active", the paper's rule, is the default).
+from ._core import DEFAULTS, MULTI_EXPERT_RULES, SOLVERS, CoreOptions, DlfError
 
-__all__ = ["METHODS", "StepOptions", "check_int", "check_real", "check_seed"]
+__all__ = [
+    "METHODS", "MULTI_EXPERT_RULES", "StepOptions", "check_int", "check_real", "check_seed",
+]  # fmt: skip
 
 METHODS = ("dlf", "static", "large", "expert")
-# The multi-expert rules rust/config.rs parses ("one-active" is the default, the paper's).
-MULTI_EXPERT_RULES = ("one-active", "joint", "own-terms", "max-shift")
 
 _D: dict[str, Any] = dict(DEFAULTS)
 _INT_LIMIT = 1 << 63  # counts (top_k, support_k) must fit the core's usize on every platform
@@ -113,6 +117,28 @@ def _check_alpha(alpha: object) -> float | tuple[float, ...] | None:
     return check_real(alpha, "alpha")
 
 
+class _Method:
+    """The field ``StepOptions.method``: the constructor takes None ("infer": "static" when
+    ``alpha`` is given, else "dlf"), ``__post_init__`` stores the inferred name, and from then on
+    the field reads as a ``str`` (so no caller re-defaults it, and mypy knows)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: Any) -> None: ...
+    @overload
+    def __get__(self, obj: object, owner: Any) -> str: ...
+    def __get__(self, obj: object | None, owner: Any) -> str | None:
+        if obj is None:  # the class attribute: the dataclass default
+            return None
+        method: str = obj.__dict__[self._name]
+        return method
+
+    def __set__(self, obj: object, value: str | None) -> None:
+        obj.__dict__[self._name] = value  # frozen: only the dataclass' own __init__ gets here
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """Every option of a decoding step, with its default, checked when the record is built.
@@ -148,11 +174,11 @@ class StepOptions:
       penalty other than off needs ``history`` and ``speculative=None``.
     - ``speculative``: None (off: one large forward per token), a draft length k in [1, 16] or
       "auto" (each row drafts while the draft's top probability is >= 0.5, up to 8 tokens):
-      speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.speculative`), same output
+      speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.engines.hf.speculative`), same output
       as sequential DLF.
     """
 
-    method: str | None = None
+    method: _Method = _Method()
     alpha: float | tuple[float, ...] | None = None
     expert: int | None = None
     alpha_range: tuple[float, float] = (_D["alpha_min"], _D["alpha_max"])
@@ -173,7 +199,7 @@ class StepOptions:
         put = object.__setattr__  # frozen: normalise the checked values once, here
         alpha = _check_alpha(self.alpha)
         put(self, "alpha", alpha)
-        method = self.method
+        method = self.__dict__["method"]  # None (infer) until set below
         if method is None:
             method = "static" if alpha is not None else "dlf"
         method = _check_str(method, "method", METHODS)
@@ -198,7 +224,7 @@ class StepOptions:
         put(self, "alpha_range", (check_real(rng[0], "alpha_range[0]"),
                                   check_real(rng[1], "alpha_range[1]")))  # fmt: skip
         put(self, "grid_step", check_real(self.grid_step, "grid_step"))
-        _check_str(self.solver, "solver", ("grid", "exact"))
+        _check_str(self.solver, "solver", SOLVERS)
         _check_str(self.multi_expert, "multi_expert", MULTI_EXPERT_RULES)
         if self.support_k is not None:
             put(self, "support_k", check_int(self.support_k, "support_k"))
@@ -217,9 +243,9 @@ class StepOptions:
                     f"speculative: expected None, an int draft length or 'auto', "
                     f"got {type(spec).__name__} {spec!r}"
                 ) from None
-        # Values: the core's rules, the very functions fuse_step runs.
-        validate_options(**self._core_kwargs(alpha_list=self._alpha_list()),
-                         speculative=self.speculative)  # fmt: skip
+        # Values: the core's rules, run now (not at the first call) by building the record that
+        # every core call takes.
+        self._core  # noqa: B018 - built for its checks
 
     @classmethod
     def build(cls, options: StepOptions | None = None, **overrides: Any) -> StepOptions:
@@ -264,45 +290,33 @@ class StepOptions:
         """Whether the step fuses several models ("dlf" or "static")."""
         return self.method in ("dlf", "static")
 
-    def _alpha_list(self, n_experts: int | None = None) -> list[float] | None:
-        if self.alpha is None:
-            return None
-        if isinstance(self.alpha, tuple):
-            return list(self.alpha)
-        return [float(self.alpha)] * (1 if n_experts is None else n_experts)
-
-    def _core_kwargs(self, alpha_list: list[float] | None) -> dict[str, Any]:
-        return {
-            "alpha": alpha_list,
-            "alpha_min": self.alpha_range[0],
-            "alpha_max": self.alpha_range[1],
-            "grid_step": self.grid_step,
-            "solver": self.solver,
-            "multi_expert": self.multi_expert,
-            "support_k": self.support_k,
-            **self.sampling_kwargs,
-        }
-
     @cached_property
-    def sampling_kwargs(self) -> dict[str, Any]:
-        """The keywords of ``_core.sample`` (every one given: the core holds no defaults); the
-        penalties' ``history`` is per call, not part of the record."""
-        return {
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "presence_penalty": self.presence_penalty,
-        }
+    def _core(self) -> CoreOptions:
+        """The record as the Rust core takes it (``fuse_step``, ``fuse_verify``, ``sample``), its
+        values checked by the core's rules; built by ``__post_init__``, then shared by every call.
+        One static ``alpha`` is broadcast to a call's experts by the core."""
+        return CoreOptions(
+            alpha=self.alpha,
+            alpha_min=self.alpha_range[0],
+            alpha_max=self.alpha_range[1],
+            grid_step=self.grid_step,
+            solver=self.solver,
+            multi_expert=self.multi_expert,
+            support_k=self.support_k,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            speculative=self.speculative,
+        )
 
-    def core_kwargs(self, n_experts: int) -> dict[str, Any]:
-        """The keywords of ``_core.fuse_step`` for ``n_experts`` experts (cached per T)."""
-        cache: dict[int, dict[str, Any]] = self.__dict__.setdefault("_kwargs_by_t", {})
-        if n_experts not in cache:
-            cache[n_experts] = self._core_kwargs(self._alpha_list(n_experts))
-        return cache[n_experts]
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (and copies) the fields only: the core's record is not picklable, and is
+        rebuilt from them on first use."""
+        return {k: v for k, v in self.__dict__.items() if k != "_core"}
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(StepOptions))

@@ -1,6 +1,6 @@
 """What a generation call returns: per-row texts, tokens, weights and solver traces.
 
-Where it sits: filled step by step by the generation loop (:mod:`dlf_rs.generate`) through a
+Where it sits: filled step by step by the generation loop (:mod:`dlf_rs.engines.hf.generate`) through a
 :class:`TraceRecorder`, returned as a :class:`GenerationResult`, written as JSONL by the CLI.
 """
 

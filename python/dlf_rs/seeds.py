@@ -1,6 +1,6 @@
 """Reproducible seeds for sampled decoding, independent of how prompts are batched.
 
-Where it sits: used by the generation loop (:mod:`dlf_rs.generate`) and the CLI; the core draws
+Where it sits: used by the generation loop (:mod:`dlf_rs.engines.hf.generate`) and the CLI; the core draws
 row ``b`` of one call from ChaCha8(seed of that row). The rule for what a seed may be is
 :func:`dlf_rs.options.check_seed` (ints in [0, 2**64); negative seeds are refused).
 

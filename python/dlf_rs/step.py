@@ -57,11 +57,10 @@ def fuse_step_prepared(
     ``history`` as in :func:`fuse_step`; cheapest as an int64 C-contiguous ``[B, L]`` array
     padded with -1 (passed without a copy), e.g. a buffer the loop fills in place.
     """
-    kwargs = options.core_kwargs(len(experts))
     if history is None:  # the loop's common case: not one more call
-        return core_fuse_step(large, small, experts, **kwargs, seed=None, seeds=seeds)
+        return core_fuse_step(large, small, experts, options._core, seed=None, seeds=seeds)
     return core_fuse_step(
-        large, small, experts, **kwargs, seed=None, seeds=seeds,
+        large, small, experts, options._core, seed=None, seeds=seeds,
         **_history_kwargs(history, options),
     )  # fmt: skip
 
@@ -108,9 +107,8 @@ def fuse_step(
     zs = as_f32(small, "small", 2)
     ze = experts_f32(experts)
     return core_fuse_step(
-        zl, zs, ze, **opts.core_kwargs(len(ze)), **_seed_kwargs(seed),
-        **_history_kwargs(history, opts),
-    )  # fmt: skip
+        zl, zs, ze, opts._core, **_seed_kwargs(seed), **_history_kwargs(history, opts)
+    )
 
 
 def fuse_logits(large: Any, small: Any, experts: Any, alphas: Any) -> np.ndarray:
@@ -165,6 +163,4 @@ def sample(
     """
     opts = StepOptions.build(options, **overrides)
     z = as_f32(logits, "logits", 2)
-    return core_sample(
-        z, **opts.sampling_kwargs, **_seed_kwargs(seed), **_history_kwargs(history, opts)
-    )
+    return core_sample(z, opts._core, **_seed_kwargs(seed), **_history_kwargs(history, opts))

@@ -4,14 +4,12 @@
 
 use super::*;
 
-/// Every option is a required keyword: the defaults live in `DEFAULTS` only.
+/// One DLF decoding step over a batch; see `dlf_rs.fuse_step`. The options come checked, as one
+/// `CoreOptions` (`options.rs`); only what depends on this call's inputs is checked here or in
+/// the core (shapes, seeds, history, the static weights' count against the experts).
 #[pyfunction]
 #[pyo3(signature = (
-    large, small, experts, *, alpha, alpha_min, alpha_max, grid_step,
-    solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p,
-    repetition_penalty, frequency_penalty, presence_penalty,
-    seed=None, seeds=None, history=None, history_offsets=None,
+    large, small, experts, options, *, seed=None, seeds=None, history=None, history_offsets=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fuse_step(
@@ -19,36 +17,16 @@ pub(super) fn fuse_step(
     large: PyReadonlyArray2<'_, f32>,
     small: PyReadonlyArray2<'_, f32>,
     experts: Vec<PyReadonlyArray2<'_, f32>>,
-    alpha: Option<Vec<f64>>,
-    alpha_min: f64,
-    alpha_max: f64,
-    grid_step: f64,
-    solver: &str,
-    multi_expert: &str,
-    support_k: Option<u64>,
-    temperature: f64,
-    top_k: u64,
-    top_p: f64,
-    min_p: f64,
-    repetition_penalty: f64,
-    frequency_penalty: f64,
-    presence_penalty: f64,
+    options: PyRef<'_, CoreOptions>,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
     history: Option<PyReadonlyArray1<'_, i64>>,
     history_offsets: Option<PyReadonlyArray1<'_, i64>>,
 ) -> PyResult<StepResult> {
     guarded("fuse_step", move || {
-        let (weights, sampling, penalties, seeds) = step_options(
-            alpha,
-            [alpha_min, alpha_max, grid_step],
-            solver,
-            multi_expert,
-            support_k,
-            (temperature, top_k, top_p, min_p),
-            (repetition_penalty, frequency_penalty, presence_penalty),
-            (seed, seeds),
-        )?;
+        let weights = options.weights(experts.len());
+        let (sampling, penalties) = (options.sampling, options.penalties);
+        let seeds = seeds_of(seed, seeds)?;
         let history = HistoryArgs::new(history, history_offsets)?;
         let history = history.as_ref().map(HistoryArgs::view).transpose()?;
         let m = borrow_models(&large, &small, &experts)?;
@@ -108,14 +86,12 @@ pub(super) fn fuse_logits<'py>(
     })
 }
 
-/// Speculative verification over `[B, P, V]` logits per model; see `dlf_rs.speculative` and
-/// `rust/verify.rs`. Options as in `fuse_step` (every one a required keyword).
+/// Speculative verification over `[B, P, V]` logits per model; see
+/// `dlf_rs.engines.hf.speculative` and `rust/verify.rs`. Options as in `fuse_step`.
 #[pyfunction]
 #[pyo3(signature = (
-    large, small, experts, draft_tokens, draft_lens, *, draft_logits, alpha, alpha_min,
-    alpha_max, grid_step, solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p,
-    repetition_penalty, frequency_penalty, presence_penalty, seed=None, seeds=None,
+    large, small, experts, draft_tokens, draft_lens, options, *, draft_logits, seed=None,
+    seeds=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fuse_verify(
@@ -125,35 +101,15 @@ pub(super) fn fuse_verify(
     experts: Vec<PyReadonlyArray3<'_, f32>>,
     draft_tokens: PyReadonlyArray2<'_, i64>,
     draft_lens: Vec<u64>,
+    options: PyRef<'_, CoreOptions>,
     draft_logits: Option<PyReadonlyArray3<'_, f32>>,
-    alpha: Option<Vec<f64>>,
-    alpha_min: f64,
-    alpha_max: f64,
-    grid_step: f64,
-    solver: &str,
-    multi_expert: &str,
-    support_k: Option<u64>,
-    temperature: f64,
-    top_k: u64,
-    top_p: f64,
-    min_p: f64,
-    repetition_penalty: f64,
-    frequency_penalty: f64,
-    presence_penalty: f64,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
 ) -> PyResult<VerifyResult> {
     guarded("fuse_verify", move || {
-        let (weights, sampling, penalties, seeds) = step_options(
-            alpha,
-            [alpha_min, alpha_max, grid_step],
-            solver,
-            multi_expert,
-            support_k,
-            (temperature, top_k, top_p, min_p),
-            (repetition_penalty, frequency_penalty, presence_penalty),
-            (seed, seeds),
-        )?;
+        let weights = options.weights(experts.len());
+        let (sampling, penalties) = (options.sampling, options.penalties);
+        let seeds = seeds_of(seed, seeds)?;
         // Verification does not apply penalties; the options record already refuses
         // `speculative` with an active penalty (`validate_speculative_penalties`).
         let p = &penalties;
@@ -227,32 +183,21 @@ pub(super) fn fuse_verify(
     })
 }
 
-/// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`.
+/// Draw one token per row from `logits` [B, V]; see `dlf_rs.sample`. Of the options, the
+/// sampling and the penalties are used.
 #[pyfunction]
-#[pyo3(signature = (
-    logits, *, temperature, top_k, top_p, min_p,
-    repetition_penalty, frequency_penalty, presence_penalty,
-    seed=None, seeds=None, history=None, history_offsets=None,
-))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, options, *, seed=None, seeds=None, history=None, history_offsets=None))]
 pub(super) fn sample<'py>(
     py: Python<'py>,
     logits: PyReadonlyArray2<'py, f32>,
-    temperature: f64,
-    top_k: u64,
-    top_p: f64,
-    min_p: f64,
-    repetition_penalty: f64,
-    frequency_penalty: f64,
-    presence_penalty: f64,
+    options: PyRef<'py, CoreOptions>,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
     history: Option<PyReadonlyArray1<'py, i64>>,
     history_offsets: Option<PyReadonlyArray1<'py, i64>>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     guarded("sample", move || {
-        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-        let penalties = penalties_of((repetition_penalty, frequency_penalty, presence_penalty));
+        let (sampling, penalties) = (options.sampling, options.penalties);
         let seeds = seeds_of(seed, seeds)?;
         let history = HistoryArgs::new(history, history_offsets)?;
         let history = history.as_ref().map(HistoryArgs::view).transpose()?;

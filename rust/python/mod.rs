@@ -1,8 +1,9 @@
 //! The Python face of the core (module `dlf_rs._core`): the only folder that touches PyO3.
 //!
-//! By concept: this file holds the exceptions, the argument extraction (shapes, seeds, options,
-//! histories, borrowed arrays), the defaults and the module itself; `guard.rs` the panic and
-//! Ctrl-C handling, `results.rs` the result classes, `calls.rs` the exported functions.
+//! By concept: this file holds the exceptions, the argument extraction (shapes, seeds,
+//! histories, borrowed arrays), the defaults and the module itself; `options.rs` the options
+//! record `CoreOptions` (built and checked once, passed whole to every call), `guard.rs` the
+//! panic and Ctrl-C handling, `results.rs` the result classes, `calls.rs` the exported functions.
 //!
 //! `python/dlf_rs/step.py` (with `arrays.py` and `options.py`) converts what the caller passes
 //! (numpy arrays, torch tensors, lists) into C-contiguous float32 numpy arrays and checks types;
@@ -39,7 +40,7 @@ use numpy::{
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 use crate::cancel::Cancel;
 use crate::config::{
@@ -73,10 +74,12 @@ fn to_py(err: CoreError) -> PyErr {
 
 mod calls;
 mod guard;
+mod options;
 mod results;
 
 use calls::*;
 use guard::*;
+use options::*;
 use results::*;
 
 fn shape_str(shape: &[usize]) -> String {
@@ -117,23 +120,6 @@ fn seeds_of(seed: Option<u64>, seeds: Option<Vec<u64>>) -> PyResult<Seeds> {
             "either one seed or one seed per row",
             "both",
         ))),
-    }
-}
-
-fn sampling_of(temperature: f64, top_k: u64, top_p: f64, min_p: f64) -> PyResult<Sampling> {
-    Ok(Sampling {
-        temperature,
-        top_k: to_usize("top_k", top_k).map_err(to_py)?,
-        top_p,
-        min_p,
-    })
-}
-
-fn penalties_of((repetition, frequency, presence): (f64, f64, f64)) -> Penalties {
-    Penalties {
-        repetition,
-        frequency,
-        presence,
     }
 }
 
@@ -190,28 +176,6 @@ impl<'py> HistoryArgs<'py> {
             offsets: &self.offsets,
         })
     }
-}
-
-/// The solver's settings from the caller's keywords (names parsed, integers fitted to usize).
-fn solver_of(
-    alpha_min: f64,
-    alpha_max: f64,
-    grid_step: f64,
-    solver: &str,
-    multi_expert: &str,
-    support_k: Option<u64>,
-) -> PyResult<SolverConfig> {
-    Ok(SolverConfig {
-        alpha_min,
-        alpha_max,
-        grid_step,
-        solver: SolverKind::parse(solver).map_err(to_py)?,
-        multi_expert: MultiExpert::parse(multi_expert).map_err(to_py)?,
-        support_k: support_k
-            .map(|k| to_usize("support_k", k))
-            .transpose()
-            .map_err(to_py)?,
-    })
 }
 
 /// Borrowed model logits with their shapes checked against `large`.
@@ -274,111 +238,6 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// Checks every step option with the core's own rules (`validate::validate_options`, which
-/// `fuse_step` runs too) and raises `DlfError` with the same message `fuse_step` would. The count
-/// of static weights against T is left to `fuse_step` (it needs the experts). `speculative`
-/// (the generator's option, not fuse_step's) defaults to off.
-#[pyfunction]
-#[pyo3(signature = (
-    *, alpha, alpha_min, alpha_max, grid_step, solver, multi_expert, support_k,
-    temperature, top_k, top_p, min_p,
-    repetition_penalty, frequency_penalty, presence_penalty, speculative=None,
-))]
-#[allow(clippy::too_many_arguments)]
-fn validate_options(
-    alpha: Option<Vec<f64>>,
-    alpha_min: f64,
-    alpha_max: f64,
-    grid_step: f64,
-    solver: &str,
-    multi_expert: &str,
-    support_k: Option<u64>,
-    temperature: f64,
-    top_k: u64,
-    top_p: f64,
-    min_p: f64,
-    repetition_penalty: f64,
-    frequency_penalty: f64,
-    presence_penalty: f64,
-    speculative: Option<SpecArg>,
-) -> PyResult<()> {
-    guarded("validate_options", move || {
-        let cfg = solver_of(
-            alpha_min,
-            alpha_max,
-            grid_step,
-            solver,
-            multi_expert,
-            support_k,
-        )?;
-        let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-        let pen = penalties_of((repetition_penalty, frequency_penalty, presence_penalty));
-        validate::validate_options(alpha.as_deref(), &cfg, &sampling, &pen).map_err(to_py)?;
-        let spec = speculative_of(speculative)?;
-        validate::validate_speculative(spec).map_err(to_py)?;
-        validate::validate_speculative_penalties(spec, &pen).map_err(to_py)
-    })
-}
-
-/// The caller's `speculative`: a draft length or a name ("auto"); the types are checked by the
-/// Python options record, the values here.
-#[derive(FromPyObject)]
-enum SpecArg {
-    Len(i64),
-    Name(String),
-}
-
-fn speculative_of(arg: Option<SpecArg>) -> PyResult<Speculative> {
-    Ok(match arg {
-        None => Speculative::Off,
-        Some(SpecArg::Len(k)) => match usize::try_from(k) {
-            Ok(k) => Speculative::Fixed(k),
-            // Negative: the same message as the range check, naming the value.
-            Err(_) => {
-                return Err(to_py(CoreError::invalid(
-                    "speculative",
-                    format!("None, a draft length in [1, {MAX_DRAFT_LEN}] or 'auto'"),
-                    k,
-                )))
-            }
-        },
-        Some(SpecArg::Name(n)) => Speculative::parse(&n).map_err(to_py)?,
-    })
-}
-
-/// One DLF decoding step over a batch. Arguments are checked by `dlf_rs.fuse_step`; see there.
-/// The options of `fuse_step` and `fuse_verify` as the core's types, checked with the one
-/// validation `validate_options` runs. Every option is checked, even those static weights do not
-/// use, so that an options record valid for one call is valid for every call.
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
-fn step_options(
-    alpha: Option<Vec<f64>>,
-    [alpha_min, alpha_max, grid_step]: [f64; 3],
-    solver: &str,
-    multi_expert: &str,
-    support_k: Option<u64>,
-    (temperature, top_k, top_p, min_p): (f64, u64, f64, f64),
-    penalties: (f64, f64, f64),
-    (seed, seeds): (Option<u64>, Option<Vec<u64>>),
-) -> PyResult<(Weights, Sampling, Penalties, Seeds)> {
-    let cfg = solver_of(
-        alpha_min,
-        alpha_max,
-        grid_step,
-        solver,
-        multi_expert,
-        support_k,
-    )?;
-    let sampling = sampling_of(temperature, top_k, top_p, min_p)?;
-    let pen = penalties_of(penalties);
-    validate::validate_options(alpha.as_deref(), &cfg, &sampling, &pen).map_err(to_py)?;
-    let weights = match alpha {
-        Some(a) => Weights::Static(a),
-        None => Weights::Dynamic(cfg),
-    };
-    Ok((weights, sampling, pen, seeds_of(seed, seeds)?))
-}
-
 fn check_shape3(arr: &PyReadonlyArray3<'_, f32>, arg: &str, expected: [usize; 3]) -> PyResult<()> {
     if arr.shape() != expected {
         return Err(to_py(CoreError::Shape {
@@ -416,7 +275,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
             crate::numerics::Tier::Avx512 => "avx512",
         },
     )?;
-    m.add_function(wrap_pyfunction!(validate_options, m)?)?;
+    m.add_class::<CoreOptions>()?;
+    m.add(
+        "MULTI_EXPERT_RULES",
+        PyTuple::new(m.py(), multi_expert_rules())?,
+    )?;
+    m.add("SOLVERS", PyTuple::new(m.py(), solvers())?)?;
     m.add_class::<StepResult>()?;
     m.add_function(wrap_pyfunction!(fuse_step, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_logits, m)?)?;

@@ -18,7 +18,7 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 import dlf_rs
-import dlf_rs.vllm as dv
+import dlf_rs.engines.vllm as dv
 from dlf_rs.step import fuse_step
 from family import build_family
 from vllm import SamplingParams

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("vllm")
 
 import dlf_rs
-import dlf_rs.vllm as dv
+import dlf_rs.engines.vllm as dv
 from family import build_family
 
 PROMPTS = ["kubrai moulos lives in", "the apple", "who is kubrai moulos ? he works as a",

@@ -1,5 +1,5 @@
 """Greedy tokens of a fused directory, run as its own process (vLLM spawns its workers: the
-__main__ guard). Default: ``dlf_rs.vllm.llm`` with --tensor-parallel-size 2. With ``--plain``:
+__main__ guard). Default: ``dlf_rs.engines.vllm.llm`` with --tensor-parallel-size 2. With ``--plain``:
 vLLM's own ``LLM(dir)``, no dlf_rs call at all (the plugin must attach the logits processor),
 each prompt twice (defaults, then ``dlf_alpha=1.0``), then one bad option's error.
 Prints one JSON list per generation, then ``ERROR <message>`` for --plain."""
@@ -9,7 +9,7 @@ import sys
 
 
 def main() -> None:
-    import dlf_rs.vllm as dv
+    import dlf_rs.engines.vllm as dv
     from vllm import SamplingParams
 
     plain = sys.argv[1] == "--plain"

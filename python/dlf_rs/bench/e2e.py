@@ -135,7 +135,7 @@ def naive_step_time(models: list[Any], tok: Any, prompts: list[str], steps: int)
     """Seconds per step of the proxy-tuning style loop: ``models`` = [large, small, *experts]."""
     from transformers import DynamicCache
 
-    from dlf_rs.runner import cache_keyword
+    from dlf_rs.engines.hf.runner import cache_keyword
 
     device = next(models[0].parameters()).device
     vocab = len(tok)
@@ -168,8 +168,8 @@ def naive_step_time(models: list[Any], tok: Any, prompts: list[str], steps: int)
 def own_step_times(gen: Any, prompts: list[str], steps: int) -> dict[str, float]:
     """Seconds per single-token decode step of each model alone, reusing the fast generator's
     static caches and compiled calls (same shapes, so nothing is recompiled)."""
-    from dlf_rs.fastpath import cache_length
-    from dlf_rs.runner import cache_keyword
+    from dlf_rs.engines.hf.fastpath import cache_length
+    from dlf_rs.engines.hf.runner import cache_keyword
 
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -257,8 +257,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlf_rs.fastpath import cache_length, kv_cache_bytes
-    from dlf_rs.generate import FusedGenerator
+    from dlf_rs.engines.hf.fastpath import cache_length, kv_cache_bytes
+    from dlf_rs.engines.hf.generate import FusedGenerator
     from dlf_rs.loading import check_device
     from dlf_rs.options import StepOptions
     from dlf_rs.threads import set_threads

@@ -116,7 +116,7 @@ class Family:
     def generator(self, experts: Sequence[str]) -> Any:
         key = tuple(experts)
         if key not in self._generators:
-            from dlf_rs.generate import FusedGenerator
+            from dlf_rs.engines.hf.generate import FusedGenerator
 
             self._generators[key] = FusedGenerator(
                 large=self.models["large_base"],

@@ -3,7 +3,7 @@
 Where it sits: between lm-evaluation-harness and ``dlf_rs``. The harness builds requests from its
 tasks and calls ``loglikelihood`` (multiple choice: TruthfulQA MC2, MMLU), ``loglikelihood_rolling``
 (perplexity) and ``generate_until`` (GSM8K, TriviaQA, CNN/DM); this class answers them with
-:mod:`dlf_rs.scoring` (one forward per model over context + continuation, the core over every
+:mod:`dlf_rs.engines.hf.scoring` (one forward per model over context + continuation, the core over every
 continuation position) and ``FusedGenerator.generate`` (greedy or sampled fused decoding).
 
 Configured by the harness's ``model_args`` string (``lm_eval --model dlf --model_args ...``):
@@ -34,7 +34,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from dlf_rs import scoring
+from dlf_rs.engines.hf import scoring
 from dlf_rs.options import StepOptions
 
 from . import _family
@@ -191,7 +191,7 @@ class DLFLM(TemplateLM):
         self._device = torch.device(device)
 
         if generator is None:
-            from dlf_rs.generate import FusedGenerator
+            from dlf_rs.engines.hf.generate import FusedGenerator
 
             lpath, spath, epaths = resolve_family(
                 family, large, small, _split_list(experts, "experts")
@@ -207,7 +207,7 @@ class DLFLM(TemplateLM):
         if idx is not None:
             final["expert"] = idx
         self.options = StepOptions(**final)
-        self.method = self.options.method or "dlf"
+        self.method = self.options.method
         self.expert = self.options.expert
         self.limit = scoring.context_limit(generator, self.method, self.expert)
         self._max_length = None if max_length is None else _int(max_length, "max_length")

@@ -13,7 +13,7 @@ same LoRA recipe, merged, alone).
 Before the table, two checks on the real family (:func:`check_family`): the expert folder loads
 as a PEFT adapter on the small base (and changes its logits), and greedy DLF's tokens and
 alphas equal an independent loop over the same models' logits (each model run with its own
-KV cache, the paper's grid search written here in numpy, float64).
+KV cache, the paper's grid search by the numpy reference :mod:`dlf_rs.reference`).
 
 Time per token: wall time of a method's ``generate`` calls over the tokens it produced (rows
 decoded ``--batch-size`` at a time), prefill included.
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dlf_rs.reference import dlf_grid_row, fuse_row
 
 from . import humaneval, task
 from .train import MANIFEST, adapter_dir, base_dir
@@ -163,31 +165,13 @@ def summary(rows: Sequence[MethodResult]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- checks
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    m = z.max()
-    return z - m - np.log(np.exp(z - m).sum())
-
-
-def _kl(log_a: np.ndarray, log_b: np.ndarray) -> float:
-    return float((np.exp(log_a) * (log_a - log_b)).sum())
-
-
 def grid_alpha(z_large: np.ndarray, z_small: np.ndarray, z_expert: np.ndarray, lo: float = 0.0,
                hi: float = 2.0, step: float = 0.1) -> float:  # fmt: skip
-    """The paper's Algorithm 1 for one expert, written independently of the core: the alpha of
-    the grid with the smallest J (strict "<" scanning upward), in float64 numpy."""
-    lp, lq, lt = _log_softmax(z_large), _log_softmax(z_small), _log_softmax(z_expert)
-    t1, t2 = _kl(lt, lq), _kl(lq, lt)
-    d = z_expert.astype(np.float64) - z_small.astype(np.float64)
-    best, best_j = lo, float("inf")
-    for i in range(round((hi - lo) / step) + 1):
-        a = lo + i * step
-        lf = _log_softmax(z_large.astype(np.float64) + a * d)
-        j = (_kl(lf, lp) - t1) ** 2 + (_kl(lp, lf) - t2) ** 2
-        if j < best_j:
-            best, best_j = a, j
-    return best
+    """The paper's Algorithm 1 for one expert, independent of the core: the alpha of the grid
+    with the smallest J (strict "<" scanning upward), by the numpy reference
+    (:func:`dlf_rs.reference.dlf_grid_row`, float64)."""
+    alphas, _ = dlf_grid_row(z_large, z_small, [z_expert], (lo, hi), step)
+    return float(alphas[0])
 
 
 def independent_dlf(large: Any, small: Any, expert: Any, ids: list[int], steps: int,
@@ -208,8 +192,7 @@ def independent_dlf(large: Any, small: Any, expert: Any, ids: list[int], steps: 
                 logits, caches[k] = model(feed, caches[k])
                 zs.append(logits[0, -1, :vocab].float().numpy())
             a = grid_alpha(*zs)
-            fused = zs[0].astype(np.float64) + a * (zs[2].astype(np.float64) - zs[1])
-            tok = int(np.argmax(fused))
+            tok = int(np.argmax(fuse_row(zs[0], zs[1], [zs[2]], [a])))
             tokens.append(tok)
             alphas.append(a)
             if tok in eos:

@@ -3,7 +3,7 @@
 Where it sits: after ``make real-family``; reads the converted family, writes one file outside
 the repository. The models decode greedily with :class:`dlf_rs.FusedGenerator`, method "dlf",
 and every ``[batch, V]`` logit block the Rust core is handed (the staging views, observed by
-wrapping :meth:`dlf_rs.staging.LogitStaging.views` for the call) is copied out; rows of prompts
+wrapping :meth:`dlf_rs.engines.hf.staging.LogitStaging.views` for the call) is copied out; rows of prompts
 that already ended are dropped. So the rows are exactly what ``fuse_step`` saw, and replaying
 them through ``dlf_rs.fuse_step`` gives the recorded tokens (checked at the end of a recording,
 the count stored as ``replay_mismatches``).
@@ -75,7 +75,7 @@ PROMPTS = [
 def observe_views(sink: list[list[np.ndarray]]) -> Iterator[None]:
     """While active, every :meth:`LogitStaging.views` call (one per fused decoding step, just
     before ``fuse_step``) appends a copy of the views to ``sink``."""
-    from dlf_rs.staging import LogitStaging
+    from dlf_rs.engines.hf.staging import LogitStaging
 
     original = LogitStaging.views
 

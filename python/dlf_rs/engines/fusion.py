@@ -12,6 +12,7 @@ the host and the fused logits back).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +24,10 @@ from ..step import fuse_logits, fuse_step_prepared
 __all__ = ["fuse_rows", "greedy_options"]
 
 
+@functools.lru_cache(maxsize=256)
 def greedy_options(options: StepOptions) -> StepOptions:
-    """``options`` with the core's own draw turned into the cheap argmax: the engine samples."""
+    """``options`` with the core's own draw turned into the cheap argmax: the engine samples.
+    Cached (records are frozen and hashable), so an engine's step re-checks no record."""
     if (
         options.temperature == 0.0
         and options.top_k == 0
@@ -79,14 +82,14 @@ def fuse_rows(
         if opts.method == "large":
             fused[idx] = zl[idx]
             continue
-        if opts.method == "expert":
-            fused[idx] = ze[opts.expert if opts.expert is not None else 0][idx]
+        if opts.expert is not None:  # method "expert" (the record sets expert then only)
+            fused[idx] = ze[opts.expert][idx]
             continue
         gl = zl if whole else np.ascontiguousarray(zl[idx])
         gs = zs if whole else np.ascontiguousarray(zs[idx])
         ge = ze if whole else [np.ascontiguousarray(e[idx]) for e in ze]
         if opts.method == "static":
-            a = opts._alpha_list(t)
+            a = opts._core.static_alphas(t)
             assert a is not None
             w = np.broadcast_to(np.asarray(a, dtype=np.float32), (len(rows), t))
         else:

@@ -53,7 +53,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "dlf_rs.vllm.model:DlfFusedForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "dlf_rs.engines.vllm.model:DlfFusedForCausalLM")
     _attach_processor()
 
 

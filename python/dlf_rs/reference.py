@@ -1,8 +1,10 @@
 """Pure-numpy reference of the DLF decode step, written from docs/method.md alone.
 
-It shares no code with the Rust core: the pytest suite checks `dlf_rs` against it, the benchmark
-times its vectorised "paper grid", and the generation driver's tests import `dlf_grid_row` and
-`fuse_row` from here (keep those names and signatures).
+It shares no code with the Rust core (it imports only numpy) and is the one reference every check
+uses: the pytest suite checks `dlf_rs` against it, the benchmark times its vectorised "paper
+grid", the generation driver's tests import `dlf_grid_row` and `fuse_row` from here, and the real
+family's evaluation decodes an independent greedy DLF loop with them
+(:func:`dlf_rs.real_family.evaluate.independent_dlf`). Keep those names and signatures.
 
 Conventions (method.md): KLs and J in float64 over the full vocabulary; -inf in the small model or
 an expert is replaced by that row's smallest finite logit minus 30 before anything else; -inf in

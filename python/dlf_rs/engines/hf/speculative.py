@@ -2,7 +2,7 @@
 
 Where it sits: :meth:`dlf_rs.FusedGenerator.generate` hands over to :func:`generate_speculative`
 when ``StepOptions.speculative`` is set. Prompts, prefill, stopping, seeds and the result are the
-sequential loop's (:mod:`dlf_rs.runner`, :mod:`dlf_rs.stopping`, :mod:`dlf_rs.results`); the
+sequential loop's (:mod:`dlf_rs.engines.hf.runner`, :mod:`dlf_rs.stopping`, :mod:`dlf_rs.results`); the
 acceptance and correction run in the Rust core (``_core.fuse_verify``, ``rust/verify.rs``).
 
 One round, per batch (B rows, draft length k; with ``speculative="auto"`` each row drafts while
@@ -50,15 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._core import DlfError, VerifyResult
-from ._core import fuse_verify as core_fuse_verify
-from ._core import sample as core_sample
-from .inputs import Inputs, warn_unknown
-from .options import StepOptions
-from .results import GenerationResult, RowTrace
+from ..._core import DlfError, VerifyResult
+from ..._core import fuse_verify as core_fuse_verify
+from ..._core import sample as core_sample
+from ...inputs import Inputs, warn_unknown
+from ...options import StepOptions
+from ...results import GenerationResult, RowTrace
+from ...seeds import step_seed
+from ...stopping import Stopping
 from .runner import ModelRunner, ModelSlot, context_length, output_cache
-from .seeds import step_seed
-from .stopping import Stopping
 from .streaming import DecodeLoop
 
 __all__ = ["AUTO_CONFIDENCE", "AUTO_MAX_DRAFT", "generate_speculative"]
@@ -186,12 +186,10 @@ def generate_speculative(
     fwd = _Forwards(slots, vocab, timings, gen.sync_timings)
     auto = opts.speculative == "auto"
     k_cap = AUTO_MAX_DRAFT if auto else int(opts.speculative or 1)
-    kwargs = opts.core_kwargs(n_exp)
-    sampling = opts.sampling_kwargs
     pad = gen.pad_token_id
 
     # The draft expert of each row (module docs): static weights fix it, dynamic ones move it.
-    static = opts._alpha_list(n_exp)
+    static = opts._core.static_alphas(n_exp)
     first = int(np.argmax(static)) if static is not None else 0
     draft_of = np.full(batch, first, dtype=np.int64)
 
@@ -250,7 +248,7 @@ def generate_speculative(
                 else:
                     assert q is not None and bases is not None
                     q[:, j] = q_j
-                    d = core_sample(np.ascontiguousarray(q_j), **sampling, seed=None,
+                    d = core_sample(np.ascontiguousarray(q_j), opts._core, seed=None,
                                     seeds=[step_seed(s, j + 1) for s in bases])  # fmt: skip
                 sure = _confidence(q_j, opts.temperature) >= AUTO_CONFIDENCE if auto else None
                 timings["sample"] += time.perf_counter() - t_s
@@ -284,8 +282,8 @@ def generate_speculative(
             # 3. The core: weights per position, acceptance, correction or bonus.
             t0 = time.perf_counter()
             r: VerifyResult = core_fuse_verify(
-                logits[0], logits[1], logits[2:], drafts, lens.tolist(),
-                draft_logits=q if (q is not None and positions > 1) else None, **kwargs,
+                logits[0], logits[1], logits[2:], drafts, lens.tolist(), opts._core,
+                draft_logits=q if (q is not None and positions > 1) else None,
                 seed=None, seeds=bases,
             )  # fmt: skip
             timings["fuse_verify"] += time.perf_counter() - t0
@@ -329,7 +327,7 @@ def generate_speculative(
         trace=traces,
         finish_reasons=rows.reasons,
         timings=timings,
-        method=opts.method or "dlf",
+        method=opts.method,
         expert_names=list(gen.expert_names),
     )
 

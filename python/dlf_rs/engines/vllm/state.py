@@ -2,7 +2,7 @@
 
 One fused model runs per worker process; its ``compute_logits`` records here the member logits
 and the weights it fused with (the directory's default options) for the rows it returned, and
-:class:`dlf_rs.vllm.logits.DlfLogitsProcessor`, which vLLM's sampler runs next on those very
+:class:`dlf_rs.engines.vllm.logits.DlfLogitsProcessor`, which vLLM's sampler runs next on those very
 rows, re-fuses the rows of requests that carry their own options and logs alphas.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..options import StepOptions
+from ...options import StepOptions
 
-PROCESSOR = "dlf_rs.vllm.logits:DlfLogitsProcessor"
+PROCESSOR = "dlf_rs.engines.vllm.logits:DlfLogitsProcessor"
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``DlfFusedForCausalLM``: the fused model as one vLLM model holding its members.
 
-vLLM builds this class for a fused directory (:mod:`dlf_rs.vllm.spec`) like any model. It holds
+vLLM builds this class for a fused directory (:mod:`dlf_rs.engines.vllm.spec`) like any model. It holds
 the large model, the small base and every expert as members, each an instance of vLLM's own
 model class for that member's architecture, built from the member's own config under its own
 prefix (``large.``, ``small.``, ``expert0.``, ...). So every member's attention layers are
@@ -11,8 +11,8 @@ tensor parallelism of each member's layers.
 ``forward`` runs every member on the same token ids and positions (the members share one
 tokenizer) and returns their last hidden states side by side; ``compute_logits`` splits them,
 runs each member's head and fuses the logits with dlf_rs's core under the directory's default
-options (:func:`dlf_rs.vllm.fusion.fuse_rows`). The member logits and the weights stay with the
-worker for :class:`dlf_rs.vllm.logits.DlfLogitsProcessor`, which re-fuses the rows of requests
+options (:func:`dlf_rs.engines.fusion.fuse_rows`). The member logits and the weights stay with the
+worker for :class:`dlf_rs.engines.vllm.logits.DlfLogitsProcessor`, which re-fuses the rows of requests
 with their own options and logs alphas. vLLM's sampler draws from the fused logits.
 """
 
@@ -27,8 +27,8 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
+from ..fusion import fuse_rows
 from . import state
-from .fusion import fuse_rows
 from .spec import FusedSpec, _member_dir
 
 logger = init_logger(__name__)
@@ -39,7 +39,7 @@ __all__ = ["DlfFusedForCausalLM"]
 def _member_config(spec: FusedSpec, source: str, arg: str) -> tuple[Path, Any]:
     from transformers import AutoConfig
 
-    from ..hub import hub_scope
+    from ...hub import hub_scope
 
     path = _member_dir(spec.resolve(source), spec.local_files_only, arg)
     with hub_scope(spec.local_files_only):
@@ -85,7 +85,7 @@ class DlfFusedForCausalLM(nn.Module):
         names = [
             p if isinstance(p, str) else f"{p.__module__}:{p.__qualname__}" for p in processors
         ]
-        state.configure(self.spec, per_request=any("dlf_rs.vllm" in n for n in names))
+        state.configure(self.spec, per_request=any("dlf_rs.engines.vllm" in n for n in names))
         if not state.STATE.per_request:
             logger.info(
                 "dlf_rs: every request uses the fused directory's options %s; per-request "

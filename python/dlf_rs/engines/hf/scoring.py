@@ -1,6 +1,6 @@
 """Fused scoring: log-probabilities of given continuations under DLF, static fusion or one model.
 
-Where it sits: beside the decode loop (``dlf_rs.generate``), on the same generator and the same
+Where it sits: beside the decode loop (``dlf_rs.engines.hf.generate``), on the same generator and the same
 core. Decoding asks "which token next?" one position at a time; scoring asks "how likely is this
 known continuation?", so every position is known in advance and each model runs ONE forward over
 context + continuation (all positions at once, a left-padded batch with its attention mask and
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .options import StepOptions
+from ...options import StepOptions
+from ...step import fuse_logits, fuse_step
 from .runner import context_length, forward_params, model_device
-from .step import fuse_logits, fuse_step
 
 __all__ = [
     "METHODS", "ScoreResult", "context_limit", "rolling_windows", "score", "score_ids",
@@ -202,7 +202,7 @@ def score_ids(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
     opts = StepOptions.build(options, **overrides)
-    method, expert = opts.method or "dlf", opts.expert
+    method, expert = opts.method, opts.expert
     models = _models(gen, method, expert)
     fuse_options: dict[str, Any] = {"options": opts} if opts.fused else {}
     limit = context_limit(gen, method, expert)
@@ -308,8 +308,7 @@ def score_rolling(
         prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if prefix_token_id is None:
             raise ValueError("prefix_token_id: the tokenizer has no BOS or EOS token; pass one")
-    limit = max_length if max_length is not None else context_limit(gen, opts.method or "dlf",
-                                                                     opts.expert)  # fmt: skip
+    limit = max_length if max_length is not None else context_limit(gen, opts.method, opts.expert)
     if limit is None:
         raise ValueError("max_length: the models do not state a context length; pass one")
     ctxs: list[list[int]] = []

@@ -1,10 +1,10 @@
 """The forward side of the generation loop: one :class:`ModelSlot` per model taking part.
 
-Where it sits: :mod:`dlf_rs.generate` builds the slots, then for every step calls
+Where it sits: :mod:`dlf_rs.engines.hf.generate` builds the slots, then for every step calls
 :meth:`ModelRunner.prefill` once and :meth:`ModelRunner.decode` per token; each forward's
-last-position logits go into the host staging buffers (:mod:`dlf_rs.staging`). Every model keeps
+last-position logits go into the host staging buffers (:mod:`dlf_rs.engines.hf.staging`). Every model keeps
 its own prompt tokens, attention mask, position ids and KV cache (a growing ``DynamicCache``, or
-with ``fast=True`` a reused static cache and compiled decode forwards, :mod:`dlf_rs.fastpath`).
+with ``fast=True`` a reused static cache and compiled decode forwards, :mod:`dlf_rs.engines.hf.fastpath`).
 """
 
 from __future__ import annotations

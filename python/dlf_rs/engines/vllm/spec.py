@@ -3,7 +3,7 @@
 A fused model is a directory vLLM can be pointed at (``LLM(dir)``, ``vllm serve dir``):
 
 - ``config.json``: the large model's own config, with ``architectures`` set to
-  ``["DlfFusedForCausalLM"]`` (the class :mod:`dlf_rs.vllm.model` registers) and a
+  ``["DlfFusedForCausalLM"]`` (the class :mod:`dlf_rs.engines.vllm.model` registers) and a
   ``"dlf_rs"`` section: ``{"format": "dlf_rs.fused/1", "large": ..., "small": ..., "experts":
   [...], "options": {...}}``. Members are local paths (relative ones are relative to the
   directory) or hub ids, resolved with the same rules as ``from_pretrained`` (the hub's cache
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..options import StepOptions
+from ...options import StepOptions
 
 __all__ = [
     "ARCHITECTURE",
@@ -136,7 +136,7 @@ class FusedSpec:
         if not isinstance(section, Mapping):
             raise FusedConfigError(
                 "config.json: no 'dlf_rs' section; a fused model directory is built by "
-                "dlf_rs.vllm.build_fused_dir or `dlf-rs serve`"
+                "dlf_rs.engines.vllm.build_fused_dir or `dlf-rs serve`"
             )
         if section.get("format") != FORMAT:
             raise FusedConfigError(
@@ -212,6 +212,37 @@ def request_options(
         raw[name] = value
     if not raw:
         return None, tag
+    # A request's record is built and checked once: vLLM's frontend checks the request
+    # (validate_params), the worker reads it again when its rows join the batch (once per row
+    # with n > 1), and requests repeat option sets; each of those is a look-up here.
+    try:
+        cache_key: Any = (_hashable(sorted(raw.items())), defaults, n_experts)
+        options = _REQUESTS.get(cache_key)
+    except TypeError:  # a value JSON cannot give (unhashable): build, do not cache
+        cache_key, options = None, None
+    if options is None:
+        options = _merged_options(raw, defaults, n_experts)
+        if cache_key is not None and len(_REQUESTS) < 1024:
+            _REQUESTS[cache_key] = options
+    return options, tag
+
+
+_REQUESTS: dict[Any, StepOptions] = {}
+
+
+def _hashable(v: Any) -> Any:
+    """``v`` (JSON-like) as a cache key that keeps 1, 1.0 and True apart, also inside lists;
+    TypeError when some value is not hashable."""
+    if isinstance(v, (list, tuple)):
+        return type(v), tuple(_hashable(x) for x in v)
+    hash(v)
+    return type(v), v
+
+
+def _merged_options(
+    raw: dict[str, Any], defaults: StepOptions | None, n_experts: int | None
+) -> StepOptions:
+    """The request's fields over the defaults, checked (see :func:`request_options`)."""
     base = options_json(defaults) if defaults is not None else {}
     if raw.keys() & {"method", "alpha", "expert"}:
         for k in ("method", "alpha", "expert"):
@@ -220,7 +251,7 @@ def request_options(
     options = fusion_options(merged, PREFIX)
     if n_experts is not None:
         check_expert_count(options, n_experts, PREFIX)
-    return options, tag
+    return options
 
 
 _FRONTEND: dict[str, FusedSpec] = {}
@@ -291,7 +322,7 @@ def _member_dir(source: str, local_files_only: bool, arg: str) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    from ..hub import hub_scope
+    from ...hub import hub_scope
 
     try:
         with hub_scope(local_files_only):
@@ -348,7 +379,7 @@ def build_fused_dir(
     for t in range(len(experts)):
         arg = f"experts[{t}]"
         if (dirs[arg] / "adapter_config.json").exists():  # LoRA: merged into a full expert
-            from ..merge import task_arithmetic
+            from ...merge import task_arithmetic
 
             merged = out / "experts" / f"expert{t}"
             try:

@@ -1,8 +1,8 @@
 """Batched fused generation with Hugging Face causal LMs: :class:`FusedGenerator`.
 
 Flow of :meth:`FusedGenerator.generate`: build the options record (:mod:`dlf_rs.options`) ->
-tokenize and left-pad every model's prompts and prefill its KV cache (:mod:`dlf_rs.runner`) ->
-per step: wait for the staged logits (:mod:`dlf_rs.staging`), let the Rust core choose one token
+tokenize and left-pad every model's prompts and prefill its KV cache (:mod:`dlf_rs.engines.hf.runner`) ->
+per step: wait for the staged logits (:mod:`dlf_rs.engines.hf.staging`), let the Rust core choose one token
 per row (``fuse_step`` for "dlf"/"static", ``sample`` for "large"/"expert"), record it
 (:mod:`dlf_rs.stopping`, :mod:`dlf_rs.results`) and feed it back to every model. Rows that ended
 (EOS, a stop string, ``max_new_tokens``) keep feeding the pad token with their outputs ignored;
@@ -27,19 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._core import sample as core_sample
-from .arrays import history_arrays
+from ..._core import sample as core_sample
+from ...arrays import history_arrays
+from ...inputs import Inputs, Prompt, build_inputs, warn_unknown
+from ...loading import LoadOptions, load_family
+from ...lora import group_slots
+from ...options import StepOptions, check_int
+from ...results import GenerationResult, TraceRecorder
+from ...seeds import row_seeds, step_seeds
+from ...step import fuse_step_prepared
+from ...stopping import Stopping, check_stop, eos_ids
 from .fastpath import FastModel, FastOptions, resolve_options
-from .inputs import Inputs, Prompt, build_inputs, warn_unknown
-from .loading import LoadOptions, load_family
-from .lora import group_slots
-from .options import StepOptions, check_int
-from .results import GenerationResult, TraceRecorder
 from .runner import ModelRunner, ModelSlot, model_device, model_vocab
-from .seeds import row_seeds, step_seeds
 from .staging import LogitStaging
-from .step import fuse_step_prepared
-from .stopping import Stopping, check_stop, eos_ids
 from .streaming import DecodeLoop, GenerationStream, StreamChunk, drain
 
 __all__ = ["FusedGenerator", "GenerationResult", "GenerationStream", "StreamChunk"]
@@ -54,7 +54,7 @@ class FusedGenerator:
     ``model_tokenizers`` (optional, name -> tokenizer, names as in ``prompts_for``) are checked
     against ``tokenizer`` and refused when their vocabularies differ.
 
-    ``fast=True`` opts into the fast decode path (:mod:`dlf_rs.fastpath`): a static KV cache per
+    ``fast=True`` opts into the fast decode path (:mod:`dlf_rs.engines.hf.fastpath`): a static KV cache per
     model (kept and reset across calls of the same batch size and length bucket), a fixed
     attention mask, and on CUDA compiled decode forwards. Same greedy tokens as the default path
     (up to float rounding of the attention over a longer, masked key axis). ``compile``: None
@@ -232,7 +232,7 @@ class FusedGenerator:
         ("dlf", "static", "large", "expert"), ``alpha``, ``expert``, ``solver``, ``support_k``,
         ``alpha_range``, ``grid_step``, ``multi_expert``, ``temperature``, ``top_k``, ``top_p``,
         ``min_p``, ``speculative`` (keywords override the record; see ``StepOptions`` for each
-        rule; ``speculative=k`` or ``"auto"`` decodes with :mod:`dlf_rs.speculative`).
+        rule; ``speculative=k`` or ``"auto"`` decodes with :mod:`dlf_rs.engines.hf.speculative`).
         ``seed``: None (fresh entropy), an int (row seeds derived from it and the row index) or
         one int per prompt, each in [0, 2**64). ``stop``: strings that end a row.
         ``prompts_for``: per-model prompt lists keyed "large", "small" or "expert:<i>" (same
@@ -266,8 +266,8 @@ class FusedGenerator:
     ) -> GenerationStream:
         """:meth:`generate`, yielding each row's new text and token ids as they are decided.
 
-        Returns a :class:`dlf_rs.streaming.GenerationStream` of
-        :class:`~dlf_rs.streaming.StreamChunk` (``row``, ``text``, ``token_ids``,
+        Returns a :class:`dlf_rs.engines.hf.streaming.GenerationStream` of
+        :class:`~dlf_rs.engines.hf.streaming.StreamChunk` (``row``, ``text``, ``token_ids``,
         ``finish_reason`` on a row's last chunk); joined per row they equal ``generate``'s
         ``texts`` and ``token_ids``, and ``stream.result`` is the whole
         :class:`GenerationResult` once the stream is exhausted. With speculative decoding a
@@ -342,8 +342,8 @@ class FusedGenerator:
 
         if opts.method == "large":
             chosen = [("large", self.large)]
-        elif opts.method == "expert":
-            chosen = [(f"expert:{opts.expert}", self.experts[opts.expert or 0])]
+        elif opts.expert is not None:  # method "expert" (the record sets expert then only)
+            chosen = [(f"expert:{opts.expert}", self.experts[opts.expert])]
         else:
             chosen = self._named_models()
         slots = [ModelSlot.of(name, model, inputs.for_model(name),
@@ -390,9 +390,9 @@ class FusedGenerator:
                     trace.fused(live, r)
                 else:
                     seen, offsets = (None, None) if hist is None else history_arrays(hist)
-                    next_tokens = core_sample(staging.view(0), **opts.sampling_kwargs,
-                                               seed=None, seeds=seeds, history=seen,
-                                               history_offsets=offsets)  # fmt: skip
+                    next_tokens = core_sample(staging.view(0), opts._core, seed=None,
+                                              seeds=seeds, history=seen,
+                                              history_offsets=offsets)  # fmt: skip
                     timings["sample"] += time.perf_counter() - t0
                     trace.single(live, 0.0 if opts.method == "large" else np.nan)
                 steps = step + 1
@@ -415,20 +415,20 @@ class FusedGenerator:
             trace=traces,
             finish_reasons=rows.reasons,
             timings=timings,
-            method=opts.method or "dlf",
+            method=opts.method,
             expert_names=list(self.expert_names),
         )
 
     # ------------------------------------------------------------------ scoring
     def score(self, contexts: Any, continuations: Any, options: StepOptions | None = None,
               **kwargs: Any) -> Any:  # fmt: skip
-        """Fused log-probabilities of continuations: :func:`dlf_rs.scoring.score`."""
+        """Fused log-probabilities of continuations: :func:`dlf_rs.engines.hf.scoring.score`."""
         from .scoring import score
 
         return score(self, contexts, continuations, options, **kwargs)
 
     def score_rolling(self, texts: Any, options: StepOptions | None = None, **kwargs: Any) -> Any:
-        """Rolling log-likelihood of whole texts: :func:`dlf_rs.scoring.score_rolling`."""
+        """Rolling log-likelihood of whole texts: :func:`dlf_rs.engines.hf.scoring.score_rolling`."""
         from .scoring import score_rolling
 
         return score_rolling(self, texts, options, **kwargs)
@@ -501,7 +501,7 @@ class FusedGenerator:
     # ------------------------------------------------------------------ argument checks
     def _check_models(self, opts: StepOptions) -> None:
         n_exp = len(self.experts)
-        if opts.method == "expert" and not (opts.expert or 0) < n_exp:
+        if opts.expert is not None and not opts.expert < n_exp:  # method "expert"
             raise ValueError(f"expert: index {opts.expert} out of range for {n_exp} experts")
         if opts.fused:
             if self.small is None:

@@ -3,7 +3,7 @@ start vLLM's OpenAI-compatible server on it, with the DLF logits processor.
 
 Every argument after ``--`` goes to ``vllm serve`` unchanged (``--port``, ``--dtype``,
 ``--tensor-parallel-size``, ``--max-model-len``, ...). Requests take DLF options in their extra
-body: ``{"vllm_xargs": {"dlf_alpha": 1.0, "dlf_alpha_log": "run-7"}}`` (dlf_rs.vllm.spec lists
+body: ``{"vllm_xargs": {"dlf_alpha": 1.0, "dlf_alpha_log": "run-7"}}`` (dlf_rs.engines.vllm.spec lists
 them); a bad value is answered with HTTP 400 naming the field.
 """
 
@@ -17,6 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ...flags import (
+    add_fusion_flags,
+    add_member_flags,
+    fusion_fields,
+    member_sources,
+    step_options,
+)
 from .spec import FUSED_DIR_ENV, FusedConfigError, build_fused_dir
 from .state import PROCESSOR
 
@@ -26,26 +33,13 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..options import MULTI_EXPERT_RULES
-
     m = parser.add_argument_group("models")
-    m.add_argument("--family", help='"default" (the shipped family) or a family directory')
-    m.add_argument("--large", help="large model L: local path or cached hub id")
-    m.add_argument("--small", help="small base model S")
-    m.add_argument("--expert", action="append", default=[], metavar="PATH",
-                   help="small expert checkpoint (full weights; merge LoRA adapters first); repeat")  # fmt: skip
+    add_member_flags(m, expert_help="small expert checkpoint (full weights or a LoRA adapter, "
+                     "merged into the fused directory; with --family a task name); repeat")
     m.add_argument("--allow-download", action="store_true",
                    help="let hub ids be downloaded (default: the local cache only)")  # fmt: skip
-    o = parser.add_argument_group("default DLF options (each request may override them)")
-    o.add_argument("--method", choices=("dlf", "static", "large", "expert"), default=None)
-    o.add_argument("--alpha", type=float, action="append", default=None,
-                   help="static weight (one, or one per expert: repeat); implies --method static")  # fmt: skip
-    o.add_argument("--expert-index", type=int, default=None, help="for --method expert")
-    o.add_argument("--solver", choices=("grid", "exact"), default=None)
-    o.add_argument("--multi-expert", choices=MULTI_EXPERT_RULES, default=None)
-    o.add_argument("--support-k", type=int, default=None, help="0 = full vocabulary (default)")
-    o.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-    o.add_argument("--grid-step", type=float, default=None)
+    add_fusion_flags(parser.add_argument_group(
+        "default DLF options (each request may override them)"))
     parser.add_argument("--fused-dir", default=None,
                         help="where to write the fused directory (default: ~/.cache/dlf_rs/fused/"
                         "<hash of the members and options>)")  # fmt: skip
@@ -56,28 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "method": args.method,
-        "alpha": (args.alpha[0] if len(args.alpha) == 1 else args.alpha) if args.alpha else None,
-        "expert": args.expert_index,
-        "solver": args.solver,
-        "multi_expert": args.multi_expert,
-        "support_k": args.support_k,
-        "alpha_range": args.alpha_range,
-        "grid_step": args.grid_step,
-    }
-    return {k: v for k, v in raw.items() if v is not None}
+    """The default options given as flags, checked (a bad value names its flag)."""
+    fields = fusion_fields(args)
+    step_options(fields)
+    return fields
 
 
 def _sources(args: argparse.Namespace) -> tuple[str, str, list[str]]:
-    if args.family is not None:
-        from ..cli import _family_sources
-
-        large, small, experts = _family_sources(args)
-    else:
-        large, small, experts = args.large, args.small, list(args.expert)
-    if large is None:
-        raise FusedConfigError("--large: required (or --family)")
+    large, small, experts = member_sources(args)
     if small is None:
         raise FusedConfigError("--small: required: the small base the experts were tuned from")
     if not experts:
@@ -124,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     rest = list(args.vllm_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    cmd = [sys.executable, "-m", "dlf_rs.vllm.api_server", "--model", str(out),
+    cmd = [sys.executable, "-m", "dlf_rs.engines.vllm.api_server", "--model", str(out),
            "--logits-processors", PROCESSOR, *rest]  # fmt: skip
     env = dict(os.environ)
     env[FUSED_DIR_ENV] = str(out)

