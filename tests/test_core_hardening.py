@@ -1,4 +1,4 @@
-"""Hardening of the Rust core (issue 14, Rust side) and the options contract of `dlf_rs._core`
+"""Hardening of the Rust core and the options contract of `dlf_rs._core`
 (issue 9): DEFAULTS and CoreOptions, no panic reaching Python, tiny temperatures, weight limits,
 Ctrl-C on a long call. Calls `dlf_rs._core` directly, with every option spelled out from
 `DEFAULTS`, so it does not depend on the Python wrappers."""
@@ -150,7 +150,7 @@ def test_one_static_weight_is_broadcast_to_the_experts():
         _core.fuse_step(large, small, experts, core(alpha=[0.5, 1.0]))
 
 
-# ---- issue 14 reproducers ----
+# ---- reproducers of reported failures ----
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300])

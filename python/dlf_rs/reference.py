@@ -185,7 +185,7 @@ def dense_logits(
     n_task: int = 20,
     boost: tuple[float, float] = (2.0, 6.0),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows shaped like a real fine-tune's (issue 22): (large [B, V], small [B, V], experts
+    """Rows shaped like a real fine-tune's: (large [B, V], small [B, V], experts
     [T, B, V]), float32.
 
     `large` and `small` are `zipf_logits`' (Zipf-like heads, a perturbed exponent and swapped

@@ -29,7 +29,7 @@ impl Rng {
 /// Row kinds: 0 random, 1 LM-like (Zipf large/small, experts = small + sparse head edits, the
 /// tail's d exactly 0), 2 flat Gaussian, 3 adversarial (huge d on tail tokens, -inf patterns),
 /// 4 LM-like with small dense noise on the experts (tail d != 0, inside delta), 5 dense like real
-/// fine-tunes (issue 22: every token's d ~ N(0, s), s in [0.05, 0.3], plus 20 tokens boosted by
+/// fine-tunes (every token's d ~ N(0, s), s in [0.05, 0.3], plus 20 tokens boosted by
 /// 2..6; most of the vocabulary beyond the narrow delta, so the wide tail decides), 6 like the
 /// recorded Qwen2.5-Coder rows (every token moved by a lot: d ~ N(0, s) scaled per token, s in
 /// [0.5, 1.5], median |d| near 1, plus 20 boosted tokens; a third of the vocabulary or more
