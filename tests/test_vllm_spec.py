@@ -229,3 +229,44 @@ def test_lora_expert_is_merged_into_the_directory(members, family, tmp_path) -> 
     for k, v in merged.items():
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
     assert (d / "experts/expert1/config.json").exists()
+
+
+def test_cpu_kv_cache_default_fits_the_free_memory() -> None:
+    """dlf-rs serve on a CPU sizes vLLM's KV cache from the memory free at start (vLLM's CPU
+    build otherwise wants 0.92 of the node and refuses to start beside anything else)."""
+    from dlf_rs.engines.vllm.serve import FusedConfigError, GiB, cpu_kv_cache_bytes
+
+    assert cpu_kv_cache_bytes(22 * GiB, GiB // 2) == 4 * GiB  # the default, whole GiB
+    assert cpu_kv_cache_bytes(6 * GiB, GiB) == 2 * GiB  # (6 - 2) / 2
+    assert cpu_kv_cache_bytes(int(5.9 * GiB), GiB) == GiB  # rounded down to whole GiB
+    with pytest.raises(FusedConfigError, match=r"^serve: only 2\.5 GiB of memory is free"):
+        cpu_kv_cache_bytes(int(2.5 * GiB), GiB)
+
+
+def test_serve_dry_run_says_the_cpu_kv_cache_it_chose(tmp_path, capsys, monkeypatch) -> None:
+    import sys
+
+    from dlf_rs.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the default is for machines without CUDA")
+    sys.path.insert(0, str(Path(__file__).parent / "vllm_serving"))
+    from family import build_family
+
+    m = build_family(tmp_path / "m", experts=1)
+    argv = ["serve", "--large", str(m["large"]), "--small", str(m["small"]), "--expert",
+            str(m["expert0"]), "--fused-dir", str(tmp_path / "f"), "--dry-run", "--"]  # fmt: skip
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert main([*argv, "--port", "8123"]) == 0
+    err = capsys.readouterr().err
+    assert "dlf-rs serve: no CUDA: KV cache " in err
+    size = int(err.split("--kv-cache-memory-bytes ")[-1].split()[0])
+    assert size % (1 << 30) == 0 and 1 << 30 <= size <= 4 << 30
+    assert err.rstrip().endswith("--port 8123")  # the caller's arguments come last
+    for chosen in (["--kv-cache-memory-bytes", "1000000"], ["--gpu-memory-utilization=0.5"]):
+        assert main([*argv, *chosen]) == 0
+        err = capsys.readouterr().err
+        assert "KV cache" not in err and err.count("--kv-cache-memory-bytes") <= 1
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert main(argv) == 0
+    assert "KV cache" not in capsys.readouterr().err

@@ -39,7 +39,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     paths = build_family(root)
     port = _free_port()
     fused = root / "fused"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+    # No VLLM_CPU_KVCACHE_SPACE: the server starts on dlf-rs serve's CPU default (see below).
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     cmd = [sys.executable, "-m", "dlf_rs", "serve", "--large", str(paths["large"]),
            "--small", str(paths["small"]), "--expert", str(paths["expert0"]),
            "--expert", str(paths["expert1"]), "--fused-dir", str(fused), "--",
@@ -60,13 +62,24 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                     "server did not start:\n" + (root / "server.log").read_text()[-4000:]
                 ) from None
             time.sleep(1)
-    yield {"base": base, "paths": paths, "fused": fused}
+    yield {"base": base, "paths": paths, "fused": fused, "log": root / "server.log"}
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def test_cpu_default_kv_cache_started_the_server(server) -> None:
+    """Without CUDA and without a chosen size, dlf-rs serve sized the KV cache from the free
+    memory and said so (vLLM's CPU build alone wants 0.92 of the node's memory)."""
+    if torch.cuda.is_available():
+        pytest.skip("the default is for machines without CUDA")
+    log = server["log"].read_text()
+    assert "dlf-rs serve: no CUDA: KV cache " in log, log[-2000:]
+    size = int(log.split("--kv-cache-memory-bytes ")[1].split(";")[0])
+    assert 1 << 30 <= size <= 4 << 30 and size % (1 << 30) == 0
 
 
 def post(server, path: str, body: dict, stream: bool = False):

@@ -31,6 +31,15 @@ from .state import PROCESSOR
 # that a refused member is named here instead of deep inside vLLM's engine start.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
+GiB = 1 << 30
+# The KV cache dlf-rs serve asks for on a machine without CUDA when the caller chose none (vLLM's
+# CPU build otherwise reserves 0.92 of the node's memory and refuses to start when anything else
+# uses memory): 4 GiB (vLLM's own former CPU default), or less where the memory free at start,
+# after twice the members' weight files (loaded, and possibly upcast), leaves less than twice it.
+CPU_KV_CACHE_DEFAULT = 4 * GiB
+# vllm serve arguments (and the environment variable) by which the caller chose the cache size.
+_KV_CHOICES = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
@@ -90,6 +99,48 @@ def check_head_sizes(fused_dir: Path) -> None:
             )
 
 
+def cpu_kv_cache_bytes(available: int, weights: int) -> int:
+    """The CPU default KV cache size in whole GiB (``CPU_KV_CACHE_DEFAULT`` at most, half of
+    what ``available`` bytes leave after twice the ``weights``); at least 1 GiB, else an error
+    that says how much is free."""
+    room = (available - 2 * weights) // 2
+    gib = min(CPU_KV_CACHE_DEFAULT, room) // GiB
+    if gib < 1:
+        raise FusedConfigError(
+            f"serve: only {available / GiB:.1f} GiB of memory is free and the members' weights "
+            f"take {weights / GiB:.1f} GiB: no room for a 1 GiB KV cache; free memory, or choose "
+            "the size with -- --kv-cache-memory-bytes N (or VLLM_CPU_KVCACHE_SPACE=GiB)"
+        )
+    return int(gib * GiB)
+
+
+def _weights_bytes(fused_dir: Path) -> int:
+    """The members' weight files' bytes (local directories; hub ids count 0)."""
+    section = json.loads((fused_dir / "config.json").read_text())["dlf_rs"]
+    dirs = [section["large"], section["small"], *section["experts"]]
+    return sum(f.stat().st_size for d in dirs if Path(d).is_dir()
+               for f in Path(d).glob("*.safetensors"))  # fmt: skip
+
+
+def kv_cache_arguments(fused_dir: Path, rest: list[str], env: dict[str, str]) -> list[str]:
+    """``--kv-cache-memory-bytes N`` for vllm serve on a machine without CUDA when neither the
+    arguments nor ``VLLM_CPU_KVCACHE_SPACE`` choose the cache size; says what it chose."""
+    import torch
+
+    chosen = any(a.split("=")[0] in _KV_CHOICES for a in rest)
+    if torch.cuda.is_available() or chosen or env.get("VLLM_CPU_KVCACHE_SPACE", "") != "":
+        return []
+    import psutil  # vLLM's own dependency
+
+    available = int(psutil.virtual_memory().available)
+    weights = _weights_bytes(fused_dir)
+    size = cpu_kv_cache_bytes(available, weights)
+    print(f"dlf-rs serve: no CUDA: KV cache {size // GiB} GiB (--kv-cache-memory-bytes {size}; "
+          f"{available / GiB:.1f} GiB free, the members' weights {weights / GiB:.1f} GiB); "
+          "choose it with -- --kv-cache-memory-bytes N", file=sys.stderr)  # fmt: skip
+    return ["--kv-cache-memory-bytes", str(size)]
+
+
 def run(args: argparse.Namespace) -> int:
     large, small, experts = _sources(args)
     options = _options(args)
@@ -104,9 +155,9 @@ def run(args: argparse.Namespace) -> int:
     rest = list(args.vllm_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    cmd = [sys.executable, "-m", "dlf_rs.engines.vllm.api_server", "--model", str(out),
-           "--logits-processors", PROCESSOR, *rest]  # fmt: skip
     env = dict(os.environ)
+    cmd = [sys.executable, "-m", "dlf_rs.engines.vllm.api_server", "--model", str(out),
+           "--logits-processors", PROCESSOR, *kv_cache_arguments(out, rest, env), *rest]  # fmt: skip
     env[FUSED_DIR_ENV] = str(out)
     if not args.allow_download:
         env.setdefault("HF_HUB_OFFLINE", "1")
