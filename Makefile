@@ -167,7 +167,7 @@ lint: venv
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff check python tests benches requirements
 	$(VENV)/bin/mypy python/dlf_rs
 
 fmt:

@@ -1,8 +1,9 @@
 """Which pins a refresh would move: ``python requirements/lock_diff.py LOCKED NEWEST``.
 
 Reads two requirement files written by ``uv pip compile`` (``name==version`` lines, with or
-without environment markers and hashes) and prints every package whose pinned versions differ,
-appeared or went away; ``make test-newest`` runs it before testing the newest releases.
+without environment markers and hashes), keeps the pins whose markers hold for this interpreter
+(a universal lock has pins for other Pythons too), and prints every package whose version
+differs, appeared or went away; ``make test-newest`` runs it before testing the newest releases.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import re
 import sys
 from pathlib import Path
 
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+from packaging.markers import Marker
+
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
 def pins(path: str) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         m = _PIN.match(line)
-        if m:
+        if m and (m.group(3) is None or Marker(m.group(3)).evaluate()):
             out.setdefault(m.group(1).lower().replace("_", "-"), set()).add(m.group(2))
     return out
 
