@@ -7,7 +7,7 @@ SmolLM2-135M's shape with random weights) and batch size B, one run measures per
 - separate: 1 + T forwards of B rows on the shared PeftModel (one adapter name per forward);
 - merged: 1 + T plain forwards, each adapter merged into its own copy of the base.
 Each step runs on a cache prefilled with a 16-token prompt; the median of ``--steps`` steps.
-The rule of ``lora_mode="auto"`` (dlf_rs.lora.choose_mode) is read from these numbers.
+The rule of ``lora_mode="auto"`` (dlf_rs.engines.hf.lora.choose_mode) is read from these numbers.
 
     PYTHONPATH=python python benches/bench_lora.py [--threads 1] [--steps 10] [--experts 4]
 """
@@ -95,7 +95,7 @@ def tagged(model: Any, names: list[str]) -> Callable[..., Any]:
 
 
 def measure(base: Any, n_experts: int, batch: int, steps: int, r: int) -> dict[str, float]:
-    from dlf_rs.lora import AdapterView, MixedLora, lora_experts
+    from dlf_rs.engines.hf.lora import AdapterView, MixedLora, lora_experts
 
     with torch.inference_mode():
         one = step_time(plain(base), batch, steps)

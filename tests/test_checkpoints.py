@@ -1,5 +1,5 @@
 """Checkpoints as users have them: task-arithmetic experts (dlf_rs.merge), GGUF files, models
-sharded and offloaded by accelerate, and the per-model loading settings (dlf_rs.loading)."""
+sharded and offloaded by accelerate, and the per-model loading settings (dlf_rs.engines.hf.loading)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import PROMPTS, SMOLLM_GGUF, Family, smollm_gguf
 torch = pytest.importorskip("torch")
 
 from dlf_rs.engines.hf.generate import FusedGenerator
-from dlf_rs.loading import per_model, resolve_source
+from dlf_rs.engines.hf.loading import per_model, resolve_source
 from dlf_rs.merge import load_state, merged_model, task_arithmetic, task_arithmetic_state
 
 

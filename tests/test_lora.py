@@ -1,4 +1,4 @@
-"""LoRA experts (dlf_rs.lora): the mixed batch and the separate forwards on one shared base give
+"""LoRA experts (dlf_rs.engines.hf.lora): the mixed batch and the separate forwards on one shared base give
 the tokens and alphas of the same adapters merged into full models, for DLF and static weights,
 B in {1, 4} with prompts of different lengths; loading by directory, PeftModel and lora_mode."""
 
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft", reason="peft not installed: pip install 'dlf_rs[peft]'")
 
 from dlf_rs.engines.hf.generate import FusedGenerator
-from dlf_rs.lora import AdapterView, MixedLora, choose_mode, lora_experts
+from dlf_rs.engines.hf.lora import AdapterView, MixedLora, choose_mode, lora_experts
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 

@@ -106,7 +106,7 @@ def test_pickle_weights_need_allow_pickle(family: Family, tmp_path: Path) -> Non
 
 
 def test_loading_flags_are_explicit_and_cpu_is_float32() -> None:
-    from dlf_rs.loading import LoadOptions
+    from dlf_rs.engines.hf.loading import LoadOptions
 
     def opts(**kw: Any) -> LoadOptions:
         base = {"device": None, "torch_dtype": None, "device_map": None,

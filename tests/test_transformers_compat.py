@@ -114,7 +114,7 @@ def test_score_prints_no_deprecation(family: Family) -> None:
 def test_mixed_lora_prints_no_deprecation(family: Family, tmp_path: Any) -> None:
     """The mixed batch hands the cache to peft under the base model's own keyword."""
     peft = pytest.importorskip("peft", reason="peft not installed")
-    from dlf_rs.lora import lora_experts
+    from dlf_rs.engines.hf.lora import lora_experts
 
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                           init_lora_weights=False)  # fmt: skip

@@ -182,7 +182,7 @@ PROBE = textwrap.dedent(
     """
     import dlf_rs
 
-    for name in ("GenerationResult", "plotting", "loading", "FusedGenerator"):
+    for name in ("GenerationResult", "plotting", "merge", "FusedGenerator"):
         try:
             getattr(dlf_rs, name)
             print(name, "ok")
@@ -197,7 +197,7 @@ NEEDS_TORCH = (
 PROBE_WANT = [
     "GenerationResult ok",
     "plotting ok",
-    f"loading ImportError dlf_rs.loading {NEEDS_TORCH}",
+    f"merge ImportError dlf_rs.merge {NEEDS_TORCH}",
     f"FusedGenerator ImportError dlf_rs.FusedGenerator {NEEDS_TORCH}",
 ]
 

@@ -4,14 +4,14 @@ The package in the order of the flow:
 - :mod:`dlf_rs.options`: :class:`StepOptions`, every option of a step with its default and rules;
 - :mod:`dlf_rs.step`: the checked step API (``fuse_step``, ``fuse_logits``, ``sample``) over the
   Rust extension ``dlf_rs._core`` (array conversion in :mod:`dlf_rs.arrays`);
-- what every engine shares: :mod:`dlf_rs.loading` (checkpoints), :mod:`dlf_rs.lora` (adapter
-  experts), :mod:`dlf_rs.merge` (task arithmetic), :mod:`dlf_rs.inputs` (prompts, chat
-  templates), :mod:`dlf_rs.stopping` (EOS and stop strings), :mod:`dlf_rs.seeds` and
-  :mod:`dlf_rs.results`;
+- what every engine shares: :mod:`dlf_rs.hub` (paths vs hub ids), :mod:`dlf_rs.merge` (task
+  arithmetic), :mod:`dlf_rs.inputs` (prompts, chat templates), :mod:`dlf_rs.stopping` (EOS and
+  stop strings), :mod:`dlf_rs.seeds` and :mod:`dlf_rs.results`;
 - :mod:`dlf_rs.engines`: what runs the members' forwards. :mod:`dlf_rs.engines.hf` is
-  ``FusedGenerator`` (batched generation with Hugging Face models, streaming, speculative DLF,
-  scoring), :mod:`dlf_rs.engines.vllm` is DLF inside vLLM (``dlf-rs serve``), and
-  :mod:`dlf_rs.engines.fusion` the per-step fusion of rows with their own options they share;
+  ``FusedGenerator`` (Hugging Face checkpoints and LoRA adapter experts, batched generation,
+  streaming, speculative DLF, scoring), :mod:`dlf_rs.engines.vllm` is DLF inside vLLM
+  (``dlf-rs serve``), and :mod:`dlf_rs.engines.fusion` the per-step fusion of rows with their
+  own options they share;
 - :mod:`dlf_rs.cli` with :mod:`dlf_rs.flags`: the ``dlf-rs`` command (also ``python -m dlf_rs``);
 - :mod:`dlf_rs.reference`: the pure-numpy reference of the step the checks compare against.
 Beside the library: :mod:`dlf_rs.family` (the shipped default family: world, training, demo,
@@ -68,8 +68,8 @@ _LAZY_NAMES = {
 }
 # Submodules reachable as attributes (``dlf_rs.plotting``) without an explicit import.
 _LAZY_SUBMODULES = frozenset({
-    "bench", "cli", "engines", "family", "harness", "inputs", "loading", "lora", "merge",
-    "plotting", "real_family", "results", "seeds", "stopping",
+    "bench", "cli", "engines", "family", "harness", "inputs", "merge", "plotting",
+    "real_family", "results", "seeds", "stopping",
 })  # fmt: skip
 
 

@@ -323,7 +323,7 @@ def _check_device(device: str | None) -> None:
     """--device names a device this process can use (checked before any model loads)."""
     if device is None:
         return
-    from dlf_rs.loading import check_device
+    from dlf_rs.engines.hf.loading import check_device
 
     try:
         check_device("--device", device)

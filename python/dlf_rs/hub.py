@@ -1,6 +1,7 @@
 """The rule for the Hugging Face hub: no network request unless the caller asked for one.
 
-Where it sits: :mod:`dlf_rs.loading` (models, tokenizers) and :mod:`dlf_rs.lora` (adapters) run
+Where it sits: :mod:`dlf_rs.engines.hf.loading` (models, tokenizers) and
+:mod:`dlf_rs.engines.hf.lora` (adapters) run
 every hub-facing load inside :func:`hub_scope`; tests/test_network.py holds the rule with a
 socket guard.
 """

@@ -259,7 +259,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from dlf_rs.engines.hf.fastpath import cache_length, kv_cache_bytes
     from dlf_rs.engines.hf.generate import FusedGenerator
-    from dlf_rs.loading import check_device
+    from dlf_rs.engines.hf.loading import check_device
     from dlf_rs.options import StepOptions
     from dlf_rs.threads import set_threads
 

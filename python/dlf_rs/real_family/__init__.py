@@ -9,7 +9,7 @@ repository (``~/.cache/dlf_rs/real-family/``, or ``$DLF_RS_REAL_FAMILY``, or ``-
 - ``gguf/``: the two GGUF files, their parts concatenated in numeric order and checked against
   the manifest below (:mod:`.assemble`), each with a ``.json`` stamp of the checks that passed;
 - ``large-bf16/``, ``small-bf16/``: each GGUF de-quantised once into a bfloat16 safetensors
-  directory with its tokenizer (:func:`dlf_rs.loading.gguf_to_safetensors`), which transformers
+  directory with its tokenizer (:func:`dlf_rs.engines.hf.loading.gguf_to_safetensors`), which transformers
   and :meth:`dlf_rs.FusedGenerator.from_pretrained` load in seconds (as float32 on CPU unless a
   ``torch_dtype`` is given).
 

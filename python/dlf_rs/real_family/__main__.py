@@ -154,7 +154,7 @@ def cmd_check(cache: Path, force: bool, parts: bool, print_manifest: bool) -> No
 def cmd_convert(cache: Path) -> None:
     import transformers
 
-    from dlf_rs.loading import gguf_to_safetensors
+    from dlf_rs.engines.hf.loading import gguf_to_safetensors
 
     for spec in SPECS:
         src = gguf_path(spec, cache)

@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, cache: Path) -> None:
 
     import dlf_rs
     from dlf_rs import FusedGenerator
-    from dlf_rs.loading import LoadOptions, load_model, load_tokenizer
+    from dlf_rs.engines.hf.loading import LoadOptions, load_model, load_tokenizer
 
     if not 1 <= args.prompts <= len(PROMPTS):
         raise SystemExit(f"--prompts: expected 1 to {len(PROMPTS)}, got {args.prompts}")

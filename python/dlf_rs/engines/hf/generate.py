@@ -30,14 +30,14 @@ import torch
 from ..._core import sample as core_sample
 from ...arrays import history_arrays
 from ...inputs import Inputs, Prompt, build_inputs, warn_unknown
-from ...loading import LoadOptions, load_family
-from ...lora import group_slots
 from ...options import StepOptions, check_int
 from ...results import GenerationResult, TraceRecorder
 from ...seeds import row_seeds, step_seeds
 from ...step import fuse_step_prepared
 from ...stopping import Stopping, check_stop, eos_ids
 from .fastpath import FastModel, FastOptions, resolve_options
+from .loading import LoadOptions, load_family
+from .lora import group_slots
 from .runner import ModelRunner, ModelSlot, model_device, model_vocab
 from .staging import LogitStaging
 from .streaming import DecodeLoop, GenerationStream, StreamChunk, drain
@@ -178,14 +178,14 @@ class FusedGenerator:
         Each of ``large``, ``small`` and ``experts`` (a list) is a local model directory, a hub
         id or a ``.gguf`` file; an expert directory holding ``adapter_config.json`` (or a
         ``peft.PeftModel``) is a LoRA adapter on the small base, run as ``lora_mode`` says:
-        "auto" (the measured rule of :func:`dlf_rs.lora.choose_mode`), "mixed" (base and all
+        "auto" (the measured rule of :func:`dlf_rs.engines.hf.lora.choose_mode`), "mixed" (base and all
         adapters as one forward over a mixed batch), "separate" (one shared base, a forward per
         model) or "merged" (each adapter merged into its own copy; needs ``peft``).
         ``gguf_file``, ``device_map``, ``max_memory`` and ``offload_folder`` are passed to
         transformers/accelerate: one value for every model or a dict keyed "large", "small",
-        "experts", "expert:<i>" (:func:`dlf_rs.loading.per_model`). ``tokenizer`` (a tokenizer
+        "experts", "expert:<i>" (:func:`dlf_rs.engines.hf.loading.per_model`). ``tokenizer`` (a tokenizer
         or a path) defaults to the large model's; tokenizers shipped with the other checkpoints
-        are checked against it. Rules (:mod:`dlf_rs.loading`): hub ids come only from the local
+        are checked against it. Rules (:mod:`dlf_rs.engines.hf.loading`): hub ids come only from the local
         Hugging Face cache unless ``local_files_only=False``; safetensors only unless
         ``allow_pickle=True``; ``trust_remote_code`` only when passed as True; float32 on CPU
         unless ``torch_dtype`` says otherwise. ``device_map`` is passed to accelerate (sharding);

@@ -153,7 +153,7 @@ class ModelSlot:
     unpadded: bool = False  # no row of this call is left-padded (dynamic caches only)
     attention_mask: torch.Tensor | None = None
     last_position: torch.Tensor | None = None
-    # A mixed LoRA batch (dlf_rs.lora.group_slots): this slot's forward runs ``group`` models'
+    # A mixed LoRA batch (dlf_rs.engines.hf.lora.group_slots): this slot's forward runs ``group`` models'
     # rows member-major, and its logits fill ``group`` staging buffers.
     group: int = 1
     cache_kw: str = "past_key_values"  # the forward's name for the KV cache (cache_keyword)

@@ -142,7 +142,7 @@ class DlfFusedForCausalLM(nn.Module):
             if not files:
                 raise ValueError(
                     f"dlf_rs.{name}: no *.safetensors in {path}; a fused model's members must be "
-                    "safetensors checkpoints (convert GGUF with dlf_rs.loading.gguf_to_safetensors)"
+                    "safetensors checkpoints (convert GGUF with dlf_rs.engines.hf.loading.gguf_to_safetensors)"
                 )
             member = getattr(self, name)
             got = member.load_weights(safetensors_weights_iterator(files, False))

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .engines.hf.runner import ModelSlot, cache_keyword
+from .runner import ModelSlot, cache_keyword
 
 __all__ = [
     "BASE", "LORA_MODES", "MIXED_MIN_PARAMS", "AdapterView", "MixedLora", "choose_mode",
@@ -201,7 +201,7 @@ def lora_experts(
     hub's offline mode (:func:`dlf_rs.hub.hub_scope`), so an adapter directory without its
     weights fails instead of peft fetching them from the hub under the directory's name.
     """
-    from .hub import hub_scope
+    from ...hub import hub_scope
 
     with hub_scope(local_files_only):
         return _lora_experts(small, adapters, mode, arg)

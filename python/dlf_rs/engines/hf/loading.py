@@ -24,7 +24,7 @@ shared tokenizer. Decisions (README "Loading checkpoints"):
   one value for every model or a dict keyed by model ("large", "small", "experts" for every
   expert, "expert:<i>" for one), see :func:`per_model`. A GGUF model is a directory (or hub id)
   plus ``gguf_file``, or the path of the ``.gguf`` file itself; transformers de-quantises it.
-- LoRA adapters among the experts run as :mod:`dlf_rs.lora` says (``lora_mode``).
+- LoRA adapters among the experts run as :mod:`dlf_rs.engines.hf.lora` says (``lora_mode``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .engines.hf.runner import oom_hint
-from .hub import hub_scope
+from ...hub import hub_scope
+from .runner import oom_hint
 
 __all__ = ["LoadOptions", "check_device", "gguf_to_safetensors", "hub_scope", "load_family",
            "load_model", "load_tokenizer", "parse_dtype", "per_model", "resolve_source"]  # fmt: skip
@@ -363,7 +363,7 @@ def load_family(
     """The models of :meth:`FusedGenerator.from_pretrained`: ``(large, small, experts,
     tokenizer, expert_names, model_tokenizers)``. Every argument is checked before the first
     (slow) load. Experts that are PEFT adapters (directories with ``adapter_config.json`` or
-    ``PeftModel`` objects) run on the small base as ``lora_mode`` says (:mod:`dlf_rs.lora`)."""
+    ``PeftModel`` objects) run on the small base as ``lora_mode`` says (:mod:`dlf_rs.engines.hf.lora`)."""
     from .lora import LORA_MODES, lora_experts
 
     if lora_mode not in LORA_MODES:
