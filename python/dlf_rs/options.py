@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, overload
@@ -323,14 +323,27 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(StepOptions))
 _RECORDS: dict[tuple[Any, ...], StepOptions] = {}
 
 
+def fields_key(fields: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A cache key for option keywords that keeps 1, 1.0 and True apart, also inside lists and
+    tuples (JSON gives lists); TypeError when a value is not hashable. Used by the record cache
+    here and by the vLLM engine's per-request cache."""
+
+    def typed(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return type(v), tuple(typed(x) for x in v)
+        hash(v)
+        return type(v), v
+
+    return tuple(sorted((k, typed(v)) for k, v in fields.items()))
+
+
 def _cached_record(cls: type[StepOptions], fields: dict[str, Any]) -> StepOptions:
     """Records are frozen, so one built from the same keywords can be shared: a generation loop
     that passes its options as keywords on every call checks them once (hashable values only;
     the type goes into the key so 1 and 1.0 or True stay apart)."""
     try:
-        key = tuple(sorted((k, type(v), v) for k, v in fields.items()))
-        hash(key)
-    except TypeError:  # unhashable values (lists, arrays): build, do not cache
+        key = fields_key(fields)
+    except TypeError:  # unhashable values (arrays, dicts): build, do not cache
         return cls(**fields)
     record = _RECORDS.get(key)
     if record is None:

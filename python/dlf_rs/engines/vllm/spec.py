@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...options import StepOptions
+from ...options import StepOptions, fields_key
 
 __all__ = [
     "ARCHITECTURE",
@@ -216,7 +216,7 @@ def request_options(
     # (validate_params), the worker reads it again when its rows join the batch (once per row
     # with n > 1), and requests repeat option sets; each of those is a look-up here.
     try:
-        cache_key: Any = (_hashable(sorted(raw.items())), defaults, n_experts)
+        cache_key: Any = (fields_key(raw), defaults, n_experts)
         options = _REQUESTS.get(cache_key)
     except TypeError:  # a value JSON cannot give (unhashable): build, do not cache
         cache_key, options = None, None
@@ -228,15 +228,6 @@ def request_options(
 
 
 _REQUESTS: dict[Any, StepOptions] = {}
-
-
-def _hashable(v: Any) -> Any:
-    """``v`` (JSON-like) as a cache key that keeps 1, 1.0 and True apart, also inside lists;
-    TypeError when some value is not hashable."""
-    if isinstance(v, (list, tuple)):
-        return type(v), tuple(_hashable(x) for x in v)
-    hash(v)
-    return type(v), v
 
 
 def _merged_options(
