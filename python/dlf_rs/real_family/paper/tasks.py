@@ -1,0 +1,55 @@
+"""The three paper tasks in one registry: the table column, the metric, the decoding budget
+and the scorer of each, dispatched by example type.
+
+Where it sits: what an evaluation loop (the tables' runner, the MMLU pilot) reads to decode and
+score any example: ``spec = TASKS[task_of(ex)]``, decode ``prompts.messages(ex)`` greedily with
+``spec.max_new_tokens`` and ``spec.stop``, then ``correct(ex, reply)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import scoring
+from .data import GsmExample, MmluExample, TriviaExample
+from .prompts import Example
+
+__all__ = ["TASKS", "TaskSpec", "correct", "task_of"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    column: str  # the paper's column name
+    metric: str
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+
+TASKS = {
+    # the pilots: GSM8K chain of thought in 256 tokens, TriviaQA in 16
+    "gsm8k": TaskSpec("gsm8k", "GSM8K", "exact match (final number)", 256, ()),
+    "triviaqa": TaskSpec("triviaqa", "TriviaQA", "exact match (aliases)", 16, ("\n",)),
+    "mmlu": TaskSpec("mmlu", "MMLU", "accuracy", 8, ()),
+}
+
+
+def task_of(ex: Example) -> str:
+    if isinstance(ex, GsmExample):
+        return "gsm8k"
+    if isinstance(ex, TriviaExample):
+        return "triviaqa"
+    if isinstance(ex, MmluExample):
+        return "mmlu"
+    raise TypeError(f"ex: expected a GSM8K, TriviaQA or MMLU example, got {type(ex).__name__}")
+
+
+def correct(ex: Example, reply: str) -> bool:
+    """Whether ``reply`` answers ``ex`` right, by its task's scorer (:mod:`.scoring`)."""
+    if isinstance(ex, GsmExample):
+        return scoring.gsm8k_correct(reply, ex.answer)
+    if isinstance(ex, TriviaExample):
+        return scoring.trivia_correct(reply, ex.aliases + ex.normalized_aliases)
+    if isinstance(ex, MmluExample):
+        return scoring.mmlu_correct(reply, ex.label, ex.choices)
+    raise TypeError(f"ex: expected a GSM8K, TriviaQA or MMLU example, got {type(ex).__name__}")
