@@ -33,7 +33,7 @@ from .step import fuse_logits, fuse_step, sample
 
 if TYPE_CHECKING:
     from .engines.hf.generate import FusedGenerator
-    from .engines.hf.streaming import GenerationStream, StreamChunk
+    from .streaming import GenerationStream, StreamChunk
     from .results import GenerationResult
 
 __all__ = [
@@ -63,8 +63,8 @@ _EXTRA_OF_MODULE = {
 _LAZY_NAMES = {
     "FusedGenerator": ("engines.hf.generate", "FusedGenerator"),
     "GenerationResult": ("results", "GenerationResult"),
-    "GenerationStream": ("engines.hf.streaming", "GenerationStream"),
-    "StreamChunk": ("engines.hf.streaming", "StreamChunk"),
+    "GenerationStream": ("streaming", "GenerationStream"),
+    "StreamChunk": ("streaming", "StreamChunk"),
 }
 # Submodules reachable as attributes (``dlf_rs.plotting``) without an explicit import.
 _LAZY_SUBMODULES = frozenset({

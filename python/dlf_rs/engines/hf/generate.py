@@ -40,7 +40,7 @@ from .loading import LoadOptions, load_family
 from .lora import group_slots
 from .runner import ModelRunner, ModelSlot, model_device, model_vocab
 from .staging import LogitStaging
-from .streaming import DecodeLoop, GenerationStream, StreamChunk, drain
+from ...streaming import DecodeLoop, GenerationStream, StreamChunk, drain
 
 __all__ = ["FusedGenerator", "GenerationResult", "GenerationStream", "StreamChunk"]
 
@@ -266,8 +266,8 @@ class FusedGenerator:
     ) -> GenerationStream:
         """:meth:`generate`, yielding each row's new text and token ids as they are decided.
 
-        Returns a :class:`dlf_rs.engines.hf.streaming.GenerationStream` of
-        :class:`~dlf_rs.engines.hf.streaming.StreamChunk` (``row``, ``text``, ``token_ids``,
+        Returns a :class:`dlf_rs.streaming.GenerationStream` of
+        :class:`~dlf_rs.streaming.StreamChunk` (``row``, ``text``, ``token_ids``,
         ``finish_reason`` on a row's last chunk); joined per row they equal ``generate``'s
         ``texts`` and ``token_ids``, and ``stream.result`` is the whole
         :class:`GenerationResult` once the stream is exhausted. With speculative decoding a

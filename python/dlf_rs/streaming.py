@@ -1,9 +1,10 @@
 """Text and tokens as they are decided: :class:`GenerationStream` and its :class:`StreamChunk`.
 
-Where it sits: :meth:`FusedGenerator.stream` returns a stream over the same decoding loops that
-:meth:`FusedGenerator.generate` drains (:mod:`dlf_rs.engines.hf.generate`, :mod:`dlf_rs.engines.hf.speculative`); the
-loops yield their :class:`~dlf_rs.stopping.Stopping` state after every step (speculative: every
-round, several tokens at once) and this module turns what changed into chunks.
+Where it sits: every engine's ``stream`` returns a stream over the same decoding loops that its
+``generate`` drains (:mod:`dlf_rs.engines.hf.generate` and :mod:`dlf_rs.engines.hf.speculative`,
+:mod:`dlf_rs.engines.llamacpp.generate`); the loops yield their :class:`~dlf_rs.stopping.Stopping`
+state after every step (speculative: every round, several tokens at once) and this module turns
+what changed into chunks.
 
 Decisions:
 - A chunk carries a row's new token ids and new text since its previous chunk; a row's last
@@ -25,8 +26,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...results import GenerationResult
-from ...stopping import Stopping
+from .results import GenerationResult
+from .stopping import Stopping
 
 __all__ = ["DecodeLoop", "GenerationStream", "StreamChunk", "drain"]
 
