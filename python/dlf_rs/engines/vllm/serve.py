@@ -5,6 +5,10 @@ Every argument after ``--`` goes to ``vllm serve`` unchanged (``--port``, ``--dt
 ``--tensor-parallel-size``, ``--max-model-len``, ...). Requests take DLF options in their extra
 body: ``{"vllm_xargs": {"dlf_alpha": 1.0, "dlf_alpha_log": "run-7"}}`` (dlf_rs.engines.vllm.spec lists
 them); a bad value is answered with HTTP 400 naming the field.
+
+On SIGTERM or SIGINT the server drains: in-flight requests get ``--shutdown-timeout`` seconds
+(vLLM's flag; :data:`.shutdown.DEFAULT_GRACE_S` unless given after ``--``), new ones an HTTP 503,
+and a second signal stops it at once (:mod:`.shutdown`, docs/vllm.md "Shutdown").
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ...flags import (
     member_sources,
     step_options,
 )
+from .shutdown import DEFAULT_GRACE_S
 from .spec import FUSED_DIR_ENV, FusedConfigError, build_fused_dir
 from .state import PROCESSOR
 
@@ -55,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="write the directory and print the vllm command; start nothing")  # fmt: skip
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                        help="-- then arguments for `vllm serve` (e.g. -- --port 8000)")  # fmt: skip
+                        help="-- then arguments for `vllm serve` (e.g. -- --port 8000); "
+                        f"--shutdown-timeout S (default here {DEFAULT_GRACE_S}) is how long "
+                        "in-flight requests may run on after SIGTERM/SIGINT")  # fmt: skip
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +148,14 @@ def kv_cache_arguments(fused_dir: Path, rest: list[str], env: dict[str, str]) ->
     return ["--kv-cache-memory-bytes", str(size)]
 
 
+def shutdown_arguments(rest: list[str]) -> list[str]:
+    """``--shutdown-timeout`` :data:`DEFAULT_GRACE_S` unless the vllm serve arguments choose it
+    (vLLM's own default, 0, aborts in-flight requests)."""
+    if any(a.split("=")[0].replace("_", "-") == "--shutdown-timeout" for a in rest):
+        return []
+    return ["--shutdown-timeout", str(DEFAULT_GRACE_S)]
+
+
 def run(args: argparse.Namespace) -> int:
     large, small, experts = _sources(args)
     options = _options(args)
@@ -157,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         rest = rest[1:]
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "dlf_rs.engines.vllm.api_server", "--model", str(out),
-           "--logits-processors", PROCESSOR, *kv_cache_arguments(out, rest, env), *rest]  # fmt: skip
+           "--logits-processors", PROCESSOR, *kv_cache_arguments(out, rest, env),
+           *shutdown_arguments(rest), *rest]  # fmt: skip
     env[FUSED_DIR_ENV] = str(out)
     if not args.allow_download:
         env.setdefault("HF_HUB_OFFLINE", "1")
