@@ -39,12 +39,13 @@ def _tokenizer_files(out: Path) -> int:
     return len(json.loads((TOKENIZER / "tokenizer.json").read_text())["model"]["vocab"])
 
 
-def build_member(out: Path, shape: str, seed: int, vocab: int, base: Path | None = None) -> Path:
+def build_member(out: Path, shape: str, seed: int, vocab: int, base: Path | None = None,
+                 positions: int = 512) -> Path:
     """One member; an expert (``base`` given) is its small base plus a seeded perturbation, as a
     fine-tune is (so the experts move every token a little and a few a lot)."""
     out.mkdir(parents=True, exist_ok=True)
     _tokenizer_files(out)
-    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=512, rms_norm_eps=1e-6,
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=positions, rms_norm_eps=1e-6,
                       initializer_range=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       tie_word_embeddings=False, **SHAPES[shape])  # fmt: skip
     torch.manual_seed(seed)
@@ -61,14 +62,16 @@ def build_member(out: Path, shape: str, seed: int, vocab: int, base: Path | None
     return out
 
 
-def build_family(root: Path, experts: int = 2) -> dict[str, Path]:
-    """large, small and ``experts`` experts under ``root`` (directories named as the keys)."""
+def build_family(root: Path, experts: int = 2, positions: int = 512) -> dict[str, Path]:
+    """large, small and ``experts`` experts under ``root`` (directories named as the keys);
+    ``positions``: every member's max_position_embeddings (long requests need more)."""
     vocab = len(json.loads((TOKENIZER / "tokenizer.json").read_text())["model"]["vocab"])
     paths = {
-        "large": build_member(root / "large", "large", SEEDS["large"], vocab),
-        "small": build_member(root / "small", "small", SEEDS["small"], vocab),
+        "large": build_member(root / "large", "large", SEEDS["large"], vocab, None, positions),
+        "small": build_member(root / "small", "small", SEEDS["small"], vocab, None, positions),
     }
     for t in range(experts):
         name = f"expert{t}"
-        paths[name] = build_member(root / name, "small", SEEDS[name], vocab, base=paths["small"])
+        paths[name] = build_member(root / name, "small", SEEDS[name], vocab, paths["small"],
+                                   positions)
     return paths

@@ -1,0 +1,239 @@
+"""`dlf-rs serve` shutdown with requests in flight (loopback, the real `openai` client).
+
+Eight requests (streamed and not, short and longer than the grace period) are in flight when the
+server gets SIGTERM: the short ones finish whole, a new request gets 503, the long ones end with
+the shutdown error when the grace is over, no client hangs and the server exits within the grace
+plus 5 s, leaving no process behind. A second SIGTERM stops it at once. Two server starts, about
+a minute and a half on a 2-core CPU; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+psutil = pytest.importorskip("psutil")
+
+from dlf_rs.engines.vllm.serve import shutdown_arguments
+from dlf_rs.engines.vllm.shutdown import DEFAULT_GRACE_S
+from family import build_family
+
+GRACE = 6  # --shutdown-timeout of these servers (s)
+LONG = 3000  # tokens: far more than GRACE s of decoding on a CPU
+SHORT = 96  # tokens: well within it
+START_S = 300  # bound on a server start
+CLIENT_S = 60  # the clients' own timeout: a client still waiting at the end is hung
+# No EOS stop, so that lengths are what was asked.
+EXTRA = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_family(tmp_path_factory.mktemp("shutdown-family"), positions=4096)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_cmd(family: dict[str, Path], fused: Path, *vllm_args: str) -> list[str]:
+    return [sys.executable, "-m", "dlf_rs", "serve", "--large", str(family["large"]),
+            "--small", str(family["small"]), "--expert", str(family["expert0"]),
+            "--expert", str(family["expert1"]), "--fused-dir", str(fused), "--", *vllm_args]  # fmt: skip
+
+
+class Server:
+    """One ``dlf-rs serve`` in its own session (so that cleanup can kill its whole group)."""
+
+    def __init__(self, family: dict[str, Path], root: Path) -> None:
+        port = _free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = root / "server.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - the server's lifetime
+        cmd = _serve_cmd(family, root / "fused", "--port", str(port), "--host", "127.0.0.1",
+                         "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+                         "--served-model-name", "dlf", "--shutdown-timeout", str(GRACE))  # fmt: skip
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + START_S
+        while True:
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError("server did not start:\n" + self.tail()) from None
+                time.sleep(1)
+
+    def tail(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-6000:]
+
+    def group_alive(self) -> list[int]:
+        """Live (not zombie) processes left in the server's process group."""
+        left = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == self.proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    left.append(p.pid)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return left
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.log.close()
+
+
+def _client(server: Server) -> Any:
+    return openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0,
+                              timeout=CLIENT_S)  # fmt: skip
+
+
+async def _request(client: Any, stream: bool, n: int, started: asyncio.Event) -> dict[str, Any]:
+    """One completion; what the client saw: ``ok`` with the tokens, or the error."""
+    out: dict[str, Any] = {"stream": stream, "n": n, "chunks": 0, "done_at": None}
+    try:
+        if stream:
+            chunks = await client.completions.create(
+                model="dlf", prompt="the apple", max_tokens=n, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body=EXTRA)  # fmt: skip
+            async for chunk in chunks:
+                started.set()
+                if chunk.choices:
+                    out["chunks"] += 1
+                if chunk.usage is not None:
+                    out["tokens"] = chunk.usage.completion_tokens
+        else:
+            started.set()
+            body = await client.completions.create(
+                model="dlf", prompt="the apple", max_tokens=n, temperature=0, extra_body=EXTRA)
+            out["tokens"] = body.usage.completion_tokens
+        out["ok"] = True
+    except openai.APIError as err:
+        out["ok"] = False
+        out["error"] = err
+    out["done_at"] = time.monotonic()
+    return out
+
+
+async def _in_flight(server: Server, signals: list[float]) -> tuple[list[Any], Any, float]:
+    """Eight requests (even: streamed; 0-3: LONG tokens, 4-7: SHORT), the signals sent at the
+    given delays (s) after every stream has started, one new request 0.3 s after the first;
+    returns every outcome (an unfinished one as None: hung), the new request's and the time of
+    the first signal."""
+    async with _client(server) as client:
+        started = [asyncio.Event() for _ in range(8)]
+        tasks = [asyncio.ensure_future(_request(client, i % 2 == 0, LONG if i < 4 else SHORT,
+                                                started[i])) for i in range(8)]  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), CLIENT_S)
+        t_sig = time.monotonic()
+        late = None
+        for k, delay in enumerate(signals):
+            await asyncio.sleep(max(0.0, t_sig + delay - time.monotonic()))
+            server.proc.send_signal(signal.SIGTERM)
+            if k == 0:
+                await asyncio.sleep(0.3)
+                late = await _request(client, False, 4, asyncio.Event())
+        done, _ = await asyncio.wait(tasks, timeout=GRACE + CLIENT_S)
+        return [t.result() if t in done else None for t in tasks], late, t_sig
+
+
+def _wait_exit(server: Server, bound: float) -> float:
+    try:
+        server.proc.wait(bound)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server was still up {bound:.0f} s after the signal:\n{server.tail()}")
+    return time.monotonic()
+
+
+def _is_shutdown_error(out: dict[str, Any]) -> bool:
+    err = out.get("error")
+    return err is not None and "shutting down" in str(err)
+
+
+def test_default_grace_and_the_callers_choice(family, tmp_path: Path) -> None:
+    """dlf-rs serve passes vLLM --shutdown-timeout DEFAULT_GRACE_S unless the caller chose."""
+    r = subprocess.run([*_serve_cmd(family, tmp_path / "f")[:-1], "--dry-run", "--", "--port", "9"],
+                       check=False, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"--shutdown-timeout {DEFAULT_GRACE_S}" in r.stderr, r.stderr
+    assert shutdown_arguments(["--port", "9"]) == ["--shutdown-timeout", str(DEFAULT_GRACE_S)]
+    for chosen in (["--shutdown-timeout", "0"], ["--shutdown-timeout=7"], ["--shutdown_timeout", "7"]):
+        assert shutdown_arguments(chosen) == []
+
+
+def test_sigterm_drains_and_ends_the_rest_with_an_error(family, tmp_path: Path) -> None:
+    server = Server(family, tmp_path)
+    try:
+        outs, late, t_sig = asyncio.run(_in_flight(server, [0.0]))
+        t_exit = _wait_exit(server, GRACE + 30)
+        log = server.tail()
+        assert None not in outs, f"hung clients: {[i for i, o in enumerate(outs) if o is None]}"
+        short, long = outs[4:], outs[:4]
+        # Finished within the grace: whole (no output lost).
+        assert all(o["ok"] and o["tokens"] == SHORT for o in short), (short, log)
+        assert any(o["stream"] and o["done_at"] > t_sig for o in short), "none was in flight"
+        # Past the grace: the shutdown error, streams after the tokens they had.
+        for o in long:
+            assert not o["ok"] and _is_shutdown_error(o), (o, log)
+            if o["stream"]:
+                assert 0 < o["chunks"] < LONG
+            else:
+                assert o["error"].status_code == 503
+            assert GRACE - 1 < o["done_at"] - t_sig < GRACE + 3
+        # A request during the drain: 503 at once.
+        assert late is not None and not late["ok"] and _is_shutdown_error(late), late
+        assert late["error"].status_code == 503
+        print(f"\nSIGTERM to exit: {t_exit - t_sig:.1f} s (grace {GRACE} s); "
+              f"clients: {sum(o['ok'] for o in outs)} finished, "
+              f"{sum(_is_shutdown_error(o) for o in outs)} shutdown errors, 0 hung")
+        assert t_exit - t_sig <= GRACE + 5, (t_exit - t_sig, log)
+        deadline = time.monotonic() + 5
+        while server.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.group_alive() == []
+    finally:
+        server.close()
+
+
+def test_second_sigterm_stops_at_once(family, tmp_path: Path) -> None:
+    server = Server(family, tmp_path)
+    try:
+        outs, late, t_sig = asyncio.run(_in_flight(server, [0.0, 1.0]))
+        t_exit = _wait_exit(server, 10)
+        log = server.tail()
+        print(f"\nsecond SIGTERM to exit: {t_exit - t_sig - 1.0:.1f} s; status {server.proc.returncode}")
+        assert t_exit - (t_sig + 1.0) < 2.0, log
+        assert server.proc.returncode == 128 + signal.SIGTERM, log
+        assert None not in outs, "hung clients"
+        # The long ones were cut by the exit: an error, never a hang.
+        assert all(not o["ok"] for o in outs[:4]), outs
+        assert late is not None and _is_shutdown_error(late), late  # between the two signals
+        deadline = time.monotonic() + 5
+        while server.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.group_alive() == []
+    finally:
+        server.close()
