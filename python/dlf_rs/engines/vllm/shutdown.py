@@ -15,8 +15,8 @@ the first SIGTERM or SIGINT drains in front of the engine instead:
 3. those still running then end with that error: a response not yet started is an HTTP 503, a
    stream gets an ``error`` event (the ``openai`` client raises ``APIError``) and ``[DONE]``;
    their engine requests are aborted (cancelled, as a client disconnect is);
-4. the engine, now idle, is stopped (at most :data:`TEARDOWN_S`, then vLLM kills it) and then
-   the HTTP server, which has nothing left to wait for.
+4. the engine, now idle, is stopped (in what is left of the grace, :data:`TEARDOWN_S` at least;
+   then vLLM kills it) and then the HTTP server, which has nothing left to wait for.
 
 A second SIGTERM or SIGINT kills the server's child processes and exits at once (status 128 +
 the signal): open connections are closed, without an error body.
@@ -38,9 +38,10 @@ from typing import Any
 # SIGKILL) with room for the engine's teardown.
 DEFAULT_GRACE_S = 25
 # After the grace: how long ending the requests left may take (each of two steps), how long the
-# idle engine may take to stop before vLLM kills it (its workers' teardown takes 2-4 s on a busy
-# 2-core CPU), and how long uvicorn then waits for connections still open (none are expected).
-# The process exits within about grace + 2 x ENDING_S + TEARDOWN_S + HTTP_CLOSE_S.
+# idle engine may take to stop before vLLM kills it when the grace is spent (its workers'
+# teardown took 2-4 s on a busy 2-core CPU), and how long uvicorn then waits for connections
+# still open (none are expected). The process exits within about
+# grace + 2 x ENDING_S + TEARDOWN_S + HTTP_CLOSE_S.
 ENDING_S = 0.5
 TEARDOWN_S = 3.0
 HTTP_CLOSE_S = 1
@@ -148,11 +149,13 @@ class Drain:
             await asyncio.wait_for(self.idle.wait(), self.grace_s)
         except asyncio.TimeoutError:
             await self._end_all(engine_client, logger)
-        logger.info("[shutdown] dlf-rs: requests done after %.1fs; stopping the engine",
-                    time.monotonic() - t0)  # fmt: skip
+        # The engine may use what is left of the grace to stop cleanly, TEARDOWN_S at least.
+        teardown = max(TEARDOWN_S, t0 + self.grace_s - time.monotonic())
+        logger.info("[shutdown] dlf-rs: requests done after %.1fs; stopping the engine (at most "
+                    "%.1fs)", time.monotonic() - t0, teardown)  # fmt: skip
         try:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, partial(engine_client.shutdown, timeout=TEARDOWN_S))
+            await loop.run_in_executor(None, partial(engine_client.shutdown, timeout=teardown))
         finally:
             server.should_exit = True
 
