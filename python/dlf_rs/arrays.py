@@ -22,7 +22,8 @@ import numpy as np
 
 from ._core import DlfError
 
-__all__ = ["as_f32", "experts_f32", "history_arrays", "is_torch_tensor", "torch_to_numpy"]
+__all__ = ["as_f32", "experts_f32", "history_arrays", "history_buffer", "is_torch_tensor",
+           "torch_to_numpy"]  # fmt: skip
 
 
 def is_torch_tensor(x: object) -> bool:
@@ -154,3 +155,16 @@ def history_arrays(history: object) -> tuple[np.ndarray, np.ndarray]:
         "history: expected a list of B token-id sequences or a 2-D int array [B, L], "
         f"got {type(history).__name__}"
     )
+
+
+def history_buffer(prompt_ids: list[list[int]], batch: int,
+                   max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The seen-token buffer of a penalised call (every engine's loop): ``[B, prompt +
+    max_new_tokens]`` int64, -1 where nothing was seen yet, and each row's next free column."""
+    rows = prompt_ids[:batch]
+    hist = np.full((batch, max(map(len, rows)) + max_new_tokens), -1, dtype=np.int64)
+    fill = np.zeros(batch, dtype=np.int64)
+    for b, row in enumerate(rows):
+        hist[b, : len(row)] = row
+        fill[b] = len(row)
+    return hist, fill

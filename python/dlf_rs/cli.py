@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = gen.add_argument_group("models")
     add_member_flags(models, expert_help="small expert (checkpoint or LoRA adapter dir; with "
                      "--family a task name: math, qa, summary for the shipped family); repeat")
+    models.add_argument(
+        "--engine", default="hf", choices=("hf", "llamacpp"),
+        help="hf: Hugging Face checkpoints in torch (FusedGenerator); llamacpp: GGUF files on "
+        "llama.cpp (dlf_rs[llamacpp]; --large/--small/--expert are .gguf files, an expert may be "
+        "a LoRA adapter GGUF over the small model; docs/llamacpp.md) (default: hf)",
+    )  # fmt: skip
     models.add_argument("--tokenizer", help="tokenizer path (default: the large model's)")
     models.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ... (default: cpu); checked before loading")
@@ -332,6 +338,60 @@ def _check_device(device: str | None) -> None:
         raise _Failure(msg if msg.startswith("--device") else f"--device: {msg}") from None
 
 
+def _check_llamacpp_flags(args: argparse.Namespace, opts: Any) -> None:
+    """The flags that only the Hugging Face engine reads are refused with --engine llamacpp."""
+    hf_only = {"--tokenizer": args.tokenizer, "--device": args.device,
+               "--device-map": args.device_map, "--max-memory": args.max_memory,
+               "--offload-folder": args.offload_folder, "--dtype": args.dtype}  # fmt: skip
+    flags = {"--allow-download": args.allow_download, "--allow-pickle": args.allow_pickle,
+             "--trust-remote-code": args.trust_remote_code,
+             "--lora-mode": args.lora_mode != "auto"}  # fmt: skip
+    for flag, value in {**hf_only, **flags}.items():
+        if value:
+            raise _Failure(f"{flag}: only used with --engine hf (llama.cpp reads GGUF files as "
+                           "they are)")  # fmt: skip
+    if args.family is not None:
+        raise _Failure("--family: the shipped family is Hugging Face checkpoints; with --engine "
+                       "llamacpp give --large/--small/--expert as .gguf files")  # fmt: skip
+    if opts.speculative is not None:
+        raise _Failure("--speculative: not supported with --engine llamacpp (speculative DLF "
+                       "runs in the Hugging Face engine)")  # fmt: skip
+
+
+def _load_generator(args: argparse.Namespace, large: str, small: str | None,
+                    experts: list[str]) -> Any:  # fmt: skip
+    """The engine --engine names, loaded (every argument was checked before)."""
+    if args.engine == "llamacpp":
+        try:
+            from dlf_rs.engines.llamacpp.generate import LlamaCppGenerator
+            from dlf_rs.engines.llamacpp.native import llama_cpp
+
+            llama_cpp()  # names the extra to install when llama-cpp-python is missing
+        except ImportError as err:
+            raise _Failure(f"--engine llamacpp: {err}") from None
+        os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
+        try:
+            return LlamaCppGenerator.from_gguf(large, small, experts, n_threads=args.threads)
+        except (OSError, ValueError) as err:
+            raise _Failure(str(err)) from None
+    import dlf_rs
+
+    try:
+        fused_generator = dlf_rs.FusedGenerator
+    except ImportError as err:  # names the extra to install
+        raise _Failure(f"generate: {err}") from None
+    set_threads(args.threads)
+    if args.no_progress:
+        _quiet_loading()
+    return fused_generator.from_pretrained(
+        large=large, small=small, experts=experts, tokenizer=args.tokenizer,
+        device=args.device, torch_dtype=args.dtype, device_map=args.device_map,
+        local_files_only=not args.allow_download, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, lora_mode=args.lora_mode,
+        max_memory=args.max_memory, offload_folder=args.offload_folder,
+    )  # fmt: skip
+
+
 def _generate(args: argparse.Namespace) -> int:
     # Every argument error comes before the (slow) model loading.
     large, small, experts = member_sources(args)
@@ -355,31 +415,18 @@ def _generate(args: argparse.Namespace) -> int:
         stream = len(items) == 1 and args.output is None and sys.stdout.isatty()
     if stream and len(items) != 1:
         raise _Failure(f"--stream: prints one prompt's text as it comes; got {len(items)} prompts")
-    _check_device(args.device)
+    if args.engine == "llamacpp":
+        _check_llamacpp_flags(args, opts)
+    else:
+        _check_device(args.device)
     if args.seed is not None and opts.greedy:
         # Hugging Face's generate also accepts a seed with greedy decoding; say it does nothing.
         print("dlf-rs: note: --seed has no effect with greedy decoding (--temperature 0, the "
               "default); pass --temperature > 0 to sample", file=sys.stderr)  # fmt: skip
-    import dlf_rs
-
-    try:
-        fused_generator = dlf_rs.FusedGenerator
-    except ImportError as err:  # names the extra to install
-        raise _Failure(f"generate: {err}") from None
-    from tqdm import tqdm
-
     from dlf_rs.seeds import row_seed
 
-    set_threads(args.threads)
-    if args.no_progress:
-        _quiet_loading()
-    gen = fused_generator.from_pretrained(
-        large=large, small=small, experts=experts, tokenizer=args.tokenizer,
-        device=args.device, torch_dtype=args.dtype, device_map=args.device_map,
-        local_files_only=not args.allow_download, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code, lora_mode=args.lora_mode,
-        max_memory=args.max_memory, offload_folder=args.offload_folder,
-    )  # fmt: skip
+    gen = _load_generator(args, large, small, experts)
+    from tqdm import tqdm
     with contextlib.ExitStack() as stack:
         out: TextIO | None = (
             stack.enter_context(open(args.output, "w", encoding="utf-8"))

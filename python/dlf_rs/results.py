@@ -142,12 +142,15 @@ class TraceRecorder:
 
     def __init__(self, batch: int, n_experts: int) -> None:
         self.batch, self.n_exp = batch, n_experts
-        # (live rows, the step's StepResult or the fill value of a single-model step)
-        self._steps: list[tuple[list[int], StepResult | float]] = []
+        # (live rows, (the step's StepResult, whether it holds the live rows only) or the fill
+        # value of a single-model step)
+        self._steps: list[tuple[list[int], tuple[StepResult, bool] | float]] = []
 
-    def fused(self, live: list[int], r: StepResult) -> None:
-        """A fused step (dlf or static): the core's per-row results, read out at the end."""
-        self._steps.append((live, r))
+    def fused(self, live: list[int], r: StepResult, *, compact: bool = False) -> None:
+        """A fused step (dlf or static): the core's per-row results, read out at the end.
+        ``compact``: ``r`` holds the live rows only, in ``live``'s order (an engine that runs
+        only the live rows), instead of every row of the batch."""
+        self._steps.append((live, (r, compact)))
 
     def single(self, live: list[int], alpha_fill: float) -> None:
         """A single-model step ("large": weights 0; "expert": NaN); no solver trace."""
@@ -164,18 +167,21 @@ class TraceRecorder:
         kes, kse = (np.full((s, b, t), np.nan, np.float32) for _ in range(2))
         support = np.zeros((s, b), np.uint32)
         certified, fallback = np.zeros((s, b), np.bool_), np.zeros((s, b), np.bool_)
-        for i, (rows, step) in enumerate(self._steps):
+        for i, (rows, entry) in enumerate(self._steps):
             live[i, rows] = True
-            if not isinstance(step, StepResult):
-                alphas[i] = step
+            if not isinstance(entry, tuple):
+                alphas[i] = entry
                 continue
-            alphas[i] = np.asarray(step.alphas, np.float32).reshape(b, t)
-            active[i] = step.active
-            loss[i], kfl[i], klf[i] = step.loss, step.kl_fused_large, step.kl_large_fused
-            kes[i] = np.asarray(step.kl_expert_small, np.float32).reshape(b, t)
-            kse[i] = np.asarray(step.kl_small_expert, np.float32).reshape(b, t)
-            support[i] = step.support_size
-            certified[i], fallback[i] = step.certified, step.fallback
+            step, compact = entry
+            at = (i, rows) if compact else i  # where the result's rows go in step i
+            n = len(rows) if compact else b
+            alphas[at] = np.asarray(step.alphas, np.float32).reshape(n, t)
+            active[at] = step.active
+            loss[at], kfl[at], klf[at] = step.loss, step.kl_fused_large, step.kl_large_fused
+            kes[at] = np.asarray(step.kl_expert_small, np.float32).reshape(n, t)
+            kse[at] = np.asarray(step.kl_small_expert, np.float32).reshape(n, t)
+            support[at] = step.support_size
+            certified[at], fallback[at] = step.certified, step.fallback
         out_alphas, traces = [], []
         for row in range(b):
             m = live[:, row]

@@ -28,19 +28,19 @@ import numpy as np
 import torch
 
 from ..._core import sample as core_sample
-from ...arrays import history_arrays
+from ...arrays import history_arrays, history_buffer
 from ...inputs import Inputs, Prompt, build_inputs, warn_unknown
 from ...options import StepOptions, check_int
 from ...results import GenerationResult, TraceRecorder
 from ...seeds import row_seeds, step_seeds
 from ...step import fuse_step_prepared
 from ...stopping import Stopping, check_stop, eos_ids
+from ...streaming import DecodeLoop, GenerationStream, StreamChunk, drain
 from .fastpath import FastModel, FastOptions, resolve_options
 from .loading import LoadOptions, load_family
 from .lora import group_slots
 from .runner import ModelRunner, ModelSlot, model_device, model_vocab
 from .staging import LogitStaging
-from ...streaming import DecodeLoop, GenerationStream, StreamChunk, drain
 
 __all__ = ["FusedGenerator", "GenerationResult", "GenerationStream", "StreamChunk"]
 
@@ -361,7 +361,7 @@ class FusedGenerator:
         # Penalties on seen tokens read each row's prompt (of the model that leads: the large
         # one, or the expert alone) and its new tokens, as transformers' processors read
         # input_ids: one int64 buffer padded with -1, filled in place (the core reads it as is).
-        hist, fill = (_history(ids[0], batch, max_new_tokens) if opts.penalized
+        hist, fill = (history_buffer(ids[0], batch, max_new_tokens) if opts.penalized
                       else (None, None))  # fmt: skip
         # The fast path runs under no_grad like HF generate with static caches and torch.compile
         # (its caches outlive the call and are reused; inference tensors gain nothing there).
@@ -525,15 +525,3 @@ def _describe(model: Any) -> str:
     return (f"{type(model).__name__}({os.path.basename(str(source).rstrip('/')) or source!r}, "
             f"{size} params, {model_device(model)}, {dtype})")  # fmt: skip
 
-
-def _history(prompt_ids: list[list[int]], batch: int,
-             max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The seen-token buffer of a penalised call: ``[B, prompt + max_new_tokens]`` int64, -1
-    where nothing was seen yet, and each row's next free column."""
-    rows = prompt_ids[:batch]
-    hist = np.full((batch, max(map(len, rows)) + max_new_tokens), -1, dtype=np.int64)
-    fill = np.zeros(batch, dtype=np.int64)
-    for b, row in enumerate(rows):
-        hist[b, : len(row)] = row
-        fill[b] = len(row)
-    return hist, fill
