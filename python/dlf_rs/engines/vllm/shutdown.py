@@ -145,10 +145,11 @@ class Drain:
         logger.info("[shutdown] dlf-rs: draining: %d request(s) in flight, grace %ss; new "
                     "requests get 503; a second SIGTERM/SIGINT stops at once",
                     len(self.inflight), self.grace_s)  # fmt: skip
-        try:
-            await asyncio.wait_for(self.idle.wait(), self.grace_s)
-        except asyncio.TimeoutError:
-            await self._end_all(engine_client, logger)
+        if self.inflight:
+            try:
+                await asyncio.wait_for(self.idle.wait(), self.grace_s)
+            except asyncio.TimeoutError:
+                await self._end_all(engine_client, logger)
         # The engine may use what is left of the grace to stop cleanly, TEARDOWN_S at least.
         teardown = max(TEARDOWN_S, t0 + self.grace_s - time.monotonic())
         logger.info("[shutdown] dlf-rs: requests done after %.1fs; stopping the engine (at most "
@@ -213,10 +214,16 @@ def install() -> bool:
         app.middleware_stack = drain.middleware(app.middleware_stack or app.build_middleware_stack())
         kwargs.setdefault("timeout_graceful_shutdown", HTTP_CLOSE_S)
         serving = asyncio.ensure_future(original(app, sock, *args, **kwargs))
-        # vLLM's serve_http sets app.state.server and its signal handlers before it first
-        # waits; ours replace them once it has.
-        while not hasattr(app.state, "server") and not serving.done():
+        # vLLM's serve_http sets app.state.server and then its signal handlers before it first
+        # waits (one step of its task); ours replace them once it has.
+        for _ in range(100):
+            if hasattr(app.state, "server") or serving.done():
+                break
             await asyncio.sleep(0)
+        else:
+            logger.warning("[shutdown] dlf-rs: vLLM's server did not start as expected; its own "
+                           "shutdown applies (no drain)")  # fmt: skip
+            return await serving
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: int) -> None:
