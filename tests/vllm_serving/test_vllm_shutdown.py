@@ -201,6 +201,70 @@ def test_default_grace_and_the_callers_choice(family, tmp_path: Path) -> None:
         assert shutdown_arguments(chosen) == []
 
 
+def test_drain_layer_alone() -> None:
+    """The ASGI layer without a server: after the grace, a request not yet answered gets a 503,
+    a stream an error event and [DONE] after what it had; a request during the drain a 503 at
+    once; then the engine's requests are aborted, the engine stopped and the server told."""
+    import logging
+
+    from dlf_rs.engines.vllm.shutdown import TEARDOWN_S, Drain
+
+    class Engine:
+        paused: dict[str, Any] | None = None
+        stopped: float | None = None
+
+        async def pause_generation(self, **kw: Any) -> None:
+            self.paused = kw
+
+        def shutdown(self, timeout: float) -> None:
+            self.stopped = timeout
+
+    class HTTPServer:
+        should_exit = False
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await asyncio.Event().wait()  # never finishes by itself
+
+    async def go() -> tuple[dict[str, list[Any]], Engine, HTTPServer, float]:
+        drain, engine, server = Drain(0.3), Engine(), HTTPServer()
+        layer = drain.middleware(app)
+        sent: dict[str, list[Any]] = {"/stream": [], "/plain": [], "/late": []}
+
+        async def call(path: str) -> None:
+            async def receive() -> Any:
+                await asyncio.Event().wait()
+
+            async def send(message: Any) -> None:
+                sent[path].append(message)
+
+            await layer({"type": "http", "path": path}, receive, send)
+
+        calls = [asyncio.ensure_future(call(p)) for p in ("/stream", "/plain")]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        drain.draining = True
+        draining = asyncio.ensure_future(drain.drain(engine, server, logging.getLogger("test")))
+        await asyncio.wait_for(call("/late"), 1)
+        late_s = time.monotonic() - t0
+        await asyncio.wait_for(asyncio.gather(draining, *calls), 5)
+        return sent, engine, server, late_s
+
+    sent, engine, server, late_s = asyncio.run(go())
+    late, plain, stream = sent["/late"], sent["/plain"], sent["/stream"]
+    assert late[0]["status"] == 503 and b"shutting down" in late[1]["body"] and late_s < 0.2
+    assert plain[0]["status"] == 503 and b'"code": 503' in plain[1]["body"]
+    assert [m.get("body") for m in stream[1:2]] == [b"data: 1\n\n"]
+    last = stream[-1]["body"]
+    assert last.startswith(b"data: {") and b"shutting down" in last
+    assert last.endswith(b"data: [DONE]\n\n") and not stream[-1].get("more_body")
+    assert engine.paused == {"mode": "abort", "clear_cache": False}
+    assert engine.stopped == TEARDOWN_S and server.should_exit
+
+
 def test_sigterm_drains_and_ends_the_rest_with_an_error(family, tmp_path: Path) -> None:
     server = Server(family, tmp_path)
     try:
