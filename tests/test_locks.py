@@ -89,7 +89,8 @@ def test_the_dev_lock_holds_every_extra_the_makefile_venv_needs() -> None:
     locked = pins(ROOT / "requirements/dev.txt")
     missing = [
         req.name
-        for extra in ("", "generate", "plot", "peft", "gguf", "eval", "test", "humaneval")
+        for extra in ("", "generate", "plot", "peft", "gguf", "eval", "test", "humaneval",
+                      "llamacpp")
         for req in declared()[extra]
         if norm(req.name) not in locked
     ]

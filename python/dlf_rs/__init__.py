@@ -10,8 +10,8 @@ The package in the order of the flow:
 - :mod:`dlf_rs.engines`: what runs the members' forwards. :mod:`dlf_rs.engines.hf` is
   ``FusedGenerator`` (Hugging Face checkpoints and LoRA adapter experts, batched generation,
   streaming, speculative DLF, scoring), :mod:`dlf_rs.engines.vllm` is DLF inside vLLM
-  (``dlf-rs serve``), and :mod:`dlf_rs.engines.fusion` the per-step fusion of rows with their
-  own options they share;
+  (``dlf-rs serve``), :mod:`dlf_rs.engines.llamacpp` is DLF over GGUF files on llama.cpp, and
+  :mod:`dlf_rs.engines.fusion` the per-step fusion of rows with their own options they share;
 - :mod:`dlf_rs.cli` with :mod:`dlf_rs.flags`: the ``dlf-rs`` command (also ``python -m dlf_rs``);
 - :mod:`dlf_rs.reference`: the pure-numpy reference of the step the checks compare against.
 Beside the library: :mod:`dlf_rs.family` (the shipped default family: world, training, demo,
@@ -33,8 +33,8 @@ from .step import fuse_logits, fuse_step, sample
 
 if TYPE_CHECKING:
     from .engines.hf.generate import FusedGenerator
-    from .streaming import GenerationStream, StreamChunk
     from .results import GenerationResult
+    from .streaming import GenerationStream, StreamChunk
 
 __all__ = [
     "DlfError",

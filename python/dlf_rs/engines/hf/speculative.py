@@ -58,8 +58,8 @@ from ...options import StepOptions
 from ...results import GenerationResult, RowTrace
 from ...seeds import step_seed
 from ...stopping import Stopping
-from .runner import ModelRunner, ModelSlot, context_length, output_cache
 from ...streaming import DecodeLoop
+from .runner import ModelRunner, ModelSlot, context_length, output_cache
 
 __all__ = ["AUTO_CONFIDENCE", "AUTO_MAX_DRAFT", "generate_speculative"]
 

@@ -307,14 +307,16 @@ class LlamaCppGenerator:
             if step == max_new_tokens - 1 or rows.all_finished():
                 break
             still = rows.live()
-            t0 = time.perf_counter()
             feed = [[int(next_tokens[b])] for b in still]
             for i, (name, ctx) in enumerate(zip(names, ctxs)):
                 p = pos[name]
+                t0 = time.perf_counter()
                 views[i] = ctx.decode(still, feed, [p[b] for b in still])
+                dt = time.perf_counter() - t0
+                timings["forward"] += dt
+                timings[f"forward:{name}"] = timings.get(f"forward:{name}", 0.0) + dt
                 for b in still:
                     p[b] += 1
-            timings["forward"] += time.perf_counter() - t0
             yield rows
 
         alphas, traces = trace.rows()
