@@ -414,7 +414,8 @@ def test_plan_rows_limits_and_estimate() -> None:
         plan.rows_for("mmlu", keys=["dlf", "x"])
     est = plan.estimate({"gsm8k": 400, "triviaqa": 400, "mmlu": 400},
                         {"gsm8k": 819, "triviaqa": 7393, "mmlu": 1816},
-                        {"gsm8k": 100, "triviaqa": 200, "mmlu": 100})  # fmt: skip
+                        {"gsm8k": 100, "triviaqa": 200, "mmlu": 100},
+                        adapters=ADAPTERS)  # fmt: skip
     assert set(est["train_hours"]) == set(ADAPTERS) and est["total_hours"] > 0
     # the hand sum of MMLU: the 1.5B alone, + its LoRA, + the multi-task LoRA (3 rows); the
     # 0.5B alone, + each of the three experts ("expert" and "expert-mmlu": one model, decoded

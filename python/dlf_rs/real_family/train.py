@@ -72,15 +72,16 @@ def sha256_path(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def encode(tokenizer: Any, ex: task.Example) -> tuple[list[int], int]:
+def encode(tokenizer: Any, ex: Any, prompts: Any = task) -> tuple[list[int], int]:
     """Token ids of the conversation with its reference reply, and where the reply starts.
 
     The prompt part is what generation feeds (the chat template with the generation prompt);
-    the reply is tokenized on its own and closed with the end-of-turn token."""
-    prompt = tokenizer.apply_chat_template(task.messages(ex), add_generation_prompt=True,
+    the reply is tokenized on its own and closed with the end-of-turn token. ``prompts``: the
+    task's ``messages`` and ``target_text`` (default: the vexil task module)."""
+    prompt = tokenizer.apply_chat_template(prompts.messages(ex), add_generation_prompt=True,
                                            tokenize=False)  # fmt: skip
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply = tokenizer(task.target_text(ex), add_special_tokens=False)["input_ids"]
+    reply = tokenizer(prompts.target_text(ex), add_special_tokens=False)["input_ids"]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if not isinstance(end, int) or end == tokenizer.unk_token_id:
         end = tokenizer.eos_token_id
@@ -126,7 +127,8 @@ def train_adapter(
     out: str | os.PathLike[str],
     recipe: Recipe = Recipe(),
     *,
-    examples: Sequence[task.Example] | None = None,
+    examples: Sequence[Any] | None = None,
+    prompts: Any = task,
     log: Callable[[str], None] = print,
     model: Any = None,
     tokenizer: Any = None,
@@ -134,6 +136,8 @@ def train_adapter(
 ) -> dict[str, Any]:
     """Train a LoRA adapter on ``base`` (a model folder) with ``recipe`` and save it in ``out``
     with its manifest (returned). ``examples`` defaults to the task's training split;
+    ``prompts``: what turns an example into a conversation and its reply, and digests the data
+    (``messages``, ``target_text``, ``dataset_digest``; default: the vexil task module);
     ``model``/``tokenizer``: already loaded ones (tests), else loaded from ``base`` in float32.
     ``micro_batch``: rows per forward (default :func:`auto_micro_batch`); not part of the
     recipe, it does not change the gradient."""
@@ -161,7 +165,7 @@ def train_adapter(
     trainable = [p for p in pm.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=0.0)
-    encoded = [encode(tokenizer, ex) for ex in data]
+    encoded = [encode(tokenizer, ex, prompts) for ex in data]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     per_epoch = math.ceil(len(encoded) / recipe.batch_size)
     total = per_epoch * recipe.epochs
@@ -221,7 +225,7 @@ def train_adapter(
         "recipe": dataclasses.asdict(recipe),
         "target_modules": list(TARGET_MODULES),
         "examples": len(data),
-        "data_sha256": task.dataset_digest(data),
+        "data_sha256": prompts.dataset_digest(data),
         "base": os.fspath(base),
         "base_sha256": sha256_path(base) if Path(base).exists() else None,
         "adapter_sha256": sha256_path(adapter_file),

@@ -281,10 +281,13 @@ def cmd_plan(args: argparse.Namespace, cache: Path) -> int:
         _log(f"{t}: {args.part} part, {len(runner.part(t))} examples, budget {runner.budget(t)}")
         for r in runner.rows(t):
             _log(f"  {r.key:22s} {runner.n_for(t, r):5d}  {r.label}")
+    from .experts import ADAPTERS
+
     sp = runner.splits
     est = plan.estimate({t: len(sp[t].heldout) for t in plan.TASK_ORDER},
                         {t: len(sp[t].train) for t in plan.TASK_ORDER},
-                        {t: len(sp[t].validation) for t in plan.TASK_ORDER}, args.batch_size)  # fmt: skip
+                        {t: len(sp[t].validation) for t in plan.TASK_ORDER}, args.batch_size,
+                        adapters=ADAPTERS)  # fmt: skip
     _log(f"estimated CPU hours of a cold make paper-tables: {json.dumps(est)}")
     return 0
 

@@ -26,13 +26,11 @@ import dataclasses
 import hashlib
 import json
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from .. import train
 from .plan import TASK_ORDER, TRAIN_CAP
@@ -93,12 +91,8 @@ def recipe_for(examples: int, seed: int = 0, **overrides: Any) -> train.Recipe:
 
 
 class _PaperTask:
-    """What ``train.train_adapter`` reads from its task module, for the paper tasks.
-
-    train.py's loop is the recipe to reuse, but its ``encode`` and manifest read the vexil
-    task module (``train.task``); for the length of one call that module reference is swapped
-    for this one (under a lock), so the loop, the loss and the LoRA config stay train.py's own.
-    """
+    """The paper tasks' prompts for ``train.train_adapter`` (its ``prompts``): the loop, the loss
+    and the LoRA config stay train.py's own."""
 
     messages = staticmethod(messages)
     target_text = staticmethod(target_text)
@@ -107,9 +101,6 @@ class _PaperTask:
     @staticmethod
     def make_split(*_: Any) -> Any:
         raise RuntimeError("the paper adapters always pass their examples")
-
-
-_SWAP = threading.Lock()
 
 
 def ensure_adapter(cache: Path, name: str, parts: Mapping[str, Any], *, digests: Digests,
@@ -154,10 +145,8 @@ def ensure_adapter(cache: Path, name: str, parts: Mapping[str, Any], *, digests:
     log(f"train: {name}: {len(exs)} examples of {'+'.join(spec.tasks)} on the {spec.base} base "
         f"(fingerprint {key})")  # fmt: skip
     t0 = time.perf_counter()
-    with _SWAP, mock.patch.object(train, "task", _PaperTask):
-        examples: Any = exs  # train.py types its examples as vexil's; the swap above serves ours
-        man = train.train_adapter(base, out, rec, examples=examples, log=log,
-                                  micro_batch=micro_batch)  # fmt: skip
+    man = train.train_adapter(base, out, rec, examples=exs, prompts=_PaperTask, log=log,
+                              micro_batch=micro_batch)  # fmt: skip
     man["task"] = "paper:" + "+".join(spec.tasks)
     write_json(out / train.MANIFEST, man)
     paper = {
