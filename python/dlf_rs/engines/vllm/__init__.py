@@ -25,6 +25,7 @@ from .spec import (
     build_fused_dir,
     load_spec,
     read_alphas,
+    refuse_under_speculation,
     request_options,
 )
 from .state import PROCESSOR
@@ -49,7 +50,8 @@ def register() -> None:
     import of the model here) and makes a fused model's config carry the DLF logits processor,
     so that a plain ``LLM(dir)`` or ``vllm serve dir`` takes per-request options too. Only
     configs of a fused directory are touched: other models keep vLLM's behaviour (custom logits
-    processors rule out speculative decoding, so they are never added to other models)."""
+    processors rule out speculative decoding, so they are never added to other models), and a
+    fused engine that speculates drops the processor again (:func:`_speculation_hooks`)."""
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
@@ -82,16 +84,80 @@ def _attach_processor() -> None:
 
     __post_init__._dlf_rs = True  # type: ignore[attr-defined]
     ModelConfig.__post_init__ = __post_init__  # type: ignore[method-assign]
+    _speculation_hooks()
+
+
+def _is_fused(model_config: Any) -> bool:
+    try:
+        return ARCHITECTURE in list(getattr(model_config.hf_config, "architectures", None) or [])
+    except Exception:  # noqa: BLE001 - a config without hf_config: not ours
+        return False
+
+
+def _speculation_hooks() -> None:
+    """Speculative decoding of a fused model (docs/vllm.md, "Speculative decoding"). vLLM
+    refuses every custom logits processor when it speculates, so a fused engine's config drops
+    the DLF processor then (the model fuses every position with the directory's defaults in
+    ``compute_logits``, which the rejection sampler verifies), and its request checks refuse
+    ``dlf_*`` options (HTTP 400 naming the field) instead of ignoring them."""
+    try:
+        from vllm.config import VllmConfig
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:  # another vLLM layout: `dlf-rs serve` still leaves the processor out
+        return
+    original = VllmConfig.__post_init__
+    if not getattr(original, "_dlf_rs", False):
+
+        def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            mc = self.model_config
+            if mc is None or self.speculative_config is None or not _is_fused(mc):
+                return
+            procs = list(mc.logits_processors or [])
+            kept = [p for p in procs if "dlf_rs.engines.vllm" not in _processor_name(p)]
+            if len(kept) != len(procs):
+                mc.logits_processors = kept or None
+
+        __post_init__._dlf_rs = True  # type: ignore[attr-defined]
+        VllmConfig.__post_init__ = __post_init__  # type: ignore[method-assign]
+    build = InputProcessor._build_logits_processors_params_validator
+    if getattr(build, "_dlf_rs", False):
+        return
+
+    def _build(self: Any) -> Any:
+        validate = build(self)
+        if self.vllm_config.speculative_config is None or not _is_fused(self.model_config):
+            return validate
+
+        def check(params: Any) -> None:
+            from vllm.exceptions import VLLMValidationError
+
+            validate(params)
+            try:
+                refuse_under_speculation(getattr(params, "extra_args", None))
+            except FusedConfigError as e:
+                raise VLLMValidationError(str(e)) from None
+
+        return check
+
+    _build._dlf_rs = True  # type: ignore[attr-defined]
+    InputProcessor._build_logits_processors_params_validator = _build  # type: ignore[method-assign]
+
+
+def _processor_name(p: Any) -> str:
+    return p if isinstance(p, str) else f"{p.__module__}:{p.__qualname__}"
 
 
 def llm(fused_dir: str | os.PathLike[str], **kwargs: Any) -> Any:
     """``vllm.LLM`` on a fused directory with the DLF logits processor (per-request options)
-    and request checks that know the expert count; other keywords go to ``vllm.LLM``."""
+    and request checks that know the expert count; other keywords go to ``vllm.LLM``. With
+    ``speculative_config`` every request is fused with the directory's defaults (requests that
+    set ``dlf_*`` options are refused)."""
     from vllm import LLM
 
     load_spec(fused_dir)  # a clear error before vLLM starts
     os.environ[FUSED_DIR_ENV] = os.fspath(fused_dir)
     procs = list(kwargs.pop("logits_processors", None) or [])
-    if PROCESSOR not in procs:
-        procs.append(PROCESSOR)
+    if PROCESSOR not in procs and kwargs.get("speculative_config") is None:
+        procs.append(PROCESSOR)  # vLLM runs no custom processor when it speculates
     return LLM(model=os.fspath(fused_dir), logits_processors=procs, **kwargs)

@@ -4,6 +4,9 @@ Pass it to vLLM (``LLM(dir, logits_processors=[dlf_rs.engines.vllm.PROCESSOR])``
 --logits-processors dlf_rs.engines.vllm.logits:DlfLogitsProcessor``; ``dlf-rs serve`` does it). It is
 not registered through vLLM's entry points on purpose: vLLM refuses every custom logits
 processor when speculative decoding is on, so an automatic one would break that for every model.
+A fused engine that speculates runs without it: the model fuses every position with the
+directory's defaults, and requests that set ``dlf_*`` options are refused (HTTP 400; docs/vllm.md,
+"Speculative decoding").
 
 - ``validate_params`` runs in vLLM's frontend when a request arrives: a bad ``dlf_*`` value is a
   ``ValueError`` naming the field, which vLLM's server answers with HTTP 400.

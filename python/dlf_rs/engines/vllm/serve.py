@@ -1,5 +1,7 @@
 """``dlf-rs serve``: build a fused directory from --large/--small/--expert (or --family) and
-start vLLM's OpenAI-compatible server on it, with the DLF logits processor.
+start vLLM's OpenAI-compatible server on it, with the DLF logits processor (without it under
+speculative decoding, ``-- --speculative-config ...``: vLLM refuses custom logits processors then,
+so every request is fused with the default options and ``dlf_*`` request options get a 400).
 
 Every argument after ``--`` goes to ``vllm serve`` unchanged (``--port``, ``--dtype``,
 ``--tensor-parallel-size``, ``--max-model-len``, ...). Requests take DLF options in their extra
@@ -148,6 +150,34 @@ def kv_cache_arguments(fused_dir: Path, rest: list[str], env: dict[str, str]) ->
     return ["--kv-cache-memory-bytes", str(size)]
 
 
+# vllm serve arguments that turn speculative decoding on (vLLM 0.32: --speculative-config / -sc,
+# or the shorthands --spec-method, --spec-model, --spec-tokens).
+_SPECULATION_FLAGS = (
+    "--speculative-config",
+    "-sc",
+    "--spec-method",
+    "--spec-model",
+    "--spec-tokens",
+)
+
+
+def speculates(rest: list[str]) -> bool:
+    """Whether the vllm serve arguments turn on speculative decoding."""
+    return any(a.split("=")[0].replace("_", "-") in _SPECULATION_FLAGS for a in rest)
+
+
+def processor_arguments(rest: list[str]) -> list[str]:
+    """``--logits-processors`` with the DLF processor (per-request options, alpha logs), except
+    under speculative decoding, where vLLM refuses custom logits processors: the fused model then
+    fuses every position with the directory's defaults and requests that set ``dlf_*`` options
+    are answered with HTTP 400 (docs/vllm.md, "Speculative decoding")."""
+    if speculates(rest):
+        print("dlf-rs serve: speculative decoding: every request is fused with the default "
+              "options; requests that set dlf_* options get HTTP 400", file=sys.stderr)  # fmt: skip
+        return []
+    return ["--logits-processors", PROCESSOR]
+
+
 def shutdown_arguments(rest: list[str]) -> list[str]:
     """``--shutdown-timeout`` :data:`DEFAULT_GRACE_S` unless the vllm serve arguments choose it
     (vLLM's own default, 0, aborts in-flight requests)."""
@@ -172,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         rest = rest[1:]
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "dlf_rs.engines.vllm.api_server", "--model", str(out),
-           "--logits-processors", PROCESSOR, *kv_cache_arguments(out, rest, env),
+           *processor_arguments(rest), *kv_cache_arguments(out, rest, env),
            *shutdown_arguments(rest), *rest]  # fmt: skip
     env[FUSED_DIR_ENV] = str(out)
     if not args.allow_download:

@@ -20,7 +20,9 @@ Per request, the same fields go in vLLM's extra arguments (``SamplingParams.extr
 ``dlf_grid_step``, ``dlf_solver``, ``dlf_multi_expert``, ``dlf_support_k`` (0 = full
 vocabulary), and ``dlf_alpha_log`` (a tag: the request's alphas are written to
 ``<alpha dir>/<tag>.jsonl``, one line per step). Sampling (temperature, top-p, seed, penalties)
-is vLLM's own, per request, on the fused logits.
+is vLLM's own, per request, on the fused logits. Under vLLM's speculative decoding the
+per-request fields are refused (:func:`refuse_under_speculation`): every request is fused with
+the directory's defaults.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "alpha_dir",
     "build_fused_dir",
     "read_alphas",
+    "refuse_under_speculation",
     "request_options",
 ]
 
@@ -228,6 +231,23 @@ def request_options(
 
 
 _REQUESTS: dict[Any, StepOptions] = {}
+
+
+def refuse_under_speculation(extra_args: Mapping[str, Any] | None) -> None:
+    """Under vLLM's speculative decoding no custom logits processor runs, so a request's own
+    ``dlf_*`` options (and ``dlf_alpha_log``) cannot be honoured: the fused model fuses every
+    position with the directory's defaults. A request that sets one is refused, naming it
+    (:class:`FusedConfigError`, which vLLM's server answers with HTTP 400)."""
+    if not extra_args:
+        return
+    keys = sorted(k for k in extra_args if isinstance(k, str) and k.startswith(PREFIX))
+    if keys:
+        raise FusedConfigError(
+            f"{keys[0]}: per-request DLF options are not available with speculative decoding "
+            "(vLLM runs no custom logits processor then); this server fuses every request with "
+            "its default options: leave out the dlf_* fields, or serve without "
+            "--speculative-config"
+        )
 
 
 def _merged_options(
