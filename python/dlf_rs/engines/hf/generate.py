@@ -18,7 +18,6 @@ Decisions (also in the API docstrings):
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,12 +28,13 @@ import torch
 
 from ..._core import sample as core_sample
 from ...arrays import history_arrays, history_buffer
+from ...batching import batches, check_members
 from ...inputs import Inputs, Prompt, build_inputs, warn_unknown
-from ...options import StepOptions, check_int
+from ...options import StepOptions
 from ...results import GenerationResult, TraceRecorder
-from ...seeds import row_seeds, step_seeds
+from ...seeds import step_seeds
 from ...step import fuse_step_prepared
-from ...stopping import Stopping, check_stop, eos_ids
+from ...stopping import Stopping, eos_ids
 from ...streaming import DecodeLoop, GenerationStream, StreamChunk, drain
 from .fastpath import FastModel, FastOptions, resolve_options
 from .loading import LoadOptions, load_family
@@ -296,28 +296,8 @@ class FusedGenerator:
             chat_tokenizers=self._chat_tokenizers, tokenizer=self.tokenizer,
             vocab=self.vocab_size,
         )  # fmt: skip
-        total = inputs.batch
-        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
-        stops = check_stop(stop)
-        size = total if batch_size is None else check_int(batch_size, "batch_size", low=1)
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress: expected True, False or None, got {progress!r}")
-        seeds_of_rows = None if opts.greedy else row_seeds(seed, total)
-        if opts.greedy and seed is not None:
-            row_seeds(seed, total)  # checked all the same: a bad seed is an error either way
-        loops: list[Callable[[], DecodeLoop]] = []
-        sizes = []
-        for lo in range(0, total, size):
-            hi = min(lo + size, total)
-            part = inputs.rows(lo, hi)
-            seeds = None if seeds_of_rows is None else seeds_of_rows[lo:hi]
-            # The first batch's clock starts at the call (argument checks included).
-            start = t_start if lo == 0 else None
-            loops.append(functools.partial(self._decode, opts, part, max_new_tokens, seeds,
-                                           stops, start))  # fmt: skip
-            sizes.append(hi - lo)
-        show = progress if progress is not None else len(loops) > 1
-        return loops, sizes, show
+        return batches(self._decode, opts, inputs, max_new_tokens, seed, stop, batch_size,
+                       progress, t_start)
 
     def _decode(
         self,
@@ -500,17 +480,7 @@ class FusedGenerator:
 
     # ------------------------------------------------------------------ argument checks
     def _check_models(self, opts: StepOptions) -> None:
-        n_exp = len(self.experts)
-        if opts.expert is not None and not opts.expert < n_exp:  # method "expert"
-            raise ValueError(f"expert: index {opts.expert} out of range for {n_exp} experts")
-        if opts.fused:
-            if self.small is None:
-                raise ValueError(f"small: method={opts.method!r} needs the small base model")
-            if n_exp == 0:
-                raise ValueError(f"experts: method={opts.method!r} needs at least one expert")
-            if isinstance(opts.alpha, tuple) and len(opts.alpha) != n_exp:
-                raise ValueError(f"alpha: {len(opts.alpha)} weights given for {n_exp} experts")
-
+        check_members(opts, self.small is not None, len(self.experts))
 
 def _describe(model: Any) -> str:
     """One model in a line: class, source, size, device and dtype (adapters by their base)."""

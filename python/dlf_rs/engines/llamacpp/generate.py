@@ -25,7 +25,6 @@ Decisions (also in the API docstrings):
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,12 +34,13 @@ import numpy as np
 
 from ..._core import sample as core_sample
 from ...arrays import history_arrays, history_buffer
+from ...batching import batches, check_members
 from ...inputs import Inputs, Prompt, build_inputs
 from ...options import StepOptions, check_int
 from ...results import GenerationResult, TraceRecorder
-from ...seeds import row_seeds, step_seeds
+from ...seeds import step_seeds
 from ...step import fuse_step_prepared
-from ...stopping import Stopping, check_stop
+from ...stopping import Stopping
 from ...streaming import DecodeLoop, GenerationStream, drain
 from .native import Context, GgufLora, GgufModel, gguf_kind
 
@@ -228,25 +228,8 @@ class LlamaCppGenerator:
             prompts_for=prompts_for, names=self._names(), chat_tokenizers={},
             tokenizer=self.tokenizer, vocab=self.vocab_size,
         )  # fmt: skip
-        total = inputs.batch
-        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
-        stops = check_stop(stop)
-        size = total if batch_size is None else check_int(batch_size, "batch_size", low=1)
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress: expected True, False or None, got {progress!r}")
-        seeds_of_rows = None if opts.greedy else row_seeds(seed, total)
-        if opts.greedy and seed is not None:
-            row_seeds(seed, total)  # checked all the same
-        loops: list[Callable[[], DecodeLoop]] = []
-        sizes = []
-        for lo in range(0, total, size):
-            hi = min(lo + size, total)
-            seeds = None if seeds_of_rows is None else seeds_of_rows[lo:hi]
-            loops.append(functools.partial(self._decode, opts, inputs.rows(lo, hi),
-                                           max_new_tokens, seeds, stops,
-                                           t_start if lo == 0 else None))  # fmt: skip
-            sizes.append(hi - lo)
-        return loops, sizes, progress if progress is not None else len(loops) > 1
+        return batches(self._decode, opts, inputs, max_new_tokens, seed, stop, batch_size,
+                       progress, t_start)
 
     def _decode(self, opts: StepOptions, inputs: Inputs, max_new_tokens: int,
                 seeds_of_rows: list[int] | None, stops: list[str],
@@ -398,13 +381,4 @@ class LlamaCppGenerator:
                 )
 
     def _check_models(self, opts: StepOptions) -> None:
-        n_exp = len(self.experts)
-        if opts.expert is not None and not opts.expert < n_exp:
-            raise ValueError(f"expert: index {opts.expert} out of range for {n_exp} experts")
-        if opts.fused:
-            if self.small is None:
-                raise ValueError(f"small: method={opts.method!r} needs the small base model")
-            if n_exp == 0:
-                raise ValueError(f"experts: method={opts.method!r} needs at least one expert")
-            if isinstance(opts.alpha, tuple) and len(opts.alpha) != n_exp:
-                raise ValueError(f"alpha: {len(opts.alpha)} weights given for {n_exp} experts")
+        check_members(opts, self.small is not None, len(self.experts))
