@@ -313,6 +313,10 @@ def test_serve_with_ngram_speculation(family, plain, tmp_path) -> None:
             assert code == 400, body
             assert body["error"]["message"].startswith("dlf_alpha: per-request DLF options are "
                                                        "not available"), body  # fmt: skip
+            # the acceptance counters, on vLLM's Prometheus endpoint
+            metrics = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+            for name in ("spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"):
+                assert f"vllm:{name}" in metrics, name
         finally:
             proc.terminate()
             try:
