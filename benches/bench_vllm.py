@@ -314,66 +314,67 @@ def serve_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--requests: one count per --concurrency value")
     plan = list(zip(args.concurrency, reqs, strict=True))
     load0 = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_serve_"))
-    if args.smollm:
-        src = Path(args.smollm)
-        if not (src / "config.json").is_file():
-            p.error(f"--smollm {src}: no config.json there")
-        fam = build_smollm_family(src, tmp / "family")
-        family = "SmolLM2-derived (large SmolLM2-135M-Instruct, small its first 8 layers, expert perturbed)"
-        args.large, args.small, args.expert = fam["large"], fam["small"], [fam["expert0"]]
-    elif args.tiny:
-        _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/vllm_serving"))
-        from family import build_family
-
-        fam2 = build_family(tmp / "family", experts=1)
-        args.large, args.small, args.expert = (
-            str(fam2["large"]),
-            str(fam2["small"]),
-            [str(fam2["expert0"])],
-        )
-        family = "the tests' tiny family"
-    else:
-        family = "given members"
-    if not (args.large and args.small and args.expert):
+    if args.smollm and not (Path(args.smollm) / "config.json").is_file():
+        p.error(f"--smollm {args.smollm}: no config.json there")
+    if not (args.smollm or args.tiny or (args.large and args.small and args.expert)):
         p.error("--serve needs --smollm DIR, --tiny, or --large, --small and --expert")
-    from transformers import AutoTokenizer
+    tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_serve_"))
+    try:
+        if args.smollm:
+            fam = build_smollm_family(Path(args.smollm), tmp / "family")
+            family = "SmolLM2-derived (large SmolLM2-135M-Instruct, small its first 8 layers, expert perturbed)"
+            args.large, args.small, args.expert = fam["large"], fam["small"], [fam["expert0"]]
+        elif args.tiny:
+            _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/vllm_serving"))
+            from family import build_family
 
-    tok = AutoTokenizer.from_pretrained(args.large)
-    prompts = [list(tok(t)["input_ids"]) for t in PROMPTS]
-    common = ["--host", "127.0.0.1", "--dtype", args.dtype, "--enforce-eager",
-              "--max-model-len", str(args.max_model_len), "--served-model-name", "m",
-              "--seed", "0", "--max-num-seqs", str(max(args.concurrency))]  # fmt: skip
-    experts = [a for e in args.expert for a in ("--expert", e)]
-    servers = [
-        ("vLLM fused (dlf-rs serve)", [_sys.executable, "-m", "dlf_rs", "serve", "--large",
-         args.large, "--small", args.small, *experts, "--fused-dir", str(tmp / "fused"), "--"],
-         [("vLLM fused, DLF", {})] + ([] if args.no_fused_large else
-                                     [("vLLM fused, method large", {"vllm_xargs": {"dlf_method": "large"}})])),
-        ("vLLM large alone", [_sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                              "--model", args.large], [("vLLM large alone", {})]),
-    ]  # fmt: skip
-    rows: dict = {}
-    for label, cmd, engines in servers:
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        t0 = time.perf_counter()
-        proc = _start([*cmd, "--port", str(port), *common], tmp / f"{port}.log", base)
-        print(f"# {label}: started in {time.perf_counter() - t0:.1f} s", file=_sys.stderr)
-        try:
-            for name, xbody in engines:
-                _round(base, prompts, max(args.concurrency), max(args.concurrency), 8, xbody)
-                for conc, n in plan:
-                    rows[(name, conc)] = _round(base, prompts, conc, n, args.max_tokens, xbody)
-                    print(f"# {name} c={conc}: {rows[(name, conc)]['tokens_s']:.1f} tok/s",
-                          file=_sys.stderr)  # fmt: skip
-        finally:
-            _stop(proc)
-    members = {"large": args.large, "small": args.small, "experts": args.expert}
-    rows.update(_fused_generator(members, prompts, plan, args))
-    load1 = os.getloadavg()
-    lay = [matmul_weights(m) for m in (args.large, args.small, *args.expert)]
-    shutil.rmtree(tmp, ignore_errors=True)
+            fam2 = build_family(tmp / "family", experts=1)
+            args.large, args.small, args.expert = (
+                str(fam2["large"]),
+                str(fam2["small"]),
+                [str(fam2["expert0"])],
+            )
+            family = "the tests' tiny family"
+        else:
+            family = "given members"
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.large)
+        prompts = [list(tok(t)["input_ids"]) for t in PROMPTS]
+        common = ["--host", "127.0.0.1", "--dtype", args.dtype, "--enforce-eager",
+                  "--max-model-len", str(args.max_model_len), "--served-model-name", "m",
+                  "--seed", "0", "--max-num-seqs", str(max(args.concurrency))]  # fmt: skip
+        experts = [a for e in args.expert for a in ("--expert", e)]
+        servers = [
+            ("vLLM fused (dlf-rs serve)", [_sys.executable, "-m", "dlf_rs", "serve", "--large",
+             args.large, "--small", args.small, *experts, "--fused-dir", str(tmp / "fused"), "--"],
+             [("vLLM fused, DLF", {})] + ([] if args.no_fused_large else
+                                         [("vLLM fused, method large", {"vllm_xargs": {"dlf_method": "large"}})])),
+            ("vLLM large alone", [_sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                                  "--model", args.large], [("vLLM large alone", {})]),
+        ]  # fmt: skip
+        rows: dict = {}
+        for label, cmd, engines in servers:
+            port = _free_port()
+            base = f"http://127.0.0.1:{port}"
+            t0 = time.perf_counter()
+            proc = _start([*cmd, "--port", str(port), *common], tmp / f"{port}.log", base)
+            print(f"# {label}: started in {time.perf_counter() - t0:.1f} s", file=_sys.stderr)
+            try:
+                for name, xbody in engines:
+                    _round(base, prompts, max(args.concurrency), max(args.concurrency), 8, xbody)
+                    for conc, n in plan:
+                        rows[(name, conc)] = _round(base, prompts, conc, n, args.max_tokens, xbody)
+                        print(f"# {name} c={conc}: {rows[(name, conc)]['tokens_s']:.1f} tok/s",
+                              file=_sys.stderr)  # fmt: skip
+            finally:
+                _stop(proc)
+        members = {"large": args.large, "small": args.small, "experts": args.expert}
+        rows.update(_fused_generator(members, prompts, plan, args))
+        load1 = os.getloadavg()
+        lay = [matmul_weights(m) for m in (args.large, args.small, *args.expert)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     names = ["vLLM fused, DLF"] + ([] if args.no_fused_large else ["vLLM fused, method large"])
     names += ["vLLM large alone", "FusedGenerator, DLF", "FusedGenerator, large alone"]
