@@ -195,7 +195,7 @@ pub enum Speculative {
     /// Draft length k, 1 <= k <= `MAX_DRAFT_LEN`.
     Fixed(usize),
     /// Per row, drafting stops where the draft's top probability falls below a threshold (the
-    /// driver's rule, `python/dlf_rs/engines/hf/speculative.py`).
+    /// drivers' rule, `python/dlf_rs/speculation.py`).
     Auto,
 }
 

@@ -174,8 +174,9 @@ class StepOptions:
       penalty other than off needs ``history`` and ``speculative=None``.
     - ``speculative``: None (off: one large forward per token), a draft length k in [1, 16] or
       "auto" (each row drafts while the draft's top probability is >= 0.5, up to 8 tokens):
-      speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.engines.hf.speculative`), same output
-      as sequential DLF.
+      speculative DLF in ``FusedGenerator.generate`` (:mod:`dlf_rs.engines.hf.speculative`) and
+      ``LlamaCppGenerator.generate`` (:mod:`dlf_rs.engines.llamacpp.speculative`), both over
+      :mod:`dlf_rs.speculation`; same output as sequential DLF.
     """
 
     method: _Method = _Method()

@@ -2,7 +2,7 @@
 
 Where it sits: every engine's ``stream`` returns a stream over the same decoding loops that its
 ``generate`` drains (:mod:`dlf_rs.engines.hf.generate` and :mod:`dlf_rs.engines.hf.speculative`,
-:mod:`dlf_rs.engines.llamacpp.generate`); the loops yield their :class:`~dlf_rs.stopping.Stopping`
+:mod:`dlf_rs.engines.llamacpp.generate` and :mod:`dlf_rs.engines.llamacpp.speculative`); the loops yield their :class:`~dlf_rs.stopping.Stopping`
 state after every step (speculative: every round, several tokens at once) and this module turns
 what changed into chunks.
 

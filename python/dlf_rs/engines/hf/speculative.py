@@ -1,9 +1,11 @@
 """Speculative DLF: a small expert drafts k tokens, every model verifies them in one forward.
 
 Where it sits: :meth:`dlf_rs.FusedGenerator.generate` hands over to :func:`generate_speculative`
-when ``StepOptions.speculative`` is set. Prompts, prefill, stopping, seeds and the result are the
-sequential loop's (:mod:`dlf_rs.engines.hf.runner`, :mod:`dlf_rs.stopping`, :mod:`dlf_rs.results`); the
-acceptance and correction run in the Rust core (``_core.fuse_verify``, ``rust/verify.rs``).
+when ``StepOptions.speculative`` is set. Prompts, prefill and stopping are the sequential loop's
+(:mod:`dlf_rs.engines.hf.runner`, :mod:`dlf_rs.stopping`); the drafting loop, seeds, emitting and
+the result are shared with the llama.cpp engine (:mod:`dlf_rs.speculation`); the acceptance and
+correction run in the Rust core (``_core.fuse_verify``, ``rust/verify.rs``). This module owns the
+torch forwards and the caches.
 
 One round, per batch (B rows, draft length k; with ``speculative="auto"`` each row drafts while
 the draft's top probability is at least ``AUTO_CONFIDENCE``, up to ``AUTO_MAX_DRAFT`` tokens):
@@ -42,43 +44,21 @@ methods "large" and "expert" (nothing to fuse).
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..._core import DlfError, VerifyResult
-from ..._core import fuse_verify as core_fuse_verify
-from ..._core import sample as core_sample
+from ..._core import DlfError
 from ...inputs import Inputs, warn_unknown
 from ...options import StepOptions
-from ...results import GenerationResult, RowTrace
-from ...seeds import step_seed
+from ...speculation import AUTO_CONFIDENCE, AUTO_MAX_DRAFT, Rounds, check_speculative
 from ...stopping import Stopping
 from ...streaming import DecodeLoop
 from .runner import ModelRunner, ModelSlot, context_length, output_cache
 
 __all__ = ["AUTO_CONFIDENCE", "AUTO_MAX_DRAFT", "generate_speculative"]
-
-# speculative="auto": each row drafts while the draft expert's most likely token has at least this
-# probability (softmax of its logits at the sampling temperature, 1 when greedy), up to
-# AUTO_MAX_DRAFT tokens. On the shipped family a greedy draft above 0.5 is accepted 76-94 % of
-# the time, one below only 15-20 %: stopping there saves the expert forward a rejected draft
-# costs. The rule reads the draft's distribution only, never the drawn token: a stop that
-# depended on the drawn token would bias speculative sampling (the residual max(0, p - q) is only
-# right when every token q can draw is tested).
-AUTO_CONFIDENCE = 0.5
-AUTO_MAX_DRAFT = 8
-
-
-def _confidence(q: np.ndarray, temperature: float) -> np.ndarray:
-    """The draft's largest probability per row: max softmax(q / T) (T = 1 when greedy)."""
-    z = q.astype(np.float64) / (temperature if temperature > 0 else 1.0)
-    z -= z.max(axis=-1, keepdims=True)
-    return np.asarray(1.0 / np.exp(z).sum(axis=-1))
 
 
 def _crop(cache: Any, length: int, name: str) -> None:
@@ -163,10 +143,7 @@ def generate_speculative(
     """Speculative DLF for one batch of :meth:`FusedGenerator.generate` (arguments already
     checked there): yields the row state after every round (a stream's consumer runs there,
     outside inference mode), returns the batch's result."""
-    if not opts.fused:
-        raise DlfError(
-            f"speculative: needs a fused method ('dlf' or 'static'), got method={opts.method!r}"
-        )
+    check_speculative(opts)
     if gen.fast:
         raise DlfError(
             "speculative: not available with fast=True (its static caches are not cropped per "
@@ -184,23 +161,8 @@ def generate_speculative(
     warn_unknown(gen.tokenizer, ids[0], inputs.for_model("large"), "large")
     rows = Stopping(batch, gen.tokenizer, gen.eos_token_ids, stops)
     fwd = _Forwards(slots, vocab, timings, gen.sync_timings)
-    auto = opts.speculative == "auto"
-    k_cap = AUTO_MAX_DRAFT if auto else int(opts.speculative or 1)
+    rounds = Rounds(opts, rows, n_exp, max_new_tokens, seeds_of_rows, timings)
     pad = gen.pad_token_id
-
-    # The draft expert of each row (module docs): static weights fix it, dynamic ones move it.
-    static = opts._core.static_alphas(n_exp)
-    first = int(np.argmax(static)) if static is not None else 0
-    draft_of = np.full(batch, first, dtype=np.int64)
-
-    per_row: list[dict[str, list[Any]]] = [
-        {"alphas": [], "active": [], "loss": [], "kl_fused_large": [], "kl_large_fused": [],
-         "kl_expert_small": [], "kl_small_expert": [], "support_size": [], "accepted": []}
-        for _ in range(batch)
-    ]  # fmt: skip
-    tested = np.zeros(batch, dtype=np.int64)
-    accepted_total = np.zeros(batch, dtype=np.int64)
-    counts = {"rounds": 0, "drafted": 0, "large_forwards": 0}
 
     outer_grad = torch.is_grad_enabled()
     with torch.inference_mode():
@@ -212,9 +174,17 @@ def generate_speculative(
         pending: np.ndarray | None = None
         while not rows.all_finished():
             live = rows.live()
-            remaining = {b: max_new_tokens - len(rows.tokens[b]) for b in live}
-            k = max(0, min(k_cap, max(remaining.values()) - 1))
-            limit = {b: min(k, remaining[b] - 1) for b in live}
+            k, limit_of, live_seeds = rounds.plan(live)
+            # Every row of the batch goes to the core (finished rows draft nothing).
+            limit = np.zeros(batch, dtype=np.int64)
+            bases: list[int] | None = None
+            if live_seeds is not None:
+                bases = [0] * batch
+                for b, s in zip(live, live_seeds):
+                    bases[b] = s
+            for b in live:
+                limit[b] = limit_of[b]
+            draft_of = rounds.draft_of
             drafters = sorted({int(draft_of[b]) for b in live})
             logits = [np.empty((batch, k + 1, vocab), dtype=np.float32) for _ in slots]
             if first_logits is not None:
@@ -222,85 +192,53 @@ def generate_speculative(
                     logits[i][:, 0] = z
                 first_logits = None
             width = slots[0].attention_mask.shape[1]  # type: ignore[union-attr]
-            bases = _round_seeds(seeds_of_rows, rows.tokens)
 
-            # 1. Drafting: one-token forwards of the drafting experts. Row b drafts up to
-            # limit[b] tokens ("auto": fewer, see AUTO_CONFIDENCE); the forwards go on while
-            # some row drafts.
+            # 1. Drafting: one-token forwards of the drafting experts (every row: one cache).
             if pending is not None:
                 for t in drafters:
                     logits[2 + t][:, 0:1] = fwd.run(2 + t, pending.reshape(-1, 1), "draft")
-            drafts = np.full((batch, k), pad, dtype=np.int64)
-            q = np.empty((batch, k, vocab), dtype=np.float32) if not opts.greedy else None
-            lens = np.zeros(batch, dtype=np.int64)
-            drafting = [b for b in live if limit[b] > 0]
             # Rows that ended read any drafting expert (their drafts are ignored).
             src = [int(draft_of[b]) if not rows.finished[b] else drafters[0] for b in range(batch)]
-            j = 0
-            while drafting:
+
+            def q_at(j: int, logits: list[np.ndarray] = logits, drafters: list[int] = drafters,
+                     src: list[int] = src) -> np.ndarray:  # fmt: skip
                 if len(drafters) == 1:
-                    q_j = logits[2 + drafters[0]][:, j]
-                else:
-                    q_j = np.stack([logits[2 + src[b]][b, j] for b in range(batch)])
-                t_s = time.perf_counter()
-                if opts.greedy:
-                    d = np.argmax(q_j, axis=-1).astype(np.int64)
-                else:
-                    assert q is not None and bases is not None
-                    q[:, j] = q_j
-                    d = core_sample(np.ascontiguousarray(q_j), opts._core, seed=None,
-                                    seeds=[step_seed(s, j + 1) for s in bases])  # fmt: skip
-                sure = _confidence(q_j, opts.temperature) >= AUTO_CONFIDENCE if auto else None
-                timings["sample"] += time.perf_counter() - t_s
-                drafted = [b for b in drafting if sure is None or sure[b]]
-                if not drafted:
-                    break
-                for b in drafted:
-                    lens[b] = j + 1
-                drafting = [b for b in drafted if j + 1 < limit[b]]
-                drafts[:, j] = np.where(rows.finished, pad, d)
+                    return logits[2 + drafters[0]][:, j]
+                return np.stack([logits[2 + src[b]][b, j] for b in range(batch)])
+
+            def feed(j: int, _rows: list[int], tokens: np.ndarray,
+                     logits: list[np.ndarray] = logits, drafters: list[int] = drafters) -> None:  # fmt: skip
                 for t in drafters:
-                    logits[2 + t][:, j + 1 : j + 2] = fwd.run(2 + t, drafts[:, j : j + 1], "draft")
-                j += 1
-            positions = int(lens.max()) + 1 if live else 1
+                    logits[2 + t][:, j + 1 : j + 2] = fwd.run(2 + t, tokens.reshape(-1, 1), "draft")
+
+            drafts, q, lens = rounds.draft(k, limit, q_at, feed, bases, pad, keep=~rows.finished)
+            positions = drafts.shape[1] + 1
             n_feed = positions - 1 + (1 if pending is not None else 0)
             if positions < k + 1:
                 logits = [np.ascontiguousarray(z[:, :positions]) for z in logits]
-                drafts = np.ascontiguousarray(drafts[:, : positions - 1])
-                q = None if q is None else np.ascontiguousarray(q[:, : positions - 1])
 
             # 2. Verification forwards: every other model over [pending, d_1 .. d_k].
-            feed = drafts if pending is None else np.concatenate([pending[:, None], drafts], 1)
+            feed_ids = drafts if pending is None else np.concatenate([pending[:, None], drafts], 1)
             lo = positions - n_feed
             for i in range(len(slots)):
                 if i >= 2 and (i - 2) in drafters:
                     continue
                 if n_feed:
-                    logits[i][:, lo:] = fwd.run(i, feed, "verify")
-            counts["large_forwards"] += 1 if n_feed else 0
+                    logits[i][:, lo:] = fwd.run(i, feed_ids, "verify")
+            rounds.counts["large_forwards"] += 1 if n_feed else 0
 
             # 3. The core: weights per position, acceptance, correction or bonus.
-            t0 = time.perf_counter()
-            r: VerifyResult = core_fuse_verify(
-                logits[0], logits[1], logits[2:], drafts, lens.tolist(), opts._core,
-                draft_logits=q if (q is not None and positions > 1) else None,
-                seed=None, seeds=bases,
-            )  # fmt: skip
-            timings["fuse_verify"] += time.perf_counter() - t0
+            r = rounds.verify(logits, drafts, lens, q, bases)
 
             # 4. Emit, stop, and drop the rejected positions from every cache.
             acc = r.accepted
             pending_fed = pending is not None
-            pending = _emit(r, live, rows, max_new_tokens, per_row, n_exp)
-            for b in live:
-                tested[b] += min(int(acc[b]) + 1, int(lens[b]))
-                accepted_total[b] += int(acc[b])
-            counts["drafted"] += int(lens.sum())
-            counts["rounds"] += 1
+            last = rounds.emit(r, live, lens)
+            pending = np.full(batch, pad, dtype=np.int64)
+            for b, tok in last.items():
+                pending[b] = tok
             t0 = time.perf_counter()
-            new_rows = rows.live()
-            if new_rows:
-                _last_active(r, new_rows, draft_of)
+            if rows.live():
                 kept = np.array([(1 if pending_fed else 0) + int(acc[b]) for b in range(batch)])
                 kept_max = max(int(kept[b]) for b in live)
                 kept = np.where(np.isin(np.arange(batch), live), kept, kept_max)
@@ -311,71 +249,7 @@ def generate_speculative(
                 with torch.inference_mode(False), torch.set_grad_enabled(outer_grad):
                     yield rows
 
-    timings["forward"] = timings["draft"] + timings["verify"] + timings["prefill"]
-    timings["steps"] = float(counts["rounds"])
-    timings["large_forwards"] = float(counts["large_forwards"])
-    timings["drafted"] = float(counts["drafted"])
-    timings["accepted"] = float(accepted_total.sum())
-    timings["tested"] = float(tested.sum())
-    timings["acceptance"] = float(accepted_total.sum() / max(tested.sum(), 1))
-    timings["total"] = time.perf_counter() - t_start
-    alphas, traces = _traces(per_row, n_exp, tested, accepted_total)
-    return GenerationResult(
-        texts=[rows.text(b) for b in range(batch)],
-        token_ids=rows.tokens,
-        alphas=alphas,
-        trace=traces,
-        finish_reasons=rows.reasons,
-        timings=timings,
-        method=opts.method,
-        expert_names=list(gen.expert_names),
-    )
-
-
-def _round_seeds(seeds_of_rows: list[int] | None, tokens: list[list[int]]) -> list[int] | None:
-    """Each row's seed for this round: from its own seed and its own token count only."""
-    if seeds_of_rows is None:
-        return None
-    return [step_seed(s, len(t)) for s, t in zip(seeds_of_rows, tokens)]
-
-
-def _emit(r: VerifyResult, live: list[int], rows: Stopping, max_new_tokens: int,
-          per_row: list[dict[str, list[Any]]], n_exp: int) -> np.ndarray:  # fmt: skip
-    """Records each live row's emitted tokens in order (EOS, stop strings, the token limit end
-    it inside the run) with their traces; returns each row's last emitted token."""
-    acc, tokens = r.accepted, r.tokens
-    arrays: dict[str, np.ndarray] = {
-        "alphas": r.alphas, "active": r.active, "loss": r.loss,
-        "kl_fused_large": r.kl_fused_large, "kl_large_fused": r.kl_large_fused,
-        "kl_expert_small": r.kl_expert_small, "kl_small_expert": r.kl_small_expert,
-        "support_size": r.support_size,
-    }  # fmt: skip
-    last = tokens[np.arange(tokens.shape[0]), acc]
-    for j in range(int(max(acc[b] for b in live)) + 1):
-        col = [b for b in rows.live() if b in live and j <= acc[b]]
-        if not col:
-            break
-        rows.record(tokens[:, j], col)
-        for b in col:
-            rec = per_row[b]
-            for key, arr in arrays.items():
-                rec[key].append(arr[b, j])
-            rec["accepted"].append(j < acc[b])
-            if not rows.finished[b] and len(rows.tokens[b]) >= max_new_tokens:
-                rows.end(b, "length")
-    return np.asarray(last, dtype=np.int64)
-
-
-def _last_active(r: VerifyResult, live: Sequence[int], draft_of: np.ndarray) -> None:
-    """Moves each row's draft expert to the expert active at its last emitted token."""
-    if r.n_experts < 2:
-        return
-    acc = r.accepted
-    active = r.active
-    for b in live:
-        t = int(active[b, acc[b]])
-        if t >= 0:
-            draft_of[b] = t
+    return rounds.result(t_start, opts.method, list(gen.expert_names))
 
 
 def _drop_rejected(slots: list[ModelSlot], width: int, n_feed: int, kept: np.ndarray,
@@ -397,23 +271,3 @@ def _drop_rejected(slots: list[ModelSlot], width: int, n_feed: int, kept: np.nda
         slot.attention_mask = mask
         # last_position advanced by n_feed in the forwards; back to the last kept token.
         slot.last_position = slot.last_position - (n_feed - kept_t)
-
-
-def _traces(per_row: list[dict[str, list[Any]]], n_exp: int, tested: np.ndarray,
-            accepted: np.ndarray) -> tuple[list[np.ndarray], list[RowTrace]]:  # fmt: skip
-    alphas, traces = [], []
-    for b, rec in enumerate(per_row):
-        n = len(rec["active"])
-        alphas.append(np.asarray(rec["alphas"], np.float32).reshape(n, n_exp))
-        traces.append(RowTrace(
-            active=np.asarray(rec["active"], np.int64).reshape(n),
-            loss=np.asarray(rec["loss"], np.float32).reshape(n),
-            kl_fused_large=np.asarray(rec["kl_fused_large"], np.float32).reshape(n),
-            kl_large_fused=np.asarray(rec["kl_large_fused"], np.float32).reshape(n),
-            kl_expert_small=np.asarray(rec["kl_expert_small"], np.float32).reshape(n, n_exp),
-            kl_small_expert=np.asarray(rec["kl_small_expert"], np.float32).reshape(n, n_exp),
-            support_size=np.asarray(rec["support_size"], np.uint32).reshape(n),
-            accepted_draft=np.asarray(rec["accepted"], bool).reshape(n),
-            acceptance_rate=float(accepted[b] / tested[b]) if tested[b] else math.nan,
-        ))  # fmt: skip
-    return alphas, traces
