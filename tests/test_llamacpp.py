@@ -221,8 +221,6 @@ def test_bad_inputs_are_named_errors(files: dict[str, Any], gen: LlamaCppGenerat
                          metadata={"tokenizer.ggml.tokens": tokens})  # fmt: skip
     with pytest.raises(ValueError, match=r"^small: .*another vocabulary .*token 100"):
         LlamaCppGenerator.from_gguf(files["large"], other, [files["expert"]])
-    with pytest.raises(ValueError, match="^speculative: not supported by the llama.cpp engine"):
-        gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=2)
     with pytest.raises(ValueError, match="^max_new_tokens: prompt 0 has"):
         gen.generate(PROMPTS[:1], max_new_tokens=10**6)
     with pytest.raises(ValueError, match="^expert: index 5 out of range"):
@@ -250,3 +248,150 @@ def test_cli_engine_llamacpp(files: dict[str, Any], gen: LlamaCppGenerator,
     assert rc == 2
     assert "--device: only used with --engine hf" in capsys.readouterr().err
     assert os.path.isfile(files["large"])
+
+
+# ---------------------------------------------------------------------- speculative DLF
+# The reference is the engine's own sequential DLF with each prompt alone (B = 1). The expert
+# here is a full-depth copy of the large model with perturbed norms, so its drafts are accepted
+# often enough (and differently per row) for runs of several tokens to be verified at once.
+SPEC_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def spec_gens(files: dict[str, Any]) -> dict[int, LlamaCppGenerator]:
+    full = derive_model(files["large"], files["dir"] / "expert-full.gguf", perturb=0.1, seed=3,
+                        name="expert-full")  # fmt: skip
+    return {n: LlamaCppGenerator.from_gguf(files["large"], files["small"],
+                                           [str(full), files["expert"]][:n], n_threads=2)
+            for n in (1, 2)}  # fmt: skip
+
+
+def _alone(gen: LlamaCppGenerator, prompts: list[str], n: int, **kw: Any) -> list[Any]:
+    return [gen.generate([p], max_new_tokens=n, **kw) for p in prompts]
+
+
+def _assert_rows_equal(spec: Any, alone: list[Any], what: str) -> None:
+    for b, one in enumerate(alone):
+        assert spec.token_ids[b] == one.token_ids[0], (what, b, spec.token_ids[b], one.token_ids[0])
+        assert spec.finish_reasons[b] == one.finish_reasons[0], (what, b)
+        assert spec.texts[b] == one.texts[0], (what, b)
+        np.testing.assert_array_equal(spec.alphas[b], one.alphas[0], err_msg=f"{what} row {b}")
+
+
+@pytest.mark.parametrize("n_exp", [1, 2])
+def test_speculative_greedy_equals_sequential(spec_gens: dict[int, LlamaCppGenerator],
+                                              n_exp: int) -> None:  # fmt: skip
+    gen = spec_gens[n_exp]
+    for kw in ({}, {"alpha": 1.0 if n_exp == 1 else (0.5, 1.0)}):
+        alone = _alone(gen, PROMPTS, SPEC_NEW, **kw)
+        ks: tuple[Any, ...] = (1, 3, 5, "auto") if not kw else (1, 3)
+        for k in ks:
+            for lo, hi in ((0, 1), (1, 2), (0, 4)):  # B = 1 twice, B = 4
+                spec = gen.generate(PROMPTS[lo:hi], max_new_tokens=SPEC_NEW, speculative=k, **kw)
+                _assert_rows_equal(spec, alone[lo:hi], f"T={n_exp} {kw} k={k} rows {lo}:{hi}")
+                if hi - lo == 4 and k == 3 and not kw:
+                    # Rows accepted different amounts: the per-row KV removal was exercised.
+                    rates = [t.acceptance_rate for t in spec.trace]
+                    assert max(rates) > 0.3 and len({round(r, 3) for r in rates}) > 1, rates
+                    assert sum(t.accepted_draft.sum() for t in spec.trace) > 0
+
+
+def _stop_inside_run(gen: LlamaCppGenerator, prompts: list[str]) -> str:
+    """A piece of text that a drafted and accepted token completes, with tokens after it in the
+    same verified run (the first such piece not seen earlier in its row)."""
+    free = gen.generate(prompts, max_new_tokens=SPEC_NEW, speculative=4)
+    for b, toks in enumerate(free.token_ids):
+        acc = free.trace[b].accepted_draft
+        assert acc is not None
+        for i in range(1, len(toks) - 1):
+            if not (acc[i] and acc[i + 1]):
+                continue
+            before = gen.tokenizer.decode(toks[:i])
+            piece = gen.tokenizer.decode(toks[: i + 1])[len(before) :]
+            if piece.strip() and piece not in before:
+                return piece
+    raise AssertionError("no accepted run of two drafted tokens to stop inside")
+
+
+def test_speculative_stops_inside_accepted_runs(spec_gens: dict[int, LlamaCppGenerator]) -> None:
+    gen = spec_gens[1]
+    # A stop string completed by an accepted draft in the middle of a verified run.
+    stop = _stop_inside_run(gen, PROMPTS)
+    alone = _alone(gen, PROMPTS, SPEC_NEW, stop=[stop])
+    assert "stop" in [a.finish_reasons[0] for a in alone]
+    for k in (2, 4):
+        spec = gen.generate(PROMPTS, max_new_tokens=SPEC_NEW, stop=[stop], speculative=k)
+        _assert_rows_equal(spec, alone, f"stop={stop!r} k={k}")
+    # max_new_tokens inside a verified run.
+    for n in (1, 2, 3, 7):
+        alone = _alone(gen, PROMPTS, n)
+        spec = gen.generate(PROMPTS, max_new_tokens=n, speculative=5)
+        _assert_rows_equal(spec, alone, f"max_new_tokens={n}")
+        assert all(len(t) <= n for t in spec.token_ids)
+    # EOS: a chat reply that ends, beside rows that run on.
+    msgs = [[{"role": "user", "content": c}] for c in
+            ("Say hi.", "Reply with one word: yes or no?", "Name a colour.")]  # fmt: skip
+    alone = [gen.generate(messages=[m], max_new_tokens=24) for m in msgs]
+    assert "eos" in [a.finish_reasons[0] for a in alone]
+    for k in (1, 3):
+        spec = gen.generate(messages=msgs, max_new_tokens=24, speculative=k)
+        _assert_rows_equal(spec, alone, f"eos k={k}")
+
+
+def test_speculative_sampling_seeds(spec_gens: dict[int, LlamaCppGenerator]) -> None:
+    """Seeded sampling reproduces; a row's output does not depend on its batch."""
+    seeds = [11, 22, 33, 44]
+    for n_exp in (1, 2):
+        gen = spec_gens[n_exp]
+        kw = {"temperature": 1.0, "top_k": 40, "speculative": 3}
+        a = gen.generate(PROMPTS, max_new_tokens=12, seed=seeds, **kw)
+        assert a.token_ids == gen.generate(PROMPTS, max_new_tokens=12, seed=seeds, **kw).token_ids
+        c = gen.generate(PROMPTS, max_new_tokens=12, seed=[s + 1 for s in seeds], **kw)
+        assert a.token_ids != c.token_ids
+        for b in (1, 2):
+            one = gen.generate(PROMPTS[b : b + 1], max_new_tokens=12, seed=seeds[b : b + 1], **kw)
+            assert one.token_ids[0] == a.token_ids[b], (n_exp, b)
+        assert 0.0 < a.timings["acceptance"] <= 1.0
+
+
+def test_speculative_stream_cli_and_errors(files: dict[str, Any],
+                                           spec_gens: dict[int, LlamaCppGenerator],
+                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    gen = spec_gens[1]
+    full = gen.generate(PROMPTS, max_new_tokens=10, speculative=3)
+    ids: list[list[int]] = [[] for _ in PROMPTS]
+    texts = [""] * len(PROMPTS)
+    for chunk in gen.stream(PROMPTS, max_new_tokens=10, speculative=3):
+        ids[chunk.row] += chunk.token_ids
+        texts[chunk.row] += chunk.text
+    assert ids == full.token_ids and texts == full.texts
+    for t in full.trace:
+        assert t.accepted_draft is not None and t.accepted_draft.shape == (len(t.active),)
+    for key in ("draft", "verify", "fuse_verify", "crop", "prefill", "large_forwards"):
+        assert full.timings[key] >= 0.0, key
+
+    from dlf_rs.cli import main
+
+    args = ["generate", "--engine", "llamacpp", "--large", files["large"], "--small",
+            files["small"], "--expert", str(files["dir"] / "expert-full.gguf"), "--prompt",
+            PROMPTS[1], "--max-new-tokens", "10", "--no-progress", "--no-stream", "--threads",
+            "2"]  # fmt: skip
+    assert main([*args, "--speculative", "3"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["token_ids"] == full.token_ids[1]
+    assert 0.0 <= record["acceptance_rate"] <= 1.0
+    assert main([*args, "--speculative", "0"]) == 2
+    assert "--speculative" in capsys.readouterr().err
+
+    from dlf_rs import DlfError
+
+    with pytest.raises(DlfError, match=r"^speculative: expected None, a draft length in \[1, 16\]"):
+        gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=0)
+    with pytest.raises(DlfError, match=r"^speculative: expected None, a draft length in \[1, 16\]"):
+        gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=17)
+    with pytest.raises(TypeError, match="^speculative: expected None, an int"):
+        gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=2.0)
+    with pytest.raises(DlfError, match="^speculative: needs a fused method"):
+        gen.generate(PROMPTS[:1], max_new_tokens=4, method="large", speculative=2)
+    with pytest.raises(DlfError, match="^speculative: expected None when repetition_penalty"):
+        gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=2, repetition_penalty=1.2)

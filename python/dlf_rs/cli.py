@@ -353,9 +353,6 @@ def _check_llamacpp_flags(args: argparse.Namespace, opts: Any) -> None:
     if args.family is not None:
         raise _Failure("--family: the shipped family is Hugging Face checkpoints; with --engine "
                        "llamacpp give --large/--small/--expert as .gguf files")  # fmt: skip
-    if opts.speculative is not None:
-        raise _Failure("--speculative: not supported with --engine llamacpp (speculative DLF "
-                       "runs in the Hugging Face engine)")  # fmt: skip
 
 
 def _load_generator(args: argparse.Namespace, large: str, small: str | None,

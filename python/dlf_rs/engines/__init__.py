@@ -12,7 +12,8 @@ the KV caches, the batch and the sampler:
   continuous batching and sampler; ``dlf-rs serve``). Imports vLLM.
 - :mod:`dlf_rs.engines.llamacpp`: GGUF files on llama.cpp,
   :class:`~dlf_rs.engines.llamacpp.LlamaCppGenerator` (a context per member, multi-sequence
-  batches, the core samples; ``dlf-rs generate --engine llamacpp``). Imports llama_cpp, no torch.
+  batches, the core samples; speculative DLF; ``dlf-rs generate --engine llamacpp``). Imports
+  llama_cpp, no torch.
 - :mod:`dlf_rs.engines.fusion`: the engine-independent part, shared: one step's fusion of a
   batch whose rows carry their own :class:`dlf_rs.StepOptions`.
 

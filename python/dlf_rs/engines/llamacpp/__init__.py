@@ -2,8 +2,8 @@
 
 In the order of the flow: :mod:`.native` (llama.cpp's C API through ``llama_cpp``: GGUF models
 and LoRA adapters loaded as they are, one context per member, multi-sequence batches, logits as
-numpy views of llama.cpp's buffers) and :mod:`.generate` (argument checks, the decode loop, the
-GGUF tokenizer). Needs ``llama-cpp-python`` (the ``llamacpp`` extra); no torch.
+numpy views of llama.cpp's buffers), :mod:`.generate` (argument checks, the decode loop, the
+GGUF tokenizer) and :mod:`.speculative` (speculative DLF's rounds on llama.cpp). Needs ``llama-cpp-python`` (the ``llamacpp`` extra); no torch.
 docs/llamacpp.md has the build recipe and the measurements.
 """
 

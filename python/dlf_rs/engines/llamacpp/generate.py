@@ -20,7 +20,9 @@ Decisions (also in the API docstrings):
   load); the logits are the models' full width.
 - Context: each row's prompt plus ``max_new_tokens`` must fit every member's training context.
 - Seeds and options: as :class:`dlf_rs.FusedGenerator` (:mod:`dlf_rs.seeds`; results do not
-  depend on batching). Speculative decoding is FusedGenerator's only.
+  depend on batching).
+- ``speculative=k`` or ``"auto"``: speculative DLF (:mod:`.speculative`), FusedGenerator's
+  semantics and core call; greedy gives the tokens of sequential DLF.
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ class LlamaCppGenerator:
 
     ``generate`` and ``stream`` take the same arguments and options as
     :class:`dlf_rs.FusedGenerator`'s (methods "dlf", "static", "large", "expert", the solver and
-    multi-expert options, sampling, penalties, seeds, stop strings, chat messages) and return the
-    same :class:`dlf_rs.GenerationResult` and stream chunks.
+    multi-expert options, sampling, penalties, seeds, stop strings, chat messages, speculative
+    DLF with ``speculative=k`` or ``"auto"``) and return the same
+    :class:`dlf_rs.GenerationResult` and stream chunks.
     """
 
     def __init__(self, large: GgufModel, small: GgufModel | None = None,
@@ -219,9 +222,6 @@ class LlamaCppGenerator:
                ) -> tuple[list[Callable[[], DecodeLoop]], list[int], bool]:  # fmt: skip
         t_start = time.perf_counter()
         opts = StepOptions.build(options, **overrides)
-        if opts.speculative is not None:
-            raise ValueError("speculative: not supported by the llama.cpp engine (speculative "
-                             "DLF runs in FusedGenerator)")  # fmt: skip
         self._check_models(opts)
         inputs = build_inputs(
             prompts=prompts, messages=messages, input_ids=input_ids, attention_mask=None,
@@ -237,6 +237,11 @@ class LlamaCppGenerator:
         """One batch's decoding loop: yields the row state after every step, returns the
         batch's :class:`GenerationResult`."""
         t_start = time.perf_counter() if t_start is None else t_start
+        if opts.speculative is not None:
+            from .speculative import decode_speculative
+
+            return (yield from decode_speculative(self, opts, inputs, max_new_tokens,
+                                                  seeds_of_rows, stops, t_start))  # fmt: skip
         batch = inputs.batch
         if opts.method == "large":
             names = ["large"]
@@ -327,10 +332,13 @@ class LlamaCppGenerator:
         m = self._model_of(name)
         return (m.base, m) if isinstance(m, GgufLora) else (m, None)
 
-    def _context(self, name: str, n_ctx: int, n_seq: int) -> Context:
-        """The member's context, kept across calls while it is large enough; cleared."""
-        ctx = self._contexts.get(name)
-        if ctx is None or not ctx.fits(n_ctx, n_seq):
+    def _context(self, name: str, n_ctx: int, n_seq: int, unified: bool = True) -> Context:
+        """The member's context, kept across calls while it is large enough; cleared.
+        ``unified=False``: one KV cache per sequence (speculative DLF with several rows), kept
+        apart from the unified one."""
+        key = name if unified else f"{name}/per-sequence"
+        ctx = self._contexts.get(key)
+        if ctx is None or not ctx.fits(n_ctx, n_seq, unified):
             if ctx is not None:
                 ctx.close()
             model, lora = self._base_of(name)
@@ -339,8 +347,8 @@ class LlamaCppGenerator:
                 cells *= 2
             ctx = Context(model, name, n_ctx=cells, n_seq=max(n_seq, 1),
                           n_threads=self.n_threads, lora=lora, lora_scale=self.lora_scale,
-                          flash_attn=self.flash_attn)  # fmt: skip
-            self._contexts[name] = ctx
+                          flash_attn=self.flash_attn, unified=unified)  # fmt: skip
+            self._contexts[key] = ctx
         ctx.clear()
         return ctx
 

@@ -14,7 +14,10 @@ Decisions:
 - llama.cpp's log goes to Python's ``logging`` (logger ``dlf_rs.llamacpp``): errors as errors,
   the rest at DEBUG, so loading three models does not print several hundred lines.
 - The KV cache is unified over the sequences (``kv_unified``): rows of different lengths share
-  one cache of ``n_ctx`` cells instead of ``n_ctx / n_seq`` each.
+  one cache of ``n_ctx`` cells instead of ``n_ctx / n_seq`` each. Speculative DLF with several
+  rows asks for one cache per sequence instead (``unified=False``): it removes each row's
+  rejected drafts, and in a unified cache llama.cpp would put the other rows' next tokens into
+  those cells, out of position order (:mod:`.speculative`).
 """
 
 from __future__ import annotations
@@ -257,17 +260,17 @@ class Context:
 
     def __init__(self, model: GgufModel, name: str, *, n_ctx: int, n_seq: int, n_threads: int,
                  n_batch: int = 512, lora: GgufLora | None = None, lora_scale: float = 1.0,
-                 flash_attn: bool = True) -> None:  # fmt: skip
+                 flash_attn: bool = True, unified: bool = True) -> None:  # fmt: skip
         lib = model.lib
         self.lib, self.model, self.name = lib, model, name
-        self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
+        self.n_ctx, self.n_seq, self.n_batch, self.unified = n_ctx, n_seq, n_batch, unified
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
-        params.kv_unified = True
+        params.kv_unified = unified
         params.flash_attn_type = 1 if flash_attn else 0  # llama.cpp: -1, "auto" (on, on a CPU)
         params.no_perf = True
         self.ptr = lib.llama_init_from_model(model.ptr, params)
@@ -292,8 +295,12 @@ class Context:
         self._n_seq_id[:] = 1
         self._seq_slot = [b.seq_id[i] for i in range(n_batch)]
 
-    def fits(self, n_ctx: int, n_seq: int) -> bool:
-        return self.n_ctx >= n_ctx and self.n_seq >= n_seq
+    def fits(self, n_ctx: int, n_seq: int, unified: bool = True) -> bool:
+        if self.unified != unified:
+            return False
+        if unified:
+            return self.n_ctx >= n_ctx and self.n_seq >= n_seq
+        return self.n_seq == n_seq and self.n_ctx >= n_ctx  # n_ctx / n_seq cells per sequence
 
     def clear(self) -> None:
         """Forget every sequence (the start of a call)."""
@@ -302,6 +309,60 @@ class Context:
     def remove(self, seq: int) -> None:
         """Free a finished row's KV cells."""
         self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Drop sequence ``seq``'s positions from ``length`` on (speculative DLF's rejected
+        drafts); its next token goes at position ``length``."""
+        if not self.lib.llama_memory_seq_rm(self.mem, seq, length, -1):
+            raise LlamaCppError(f"{self.name}: llama.cpp could not remove positions {length}.. of "
+                                f"sequence {seq} from its KV cache")  # fmt: skip
+
+    def decode_all(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]],
+                   starts: Sequence[int]) -> np.ndarray:  # fmt: skip
+        """Evaluate ``tokens[i]`` at positions ``starts[i]...`` of sequence ``seqs[i]``; returns
+        the logits at every token, ``[sum of lengths, n_vocab]`` float32, sequence by sequence.
+        A view of llama.cpp's logits buffer (valid until this context's next decode) when the
+        tokens fit one batch, else a copy gathered over batches."""
+        n_vocab = self.model.n_vocab
+        total = sum(len(t) for t in tokens)
+        spans = [(0, len(t)) for t in tokens]
+        if total <= self.n_batch:
+            self._fill(seqs, tokens, starts, spans, every=True)
+            self._run(len(seqs), total)
+            ptr = self.lib.llama_get_logits(self.ptr)
+            return np.ctypeslib.as_array(ptr, shape=(total, n_vocab))
+        out = np.empty((total, n_vocab), dtype=np.float32)
+        at = 0
+        i = 0
+        while i < len(seqs):  # whole sequences per batch (a sequence longer than one: split)
+            chunk: list[int] = []
+            room = self.n_batch
+            while i < len(seqs) and len(tokens[i]) <= room:
+                chunk.append(i)
+                room -= len(tokens[i])
+                i += 1
+            if not chunk:  # one sequence longer than a batch
+                toks, lo = tokens[i], 0
+                while lo < len(toks):
+                    hi = min(len(toks), lo + self.n_batch)
+                    self._fill([seqs[i]], [toks[lo:hi]], [starts[i] + lo], [(0, hi - lo)],
+                               every=True)  # fmt: skip
+                    self._run(1, hi - lo)
+                    ptr = self.lib.llama_get_logits(self.ptr)
+                    out[at : at + hi - lo] = np.ctypeslib.as_array(ptr, shape=(hi - lo, n_vocab))
+                    at += hi - lo
+                    lo = hi
+                i += 1
+                continue
+            n = sum(len(tokens[c]) for c in chunk)
+            self._fill([seqs[c] for c in chunk], [tokens[c] for c in chunk],
+                       [starts[c] for c in chunk], [(0, len(tokens[c])) for c in chunk],
+                       every=True)  # fmt: skip
+            self._run(len(chunk), n)
+            ptr = self.lib.llama_get_logits(self.ptr)
+            out[at : at + n] = np.ctypeslib.as_array(ptr, shape=(n, n_vocab))
+            at += n
+        return out
 
     def decode(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]],
                starts: Sequence[int]) -> np.ndarray:  # fmt: skip
@@ -342,13 +403,15 @@ class Context:
         return out
 
     def _fill(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]], starts: Sequence[int],
-              spans: Sequence[tuple[int, int]]) -> None:  # fmt: skip
+              spans: Sequence[tuple[int, int]], every: bool = False) -> None:  # fmt: skip
+        """The batch: each sequence's span of tokens, logits at its last token (``every``: at
+        every token)."""
         at = 0
         for seq, toks, start, (lo, hi) in zip(seqs, tokens, starts, spans):
             n = hi - lo
             self._token[at : at + n] = toks[lo:hi]
             self._pos[at : at + n] = np.arange(start + lo, start + hi)
-            self._logits[at : at + n] = 0
+            self._logits[at : at + n] = 1 if every else 0
             if hi == len(toks):
                 self._logits[at + n - 1] = 1
             for k in range(at, at + n):
