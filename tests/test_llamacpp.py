@@ -289,7 +289,7 @@ def test_speculative_greedy_equals_sequential(spec_gens: dict[int, LlamaCppGener
             for lo, hi in ((0, 1), (1, 2), (0, 4)):  # B = 1 twice, B = 4
                 spec = gen.generate(PROMPTS[lo:hi], max_new_tokens=SPEC_NEW, speculative=k, **kw)
                 _assert_rows_equal(spec, alone[lo:hi], f"T={n_exp} {kw} k={k} rows {lo}:{hi}")
-                if hi - lo == 4 and k == 3 and not kw:
+                if hi - lo == 4 and k == 3 and not kw and n_exp == 1:
                     # Rows accepted different amounts: the per-row KV removal was exercised.
                     rates = [t.acceptance_rate for t in spec.trace]
                     assert max(rates) > 0.3 and len({round(r, 3) for r in rates}) > 1, rates
@@ -297,20 +297,21 @@ def test_speculative_greedy_equals_sequential(spec_gens: dict[int, LlamaCppGener
 
 
 def _stop_inside_run(gen: LlamaCppGenerator, prompts: list[str]) -> str:
-    """A piece of text that a drafted and accepted token completes, with tokens after it in the
-    same verified run (the first such piece not seen earlier in its row)."""
+    """A piece of text that a drafted and accepted token completes (the first such piece not
+    seen earlier in its row): a stop there ends the row inside a verified run, before the
+    round's later tokens (at least the correction or bonus token)."""
     free = gen.generate(prompts, max_new_tokens=SPEC_NEW, speculative=4)
     for b, toks in enumerate(free.token_ids):
         acc = free.trace[b].accepted_draft
         assert acc is not None
         for i in range(1, len(toks) - 1):
-            if not (acc[i] and acc[i + 1]):
+            if not acc[i]:
                 continue
             before = gen.tokenizer.decode(toks[:i])
             piece = gen.tokenizer.decode(toks[: i + 1])[len(before) :]
             if piece.strip() and piece not in before:
                 return piece
-    raise AssertionError("no accepted run of two drafted tokens to stop inside")
+    raise AssertionError("no accepted drafted token to stop at")
 
 
 def test_speculative_stops_inside_accepted_runs(spec_gens: dict[int, LlamaCppGenerator]) -> None:
