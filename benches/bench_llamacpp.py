@@ -2,6 +2,7 @@
 forwards, and the cross-checks (docs/llamacpp.md).
 
     .venv/bin/python benches/bench_llamacpp.py [--prompts 8] [--max-new-tokens 32] [--threads 2]
+    .venv/bin/python benches/bench_llamacpp.py --speculative 3 5 --only-speculative
 
 The family: the Qwen2.5-Coder 1.5B Q4_K_M (large) and 0.5B Q4_K_M (small) GGUFs of `make
 real-family`, and as the expert a copy of the 0.5B with its norms perturbed (written once with
@@ -16,6 +17,12 @@ with the paper's grid over the full vocabulary (solver "grid", support_k None): 
 against an independent loop (llama-cpp-python's Llama class per member, one prompt at a time,
 every token chosen by dlf_rs.reference in numpy), and against FusedGenerator's tokens (agreement,
 and the top-two margin of the fused logits where they first differ).
+
+With ``--speculative K ...``: speculative DLF at B = 1 (each prompt alone) with each draft length
+on both engines, beside each engine's sequential DLF on the same prompts: tokens/s, the ratio to
+FusedGenerator's sequential DLF, acceptance (accepted / tested drafts), large forwards per token,
+and whether every prompt's tokens equal that engine's sequential DLF (greedy).
+``--only-speculative`` runs just that table (no B = 8, members alone or cross-checks).
 """
 
 from __future__ import annotations
@@ -113,7 +120,22 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="llama.cpp only")
     ap.add_argument("--no-checks", action="store_true", help="speed only, no cross-checks")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument(
+        "--speculative",
+        type=lambda t: t if t == "auto" else int(t),
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="draft lengths for the speculative rows (B = 1)",
+    )
+    ap.add_argument(
+        "--only-speculative",
+        action="store_true",
+        help="only the B = 1 sequential and speculative rows",
+    )
     args = ap.parse_args()
+    if args.only_speculative:
+        return speculative_only(args)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     from dlf_rs.engines.llamacpp.generate import LlamaCppGenerator
@@ -209,6 +231,82 @@ def main() -> None:
         numbers = {k: {kk: vv for kk, vv in v.items() if kk != "result"} if isinstance(v, dict)
                    else v for k, v in rows.items()}  # fmt: skip
         Path(args.out).write_text(json.dumps({"speed": numbers, "checks": report}, indent=1))
+
+
+def speculative_only(args: argparse.Namespace) -> None:
+    """B = 1 on both engines: sequential DLF and speculative DLF with each draft length."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
+    import dlf_rs
+    import torch
+    from dlf_rs.engines.llamacpp.generate import LlamaCppGenerator
+
+    torch.set_num_threads(args.threads)
+    paths = family(args.threads)
+    prompts = PROMPTS[: args.prompts]
+    n_new = args.max_new_tokens
+    ks = args.speculative or [3]
+    lc = LlamaCppGenerator.from_gguf(paths["large"], paths["small"], [paths["expert"]],
+                                     n_threads=args.threads)  # fmt: skip
+    engines: list[tuple[str, Any]] = [("llama.cpp Q4_K_M", lc)]
+    if not args.skip_hf:
+        hf = dlf_rs.FusedGenerator.from_pretrained(
+            paths["large_bf16"], paths["small_bf16"], [paths["expert_bf16"]],
+            torch_dtype=torch.bfloat16,
+        )  # fmt: skip
+        engines.append(("FusedGenerator bf16", hf))
+    # Warm-up once everything is loaded (contexts, the GGUFs' mmap pages, torch's kernels).
+    for _name, gen in engines:
+        gen.generate(prompts[:1], max_new_tokens=8)
+        gen.generate(prompts[:1], max_new_tokens=8, speculative=ks[0])
+    rows: list[dict[str, Any]] = []
+    for name, gen in engines:
+        seq = timed(gen, prompts, 1, n_new)
+        rows.append({"engine": name, "mode": "sequential", **seq})
+        for k in ks:
+            r = timed(gen, prompts, 1, n_new, speculative=k)
+            res = r["result"]
+            pairs = list(zip(res.token_ids, seq["result"].token_ids))
+            same = sum(a == b for a, b in pairs)
+            firsts = [(i, next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), -1))
+                      for i, (a, b) in enumerate(pairs) if a != b]  # fmt: skip
+            rows.append({"engine": name, "mode": f"speculative k={k}", **r, "same": same,
+                         "first_differences": firsts,
+                         "acceptance": res.timings["acceptance"],
+                         "large_per_token": res.timings["large_forwards"] / r["tokens"]})  # fmt: skip
+    # The first engine's sequential run once more, last: how much the machine drifted.
+    again = timed(engines[0][1], prompts, 1, n_new)
+    rows.append({"engine": engines[0][0], "mode": "sequential, again (last)", **again})
+    base = next((r["tok_s"] for r in rows if r["engine"].startswith("FusedGenerator")
+                 and r["mode"] == "sequential"), None)  # fmt: skip
+    print(f"\n## Speculative DLF at B = 1 (one run; {len(prompts)} code prompts, each alone, up "
+          f"to {n_new} new tokens, greedy, {args.threads} threads)\n")  # fmt: skip
+    print(
+        "| engine | mode | tokens | wall s | tokens/s | x FusedGenerator sequential | "
+        "acceptance | large fwd / token | tokens = sequential |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
+        acc = f"{r['acceptance']:.2f}" if "acceptance" in r else "-"
+        lpt = f"{r['large_per_token']:.2f}" if "large_per_token" in r else "-"
+        same = f"{r['same']}/{len(prompts)}" if "same" in r else "-"
+        print(f"| {r['engine']} | {r['mode']} | {r['tokens']} | {r['wall']:.1f} | "
+              f"{r['tok_s']:.2f} | {ratio} | {acc} | {lpt} | {same} |")  # fmt: skip
+    for name, _gen in engines:
+        spec = [r for r in rows if r["engine"] == name and "acceptance" in r]
+        for r in spec:
+            t = r["result"].timings
+            steps = max(t["steps"], 1.0)
+            print(f"{name} {r['mode']}: per round " + ", ".join(
+                f"{key} {1e3 * t[key] / steps:.0f} ms" for key in
+                ("draft", "verify", "fuse_verify", "sample", "crop")) +
+                f"; {r['tokens'] / steps:.2f} tokens per round")  # fmt: skip
+            for i, j in r["first_differences"]:
+                print(f"  prompt {i}: first token that differs from sequential: {j}")
+    if args.out:
+        clean = [{k: v for k, v in r.items() if k != "result"} for r in rows]
+        Path(args.out).write_text(json.dumps(clean, indent=1))
 
 
 if __name__ == "__main__":
