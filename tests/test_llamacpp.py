@@ -100,6 +100,14 @@ def test_lora_expert_equals_independent_loop(files: dict[str, Any],
         alone = gen.generate([prompt], max_new_tokens=8, method="expert", expert=0)
         plain = gen.generate([prompt], max_new_tokens=8, method="large")
         assert alone.token_ids[0] != plain.token_ids[0]  # the adapter changes the model
+    # A batch whose rows end at different steps: each row's tokens and weights are those of the
+    # row decoded alone (one KV cache per sequence; see test_chat_rows_in_a_batch_equal_alone).
+    batch = gen.generate(PROMPTS, max_new_tokens=14, stop=["\n"])
+    assert len(set(map(len, batch.token_ids))) > 1
+    for b, prompt in enumerate(PROMPTS):
+        one = gen.generate([prompt], max_new_tokens=14, stop=["\n"])
+        assert batch.token_ids[b] == one.token_ids[0], b
+        np.testing.assert_array_equal(batch.alphas[b], one.alphas[0])
 
 
 def _reference_dlf(members: list[_Member], prompt: str, max_new: int,
@@ -166,6 +174,24 @@ def test_batches_equal_one_at_a_time(gen: LlamaCppGenerator) -> None:
             assert batch.texts[b] == alone.texts[0]
             assert batch.finish_reasons[b] == alone.finish_reasons[0]
             np.testing.assert_array_equal(batch.alphas[b], alone.alphas[0])
+
+
+def test_chat_rows_in_a_batch_equal_alone(gen: LlamaCppGenerator) -> None:
+    """Chat-template prompts of 30-40 tokens: the rows of a batch get the logits, weights and
+    tokens of the row decoded alone (a KV cache shared by the rows gave the second row logits
+    0.7-1.4 away from alone already at the prefill; one cache per sequence gives none)."""
+    msgs = [[{"role": "user", "content": c}] for c in (
+        "Write one sentence about the sea and the small boats that go out on it each morning.",
+        "List three colours that often appear in paintings of the countryside in autumn.",
+        "Say hi.")]  # fmt: skip
+    batch = gen.generate(messages=msgs, max_new_tokens=10)
+    lengths = [len(gen.tokenizer(gen.tokenizer.apply_chat_template(m, tokenize=False,
+               add_generation_prompt=True), add_special_tokens=False)["input_ids"]) for m in msgs]  # fmt: skip
+    assert max(lengths) >= 30 and len(set(lengths)) == 3, lengths
+    for b, m in enumerate(msgs):
+        alone = gen.generate(messages=[m], max_new_tokens=10)
+        assert batch.token_ids[b] == alone.token_ids[0], b
+        np.testing.assert_array_equal(batch.alphas[b], alone.alphas[0])
 
 
 def test_stream_joins_to_generate_and_batch_size_keeps_results(gen: LlamaCppGenerator) -> None:

@@ -252,8 +252,15 @@ class LlamaCppGenerator:
         ids = {name: self._tokenize(inputs.for_model(name)) for name in names}
         for name in names:
             self._check_length(name, ids[name], max_new_tokens)
-        need = {name: sum(len(r) for r in ids[name]) + batch * max_new_tokens for name in names}
-        ctxs = [self._context(name, need[name], batch) for name in names]
+        # One KV cache per sequence when B > 1 (``kv_unified=False``): in a cache shared by the
+        # rows, llama.cpp gave a row of a batch of chat prompts logits 0.7-1.4 away from the row
+        # alone (docs/llamacpp.md, "Batches"); per sequence, each row's are its own.
+        unified = batch == 1
+        ctxs = []
+        for name in names:
+            per_row = [len(r) + max_new_tokens for r in ids[name]]
+            need = per_row[0] if unified else batch * max(per_row)
+            ctxs.append(self._context(name, need, batch, unified=unified))
         timings = {"forward": 0.0, "prefill": 0.0, "fuse_step": 0.0, "sample": 0.0}
         trace = TraceRecorder(batch, len(self.experts))
         rows = Stopping(batch, self.tokenizer, self.eos_token_ids, stops)
@@ -334,8 +341,8 @@ class LlamaCppGenerator:
 
     def _context(self, name: str, n_ctx: int, n_seq: int, unified: bool = True) -> Context:
         """The member's context, kept across calls while it is large enough; cleared.
-        ``unified=False``: one KV cache per sequence (speculative DLF with several rows), kept
-        apart from the unified one."""
+        ``unified=False``: one KV cache per sequence (every batch of several rows), kept apart
+        from the unified one."""
         key = name if unified else f"{name}/per-sequence"
         ctx = self._contexts.get(key)
         if ctx is None or not ctx.fits(n_ctx, n_seq, unified):

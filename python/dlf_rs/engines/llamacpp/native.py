@@ -13,11 +13,10 @@ Decisions:
   :class:`LlamaCppError` that says which member and what was asked.
 - llama.cpp's log goes to Python's ``logging`` (logger ``dlf_rs.llamacpp``): errors as errors,
   the rest at DEBUG, so loading three models does not print several hundred lines.
-- The KV cache is unified over the sequences (``kv_unified``): rows of different lengths share
-  one cache of ``n_ctx`` cells instead of ``n_ctx / n_seq`` each. Speculative DLF with several
-  rows asks for one cache per sequence instead (``unified=False``): it removes each row's
-  rejected drafts, and in a unified cache llama.cpp would put the other rows' next tokens into
-  those cells, out of position order (:mod:`.speculative`).
+- A context holds ``n_seq`` sequences, in one KV cache shared by them (``unified=True``, one row)
+  or in one cache per sequence of ``n_ctx / n_seq`` cells each (``unified=False``, what every
+  batch of several rows uses: with a shared cache llama.cpp gave a batch's rows logits 0.7-1.4
+  away from decoding them alone; docs/llamacpp.md "Batches").
 """
 
 from __future__ import annotations

@@ -21,12 +21,10 @@ One round over the live rows (each row one KV sequence, as in sequential decodin
    ``llama_memory_seq_rm`` (:meth:`.native.Context.truncate`), so the next round writes at the
    position after its last kept token.
 
-KV layout (decision): with one row the cache is llama.cpp's ordinary one. With several rows each
-sequence gets a cache of its own (``kv_unified=False``): removing a row's rejected drafts frees
-cells, and in the unified cache the sequential engine uses llama.cpp puts the next tokens of any
-row into the first free cells, so a row's keys would stop being in position order and its
-attention sums would be added in another order than decoding it alone (the reason the
-sequential engine keeps finished rows' cells until the call ends). In its own cache a row's cells
+KV layout: the sequential loop's (with one row llama.cpp's ordinary cache, with several one cache
+per sequence, ``kv_unified=False``). Speculation needs it all the more: removing a row's rejected
+drafts frees cells, and in a cache shared by the rows llama.cpp would put the next tokens of any
+row into the first free cells, out of that row's position order. In its own cache a row's cells
 are reused in position order: each row's layout is that of decoding it alone.
 
 Not supported: methods "large" and "expert" (nothing to fuse; refused by name, as in
