@@ -270,3 +270,62 @@ def test_serve_dry_run_says_the_cpu_kv_cache_it_chose(tmp_path, capsys, monkeypa
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     assert main(argv) == 0
     assert "KV cache" not in capsys.readouterr().err
+
+
+def test_serve_is_eager_on_a_cpu_unless_the_caller_chooses(capsys) -> None:
+    """dlf-rs serve adds --enforce-eager where there is no CUDA (compiling every member takes
+    minutes on a CPU, docs/vllm.md "Start time"), and nothing where the caller's vllm serve
+    arguments choose compiled or eager in any of vLLM's spellings, or where there is CUDA."""
+    from dlf_rs.engines.vllm.serve import chooses_compilation, compile_arguments
+
+    assert compile_arguments(["--port", "8000", "--max-model-len", "1024"], cuda=False) == [
+        "--enforce-eager"
+    ]
+    assert "dlf-rs serve: no CUDA: eager (--enforce-eager)" in capsys.readouterr().err
+    assert compile_arguments([], cuda=True) == []
+    assert capsys.readouterr().err == ""
+    chosen = [
+        ["--enforce-eager"],
+        ["--no-enforce-eager"],
+        ["--enforce_eager"],
+        ["--compilation-config", '{"mode": 3}'],
+        ['--compilation-config={"mode": 3}'],
+        ["--compilation-config.mode=3"],
+        ["--compilation_config.mode", "3"],
+        ["-cc", '{"mode": 0}'],
+        ["-cc.mode=0"],
+        ["--optimization-level", "3"],
+        ["--optimization-level=0"],
+        ["-O3"],
+        ["-O", "0"],
+        ["-O=1"],
+    ]
+    for rest in chosen:
+        assert chooses_compilation(["--port", "8000", *rest]), rest
+        assert compile_arguments(["--port", "8000", *rest], cuda=False) == [], rest
+    assert capsys.readouterr().err == ""
+    # Values and other flags that merely contain the words do not count as a choice.
+    for rest in (["--served-model-name", "--enforce-eager-model"], ["--model-impl", "vllm"],
+                 ["--seed", "0", "--max-num-seqs", "4"], ["--port", "8000"]):  # fmt: skip
+        assert not chooses_compilation(rest), rest
+
+
+def test_serve_dry_run_is_eager_on_a_cpu(tmp_path, capsys) -> None:
+    import sys
+
+    from dlf_rs.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the default is for machines without CUDA")
+    sys.path.insert(0, str(Path(__file__).parent / "vllm_serving"))
+    from family import build_family
+
+    m = build_family(tmp_path / "m", experts=1)
+    argv = ["serve", "--large", str(m["large"]), "--small", str(m["small"]), "--expert",
+            str(m["expert0"]), "--fused-dir", str(tmp_path / "f"), "--dry-run", "--"]  # fmt: skip
+    assert main([*argv, "--port", "8123"]) == 0
+    cmd = capsys.readouterr().err.strip().splitlines()[-1].split()
+    assert cmd.count("--enforce-eager") == 1 and cmd[-2:] == ["--port", "8123"]
+    assert main([*argv, "--no-enforce-eager"]) == 0
+    cmd = capsys.readouterr().err.strip().splitlines()[-1].split()
+    assert "--enforce-eager" not in cmd and cmd[-1] == "--no-enforce-eager"

@@ -8,6 +8,10 @@ Every argument after ``--`` goes to ``vllm serve`` unchanged (``--port``, ``--dt
 body: ``{"vllm_xargs": {"dlf_alpha": 1.0, "dlf_alpha_log": "run-7"}}`` (dlf_rs.engines.vllm.spec lists
 them); a bad value is answered with HTTP 400 naming the field.
 
+On a machine without CUDA the server starts eager (``--enforce-eager``) unless the arguments
+after ``--`` choose compiled or eager themselves (:func:`compile_arguments`, docs/vllm.md "Start
+time").
+
 On SIGTERM or SIGINT the server drains: in-flight requests get ``--shutdown-timeout`` seconds
 (vLLM's flag; :data:`.shutdown.DEFAULT_GRACE_S` unless given after ``--``), new ones an HTTP 503,
 and a second signal stops it at once (:mod:`.shutdown`, docs/vllm.md "Shutdown").
@@ -50,12 +54,16 @@ _KV_CHOICES = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
-    add_member_flags(m, expert_help="small expert checkpoint (full weights or a LoRA adapter, "
-                     "merged into the fused directory; with --family a task name); repeat")
+    add_member_flags(
+        m,
+        expert_help="small expert checkpoint (full weights or a LoRA adapter, "
+        "merged into the fused directory; with --family a task name); repeat",
+    )
     m.add_argument("--allow-download", action="store_true",
                    help="let hub ids be downloaded (default: the local cache only)")  # fmt: skip
-    add_fusion_flags(parser.add_argument_group(
-        "default DLF options (each request may override them)"))
+    add_fusion_flags(
+        parser.add_argument_group("default DLF options (each request may override them)")
+    )
     parser.add_argument("--fused-dir", default=None,
                         help="where to write the fused directory (default: ~/.cache/dlf_rs/fused/"
                         "<hash of the members and options>)")  # fmt: skip
@@ -186,6 +194,48 @@ def shutdown_arguments(rest: list[str]) -> list[str]:
     return ["--shutdown-timeout", str(DEFAULT_GRACE_S)]
 
 
+# vllm serve arguments by which the caller chose between torch.compile and eager (vLLM 0.32:
+# --enforce-eager / --no-enforce-eager, --compilation-config / -cc and their dotted forms such as
+# --compilation-config.mode=3, --optimization-level and its short forms -O3, -O 3, -O=3).
+_COMPILE_CHOICES = (
+    "--enforce-eager",
+    "--no-enforce-eager",
+    "--compilation-config",
+    "-cc",
+    "--optimization-level",
+)
+
+
+def chooses_compilation(rest: list[str]) -> bool:
+    """Whether the vllm serve arguments choose compiled or eager themselves."""
+    for a in rest:
+        name = a.split("=")[0].split(".")[0]
+        if name.startswith("--"):
+            name = "--" + name[2:].replace("_", "-")
+        if name in _COMPILE_CHOICES or a.startswith("-O"):
+            return True
+    return False
+
+
+def compile_arguments(rest: list[str], cuda: bool) -> list[str]:
+    """``--enforce-eager`` on a machine without CUDA unless the vllm serve arguments choose
+    compiled or eager (:func:`chooses_compilation`); says what it chose. On the real pair on a
+    CPU, vLLM's torch.compile of every member made the fused server start several times slower
+    than eager and decode only a little faster (docs/vllm.md, "Start time")."""
+    if cuda or chooses_compilation(rest):
+        return []
+    print("dlf-rs serve: no CUDA: eager (--enforce-eager): compiling each member with "
+          "torch.compile takes minutes on a CPU and gains little decode speed there "
+          "(docs/vllm.md, 'Start time'); compile with -- --no-enforce-eager", file=sys.stderr)  # fmt: skip
+    return ["--enforce-eager"]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def run(args: argparse.Namespace) -> int:
     large, small, experts = _sources(args)
     options = _options(args)
@@ -203,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "dlf_rs.engines.vllm.api_server", "--model", str(out),
            *processor_arguments(rest), *kv_cache_arguments(out, rest, env),
-           *shutdown_arguments(rest), *rest]  # fmt: skip
+           *shutdown_arguments(rest), *compile_arguments(rest, _cuda()), *rest]  # fmt: skip
     env[FUSED_DIR_ENV] = str(out)
     if not args.allow_download:
         env.setdefault("HF_HUB_OFFLINE", "1")
