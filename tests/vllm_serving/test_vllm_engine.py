@@ -300,3 +300,19 @@ def test_plain_vllm_llm_takes_the_fused_directory(family, engine) -> None:
     assert want[:4] != want[4:]  # the option changed something
     errors = [line for line in r.stdout.splitlines() if line.startswith("ERROR")]
     assert errors and "dlf_expert: expected an expert index in [0, 2), got 9" in errors[0], r.stdout
+
+
+def test_each_member_is_built_under_its_own_compile_tag() -> None:
+    """A member built inside ``_compile_tag(name)`` gets vLLM's compile tag ``dlf_<name>`` (the
+    prefix of its compile backend's cache subdirectory and of its compile log lines); the tag
+    in force before comes back afterwards."""
+    from dlf_rs.engines.vllm.model import _compile_tag
+    from vllm.compilation import backends
+
+    before = backends.model_tag
+    seen = []
+    for name in ("large", "small", "expert0"):
+        with _compile_tag(name):
+            seen.append(backends.model_tag)
+        assert backends.model_tag == before
+    assert seen == ["dlf_large", "dlf_small", "dlf_expert0"]

@@ -19,6 +19,7 @@ with their own options and logs alphas. vLLM's sampler draws from the fused logi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,23 @@ def _repair_cpu_expand() -> None:
     )
 
 
+def _compile_tag(name: str) -> AbstractContextManager[None]:
+    """vLLM's compile tag for a member built inside it: ``dlf_<name>`` (``dlf_large``, ...).
+
+    The members share one compilation config, so under vLLM's per-graph compile cache
+    (``VLLM_USE_AOT_COMPILE=0``) every member's graphs would go to one ``vllm_compile_cache.py``
+    keyed by shape range and graph index, the same keys for every member; the tag gives each
+    member its own subdirectory (as vLLM does for a draft model's ``eagle_head``) and names it in
+    vLLM's compile logs. It does not separate vLLM's ahead-of-time compile files (their hash is
+    the fused model's configuration for every member, docs/vllm.md "Start time"). A no-op on vLLM
+    versions without ``set_model_tag``."""
+    try:
+        from vllm.compilation.backends import set_model_tag
+    except ImportError:
+        return nullcontext()
+    return set_model_tag(f"dlf_{name}")
+
+
 class DlfFusedForCausalLM(nn.Module):
     """Large, small and experts as members of one vLLM model; fused logits out."""
 
@@ -123,7 +141,8 @@ class DlfFusedForCausalLM(nn.Module):
                 )
             member_vc = vllm_config.with_hf_config(cfg, architectures=cfg.architectures)
             cls, _ = ModelRegistry.resolve_model_cls(cfg.architectures, member_vc.model_config)
-            member = cls(vllm_config=member_vc, prefix=maybe_prefix(prefix, name))
+            with _compile_tag(name):
+                member = cls(vllm_config=member_vc, prefix=maybe_prefix(prefix, name))
             self.add_module(name, member)
             self.member_names.append(name)
             self.member_paths[name] = path
