@@ -17,6 +17,14 @@ scan (weights and tokens). The kinds:
   held-out qa prompts followed by their DLF continuation (greedy, 12 new tokens); every decode
   position is a row. Its vocabulary has 215 tokens, so these rows are reported at V=215 only.
 
+`--engine` (alone, or added to a full run) prints the engine table: what
+`dlf_rs.engines.fusion.fuse_rows` (vLLM's `compute_logits`) pays per step for the fused logits
+of a batch on dense rows, V = 49,152 and 151,936, B = 1, 8, 16, T = 1 and 2, greedy-core
+options as the engine passes them: before, `fuse_step` for the weights then `fuse_logits` for
+the fused logits (two calls, two passes over every model row); after, one `fuse_step` writing
+them into `fused_out`; and the step alone for scale. The calls alternate so that the ratio
+before / after is taken in one run under the same load.
+
 Then (unless `--quick`) the older detail tables on Zipf rows at V=32000: support_k=256/1024 and a
 vectorised torch (CPU) paper grid, the certified/fallback rates on Zipf and flat Gaussian rows,
 and the pruning-error figures. `--rows FILE` adds a table of real models' rows recorded by
@@ -144,9 +152,11 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
 
     grid_np = rows["numpy paper grid"]
     grid_t = rows.get("torch CPU paper grid", float("nan"))
-    print(f"\nB={batch} V={vocab} T={n_exp}  (grid alphas agree with numpy on {agree:.0%} of rows; "
-          f"default certified on {res.certified.mean():.0%} of rows, identical to the full scan: "
-          f"{same})")
+    print(
+        f"\nB={batch} V={vocab} T={n_exp}  (grid alphas agree with numpy on {agree:.0%} of rows; "
+        f"default certified on {res.certified.mean():.0%} of rows, identical to the full scan: "
+        f"{same})"
+    )
     print(
         f"  {'':32s} {'median ms':>10s} {'vs numpy grid':>14s} {'vs torch grid':>14s} "
         f"{'/ read floor':>13s}"
@@ -157,10 +167,12 @@ def bench_case(batch: int, vocab: int, n_exp: int, repeats: int) -> None:
             f"{t / floor:12.1f}x"
         )
     d = rows["fuse_step grid (default)"]
-    print(f"  goals: default / read floor {d / floor:.1f}x (goal <= 3x at B=32 T=4); "
-          f"numpy grid / default {grid_np / d:.0f}x (goal >= 200x at B=8 T=1); "
-          f"exact / default {rows['fuse_step exact'] / d:.1f}x, exact / full scan "
-          f"{rows['fuse_step exact'] / rows['fuse_step grid, full scan']:.1f}x (goal <= 2x)")
+    print(
+        f"  goals: default / read floor {d / floor:.1f}x (goal <= 3x at B=32 T=4); "
+        f"numpy grid / default {grid_np / d:.0f}x (goal >= 200x at B=8 T=1); "
+        f"exact / default {rows['fuse_step exact'] / d:.1f}x, exact / full scan "
+        f"{rows['fuse_step exact'] / rows['fuse_step grid, full scan']:.1f}x (goal <= 2x)"
+    )
 
 
 def certified_rates(n_rows: int = 64, vocab: int = 32000) -> None:
@@ -170,16 +182,21 @@ def certified_rates(n_rows: int = 64, vocab: int = 32000) -> None:
     for n_exp in (1, 4):
         zipf = zipf_logits(rng, n_rows, vocab, n_exp)
         large, small, _ = flat_logits(rng, n_rows, vocab)
-        flat_e = (small[None] + 0.8 * rng.standard_normal((n_exp, n_rows, vocab))).astype(np.float32)
+        flat_e = (small[None] + 0.8 * rng.standard_normal((n_exp, n_rows, vocab))).astype(
+            np.float32
+        )
         for name, (lg, sm, ex) in (("Zipf", zipf), ("flat Gaussian", (large, small, flat_e))):
             r = dlf_rs.fuse_step(lg, sm, list(ex))
             # What the attempt costs (or saves) against the plain full scan on the same rows.
             args = (lg, sm, list(ex))
             t_def = median_time(lambda a=args: dlf_rs.fuse_step(*a), 5)
             t_full = median_time(lambda a=args: dlf_rs.fuse_step(*a, support_k=vocab), 5)
-            print(f"  T={n_exp} {name:14s} certified {r.certified.mean():6.1%}  fallback "
-                  f"{r.fallback.mean():6.1%}  default {t_def * 1e3:7.2f} ms, full scan "
-                  f"{t_full * 1e3:7.2f} ms ({t_def / t_full:.2f}x)")
+            print(
+                f"  T={n_exp} {name:14s} certified {r.certified.mean():6.1%}  fallback "
+                f"{r.fallback.mean():6.1%}  default {t_def * 1e3:7.2f} ms, full scan "
+                f"{t_full * 1e3:7.2f} ms ({t_def / t_full:.2f}x)"
+            )
+
 
 def flat_logits(rng: np.random.Generator, n_rows: int, vocab: int) -> tuple[np.ndarray, ...]:
     """High-entropy rows (Gaussian logits, sd 1): the hard case for pruning, where the tail holds
@@ -311,8 +328,10 @@ def three_kinds(kinds: list[str], vocabs: tuple[int, ...], quick: bool) -> None:
             cert3 = dlf_rs.fuse_step(large, small, list(experts)).certified.mean()
             for b, t in ((8, 1), (32, 1), (32, 3)):
                 lines.append(
-                    (f"V={large.shape[1]} B={b} T={t}",
-                     kind_row(large[:b], small[:b], experts[:t, :b], quick))
+                    (
+                        f"V={large.shape[1]} B={b} T={t}",
+                        kind_row(large[:b], small[:b], experts[:t, :b], quick),
+                    )
                 )
             print_kind(
                 f"real rows (shipped family, V={large.shape[1]}: its own vocabulary; {n} decode "
@@ -361,17 +380,86 @@ def recorded_rows(path: str, quick: bool) -> None:
     )
 
 
+def paired_medians(fns: dict[str, Callable[[], object]], min_s: float) -> dict[str, float]:
+    """Median seconds per call of each function, the calls interleaved round by round (after a
+    0.3 s warm-up of each) so that drift in the machine's load hits them alike."""
+    for fn in fns.values():
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.3:
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_s or len(next(iter(times.values()))) < 5:
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def engine_fusion(quick: bool) -> None:
+    """fuse_rows before (fuse_step, then fuse_logits) and after (fuse_step with fused_out)."""
+    from dlf_rs.engines.fusion import fuse_rows, greedy_options
+    from dlf_rs.step import fuse_step_prepared
+
+    opts = dlf_rs.StepOptions()
+    core_opts = greedy_options(opts)
+    print(
+        "\nEngine fusion (dlf_rs.engines.fusion.fuse_rows, method dlf, dense rows; median ms per "
+        "step, calls interleaved; before = fuse_step then fuse_logits, after = fuse_step with "
+        "fused_out)"
+    )
+    print(
+        f"  {'shape':22s} {'step alone':>10s} {'before':>9s} {'after':>9s} "
+        f"{'before/after':>12s} {'same':>5s}"
+    )
+    for v in (49152, 151936):
+        for t in (1, 2):
+            for b in (1, 8, 16):
+                rng = np.random.default_rng(b * 1000 + t + v)
+                large, small, experts = dense_logits(rng, b, v, t)
+                ex = [np.ascontiguousarray(e) for e in experts]
+
+                def before(large=large, small=small, ex=ex) -> np.ndarray:
+                    # fuse_rows as it was: the weights from the step, a second fusion pass.
+                    fused = np.empty_like(large)
+                    w = fuse_step_prepared(large, small, ex, core_opts, None).alphas
+                    fused[:] = dlf_rs.fuse_logits(large, small, ex, np.ascontiguousarray(w))
+                    return fused
+
+                def after(large=large, small=small, ex=ex, b=b) -> np.ndarray:
+                    return fuse_rows(large, small, ex, [opts] * b)[0]
+
+                def step(large=large, small=small, ex=ex) -> object:
+                    return fuse_step_prepared(large, small, ex, core_opts, None)
+
+                same = bool(np.array_equal(before(), after()))
+                r = paired_medians(
+                    {
+                        "step": step,
+                        "before": before,
+                        "after": after,
+                    },
+                    0.5 if quick else 2.0,
+                )
+                print(
+                    f"  {f'V={v} B={b} T={t}':22s} {r['step'] * 1e3:10.3f} "
+                    f"{r['before'] * 1e3:9.3f} {r['after'] * 1e3:9.3f} "
+                    f"{r['before'] / r['after']:11.2f}x {'yes' if same else 'NO':>5s}"
+                )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--kinds", default="zipf,dense,real", help="comma-separated: zipf, dense, real"
-    )
+    ap.add_argument("--kinds", default="zipf,dense,real", help="comma-separated: zipf, dense, real")
     ap.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes of the synthetic rows")
     ap.add_argument(
         "--quick", action="store_true", help="V=32000 only, short samples, no detail tables"
     )
     ap.add_argument("--rows", metavar="FILE", help="also a table of recorded real rows "
                     "(python -m dlf_rs.real_family record)")  # fmt: skip
+    ap.add_argument("--engine", action="store_true", help="the engine fusion table (fuse_rows "
+                    "before / after fused_out); alone unless --kinds is given")  # fmt: skip
     args = ap.parse_args()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("zipf", "dense", "real")]
@@ -384,6 +472,10 @@ def main() -> None:
         + (f"; torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
         + f"; load average {load:.2f}"
     )
+    if args.engine:
+        engine_fusion(args.quick)
+        if "--kinds" not in sys.argv:
+            return
     three_kinds(kinds, vocabs, args.quick)
     if args.rows:
         recorded_rows(args.rows, args.quick)

@@ -48,7 +48,7 @@ pub use error::DlfError;
 pub use penalty::History;
 pub use sample::{sample_batch, sample_batch_penalized, sample_batch_with_cancel};
 pub use step::{
-    fuse_logits, fuse_logits_with_cancel, fuse_step, fuse_step_with_cancel,
+    fuse_logits, fuse_logits_with_cancel, fuse_step, fuse_step_into, fuse_step_with_cancel,
     fuse_step_with_penalties, StepInputs, StepOutput,
 };
 pub use verify::{fuse_verify, fuse_verify_with_cancel, VerifyInputs, VerifyOutput};

@@ -107,10 +107,15 @@ def fuse_step(
     seeds: Sequence[int] | None = None,
     history: npt.NDArray[np.int64] | None = None,
     history_offsets: npt.NDArray[np.int64] | None = None,
+    fused_out: npt.NDArray[np.float32] | None = None,
 ) -> StepResult:
     """`history` (int64, flat, negative ids are padding) and `history_offsets` (int64 [B + 1]:
     row b is history[offsets[b]:offsets[b + 1]]) together: the tokens each row has seen, needed
-    when a penalty is active (applied to the fused row before the draw), ignored otherwise."""
+    when a penalty is active (applied to the fused row before the draw), ignored otherwise.
+    `fused_out`: a writable C-contiguous float32 [B, V] array, not sharing memory with an
+    input, that receives the fused logits of the returned alphas (before penalties): what
+    `fuse_logits` returns for them, bit for bit."""
+
 def fuse_logits(
     large: npt.NDArray[np.float32],
     small: npt.NDArray[np.float32],

@@ -50,19 +50,39 @@ def fuse_step_prepared(
     options: StepOptions,
     seeds: list[int] | None,
     history: Any = None,
+    fused_out: np.ndarray | None = None,
 ) -> StepResult:
     """``fuse_step`` for callers that hold float32 C-contiguous arrays and a checked record
     (the generation loop): no conversion, no re-validation of the record in Python.
 
     ``history`` as in :func:`fuse_step`; cheapest as an int64 C-contiguous ``[B, L]`` array
     padded with -1 (passed without a copy), e.g. a buffer the loop fills in place.
+    ``fused_out``: as in :func:`fuse_step` (a numpy array only).
     """
-    if history is None:  # the loop's common case: not one more call
+    if history is None and fused_out is None:  # the loop's common case: not one more call
         return core_fuse_step(large, small, experts, options._core, seed=None, seeds=seeds)
     return core_fuse_step(
         large, small, experts, options._core, seed=None, seeds=seeds,
-        **_history_kwargs(history, options),
+        fused_out=fused_out, **_history_kwargs(history, options),
     )  # fmt: skip
+
+
+def _output_array(x: Any, name: str) -> Any:
+    """A caller's output buffer as the numpy array the core writes into: an ndarray as is, a
+    CPU float32 tensor as a view of its memory (never a copy: the writes must reach it).
+    The core checks shape, dtype, layout and writability (errors naming ``name``)."""
+    if type(x).__module__.split(".")[0] != "torch":
+        return x
+    import torch
+
+    if x.layout != torch.strided or x.device.type != "cpu" or x.dtype != torch.float32:
+        raise TypeError(
+            f"{name}: expected a float32 numpy array or dense CPU float32 tensor, got a "
+            f"{x.dtype} tensor on {x.device} ({x.layout})"
+        )
+    if x.requires_grad:
+        raise TypeError(f"{name}: expected a tensor that does not require grad")
+    return x.numpy()
 
 
 def fuse_step(
@@ -73,6 +93,7 @@ def fuse_step(
     *,
     seed: int | list[int] | None = None,
     history: Any = None,
+    fused_out: Any = None,
     **overrides: Any,
 ) -> StepResult:
     """One Dynamic Logit Fusion decoding step for a batch.
@@ -95,6 +116,16 @@ def fuse_step(
     draw; the weights, ``loss`` and KLs are those without): a list of B 1-D integer sequences
     (any lengths) or a 2-D int array ``[B, L]`` whose negative entries are padding. Needed when
     a penalty is active, ignored otherwise. Ids must be < V (error naming ``history[b]``).
+
+    ``fused_out``: None, or a writable C-contiguous float32 ``[B, V]`` numpy array (or CPU
+    float32 tensor) that receives each row's fused logits z_L + sum_t alpha_t (z_t - z_S) for
+    the returned ``alphas``, before penalties, temperature and filters: bit for bit what
+    ``fuse_logits(large, small, experts, result.alphas)`` returns, built once in the pass that
+    draws the token instead of by a second call. It must not share memory with an input, and
+    nothing may read or write it until the call returns. A wrong shape, layout, a read-only
+    array or one that overlaps an input raises ``DlfError``, a wrong dtype or type
+    ``TypeError``, each naming ``fused_out``.
+
     Raises ``DlfError`` (a ValueError) on bad values or shapes, ``TypeError`` on bad types.
     """
     opts = StepOptions.build(options, **overrides)
@@ -106,8 +137,9 @@ def fuse_step(
     zl = as_f32(large, "large", 2)
     zs = as_f32(small, "small", 2)
     ze = experts_f32(experts)
+    out = {} if fused_out is None else {"fused_out": _output_array(fused_out, "fused_out")}
     return core_fuse_step(
-        zl, zs, ze, opts._core, **_seed_kwargs(seed), **_history_kwargs(history, opts)
+        zl, zs, ze, opts._core, **_seed_kwargs(seed), **_history_kwargs(history, opts), **out
     )
 
 

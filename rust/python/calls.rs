@@ -10,18 +10,20 @@ use super::*;
 #[pyfunction]
 #[pyo3(signature = (
     large, small, experts, options, *, seed=None, seeds=None, history=None, history_offsets=None,
+    fused_out=None,
 ))]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fuse_step(
-    py: Python<'_>,
-    large: PyReadonlyArray2<'_, f32>,
-    small: PyReadonlyArray2<'_, f32>,
-    experts: Vec<PyReadonlyArray2<'_, f32>>,
-    options: PyRef<'_, CoreOptions>,
+pub(super) fn fuse_step<'py>(
+    py: Python<'py>,
+    large: PyReadonlyArray2<'py, f32>,
+    small: PyReadonlyArray2<'py, f32>,
+    experts: Vec<PyReadonlyArray2<'py, f32>>,
+    options: PyRef<'py, CoreOptions>,
     seed: Option<u64>,
     seeds: Option<Vec<u64>>,
-    history: Option<PyReadonlyArray1<'_, i64>>,
-    history_offsets: Option<PyReadonlyArray1<'_, i64>>,
+    history: Option<PyReadonlyArray1<'py, i64>>,
+    history_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    fused_out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<StepResult> {
     guarded("fuse_step", move || {
         let weights = options.weights(experts.len());
@@ -37,12 +39,22 @@ pub(super) fn fuse_step(
             batch: m.batch,
             vocab: m.vocab,
         };
+        // Checked after the inputs are borrowed, so an output that shares memory with one of
+        // them is refused (numpy's borrow tracking) instead of being written while it is read.
+        let mut fused = fused_out
+            .as_ref()
+            .map(|o| writable_matrix(o, "fused_out", [m.batch, m.vocab]))
+            .transpose()?;
         // The arrays are borrowed read-only (zero-copy) while the GIL is released: the caller must not
         // mutate them from another thread until this call returns (see the module docs for what
         // happens if it does). `dlf_rs.FusedGenerator` owns its staging buffers and never does.
+        // `fused_out` is borrowed writable the same way: nothing else may read or write it
+        // until the call returns.
         let work = step_work(m.batch, m.vocab, m.experts.len(), &weights);
-        let out = run_core(py, "fuse_step", work, |cancel| {
-            crate::step::fuse_step_with_penalties(
+        let dst = fused.as_mut().map(|f| f.as_slice_mut()).transpose();
+        let dst = dst.map_err(|_| not_contiguous("fused_out"))?;
+        let out = run_core(py, "fuse_step", work, |cancel| match dst {
+            None => crate::step::fuse_step_with_penalties(
                 &inputs,
                 &weights,
                 &sampling,
@@ -50,7 +62,17 @@ pub(super) fn fuse_step(
                 history.as_ref(),
                 &seeds,
                 cancel,
-            )
+            ),
+            Some(dst) => crate::step::fuse_step_into(
+                &inputs,
+                &weights,
+                &sampling,
+                &penalties,
+                history.as_ref(),
+                &seeds,
+                dst,
+                cancel,
+            ),
         })?;
         Ok(StepResult { out })
     })

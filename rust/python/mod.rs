@@ -34,11 +34,11 @@ use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use numpy::{
-    PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyReadonlyArray3, PyUntypedArrayMethods,
+    BorrowError, PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray3, PyReadwriteArray2, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -96,6 +96,57 @@ fn slice_of<'a>(arr: &'a PyReadonlyArray2<'_, f32>, arg: &str) -> PyResult<&'a [
             "a C-contiguous float32 array",
             "a non-contiguous array",
         ))
+    })
+}
+
+fn not_contiguous(arg: &str) -> PyErr {
+    to_py(CoreError::invalid(
+        arg,
+        "a C-contiguous float32 array",
+        "a non-contiguous array",
+    ))
+}
+
+/// A caller's output buffer: a writable, C-contiguous float32 numpy array of shape `expected`,
+/// borrowed for writing. Every refusal names `arg`: a TypeError for anything but a float32
+/// ndarray, `DlfError` for the shape, the layout, a read-only array or one that shares memory
+/// with an input of the same call (numpy's borrow tracking sees the inputs' read borrows).
+fn writable_matrix<'py>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    expected: [usize; 2],
+) -> PyResult<PyReadwriteArray2<'py, f32>> {
+    let Ok(untyped) = obj.cast::<PyUntypedArray>() else {
+        return Err(PyTypeError::new_err(format!(
+            "{arg}: expected a float32 numpy array of shape {}, got {}",
+            shape_str(&expected),
+            obj.get_type().name()?
+        )));
+    };
+    let Ok(arr) = obj.cast::<PyArray2<f32>>() else {
+        return Err(PyTypeError::new_err(format!(
+            "{arg}: expected a float32 numpy array of shape {}, got a {}-D array of dtype {}",
+            shape_str(&expected),
+            untyped.ndim(),
+            untyped.dtype()
+        )));
+    };
+    if arr.shape() != expected {
+        return Err(to_py(CoreError::Shape {
+            arg: arg.to_string(),
+            expected: shape_str(&expected),
+            got: shape_str(arr.shape()),
+        }));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(not_contiguous(arg));
+    }
+    arr.try_readwrite().map_err(|e| {
+        let got = match e {
+            BorrowError::NotWriteable => "a read-only array",
+            _ => "an array that shares memory with an input of this call",
+        };
+        to_py(CoreError::invalid(arg, "a writable array of its own", got))
     })
 }
 

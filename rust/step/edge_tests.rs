@@ -243,3 +243,73 @@ fn each_bad_argument_names_itself() {
         matches!(fuse_logits(&inp, &[1.0, 1.0], &mut out[..3]), Err(DlfError::Shape { ref arg, .. }) if arg == "out")
     );
 }
+
+/// `fuse_step_into`'s `fused_out` must hold `batch * vocab` values (the error names it); an
+/// empty batch takes an empty buffer; a cancelled call stops; the sequential loop writes the
+/// same rows as the parallel one.
+#[test]
+fn fuse_step_into_checks_its_buffer() {
+    let (b, v) = (3, 200);
+    let (l, s, e) = family(b, v, 2);
+    let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
+    let inp = inputs(&l, &s, &ex, b, v);
+    let (w, smp, pen) = (
+        dyn_cfg(None, SolverKind::Grid),
+        Sampling::default(),
+        Penalties::default(),
+    );
+    let seeds = Seeds::One(1);
+    for n in [0, b * v - 1, b * v + 1, v] {
+        let mut out = vec![0.0f32; n];
+        let r = fuse_step_into(&inp, &w, &smp, &pen, None, &seeds, &mut out, Cancel::NEVER);
+        assert!(
+            matches!(r, Err(DlfError::Shape { ref arg, .. }) if arg == "fused_out"),
+            "{n}: {r:?}"
+        );
+    }
+    let none: [&[f32]; 1] = [&[]];
+    let empty = inputs(&[], &[], &none, 0, v);
+    let r = fuse_step_into(&empty, &w, &smp, &pen, None, &seeds, &mut [], Cancel::NEVER);
+    assert_eq!(r.unwrap().batch, 0);
+    let flag = std::sync::atomic::AtomicBool::new(true);
+    let mut out = vec![0.0f32; b * v];
+    let r = fuse_step_into(
+        &inp,
+        &w,
+        &smp,
+        &pen,
+        None,
+        &seeds,
+        &mut out,
+        Cancel::new(&flag),
+    );
+    assert!(matches!(r, Err(DlfError::Cancelled)), "{r:?}");
+    let mut par = vec![0.0f32; b * v];
+    let mut seq = vec![1.0f32; b * v];
+    let off = Seen {
+        penalties: &pen,
+        history: None,
+    };
+    let a = fuse_step_rows(
+        &inp,
+        &w,
+        &smp,
+        off,
+        &seeds,
+        true,
+        Some(&mut par),
+        Cancel::NEVER,
+    );
+    let z = fuse_step_rows(
+        &inp,
+        &w,
+        &smp,
+        off,
+        &seeds,
+        false,
+        Some(&mut seq),
+        Cancel::NEVER,
+    );
+    assert_eq!(a.unwrap(), z.unwrap());
+    assert_eq!(par, seq);
+}

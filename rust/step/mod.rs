@@ -9,6 +9,8 @@
 //! - `fuse_step(&inputs, &weights, &sampling, &seeds) -> Result<StepOutput, DlfError>`.
 //! - `fuse_logits(&inputs, alphas /* batch * T, row-major */, out /* batch * vocab */)`.
 //! - `fuse_step_with_penalties(&inputs, &weights, &sampling, &penalties, history, &seeds, cancel)`.
+//! - `fuse_step_into(.., fused_out /* batch * vocab */, cancel)`: the same step, which also leaves
+//!   each row's fused logits in `fused_out` (what `fuse_logits` returns for the step's weights).
 //!
 //! Rows are independent: each is processed on a rayon worker with that thread's scratch buffers,
 //! and errors are reported for the lowest failing row, so the result never depends on scheduling.
@@ -190,7 +192,29 @@ pub fn fuse_step_with_penalties(
     cancel: Cancel<'_>,
 ) -> Result<StepOutput, DlfError> {
     let seen = Seen { penalties, history };
-    fuse_step_rows(inputs, weights, sampling, seen, seeds, true, cancel)
+    fuse_step_rows(inputs, weights, sampling, seen, seeds, true, None, cancel)
+}
+
+/// `fuse_step_with_penalties` that also writes row b's fused logits z_L + sum_t alpha_t (z_t -
+/// z_S), before penalties, temperature or any filter, into `fused_out[b * vocab..][..vocab]`:
+/// bit for bit what `fuse_logits` returns for the returned weights, computed once in the same
+/// pass that draws the token. For a caller that needs both (an engine whose own sampler draws
+/// from the fused logits), this replaces a second call that would re-scan every model row and
+/// fuse again. The tokens are those of `fuse_step_with_penalties`.
+#[allow(clippy::too_many_arguments)]
+pub fn fuse_step_into(
+    inputs: &StepInputs<'_>,
+    weights: &Weights,
+    sampling: &Sampling,
+    penalties: &Penalties,
+    history: Option<&History<'_>>,
+    seeds: &Seeds,
+    fused_out: &mut [f32],
+    cancel: Cancel<'_>,
+) -> Result<StepOutput, DlfError> {
+    let seen = Seen { penalties, history };
+    let out = Some(fused_out);
+    fuse_step_rows(inputs, weights, sampling, seen, seeds, true, out, cancel)
 }
 
 /// The penalties of a step and the history they apply to.
@@ -212,9 +236,12 @@ pub(crate) fn fuse_step_impl(
         penalties: &Penalties::default(),
         history: None,
     };
-    fuse_step_rows(inputs, weights, sampling, off, seeds, parallel, cancel)
+    fuse_step_rows(
+        inputs, weights, sampling, off, seeds, parallel, None, cancel,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fuse_step_rows(
     inputs: &StepInputs<'_>,
     weights: &Weights,
@@ -222,6 +249,7 @@ fn fuse_step_rows(
     seen: Seen<'_, '_, '_>,
     seeds: &Seeds,
     parallel: bool,
+    fused_out: Option<&mut [f32]>,
     cancel: Cancel<'_>,
 ) -> Result<StepOutput, DlfError> {
     validate_inputs(
@@ -238,15 +266,35 @@ fn fuse_step_rows(
     let history = resolve_history(seen.penalties, seen.history, inputs.batch, inputs.vocab)?;
     let penalise = history.map(|h| (seen.penalties, h));
     validate_seeds(seeds, inputs.batch)?;
-    if inputs.batch == 0 {
+    let (b, v) = (inputs.batch, inputs.vocab);
+    if let Some(o) = &fused_out {
+        if o.len() != b * v {
+            return Err(shape("fused_out", format!("[{b}, {v}]"), o.len()));
+        }
+    }
+    if b == 0 {
         return Ok(StepOutput::empty(n_t));
     }
     let row_seeds = RowSeeds::new(seeds);
-    let run = |b: usize| step_row(inputs, b, weights, sampling, penalise, &row_seeds, cancel);
-    let rows: Vec<Result<RowOut, DlfError>> = if parallel {
-        (0..inputs.batch).into_par_iter().map(run).collect()
-    } else {
-        (0..inputs.batch).map(run).collect()
+    let run = |b: usize, dst: Option<&mut [f32]>| {
+        step_row(
+            inputs, b, weights, sampling, penalise, &row_seeds, dst, cancel,
+        )
+    };
+    // v > 0 here (validate_inputs refuses an empty vocabulary for b > 0), so chunks are rows.
+    let rows: Vec<Result<RowOut, DlfError>> = match (fused_out, parallel) {
+        (Some(o), true) => o
+            .par_chunks_mut(v)
+            .enumerate()
+            .map(|(b, d)| run(b, Some(d)))
+            .collect(),
+        (Some(o), false) => o
+            .chunks_mut(v)
+            .enumerate()
+            .map(|(b, d)| run(b, Some(d)))
+            .collect(),
+        (None, true) => (0..b).into_par_iter().map(|b| run(b, None)).collect(),
+        (None, false) => (0..b).map(|b| run(b, None)).collect(),
     };
 
     gather_rows(rows, n_t)
@@ -279,6 +327,7 @@ pub(crate) fn gather_rows(
 /// Active penalties with the (checked) history they apply to; `None` leaves the rows alone.
 type Penalise<'p, 'h, 'a> = Option<(&'p Penalties, &'h History<'a>)>;
 
+#[allow(clippy::too_many_arguments)]
 fn step_row(
     inputs: &StepInputs<'_>,
     b: usize,
@@ -286,12 +335,50 @@ fn step_row(
     sampling: &Sampling,
     penalise: Penalise<'_, '_, '_>,
     seeds: &RowSeeds<'_>,
+    fused_out: Option<&mut [f32]>,
     cancel: Cancel<'_>,
 ) -> Result<RowOut, DlfError> {
     cancel.check()?;
-    with_row_scratch(|sc| {
-        row_with_scratch(inputs, b, weights, sampling, penalise, seeds, cancel, sc)
+    with_row_scratch(|sc| match fused_out {
+        None => row_with_scratch(inputs, b, weights, sampling, penalise, seeds, cancel, sc),
+        Some(dst) => row_into(
+            inputs, b, weights, sampling, penalise, seeds, dst, cancel, sc,
+        ),
     })
+}
+
+/// `row_with_scratch` whose fused row goes to the caller's `dst` (before penalties), and the
+/// token is drawn from it (or from a penalised copy in the scratch): one fusion pass, where
+/// `row_with_scratch` followed by `fuse_logits` would scan the model rows again and fuse twice.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_into(
+    inputs: &StepInputs<'_>,
+    b: usize,
+    weights: &Weights,
+    sampling: &Sampling,
+    penalise: Penalise<'_, '_, '_>,
+    seeds: &RowSeeds<'_>,
+    dst: &mut [f32],
+    cancel: Cancel<'_>,
+    sc: &mut Scratch,
+) -> Result<RowOut, DlfError> {
+    let (mut out, large, small, experts) = solve_row_models(inputs, b, weights, cancel, sc)?;
+    with_simd(
+        #[inline(always)]
+        || fuse_row(large.z, small, &experts, &out.alphas, dst),
+    );
+    let z: &[f32] = match penalise {
+        None => dst,
+        Some((p, h)) => {
+            sc.fused.clear();
+            sc.fused.extend_from_slice(dst);
+            apply_penalties(&mut sc.fused, h.row(b), p, &mut sc.sample.seen);
+            &sc.fused
+        }
+    };
+    out.token = sample_row(z, sampling, || seeds.uniform(b), &mut sc.sample) as i64;
+    Ok(out)
 }
 
 /// Runs `f` with this thread's scratch buffers (freed afterwards when they grew too large).

@@ -315,3 +315,79 @@ fn weights_stay_finite_and_in_range() {
         }
     }
 }
+
+/// `fuse_step_into` leaves in `fused_out` exactly (bit for bit: the same `fuse_row` on the same
+/// f32 weights) what `fuse_logits` returns for the step's weights, penalties or not, and returns
+/// the same result (tokens included) as `fuse_step_with_penalties`, whose greedy one-expert rows
+/// take the argmax kernel that writes no row.
+#[test]
+fn fuse_step_into_writes_the_rows_fuse_logits_would() {
+    let (b, v) = (5, 301);
+    for n_t in [1usize, 2, 3] {
+        let (mut l, s, mut e) = family(b, v, n_t);
+        // -inf in the large model (stays -inf) and in an expert (replaced before differencing).
+        l[7] = f32::NEG_INFINITY;
+        e[0][v + 3] = f32::NEG_INFINITY;
+        let ex: Vec<&[f32]> = e.iter().map(|x| x.as_slice()).collect();
+        let inp = inputs(&l, &s, &ex, b, v);
+        let toks: Vec<i64> = vec![0, 3, 3, 9, 100, 5, 1, 1];
+        let offs = [0usize, 2, 2, 5, 7, 8];
+        let hist = History {
+            tokens: &toks,
+            offsets: &offs,
+        };
+        let pen = Penalties {
+            repetition: 1.3,
+            frequency: 0.2,
+            presence: 0.1,
+        };
+        let weights = [
+            dyn_cfg(None, SolverKind::Grid),
+            dyn_cfg(Some(16), SolverKind::Exact),
+            Weights::Static(vec![0.75; n_t]),
+        ];
+        for w in &weights {
+            for (temperature, top_k) in [(0.0, 0), (0.9, 0), (0.7, 20)] {
+                let smp = Sampling {
+                    temperature,
+                    top_k,
+                    ..Default::default()
+                };
+                for penalties in [Penalties::default(), pen] {
+                    let h = Some(&hist);
+                    let seeds = Seeds::One(9);
+                    let want = fuse_step_with_penalties(
+                        &inp,
+                        w,
+                        &smp,
+                        &penalties,
+                        h,
+                        &seeds,
+                        Cancel::NEVER,
+                    )
+                    .unwrap();
+                    let mut got_rows = vec![f32::NAN; b * v];
+                    let got = fuse_step_into(
+                        &inp,
+                        w,
+                        &smp,
+                        &penalties,
+                        h,
+                        &seeds,
+                        &mut got_rows,
+                        Cancel::NEVER,
+                    )
+                    .unwrap();
+                    // Debug text: static weights leave NaN traces, which `==` never matches.
+                    let (g, wa) = (format!("{got:?}"), format!("{want:?}"));
+                    assert_eq!(g, wa, "n_t={n_t} {w:?} t={temperature}");
+                    let mut rows = vec![0.0f32; b * v];
+                    fuse_logits(&inp, &got.alphas, &mut rows).unwrap();
+                    let bits = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got_rows), bits(&rows), "n_t={n_t} {w:?}");
+                    assert_eq!(got_rows[7], f32::NEG_INFINITY);
+                }
+            }
+        }
+    }
+}

@@ -1,10 +1,12 @@
 """Per-row fusion of member logits for an engine's batch (no vLLM import).
 
 An engine's batch mixes requests with different options; :func:`fuse_rows` groups the rows by
-their :class:`~dlf_rs.StepOptions` and runs dlf_rs's core on each group: ``fuse_step`` for the
-weights (method "dlf", the same call :class:`~dlf_rs.FusedGenerator` makes each step) and
-``fuse_logits`` for the fused logits z_L + sum_t alpha_t (z_t - z_S), which the engine's own
-sampler then draws from (its temperature, top-p, seeds and penalties, per request). The logits go
+their :class:`~dlf_rs.StepOptions` and runs dlf_rs's core on each group: for method "dlf",
+``fuse_step`` (the same call :class:`~dlf_rs.FusedGenerator` makes each step) solves the weights
+and writes the fused logits z_L + sum_t alpha_t (z_t - z_S) into its ``fused_out`` buffer in the
+same pass (one call, not ``fuse_step`` then ``fuse_logits``: docs/vllm.md has the measurement);
+for method "static", ``fuse_logits`` with the fixed weights. The engine's own sampler then draws
+from the fused logits (its temperature, top-p, seeds and penalties, per request). The logits go
 to the core as float32 host arrays (a CPU float32 tensor without a copy; a GPU tensor is copied to
 the host and the fused logits back).
 """
@@ -92,9 +94,14 @@ def fuse_rows(
             a = opts._core.static_alphas(t)
             assert a is not None
             w = np.broadcast_to(np.asarray(a, dtype=np.float32), (len(rows), t))
+            fused[idx] = fuse_logits(gl, gs, ge, np.ascontiguousarray(w))
         else:
-            w = fuse_step_prepared(gl, gs, ge, greedy_options(opts), None).alphas
-        fused[idx] = fuse_logits(gl, gs, ge, np.ascontiguousarray(w))
+            # The step leaves the fused rows of the weights it solved in `dst` (the whole
+            # batch's buffer when the group is the batch); no second fusion pass.
+            dst = fused if whole else np.empty_like(gl)
+            w = fuse_step_prepared(gl, gs, ge, greedy_options(opts), None, fused_out=dst).alphas
+            if not whole:
+                fused[idx] = dst
         alphas[idx] = w
     if type(large).__module__.split(".")[0] == "torch":
         out = _torch().from_numpy(fused)
