@@ -237,6 +237,9 @@ def test_ctrl_c_stops_a_long_call_within_a_bound():
                 "repetition_penalty frequency_penalty presence_penalty".split()}
         opts = _core.CoreOptions(alpha=None, alpha_min=-50.0, alpha_max=50.0, grid_step=0.01,
                                  **opts)
+        # Python leaves SIGINT ignored when its parent ignored it (a background job of a
+        # non-interactive shell, nohup): Ctrl-C must mean KeyboardInterrupt here whatever ran us.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         t0 = time.perf_counter()
         try:
