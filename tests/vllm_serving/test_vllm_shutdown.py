@@ -159,13 +159,22 @@ async def _in_flight(server: Server, signals: list[float]) -> tuple[list[Any], A
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), CLIENT_S)
 
         async def late() -> dict[str, Any]:
-            # Sent once the server has taken the signal (its log says it drains): on a busy CPU
-            # the server's loop can take longer than 0.3 s to run the handler, and a request
-            # that arrives before it is rightly served as an ordinary one.
+            # Sent once the server drains (its /health answers 503): on a busy CPU the server's
+            # loop can take longer than 0.3 s to run the signal handler, and a request that
+            # arrives before it is rightly served as an ordinary one. (Its log line is no
+            # signal: in CI it reached the file seconds after the drain had begun.)
+            def drains() -> bool:
+                try:
+                    urllib.request.urlopen(server.base + "/health", timeout=2).close()
+                except urllib.error.HTTPError as err:
+                    return err.code == 503
+                except OSError:
+                    pass
+                return False
+
             await asyncio.sleep(0.3)
             deadline = time.monotonic() + CLIENT_S
-            while ("dlf-rs: draining" not in server.log_path.read_text()
-                   and time.monotonic() < deadline):  # fmt: skip
+            while not await asyncio.to_thread(drains) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             sent_at = time.monotonic()
             out = await _request(client, False, 4, asyncio.Event())
