@@ -15,7 +15,7 @@
 //! Rows are independent: each is processed on a rayon worker with that thread's scratch buffers,
 //! and errors are reported for the lowest failing row, so the result never depends on scheduling.
 //!
-//! Why one file (583 lines): everything here is the per-row loop of one step and its public
+//! Why one file (about 590 lines): everything here is the per-row loop of one step and its public
 //! entry points, which share the private `Seen`, `Scratch`, `step_row` / `row_into` and
 //! `gather_rows`; the concepts the loop calls (validation, support, solver, fusion, penalties,
 //! sampling) already live in their own modules. The entry points are thin wrappers over
