@@ -381,6 +381,86 @@ def test_speculative_sampling_seeds(spec_gens: dict[int, LlamaCppGenerator]) -> 
         assert 0.0 < a.timings["acceptance"] <= 1.0
 
 
+def _filtered(z: np.ndarray, top_k: int) -> np.ndarray:
+    """softmax over the top_k largest logits (temperature 1), float64 over the vocabulary."""
+    keep = np.argsort(-z.astype(np.float64))[:top_k]
+    p = np.zeros(z.shape, np.float64)
+    e = np.exp(z[keep].astype(np.float64) - float(z[keep].max()))
+    p[keep] = e / e.sum()
+    return p
+
+
+def _chi2_fit(x: np.ndarray, p: np.ndarray) -> tuple[float, int]:
+    """Goodness-of-fit chi-square of samples x against the exact distribution p (tokens expected
+    fewer than 5 times pooled) and its degrees of freedom; a sample outside p's support fails."""
+    assert p[x].min() > 0, "a token the distribution gives probability 0"
+    support = np.nonzero(p)[0]
+    observed = np.array([(x == v).sum() for v in support], np.float64)
+    expected = p[support] * len(x)
+    big = expected >= 5
+    o = np.append(observed[big], observed[~big].sum())
+    e = np.append(expected[big], expected[~big].sum())
+    o, e = o[e > 0], e[e > 0]
+    return float(((o - e) ** 2 / e).sum()), len(o) - 1
+
+
+def _chi2_critical(dof: int, z: float = 3.09) -> float:
+    """The chi-square value exceeded with probability about 1e-3 (z = 3.09), Wilson-Hilferty."""
+    c = 2.0 / (9.0 * dof)
+    return dof * (1.0 - c + z * c**0.5) ** 3
+
+
+def test_speculative_sampling_keeps_the_distribution(files: dict[str, Any],
+                                                     spec_gens: dict[int, LlamaCppGenerator],
+                                                     members: list[_Member]) -> None:  # fmt: skip
+    """Sampled speculative DLF draws each token from the fused, filtered distribution that
+    sequential DLF samples from: 128 seeded rows of one prompt, their first two tokens (both
+    from the first verification: k = 2) against the exact distributions computed independently
+    (llama-cpp-python's Llama per member, numpy fusion and filter), the second token for every
+    first token drawn at least 20 times. The same statistic rejects the drafter's own
+    distribution, and drafts were both accepted and rejected."""
+    gen, n, top_k, alpha = spec_gens[1], 128, 10, 0.2
+    prompt = PROMPTS[1]
+    expert = _Member(str(files["dir"] / "expert-full.gguf"))
+    large, small = members[0], members[1]
+
+    def exact(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(the fused filtered distribution after ids, the drafter's)."""
+        z = [m.start(ids) for m in (large, small, expert)]
+        fused = reference.fuse_row(z[0], z[1], z[2:], [alpha])
+        return _filtered(fused, top_k), _filtered(z[2], top_k)
+
+    res = gen.generate([prompt] * n, max_new_tokens=3, seed=list(range(n)), speculative=2,
+                       alpha=alpha, temperature=1.0, top_k=top_k, progress=False)  # fmt: skip
+    assert 0.2 < res.timings["acceptance"] < 0.9, res.timings["acceptance"]
+    ids = large.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    x = np.array([t[:2] for t in res.token_ids])
+    p1, q1 = exact(ids)
+    stat, dof = _chi2_fit(x[:, 0], p1)
+    firsts, counts = np.unique(x[:, 0], return_counts=True)
+    for tok in firsts[counts >= 20]:
+        p2, _ = exact([*ids, int(tok)])
+        s2, d2 = _chi2_fit(x[x[:, 0] == tok, 1], p2)
+        stat, dof = stat + s2, dof + d2
+    assert dof >= 4 and stat < _chi2_critical(dof), (stat, dof)
+    wrong = float(sum(((x[:, 0] == v).sum() - q1[v] * n) ** 2 / (q1[v] * n)
+                      for v in np.nonzero(q1 * n >= 5)[0]))  # fmt: skip
+    assert wrong > _chi2_critical(int((q1 * n >= 5).sum())), wrong
+
+
+def test_batch_size_limit(gen: LlamaCppGenerator) -> None:
+    """llama.cpp decodes at most llama_max_parallel_sequences() (256) sequences at once: more rows
+    run in batches of that size by default, and a larger batch_size is a named error."""
+    from dlf_rs import DlfError
+
+    limit = int(llama_cpp.llama_max_parallel_sequences())
+    with pytest.raises(DlfError, match=rf"^batch_size: expected at most {limit} \(the most"):
+        gen.generate(PROMPTS[:1], max_new_tokens=1, batch_size=limit + 1)
+    rows = [PROMPTS[0]] * (limit + 2)
+    res = gen.generate(rows, max_new_tokens=1, method="large", progress=False)
+    assert len(res.token_ids) == limit + 2 and len({tuple(t) for t in res.token_ids}) == 1
+
+
 def test_speculative_stream_cli_and_errors(files: dict[str, Any],
                                            spec_gens: dict[int, LlamaCppGenerator],
                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip

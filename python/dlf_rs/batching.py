@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from ._core import DlfError
 from .inputs import Inputs
 from .options import StepOptions, check_int
 from .seeds import row_seeds
@@ -42,16 +43,23 @@ def check_members(opts: StepOptions, has_small: bool, n_experts: int) -> None:
 
 
 def batches(decode: Decode, opts: StepOptions, inputs: Inputs, max_new_tokens: Any, seed: Any,
-            stop: Any, batch_size: Any, progress: Any,
-            t_start: float) -> tuple[list[Callable[[], DecodeLoop]], list[int], bool]:  # fmt: skip
+            stop: Any, batch_size: Any, progress: Any, t_start: float,
+            max_batch: int | None = None) -> tuple[list[Callable[[], DecodeLoop]], list[int], bool]:  # fmt: skip
     """(the loop of each batch, not started; the batches' sizes; whether to show a progress
     bar), after checking ``max_new_tokens``, ``stop``, ``batch_size``, ``progress`` and
     ``seed`` (row seeds come from the row's index in the whole input, so results do not depend
-    on ``batch_size``)."""
+    on ``batch_size``). ``max_batch``: the most rows the engine decodes at once (then the
+    default batch size, and the largest ``batch_size`` accepted)."""
     total = inputs.batch
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
     stops = check_stop(stop)
-    size = total if batch_size is None else check_int(batch_size, "batch_size", low=1)
+    if batch_size is None:
+        size = total if max_batch is None else min(total, max_batch)
+    else:
+        size = check_int(batch_size, "batch_size", low=1)
+        if max_batch is not None and size > max_batch:
+            raise DlfError(f"batch_size: expected at most {max_batch} (the most sequences this "
+                           f"engine decodes at once), got {size}")  # fmt: skip
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress: expected True, False or None, got {progress!r}")
     seeds_of_rows = None if opts.greedy else row_seeds(seed, total)

@@ -228,8 +228,10 @@ class LlamaCppGenerator:
             prompts_for=prompts_for, names=self._names(), chat_tokenizers={},
             tokenizer=self.tokenizer, vocab=self.vocab_size,
         )  # fmt: skip
+        # llama.cpp decodes at most llama_max_parallel_sequences() sequences at once (256).
+        max_batch = int(self.large.lib.llama_max_parallel_sequences())
         return batches(self._decode, opts, inputs, max_new_tokens, seed, stop, batch_size,
-                       progress, t_start)
+                       progress, t_start, max_batch=max_batch)  # fmt: skip
 
     def _decode(self, opts: StepOptions, inputs: Inputs, max_new_tokens: int,
                 seeds_of_rows: list[int] | None, stops: list[str],
