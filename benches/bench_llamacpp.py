@@ -22,7 +22,8 @@ With ``--speculative K ...``: speculative DLF at B = 1 (each prompt alone) with 
 on both engines, beside each engine's sequential DLF on the same prompts: tokens/s, the ratio to
 FusedGenerator's sequential DLF, acceptance (accepted / tested drafts), large forwards per token,
 and whether every prompt's tokens equal that engine's sequential DLF (greedy).
-``--only-speculative`` runs just that table (no B = 8, members alone or cross-checks).
+``--only-speculative`` runs just that table (no B = 8, members alone or cross-checks), at
+B = ``--batch`` (default 1; 8: one batch of the 8 prompts).
 """
 
 from __future__ import annotations
@@ -126,13 +127,15 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="K",
-        help="draft lengths for the speculative rows (B = 1)",
+        help="draft lengths for the speculative rows",
     )
     ap.add_argument(
         "--only-speculative",
         action="store_true",
-        help="only the B = 1 sequential and speculative rows",
+        help="only the sequential and speculative rows (B = --batch)",
     )
+    ap.add_argument("--batch", type=int, default=1,
+                    help="batch size of the --only-speculative rows (default 1)")  # fmt: skip
     args = ap.parse_args()
     if args.only_speculative:
         return speculative_only(args)
@@ -234,7 +237,8 @@ def main() -> None:
 
 
 def speculative_only(args: argparse.Namespace) -> None:
-    """B = 1 on both engines: sequential DLF and speculative DLF with each draft length."""
+    """B = --batch (1 unless chosen) on both engines: sequential DLF and speculative DLF with each
+    draft length."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     import dlf_rs
@@ -260,11 +264,12 @@ def speculative_only(args: argparse.Namespace) -> None:
         gen.generate(prompts[:1], max_new_tokens=8)
         gen.generate(prompts[:1], max_new_tokens=8, speculative=ks[0])
     rows: list[dict[str, Any]] = []
+    b = args.batch
     for name, gen in engines:
-        seq = timed(gen, prompts, 1, n_new)
+        seq = timed(gen, prompts, b, n_new)
         rows.append({"engine": name, "mode": "sequential", **seq})
         for k in ks:
-            r = timed(gen, prompts, 1, n_new, speculative=k)
+            r = timed(gen, prompts, b, n_new, speculative=k)
             res = r["result"]
             pairs = list(zip(res.token_ids, seq["result"].token_ids))
             same = sum(a == b for a, b in pairs)
@@ -275,12 +280,13 @@ def speculative_only(args: argparse.Namespace) -> None:
                          "acceptance": res.timings["acceptance"],
                          "large_per_token": res.timings["large_forwards"] / r["tokens"]})  # fmt: skip
     # The first engine's sequential run once more, last: how much the machine drifted.
-    again = timed(engines[0][1], prompts, 1, n_new)
+    again = timed(engines[0][1], prompts, b, n_new)
     rows.append({"engine": engines[0][0], "mode": "sequential, again (last)", **again})
     base = next((r["tok_s"] for r in rows if r["engine"].startswith("FusedGenerator")
                  and r["mode"] == "sequential"), None)  # fmt: skip
-    print(f"\n## Speculative DLF at B = 1 (one run; {len(prompts)} code prompts, each alone, up "
-          f"to {n_new} new tokens, greedy, {args.threads} threads)\n")  # fmt: skip
+    rows_of = "each alone" if b == 1 else f"in batches of {b}"
+    print(f"\n## Speculative DLF at B = {b} (one run; {len(prompts)} code prompts, {rows_of}, "
+          f"up to {n_new} new tokens, greedy, {args.threads} threads)\n")  # fmt: skip
     print(
         "| engine | mode | tokens | wall s | tokens/s | x FusedGenerator sequential | "
         "acceptance | large fwd / token | tokens = sequential |"

@@ -6,7 +6,7 @@ known continuation?", so every position is known in advance and each model runs 
 context + continuation (all positions at once, a left-padded batch with its attention mask and
 position ids). The logits at the continuation positions become the rows of one core call:
 ``fuse_step`` solves the weights of every position exactly as decoding would from that position's
-three distributions (or takes the static ones), ``fuse_logits`` builds the fused logits, and a
+three distributions (or takes the static ones) and writes the fused logits (``fused_out``), and a
 float64 log-softmax gives the log-probabilities. This is what lm-evaluation-harness's
 ``loglikelihood`` needs (``dlf_rs.harness``) and what perplexity needs (:func:`score_rolling`).
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ...options import StepOptions
-from ...step import fuse_logits, fuse_step
+from ...step import fuse_step
 from .runner import context_length, forward_params, model_device
 
 __all__ = [
@@ -154,9 +154,10 @@ def _score_batch(
     flat = [np.ascontiguousarray(z[sel_b, sel_p]) for z in per_model]  # [N, V] each
     targets = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in pairs])
     if method in ("dlf", "static"):
-        res = fuse_step(flat[0], flat[1], flat[2:], **fuse_options)
+        # The core writes the fused logits it builds anyway (no second fusion here).
+        fused = np.empty_like(flat[0])
+        res = fuse_step(flat[0], flat[1], flat[2:], fused_out=fused, **fuse_options)
         alphas = np.asarray(res.alphas, dtype=np.float32).reshape(len(targets), n_exp)
-        fused = fuse_logits(flat[0], flat[1], flat[2:], alphas)
         greedy = np.asarray(res.tokens, dtype=np.int64)
     else:
         fused = flat[0]
