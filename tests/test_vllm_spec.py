@@ -310,6 +310,28 @@ def test_serve_is_eager_on_a_cpu_unless_the_caller_chooses(capsys) -> None:
         assert not chooses_compilation(rest), rest
 
 
+def test_serve_gives_a_small_cpu_machine_all_its_cpus(capsys) -> None:
+    """On a machine without CUDA with at most 2 CPUs dlf-rs serve sets
+    VLLM_CPU_NUM_OF_RESERVED_CPU=0 (vLLM would keep one of the two for its engine process) and
+    says so; nothing with CUDA, with more CPUs, or where the caller chose (the variable, or a
+    thread binding of their own)."""
+    from dlf_rs.engines.vllm.serve import cpu_reservation_env
+
+    for cpus in (1, 2):
+        assert cpu_reservation_env({}, cuda=False, cpus=cpus) == {
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, cpus  # fmt: skip
+        assert "VLLM_CPU_NUM_OF_RESERVED_CPU=0" in capsys.readouterr().err
+    auto = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    assert cpu_reservation_env(auto, cuda=False, cpus=2) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    capsys.readouterr()
+    for env, cuda, cpus in (({}, True, 2), ({}, False, 3), ({}, False, 64),
+                            ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, False, 2),
+                            ({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, False, 2),
+                            ({"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, False, 2)):  # fmt: skip
+        assert cpu_reservation_env(env, cuda=cuda, cpus=cpus) == {}, (env, cuda, cpus)
+    assert capsys.readouterr().err == ""
+
+
 def test_serve_dry_run_is_eager_on_a_cpu(tmp_path, capsys) -> None:
     import sys
 
