@@ -243,10 +243,10 @@ def test_cpu_kv_cache_default_fits_the_free_memory() -> None:
         cpu_kv_cache_bytes(int(2.5 * GiB), GiB)
 
 
-def test_serve_dry_run_says_the_cpu_kv_cache_it_chose(tmp_path, capsys, monkeypatch) -> None:
+def _cpu_dry_run_argv(tmp_path: Path) -> list[str]:
+    """``dlf-rs serve --dry-run`` arguments on the tests' tiny family (skips where there is
+    CUDA: these defaults are for machines without it), ending with ``--``."""
     import sys
-
-    from dlf_rs.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("the default is for machines without CUDA")
@@ -254,8 +254,14 @@ def test_serve_dry_run_says_the_cpu_kv_cache_it_chose(tmp_path, capsys, monkeypa
     from family import build_family
 
     m = build_family(tmp_path / "m", experts=1)
-    argv = ["serve", "--large", str(m["large"]), "--small", str(m["small"]), "--expert",
+    return ["serve", "--large", str(m["large"]), "--small", str(m["small"]), "--expert",
             str(m["expert0"]), "--fused-dir", str(tmp_path / "f"), "--dry-run", "--"]  # fmt: skip
+
+
+def test_serve_dry_run_says_the_cpu_kv_cache_it_chose(tmp_path, capsys, monkeypatch) -> None:
+    from dlf_rs.cli import main
+
+    argv = _cpu_dry_run_argv(tmp_path)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert main([*argv, "--port", "8123"]) == 0
     err = capsys.readouterr().err
@@ -333,18 +339,9 @@ def test_serve_gives_a_small_cpu_machine_all_its_cpus(capsys) -> None:
 
 
 def test_serve_dry_run_is_eager_on_a_cpu(tmp_path, capsys) -> None:
-    import sys
-
     from dlf_rs.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("the default is for machines without CUDA")
-    sys.path.insert(0, str(Path(__file__).parent / "vllm_serving"))
-    from family import build_family
-
-    m = build_family(tmp_path / "m", experts=1)
-    argv = ["serve", "--large", str(m["large"]), "--small", str(m["small"]), "--expert",
-            str(m["expert0"]), "--fused-dir", str(tmp_path / "f"), "--dry-run", "--"]  # fmt: skip
+    argv = _cpu_dry_run_argv(tmp_path)
     assert main([*argv, "--port", "8123"]) == 0
     cmd = capsys.readouterr().err.strip().splitlines()[-1].split()
     assert cmd.count("--enforce-eager") == 1 and cmd[-2:] == ["--port", "8123"]
