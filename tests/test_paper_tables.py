@@ -264,6 +264,16 @@ def test_table_numbers_equal_an_independent_computation(world: dict[str, Path],
                    rf"{re.escape(man['rows'][t][b]['label'])} \| {re.escape(f'{d:+.1f}')} \| \[[^]]*\] \| "
                    rf"{a_only} / {b_only} \|")  # fmt: skip
             assert re.search(pat, md), (t, a, b)
+        # the gap closed, from the per-example file: (dlf - large) / (upper - large)
+        lg, dl, up = ([r[k] for r in recs] for k in ("large", "dlf", "large-lora"))
+        gap, gain = (sum(up) - sum(lg)) / len(lg), (sum(dl) - sum(lg)) / len(lg)
+        half = f"| {100 * (gain - gap / 2):+.1f} | ["
+        share = f"{100 * gain / gap:.0f}% | [" if gap > 0 else "not above the large model"
+        dlf_label = re.escape(man["rows"][t]["dlf"]["label"])
+        assert re.search(
+            rf"\| {dlf_label} \| [^\n]*{re.escape(share)}[^\n]*{re.escape(half)}", md
+        ), t
+    assert "### The gap closed, tasks weighted equally" in (world["out"] / "tables.md").read_text()
     assert right_somewhere > 0  # the tiny models get some examples right: the checks bite
 
 

@@ -362,6 +362,43 @@ def test_bootstrap_interval_near_wilson_and_sizing() -> None:
         stats.accuracy([0, 1, 2])
 
 
+def test_gap_closed_by_hand_and_against_the_exact_bootstrap() -> None:
+    # large right on 1 of 5, the upper bound on 4, the method on 3: it closes (3-1)/(4-1) = 2/3
+    lg = [True, False, False, False, False]
+    up = [True, True, True, True, False]
+    m = [False, True, True, True, False]
+    got = stats.gap_closed([(lg, m, up)], n_boot=100_000, seed=0)
+    assert got.share == pytest.approx(2 / 3) and got.n == 5
+    assert got.half_diff == pytest.approx(3 / 5 - (1 / 5 + 4 / 5) / 2)  # m minus the midpoint
+    # the exact bootstrap distribution: all 5^5 resamples, equally likely
+    lga, ma, upa = (np.array(x, float) for x in (lg, m, up))
+    ratios, halves = [], []
+    for idx in itertools.product(range(5), repeat=5):
+        i = list(idx)
+        gap, gain = (upa[i] - lga[i]).mean(), (ma[i] - lga[i]).mean()
+        halves.append(gain - gap / 2)
+        if gap > 0:
+            ratios.append(gain / gap)
+    undefined = 1 - len(ratios) / 5**5
+    assert got.undefined == pytest.approx(undefined, abs=0.005)
+    # the estimate's ends lie between the exact 2% and 3% (97% and 98%) quantiles
+    assert np.quantile(ratios, 0.02) <= got.lo <= np.quantile(ratios, 0.03)
+    assert np.quantile(ratios, 0.97) <= got.hi <= np.quantile(ratios, 0.98)
+    assert np.quantile(halves, 0.02) <= got.half_lo <= np.quantile(halves, 0.03)
+    assert np.quantile(halves, 0.97) <= got.half_hi <= np.quantile(halves, 0.98)
+    # no gap to close: no share, but the midpoint difference still stands
+    flat = stats.gap_closed([(up, m, lg)], n_boot=500)
+    assert flat.share is None and flat.undefined > 0.5
+    # two tasks weigh equally whatever their sizes: gains (2/5 + 1/2) / 2 over gaps (3/5 + 1) / 2
+    t2 = ([False, False], [True, False], [True, True])
+    both = stats.gap_closed([(lg, m, up), t2], n_boot=500)
+    assert both.share == pytest.approx((2 / 5 + 1 / 2) / (3 / 5 + 1)) and both.n == 7
+    with pytest.raises(ValueError, match=r"tasks\[0\]: expected the large, method and upper"):
+        stats.gap_closed([(lg, m[:4], up)])
+    with pytest.raises(ValueError, match="at least one"):
+        stats.gap_closed([])
+
+
 # ----------------------------------------------------------------------------- tables
 def rows() -> list[tables.MethodRow]:
     return [
@@ -390,6 +427,29 @@ def test_paired_table() -> None:
     assert text[3].startswith("| DLF vs 0.5B expert | +75.0 | [") and "| 3 / 0 | 0.25 |" in text[3]
     assert text[4].startswith("| DLF vs 1.5B alone | +50.0 | [")
     assert len(tables.paired_table(rows()[:2], n_boot=100).splitlines()) == 2  # no dlf: no pairs
+
+
+def test_gap_table() -> None:
+    upper = tables.MethodRow("large-lora", "1.5B + LoRA", (True, True, True, True))
+    text = tables.gap_table([*rows(), upper], n_boot=2000)
+    assert text is not None
+    lines = text.splitlines()
+    assert lines[0].startswith("| method | share of the gap closed |")
+    # large 2/4, upper 4/4: DLF (4/4) closes all of it, proxy (3/4) half, the expert less than none
+    assert lines[2].startswith("| DLF | 100% | [") and "| +25.0 |" in lines[2]
+    assert lines[3].startswith("| static alpha 1.0 | 50% | [") and "| +0.0 |" in lines[3]
+    assert lines[4].startswith("| 0.5B expert | -50% | [") and "| -50.0 |" in lines[4]
+    assert tables.gap_table(rows()) is None  # no upper bound: no table
+    flat = tables.MethodRow("large-lora", "1.5B + LoRA", (True, False, True, False))
+    flat_text = tables.gap_table([*rows(), flat], n_boot=200)
+    assert flat_text is not None and "not above the large model" in flat_text
+    per_task = {"A": {r.key: r.correct for r in [*rows(), upper]},
+                "B": {"large": (False,), "large-lora": (True,), "dlf": (False,)}}  # fmt: skip
+    multi = tables.gap_table_tasks(per_task, {"dlf": "DLF", "proxy": "proxy"}, n_boot=200)
+    assert multi is not None
+    # DLF: gains (2/4 + 0) / 2 over gaps (2/4 + 1) / 2 = 1/3; proxy only where it ran (A)
+    assert multi.splitlines()[2].startswith("| DLF (A, B) | 33% |")
+    assert multi.splitlines()[3].startswith("| proxy (A) | 50% |")
 
 
 def test_task_table_marks_what_is_not_available() -> None:

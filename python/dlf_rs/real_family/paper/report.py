@@ -34,12 +34,33 @@ from .plan import MULTI_SETS, TASK_ORDER, table_keys
 from .runner import RowResult
 from .stats import Accuracy
 from .store import write_json
-from .tables import COMPARISONS, MethodRow, accuracy_table, paired_table, task_table
+from .tables import (
+    COMPARISONS,
+    GAP_METHODS,
+    MethodRow,
+    accuracy_table,
+    gap_table,
+    gap_table_tasks,
+    paired_table,
+    task_table,
+)
 from .tasks import TASKS
 
 __all__ = ["PAPER_COLUMNS", "comparisons", "method_rows", "per_example", "write_report"]
 
 PAPER_COLUMNS = ("GSM8K", "TruthfulQA", "TriviaQA", "CNN/DM", "MMLU")
+
+
+GAP_NOTE = (
+    "The gap between the 1.5B alone and the 1.5B + LoRA (the upper bound) that each "
+    "method closes, (method - large) / (upper - large), with its bootstrap interval; "
+    '"minus the midpoint" is method - (large + upper) / 2: an interval above zero '
+    "means the method closes at least half the gap (95%):"
+)
+
+ROWS_NOTE = (
+    "Per task, the rows run on all of its examples count (not GSM8K's ablation rows on fewer)."
+)
 
 
 def comparisons(table: str) -> list[tuple[str, str]]:
@@ -78,6 +99,9 @@ def _section(results: Sequence[RowResult], table: str) -> str:
         if pairs:
             parts.append("Paired comparisons (a minus b, percentage points):\n\n"
                          + paired_table(rows, pairs))  # fmt: skip
+        gaps = gap_table(rows) if table == "single" else None
+        if gaps:
+            parts.append(GAP_NOTE + "\n\n" + gaps)
     notes = [f"- {r.row.label}: {r.note}" for r in results if r.note]
     return "\n\n".join(parts + (["\n".join(notes)] if notes else []))
 
@@ -209,6 +233,19 @@ def write_report(out: Path, results: Mapping[str, Sequence[RowResult]], meta: Ma
         if cells:
             lines += [f"## {title}", "", task_table(cells, PAPER_COLUMNS), "",
                       "Examples per cell: " + "; ".join(notes) + ".", ""]  # fmt: skip
+        if table == "single":
+            per_task = {
+                TASKS[t].column: {r.key: r.correct for r in rs if r.n == max(x.n for x in rs)}
+                for t, rs in results.items()
+                if rs
+            }
+            labels = {k: next(r.row.label for rs in results.values() for r in rs if r.key == k)
+                      for k in GAP_METHODS
+                      if any(r.key == k for rs in results.values() for r in rs)}  # fmt: skip
+            gaps = gap_table_tasks(per_task, labels)
+            if gaps:
+                lines += ["### The gap closed, tasks weighted equally", "", GAP_NOTE, "", gaps,
+                          "", ROWS_NOTE, ""]  # fmt: skip
     if plots:
         lines += ["## Alpha per step", ""] + [f"![{v['row']} on {v['id']}]({k})"
                                               for k, v in plots.items()] + [""]  # fmt: skip

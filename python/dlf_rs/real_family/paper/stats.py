@@ -13,6 +13,11 @@ on the same held-out examples in the same order) and :mod:`.tables`.
   and the other misses): two-sided binomial test of ``b`` successes in ``b + c`` at 1/2.
 - :func:`examples_for_halfwidth`: how many examples give a 95% interval of half-width ``h``
   at accuracy ``p`` (normal approximation; the sizing of the tables).
+- :func:`gap_closed`: the share of the gap between the large model alone and its upper bound
+  (large + LoRA) that a method closes, ``(m - L) / (U - L)`` of the accuracies averaged over
+  tasks, with a bootstrap interval (examples resampled within each task, the three methods'
+  results of an example together), and the sign test of "at least half" as the interval on
+  ``m - (L + U) / 2``, which needs no ratio.
 
 numpy only; exact integer arithmetic for the binomial tails.
 """
@@ -25,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Accuracy", "McNemar", "PairedDiff", "accuracy", "bootstrap_interval",
-           "examples_for_halfwidth", "mcnemar_exact", "paired_bootstrap",
-           "wilson_interval"]  # fmt: skip
+__all__ = ["Accuracy", "GapClosed", "McNemar", "PairedDiff", "accuracy", "bootstrap_interval",
+           "examples_for_halfwidth", "gap_closed", "mcnemar_exact",
+           "paired_bootstrap", "wilson_interval"]  # fmt: skip
 
 Z95 = 1.959963984540054  # the 97.5% point of the standard normal
 
@@ -145,3 +150,67 @@ def examples_for_halfwidth(halfwidth: float, p: float = 0.5, z: float = Z95) -> 
     if not 0 < halfwidth < 1 or not 0 <= p <= 1:
         raise ValueError(f"expected 0 < halfwidth < 1 and 0 <= p <= 1, got {halfwidth}, {p}")
     return math.ceil(z * z * p * (1 - p) / (halfwidth * halfwidth))
+
+
+@dataclass(frozen=True)
+class GapClosed:
+    """The share of the large model's gap to its upper bound that a method closes.
+
+    ``share`` is ``(m - L) / (U - L)`` on the accuracies (averaged over the tasks given), ``None``
+    where the upper bound does not beat the large model (``U <= L``: no gap to close). ``lo`` and
+    ``hi`` are its percentile bootstrap interval over the resamples where ``U > L``;
+    ``undefined`` is the fraction of resamples where ``U <= L`` (above ``(1 - level) / 2`` the
+    interval is not to be trusted and the tables say so). ``half_diff`` is ``m - (L + U) / 2``
+    (the method minus the midpoint) with its interval ``half_lo``, ``half_hi``: "closes at least
+    half the gap" holds with 95% confidence exactly when ``half_lo > 0``, given ``U > L``.
+    """
+
+    share: float | None
+    lo: float
+    hi: float
+    undefined: float
+    half_diff: float
+    half_lo: float
+    half_hi: float
+    n: int
+
+
+def gap_closed(tasks: Sequence[tuple[Sequence[bool], Sequence[bool], Sequence[bool]]],
+               n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> GapClosed:  # fmt: skip
+    """The gap closed by a method, from per-task ``(large, method, upper)`` per-example results
+    (each task's three on the same examples). Tasks weigh equally, as the paper's averages do;
+    each bootstrap resample draws every task's examples with replacement, independently."""
+    if not tasks:
+        raise ValueError("tasks: expected at least one (large, method, upper) triple")
+    rng = np.random.default_rng(seed)
+    gaps = np.zeros(n_boot)
+    gains = np.zeros(n_boot)
+    point_gap = point_gain = 0.0
+    n = 0
+    for i, (lg, m, up) in enumerate(tasks):
+        xl, xm, xu = (_as_bools(x, f"tasks[{i}][{j}]") for j, x in enumerate((lg, m, up)))
+        if not xl.size == xm.size == xu.size or xl.size == 0:
+            raise ValueError(f"tasks[{i}]: expected the large, method and upper results on the "
+                             f"same examples, got {xl.size}, {xm.size} and {xu.size}")  # fmt: skip
+        gap = xu.astype(np.float64) - xl
+        gain = xm.astype(np.float64) - xl
+        point_gap += gap.mean() / len(tasks)
+        point_gain += gain.mean() / len(tasks)
+        n += xl.size
+        block = max(1, min(n_boot, 4_000_000 // xl.size))
+        for lo in range(0, n_boot, block):
+            idx = rng.integers(0, xl.size, size=(min(block, n_boot - lo), xl.size))
+            gaps[lo : lo + idx.shape[0]] += gap[idx].mean(axis=1) / len(tasks)
+            gains[lo : lo + idx.shape[0]] += gain[idx].mean(axis=1) / len(tasks)
+    a = (1 - level) / 2
+    ok = gaps > 1e-12
+    if ok.any():
+        lo_s, hi_s = (float(q) for q in np.quantile(gains[ok] / gaps[ok], [a, 1 - a]))
+    else:
+        lo_s = hi_s = float("nan")
+    half = gains - gaps / 2
+    half_lo, half_hi = (float(q) for q in np.quantile(half, [a, 1 - a]))
+    return GapClosed(share=float(point_gain / point_gap) if point_gap > 1e-12 else None,
+                     lo=lo_s, hi=hi_s, undefined=float(1 - ok.mean()),
+                     half_diff=float(point_gain - point_gap / 2), half_lo=half_lo,
+                     half_hi=half_hi, n=n)  # fmt: skip

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stats import Accuracy, accuracy, mcnemar_exact, paired_bootstrap
+from .stats import Accuracy, GapClosed, accuracy, gap_closed, mcnemar_exact, paired_bootstrap
 
-__all__ = ["COMPARISONS", "UNAVAILABLE", "MethodRow", "accuracy_table", "paired_table",
-           "per_example_records", "task_table", "write_per_example"]  # fmt: skip
+__all__ = ["COMPARISONS", "GAP_METHODS", "UNAVAILABLE", "MethodRow", "accuracy_table",
+           "gap_table", "gap_table_tasks", "paired_table", "per_example_records", "task_table",
+           "write_per_example"]  # fmt: skip
 
 # The pairs the issue asks for: (a, b) reads "a minus b".
 COMPARISONS = (("dlf", "proxy"), ("dlf", "expert"), ("dlf", "large"))
+
+# The methods whose share of the large model's gap to its upper bound the tables give.
+GAP_METHODS = ("dlf", "proxy", "static-val", "static-0.5", "static-1.5", "expert")
 
 # Columns of the paper's tables this project cannot fill offline, with the reason printed.
 UNAVAILABLE = {
@@ -91,6 +95,57 @@ def paired_table(rows: Sequence[MethodRow], comparisons: Sequence[tuple[str, str
                      f"[{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] | {m.a_only} / {m.b_only} | "
                      f"{m.p_value:.3g} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _gap_cells(g: GapClosed) -> str:
+    if g.share is None:
+        share = "- (the upper bound is not above the large model) | -"
+    else:
+        warn = f" ({100 * g.undefined:.0f}% of resamples had no gap)" if g.undefined > 0.025 else ""
+        share = f"{100 * g.share:.0f}% | [{100 * g.lo:.0f}%, {100 * g.hi:.0f}%]{warn}"
+    return (f"{share} | {100 * g.half_diff:+.1f} | [{100 * g.half_lo:+.1f}, "
+            f"{100 * g.half_hi:+.1f}]")  # fmt: skip
+
+
+GAP_HEADER = ("| method | share of the gap closed | 95% CI (bootstrap) | minus the midpoint (points) "
+              "| 95% CI |\n| --- | ---: | ---: | ---: | ---: |")  # fmt: skip
+
+
+def gap_table(rows: Sequence[MethodRow], methods: Sequence[str] = GAP_METHODS,
+              large: str = "large", upper: str = "large-lora", n_boot: int = 10_000,
+              seed: int = 0) -> str | None:  # fmt: skip
+    """| method | share of the gap closed | CI | method minus the midpoint of large and upper |
+    CI | for each of ``methods`` present; ``None`` without both ``large`` and ``upper``.
+    "At least half the gap" holds with 95% confidence where the midpoint interval is above 0."""
+    _check_same_n(rows)
+    by = {r.key: r for r in rows}
+    if large not in by or upper not in by:
+        return None
+    lines = [GAP_HEADER]
+    for k in methods:
+        if k in by:
+            g = gap_closed([(by[large].correct, by[k].correct, by[upper].correct)],
+                           n_boot=n_boot, seed=seed)  # fmt: skip
+            lines.append(f"| {by[k].label} | {_gap_cells(g)} |")
+    return "\n".join(lines)
+
+
+def gap_table_tasks(per_task: Mapping[str, Mapping[str, Sequence[bool]]],
+                    methods: Mapping[str, str], large: str = "large",
+                    upper: str = "large-lora", n_boot: int = 10_000,
+                    seed: int = 0) -> str | None:  # fmt: skip
+    """The same over several tasks at once (each task weighs equally): ``per_task`` maps a task
+    to its rows' per-example results; ``methods`` maps row keys to labels. Only the tasks that
+    have ``large``, ``upper`` and the method count for that method (named in the row)."""
+    lines = [GAP_HEADER]
+    for k, label in methods.items():
+        have = [t for t, rows in per_task.items() if {large, upper, k} <= set(rows)]
+        if not have:
+            continue
+        g = gap_closed([(per_task[t][large], per_task[t][k], per_task[t][upper]) for t in have],
+                       n_boot=n_boot, seed=seed)  # fmt: skip
+        lines.append(f"| {label} ({', '.join(have)}) | {_gap_cells(g)} |")
+    return "\n".join(lines) if len(lines) > 1 else None
 
 
 def task_table(cells: Mapping[str, Mapping[str, Accuracy | None]], tasks: Sequence[str],
