@@ -362,6 +362,28 @@ def test_limit_and_tables_only(world: dict[str, Path], ran: dict[str, Any]) -> N
         {k: r[k] for k in ("id", "large", "dlf", "gtm/joint")} for r in full]  # fmt: skip
 
 
+def test_tables_leave_out_a_row_whose_adapter_is_not_trained(
+        world: dict[str, Path], ran: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    logs: list[str] = []
+    path = adapter_dir(world["cache"], "mmlu-large")
+    aside = path.with_name("mmlu-large.aside")
+    path.rename(aside)
+    try:
+        out = world["root"] / "no-upper-bound"
+        assert _main(world, logs, "tables", "--limit", "2", "--tasks", "mmlu", "--rows",
+                     "large,large-lora", "--out", str(out)) == 0  # fmt: skip
+        # decoding that row is still the named error
+        assert _main(world, [], "run", "--limit", "2", "--tasks", "mmlu", "--rows", "large-lora",
+                     "--out", str(out)) != 0  # fmt: skip
+        assert "mmlu-large: no adapter; run `python -m dlf_rs.real_family.paper train`" in (
+            capsys.readouterr().err)  # fmt: skip
+    finally:
+        aside.rename(path)
+    assert any("mmlu large-lora: left out" in m and "no adapter" in m for m in logs), logs
+    recs = [json.loads(x) for x in (out / "mmlu.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all("large" in r and "large-lora" not in r for r in recs)
+
+
 def test_harness_task_reproduces_a_row(world: dict[str, Path], ran: dict[str, Any]) -> None:
     lm_eval = pytest.importorskip("lm_eval")
     from dlf_rs import FusedGenerator

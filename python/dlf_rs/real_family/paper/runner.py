@@ -309,7 +309,13 @@ class Runner:
         """Every planned row whose examples are all in the cache (others are logged), plus the
         static row chosen on the validation part where that part's static rows are cached."""
         if items is None:
-            items = [self._item(t, r) for t in self.cfg.tasks for r in self.rows(t)]
+            items = []
+            for t in self.cfg.tasks:
+                for r in self.rows(t):
+                    try:
+                        items.append(self._item(t, r))
+                    except FileNotFoundError as e:  # an adapter not trained: nothing cached
+                        self.log(f"run: {t} {r.key}: left out ({e})")
         out: dict[str, list[RowResult]] = {t: [] for t in self.cfg.tasks}
         for it in items:
             res = self._result(it)
