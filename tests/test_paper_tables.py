@@ -197,6 +197,8 @@ def test_all_writes_every_table_and_adapter(world: dict[str, Path], ran: dict[st
     assert (out / "validation" / "tables.md").is_file()
     man = json.loads((out / "manifest.json").read_text())
     assert set(man["adapters"]) == set(ADAPTERS)
+    # the trainings' checkpoints go once their adapters are saved
+    assert not list((world["cache"] / "paper" / "adapters").glob("*checkpoint*"))
     for name, rec in man["adapters"].items():
         paper_json = json.loads((adapter_dir(world["cache"], name) / "paper.json").read_text())
         assert rec["adapter_sha256"] == paper_json["adapter_sha256"] and rec["steps"] == 2

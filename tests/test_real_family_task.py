@@ -210,6 +210,57 @@ def test_micro_batches_give_the_same_training(tiny: dict[str, Path], tmp_path: P
     np.testing.assert_allclose(one["losses"], first["losses"], rtol=1e-4)
 
 
+def test_an_interrupted_training_resumes_to_the_same_adapter(tiny: dict[str, Path],
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """Stopped after step 2 (an epoch's end) and again after step 3 (inside the next epoch),
+    then resumed: the adapter, losses and token count equal a run never stopped."""
+    from dlf_rs.real_family.train import Recipe, sha256_path, train_adapter
+
+    recipe = Recipe(examples=6, epochs=2, batch_size=4, lr=5e-2, warmup_steps=1, rank=4,
+                    lora_alpha=8, seed=3, threads=1, lora_dropout=0.1)  # fmt: skip
+    whole = train_adapter(tiny["small"], tmp_path / "whole", recipe, log=lambda m: None)
+    assert whole["steps"] == 4  # 2 epochs of 6 examples in batches of 4 (4 + 2)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(step: int) -> Any:
+        def log(msg: str) -> None:
+            logs.append(msg)
+            if f"checkpoint at step {step}/4" in msg:
+                raise Stop
+
+        return log
+
+    ckpt = tmp_path / "resumed.checkpoint.pt"
+    logs: list[str] = []
+    for step in (2, 3):
+        with pytest.raises(Stop):
+            train_adapter(tiny["small"], tmp_path / "resumed", recipe, log=stop_at(step),
+                          checkpoint=ckpt, checkpoint_key="k", checkpoint_every=0.0)  # fmt: skip
+        assert ckpt.is_file() and not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    done = train_adapter(tiny["small"], tmp_path / "resumed", recipe, log=logs.append,
+                         checkpoint=ckpt, checkpoint_key="k", checkpoint_every=0.0)  # fmt: skip
+    resumed = [m.rsplit(" ", 1)[-1] for m in logs if "resumed from" in m]
+    assert resumed == ["2/4", "3/4"], logs
+    assert done["losses"] == whole["losses"] and done["tokens"] == whole["tokens"]
+    assert done["adapter_sha256"] == whole["adapter_sha256"]
+    assert (
+        sha256_path(tmp_path / "resumed" / "adapter_model.safetensors") == whole["adapter_sha256"]
+    )
+    assert not ckpt.exists()  # removed once the adapter is saved
+    # another training's checkpoint (another key) is not resumed
+    with pytest.raises(Stop):
+        train_adapter(tiny["small"], tmp_path / "other", recipe, log=stop_at(2), checkpoint=ckpt,
+                      checkpoint_key="k", checkpoint_every=0.0)  # fmt: skip
+    logs.clear()
+    again = train_adapter(tiny["small"], tmp_path / "other", recipe, log=logs.append,
+                          checkpoint=ckpt, checkpoint_key="another", checkpoint_every=0.0)  # fmt: skip
+    assert any("another training's checkpoint; starting over" in m for m in logs)
+    assert not any("resumed from" in m for m in logs)
+    assert again["adapter_sha256"] == whole["adapter_sha256"]
+
+
 def test_encode_masks_the_prompt() -> None:
     from dlf_rs.real_family.train import encode
 

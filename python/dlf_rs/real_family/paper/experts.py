@@ -17,7 +17,9 @@ Cache: ``<cache>/paper/adapters/<name>/`` holds the PEFT adapter, train.py's ``m
 and ``paper.json``: the fingerprint of the inputs (the recipe, the sha256 of the training
 examples as prompt and target text, the base model's digest, the split fingerprints, the LoRA
 targets) with the adapter's sha256. A rerun whose fingerprint and adapter file match does
-nothing.
+nothing. While an adapter trains, ``<name>.checkpoint.pt`` beside its folder holds the training's
+state (every 5 minutes, keyed by the fingerprint): a stopped ``train`` resumes from it and gives
+the same adapter as an unbroken run.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from .plan import TASK_ORDER, TRAIN_CAP
 from .prompts import Example, messages, target_text, user_text
 from .store import Digests, fingerprint, write_json
 
-__all__ = ["ADAPTERS", "FORMAT", "PAPER_MANIFEST", "AdapterSpec", "adapter_dir", "data_digest",
-           "ensure_adapter", "recipe_for", "training_examples"]  # fmt: skip
+__all__ = ["ADAPTERS", "FORMAT", "PAPER_MANIFEST", "AdapterSpec", "adapter_dir",
+           "checkpoint_file", "data_digest", "ensure_adapter", "recipe_for",
+           "training_examples"]  # fmt: skip
 
 FORMAT = "dlf_rs.real_family.paper.adapter/1"
 PAPER_MANIFEST = "paper.json"
@@ -61,6 +64,11 @@ ADAPTERS: dict[str, AdapterSpec] = {
 
 def adapter_dir(cache: Path, name: str) -> Path:
     return cache / "paper" / "adapters" / name
+
+
+def checkpoint_file(cache: Path, name: str) -> Path:
+    """Where adapter ``name``'s training keeps its checkpoint while it runs."""
+    return adapter_dir(cache, name).with_name(f"{name}.checkpoint.pt")
 
 
 def training_examples(spec: AdapterSpec, parts: Mapping[str, Any], seed: int = 0,
@@ -145,8 +153,10 @@ def ensure_adapter(cache: Path, name: str, parts: Mapping[str, Any], *, digests:
     log(f"train: {name}: {len(exs)} examples of {'+'.join(spec.tasks)} on the {spec.base} base "
         f"(fingerprint {key})")  # fmt: skip
     t0 = time.perf_counter()
+    # every 5 minutes a checkpoint beside the adapter: a stopped run resumes where it was
     man = train.train_adapter(base, out, rec, examples=exs, prompts=_PaperTask, log=log,
-                              micro_batch=micro_batch)  # fmt: skip
+                              micro_batch=micro_batch, checkpoint=checkpoint_file(cache, name),
+                              checkpoint_key=key)  # fmt: skip
     man["task"] = "paper:" + "+".join(spec.tasks)
     write_json(out / train.MANIFEST, man)
     paper = {
