@@ -212,8 +212,9 @@ lock-olmo-eval: venv
 # The paper's Tables 1 and 2 (docs/paper-tables.md): the LoRA adapters (each task's expert on the
 # 0.5B, the same recipe on the 1.5B as upper bounds, the multi-task ones), the static rows on the
 # validation part, every row on the held-out part, then the tables, per-example results and alpha
-# plots in docs/paper-tables/. Every step resumes from <cache>/paper/. Not part of `make test`.
-# Estimated ~70 h on 2 CPU cores from a cold cache (`python -m dlf_rs.real_family.paper plan`);
+# plots in docs/paper-tables/. Every step resumes from <cache>/paper/ (training from a checkpoint
+# every 5 min, decoding per batch). Not part of `make test`. About 64 h on 2 CPU cores from a
+# cold cache (`python -m dlf_rs.real_family.paper plan`: measured where run, else estimated);
 # PAPER_ARGS adds options, e.g. PAPER_ARGS="--device cuda --batch-size 64".
 .PHONY: paper-tables
 paper-tables: paper-data real-family
