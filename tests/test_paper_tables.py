@@ -364,6 +364,23 @@ def test_limit_and_tables_only(world: dict[str, Path], ran: dict[str, Any]) -> N
         {k: r[k] for k in ("id", "large", "dlf", "gtm/joint")} for r in full]  # fmt: skip
 
 
+def test_a_run_of_one_task_keeps_the_others_in_the_tables(world: dict[str, Path],
+                                                          ran: dict[str, Any]) -> None:  # fmt: skip
+    """--report-rows cached (the default for the committed docs/paper-tables/): a call for one
+    task and one row writes the tables of everything complete in the cache."""
+    logs: list[str] = []
+    only = world["root"] / "one-row"
+    assert _main(world, logs, "tables", "--tasks", "mmlu", "--rows", "large", "--out",
+                 str(only)) == 0  # fmt: skip
+    assert sorted(p.name for p in only.glob("*.jsonl")) == ["mmlu.jsonl"]
+    whole = world["root"] / "whole"
+    assert _main(world, logs, "tables", "--tasks", "mmlu", "--rows", "large", "--report-rows",
+                 "cached", "--out", str(whole)) == 0  # fmt: skip
+    for t in plan.TASK_ORDER:
+        assert (whole / f"{t}.jsonl").read_text() == (world["out"] / f"{t}.jsonl").read_text()
+    assert (whole / "tables.md").read_text() == (world["out"] / "tables.md").read_text()
+
+
 def test_tables_leave_out_a_row_whose_adapter_is_not_trained(
         world: dict[str, Path], ran: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     logs: list[str] = []
