@@ -202,7 +202,7 @@ EXTRA_EXPERT = 0.2  # one more 0.5B forward per step per extra expert: about +20
 S_PER_STEP = {"small": 13.0, "large": 27.0}
 STEP_SCALE = {"gsm8k": 1.5, "triviaqa": 0.35, "mmlu": 1.0}
 # Adapters trained here, in seconds (the training's own log), used instead of the estimate.
-TRAIN_MEASURED = {"triviaqa-small": 568.8, "triviaqa-large": 1854.1}
+TRAIN_MEASURED = {"triviaqa-small": 568.8, "triviaqa-large": 1854.1, "gsm8k-small": 2068.7}
 
 
 def row_seconds(task: str, row: Row) -> float:
