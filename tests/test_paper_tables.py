@@ -364,6 +364,32 @@ def test_limit_and_tables_only(world: dict[str, Path], ran: dict[str, Any]) -> N
         {k: r[k] for k in ("id", "large", "dlf", "gtm/joint")} for r in full]  # fmt: skip
 
 
+def test_each_task_decodes_at_its_own_batch_size_unless_one_is_given(
+        world: dict[str, Path], ran: dict[str, Any]) -> None:  # fmt: skip
+    """A row's cache file is keyed by its task's batch size (GSM8K's chains of thought at 32,
+    the short replies at 8), so one task's batch can change without orphaning another's rows;
+    ``--batch-size`` sets every task's, and the manifest records each task's."""
+    from dlf_rs.real_family.paper.runner import RunConfig, Runner
+
+    man = json.loads((world["out"] / "manifest.json").read_text())
+    assert man["batch_size"] == {t: BATCH for t in plan.TASK_ORDER}
+    kw = {"cache": world["cache"], "wheel": world["wheel"], "sizes": SIZES, "budgets": BUDGETS,
+          "dtype": "float32"}  # fmt: skip
+    own, given = Runner(RunConfig(**kw), lambda _: None), Runner(RunConfig(**kw, batch_size=BATCH))
+    assert [own.batch(t) for t in plan.TASK_ORDER] == [32, 8, 8] != [BATCH] * 3
+    for t in plan.TASK_ORDER:
+        dlf = plan.rows_for(t, keys=["dlf"])[0]
+        assert given.batch(t) == BATCH
+        mine, theirs = own.spec(t, dlf), given.spec(t, dlf)
+        assert mine["batch_size"] == tasks.TASKS[t].batch_size
+        assert {k: v for k, v in mine.items() if k != "batch_size"} == {
+            k: v for k, v in theirs.items() if k != "batch_size"}  # fmt: skip
+        assert store.fingerprint(mine) != store.fingerprint(theirs)
+        # the run's files are the given batch's: the task's own finds none of them complete
+        assert given._result(given._item(t, dlf)) is not None
+        assert own._result(own._item(t, dlf)) is None
+
+
 def test_a_run_of_one_task_keeps_the_others_in_the_tables(world: dict[str, Path],
                                                           ran: dict[str, Any]) -> None:  # fmt: skip
     """--report-rows cached (the default for the committed docs/paper-tables/): a call for one

@@ -213,18 +213,18 @@ def row_seconds(task: str, row: Row) -> float:
 
 
 def estimate(sizes: Mapping[str, int], train_sizes: Mapping[str, int],
-             validation: Mapping[str, int] | None = None, batch_size: int = 8, *,
+             validation: Mapping[str, int] | None = None, train_batch: int = 8, *,
              adapters: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Estimated CPU hours of a cold ``make paper-tables``: training every adapter of
-    ``adapters`` (:data:`.experts.ADAPTERS`; steps x seconds per step) and decoding every row on
-    its examples (held-out, with :func:`default_limits`, plus the static rows on the validation
-    part)."""
+    ``adapters`` (:data:`.experts.ADAPTERS`; steps of ``train_batch`` x seconds per step) and
+    decoding every row on its examples (held-out, with :func:`default_limits`, plus the static
+    rows on the validation part)."""
     train_h: dict[str, float] = {}
     for name, spec in adapters.items():
         steps = 0.0
         for t in spec.tasks:
             n = train_sizes[t] if TRAIN_CAP[t] is None else min(train_sizes[t], TRAIN_CAP[t] or 0)
-            steps += n / batch_size * STEP_SCALE[t]
+            steps += n / train_batch * STEP_SCALE[t]
         secs = TRAIN_MEASURED.get(name, steps * S_PER_STEP[spec.base])
         train_h[name] = round(secs / 3600, 2)
     decode_h: dict[str, float] = {}

@@ -8,7 +8,7 @@ validation) greedily through :class:`dlf_rs.FusedGenerator`, with the task's zer
 
 Cache (:mod:`.store`): a row's replies go to ``<cache>/paper/outputs/<task>/<row>-<fp>.jsonl``,
 where the fingerprint covers the row's options, the digests of the models it uses (base folders
-and adapters), the budget, the dtype, the device kind and the batch size. Examples are decoded
+and adapters), the budget, the dtype, the device kind and the task's batch size. Examples are decoded
 in fixed batches (the i-th batch is always examples ``i*B .. i*B+B-1`` of the part), so a
 resumed or extended run decodes exactly the batches a fresh run would; a batch is skipped when
 every one of its examples is in the cache with the same prompt text. Rows that share models
@@ -61,7 +61,7 @@ class RunConfig:
     row_limits: bool = True  # plan.default_limits on the held-out part
     dtype: str = "bfloat16"
     device: str | None = None  # None: CPU
-    batch_size: int = 8
+    batch_size: int | None = None  # every task's instead of TASKS' (None: each task's own)
     threads: int = 2
     seed: int = 0
     wheel: Path | None = None  # another wheel, read unchecked (tests)
@@ -162,6 +162,9 @@ class Runner:
     def budget(self, task: str) -> int:
         return int((self.cfg.budgets or {}).get(task, TASKS[task].max_new_tokens))
 
+    def batch(self, task: str) -> int:
+        return self.cfg.batch_size or TASKS[task].batch_size
+
     def rows(self, task: str) -> list[Row]:
         return rows_for(task, self.cfg.tables, self.cfg.rows)
 
@@ -195,7 +198,7 @@ class Runner:
         return {"format": OUTPUT_FORMAT, "options": dict(row.options), "models": self.models(row),
                 "max_new_tokens": self.budget(task), "stop": list(TASKS[task].stop),
                 "dtype": self.cfg.dtype, "device": dev.split(":")[0],
-                "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}  # fmt: skip
+                "batch_size": self.batch(task), "seed": self.cfg.seed}  # fmt: skip
 
     def _item(self, task: str, row: Row) -> _Item:
         spec = self.spec(task, row)
@@ -209,7 +212,7 @@ class Runner:
     def _missing(self, item: _Item) -> list[list[Example]]:
         """The batches of ``item`` with an example not in its cache file."""
         have = item.out.load()
-        b = self.cfg.batch_size
+        b = self.batch(item.task)
         todo = []
         for lo in range(0, len(item.examples), b):
             chunk = item.examples[lo : lo + b]
