@@ -204,7 +204,7 @@ def test_all_writes_every_table_and_adapter(world: dict[str, Path], ran: dict[st
         assert rec["adapter_sha256"] == paper_json["adapter_sha256"] and rec["steps"] == 2
     every = {r.key for t in plan.TASK_ORDER for r in plan.rows_for(t)}
     for t in plan.TASK_ORDER:
-        assert set(man["rows"][t]) == every | {"static-val"}
+        assert set(man["rows"][t]) == every | {"static-val", "dlf-val"}
         assert all(v["n"] == SIZES[t][0] for v in man["rows"][t].values())
     tables_md = (out / "tables.md").read_text()
     assert "| DLF (paper defaults) |" in tables_md and "[MMLU unseen]" in tables_md
@@ -307,22 +307,38 @@ def test_large_rows_are_fused_generators_own_greedy_output(world: dict[str, Path
             assert cached[e.id]["token_ids"] == hf[: len(cached[e.id]["token_ids"])]
 
 
-def test_static_alpha_is_chosen_on_the_validation_part(world: dict[str, Path],
-                                                       ran: dict[str, Any]) -> None:  # fmt: skip
+@pytest.mark.parametrize("derived", ["static-val", "dlf-val"])
+def test_static_alpha_and_dlf_range_are_chosen_on_the_validation_part(
+        world: dict[str, Path], ran: dict[str, Any], derived: str) -> None:  # fmt: skip
+    """The derived rows are the candidate most accurate on the validation part; ties go to
+    proxy-tuning's alpha (then the smaller), and to the paper's DLF range (then the narrower).
+    Their held-out results are that candidate's, row for row."""
     sp = splits_of(world)
     man = json.loads((world["out"] / "manifest.json").read_text())
+    if derived == "static-val":
+        cands = {"static-0.5": 0.5, "proxy": 1.0, "static-1.5": 1.5}
+        tie = {k: (-abs(a - 1), -a) for k, a in cands.items()}
+        names = {k: f"{a:g}" for k, a in cands.items()}
+        label = "static alpha chosen on validation"
+    else:
+        cands = {"dlf": 2.0, "dlf-a1": 1.0, "dlf-a4": 4.0}  # the top of each range
+        tie = {k: (k == "dlf", -hi) for k, hi in cands.items()}
+        names = {k: f"[0, {hi:g}]" for k, hi in cands.items()}
+        label = "DLF alpha range chosen on validation"
+        for k, hi in cands.items():  # the rows' options are the ranges they are named for
+            row = plan.rows_for("mmlu", keys=[k])[0]
+            assert row.options.get("alpha_range", [0.0, 2.0]) == [0.0, hi]
     for t in plan.TASK_ORDER:
         val = list(sp[t].validation)
         acc = {}
-        for key in plan.STATIC_ROWS:
+        for key in cands:
             cached = outputs(world, t, key)
             acc[key] = sum(tasks.correct(e, cached[e.id]["text"]) for e in val) / len(val)
-        best = max(plan.STATIC_ROWS, key=lambda k: (acc[k], -abs(plan.STATIC_ROWS[k] - 1),
-                                                    -plan.STATIC_ROWS[k]))  # fmt: skip
-        chosen = man["rows"][t]["static-val"]
+        best = max(cands, key=lambda k: (acc[k], *tie[k]))
+        chosen = man["rows"][t][derived]
         assert chosen["fingerprint"] == man["rows"][t][best]["fingerprint"]
-        assert chosen["label"] == f"static alpha chosen on validation ({plan.STATIC_ROWS[best]:g})"
-        assert [r["static-val"] for r in per_example(world, t)] == [
+        assert chosen["label"] == f"{label} ({names[best]})"
+        assert [r[derived] for r in per_example(world, t)] == [
             r[best] for r in per_example(world, t)]  # fmt: skip
 
 
@@ -481,11 +497,12 @@ def test_harness_command_for_rows(tmp_path: Path) -> None:
 def test_plan_rows_limits_and_estimate() -> None:
     for t in plan.TASK_ORDER:
         keys = [r.key for r in plan.rows_for(t)]
-        assert len(keys) == len(set(keys)) == 7 + 17 - 1  # "large" is in both tables once
+        assert len(keys) == len(set(keys)) == 9 + 17 - 1  # "large" is in both tables once
         assert {"large", "dlf", "large-lora", "gt/one-active", "gtm/static-avg"} <= set(keys)
         assert [r.key for r in plan.rows_for(t, keys=["dlf", "large"])] == ["dlf", "large"]
     lim = plan.default_limits("gsm8k", 400)
-    assert lim["static-0.5"] == 200 and lim["gt/joint"] == 100 and "dlf" not in lim
+    assert lim["static-0.5"] == lim["dlf-a1"] == lim["dlf-a4"] == 200 and "dlf" not in lim
+    assert lim["gt/joint"] == 100
     assert plan.default_limits("mmlu", 400) == {}
     with pytest.raises(ValueError, match="unknown"):
         plan.rows_for("mmlu", keys=["dlf", "x"])
@@ -496,11 +513,12 @@ def test_plan_rows_limits_and_estimate() -> None:
     assert set(est["train_hours"]) == set(ADAPTERS) and est["total_hours"] > 0
     # the hand sum of MMLU: the 1.5B alone, + its LoRA, + the multi-task LoRA (3 rows); the
     # 0.5B alone, + each of the three experts ("expert" and "expert-mmlu": one model, decoded
-    # once), + the multi-task LoRA (5); one expert fused (4); the two-expert set (5 rows, +20%)
-    # and the three-expert set (5, +40%); the three static rows on the 100 validation examples
+    # once), + the multi-task LoRA (5); one expert fused (6: three static, three DLF ranges);
+    # the two-expert set (5 rows, +20%) and the three-expert set (5, +40%); the three static
+    # rows and the three DLF ranges on the 100 validation examples
     s = plan.S_PER_EXAMPLE["mmlu"]
-    hand = (400 * (3 * s["large"] + 5 * s["small"] + 4 * s["fused"] + 5 * 1.2 * s["fused"]
-                   + 5 * 1.4 * s["fused"]) + 100 * 3 * s["fused"])  # fmt: skip
+    hand = (400 * (3 * s["large"] + 5 * s["small"] + 6 * s["fused"] + 5 * 1.2 * s["fused"]
+                   + 5 * 1.4 * s["fused"]) + 100 * 6 * s["fused"])  # fmt: skip
     assert est["decode_hours"]["mmlu"] == pytest.approx(round(hand / 3600, 1))
 
 

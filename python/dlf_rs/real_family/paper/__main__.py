@@ -15,8 +15,9 @@
 - ``train``: the LoRA adapters the planned rows need (:mod:`.experts`; skips those in place).
 - ``run``: decode what the cache lacks, score, and write the tables (:mod:`.runner`,
   :mod:`.report`); ``tables``: the same from the cache alone, decoding nothing.
-- ``all`` (``make paper-tables``): ``train``, the static rows on the validation part (the alpha
-  chosen there is the ``static-val`` row), then ``run`` on the held-out part.
+- ``all`` (``make paper-tables``): ``train``, the static and DLF rows on the validation part
+  (the alpha and the DLF range chosen there are the ``static-val`` and ``dlf-val`` rows), then
+  ``run`` on the held-out part.
 - ``harness``: the ``dlf-rs eval`` command that reproduces a row's metric through
   lm-evaluation-harness (:mod:`.harness`).
 """
@@ -270,13 +271,15 @@ def cmd_run(args: argparse.Namespace, cache: Path, decode: bool = True) -> int:
 
 
 def cmd_all(args: argparse.Namespace, cache: Path) -> int:
-    """train, the static rows on the validation part, then the held-out run and its tables."""
+    """train, the candidates of the chosen rows on the validation part, then the held-out run
+    and its tables."""
     rc = cmd_train(args, cache)
     if rc:
         return rc
     if "single" in (_csv(args.tables) or ()) and args.rows is None:
         val = argparse.Namespace(**{**vars(args), "part": "validation",
-                                    "rows": ",".join(plan.STATIC_ROWS), "tables": "single"})  # fmt: skip
+                                    "rows": ",".join(k for c in plan.CHOICES for k in c.candidates),
+                                    "tables": "single"})  # fmt: skip
         rc = cmd_run(val, cache)
         if rc:
             return rc

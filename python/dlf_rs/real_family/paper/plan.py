@@ -10,10 +10,14 @@ The rows of one task ``T`` (Table 1, "single"):
 - ``static-0.5``, ``proxy`` (static alpha 1.0, proxy-tuning), ``static-1.5``: the 1.5B plus
   alpha times the expert's shift from the 0.5B base, fixed alpha;
 - ``dlf``: alpha solved per step (the library's defaults: the paper's grid over [0, 2]);
+- ``dlf-a1``, ``dlf-a4``: beyond the paper, the same solver over [0, 1] and [0, 4] (the paper
+  does not tune its range; TriviaQA's DLF sat at the top of [0, 2] on 27% of its steps while
+  the smaller static alpha did better);
 - ``large-lora``: the 1.5B with the same LoRA recipe on ``T``'s train part, merged (the upper
   bound);
-- ``static-val`` (derived, no decoding of its own): the static row whose alpha was best on the
-  validation part, when that part's static rows are in the cache.
+- ``static-val`` and ``dlf-val`` (derived, no decoding of their own, :data:`CHOICES`): the static
+  row, and the DLF range, best on the validation part, when that part's candidate rows are in
+  the cache; the held-out data never chooses.
 
 The rows of Table 2 ("multi"), on every task, no task id: ``small`` (the 0.5B base), each
 expert alone on every task (``expert-gsm8k`` ...), ``mtt`` (the 0.5B with one LoRA on the
@@ -37,15 +41,18 @@ from typing import Any
 from . import data, splits
 from .tasks import TASKS
 
-__all__ = ["MULTI_RULES", "MULTI_SETS", "PARTS", "STATIC_ROWS", "S_PER_EXAMPLE", "TRAIN_CAP",
-           "Row", "default_limits", "estimate", "load_benchmarks", "make_splits", "multi_rows",
-           "rows_for", "single_rows", "table_keys"]  # fmt: skip
+__all__ = ["CHOICES", "DERIVED", "DLF_ROWS", "MULTI_RULES", "MULTI_SETS", "PARTS", "STATIC_ROWS",
+           "S_PER_EXAMPLE", "TRAIN_CAP", "Choice", "Row", "default_limits", "estimate",
+           "load_benchmarks", "make_splits", "multi_rows", "rows_for", "single_rows",
+           "table_keys"]  # fmt: skip
 
 PARTS = ("heldout", "validation")
 TASK_ORDER = ("gsm8k", "triviaqa", "mmlu")
 # The experts' training parts: TriviaQA's 7,393 questions capped (a seeded sample).
 TRAIN_CAP: dict[str, int | None] = {"gsm8k": None, "triviaqa": 1024, "mmlu": None}
 STATIC_ROWS = {"static-0.5": 0.5, "proxy": 1.0, "static-1.5": 1.5}
+# DLF's alpha range: the paper's default and the two variants beyond it
+DLF_ROWS = {"dlf": (0.0, 2.0), "dlf-a1": (0.0, 1.0), "dlf-a4": (0.0, 4.0)}
 MULTI_RULES = ("one-active", "joint", "own-terms", "max-shift")
 # name -> the tasks whose experts are fused (Table 2: MMLU unseen by "gt")
 MULTI_SETS: dict[str, tuple[str, ...]] = {"gt": ("gsm8k", "triviaqa"),
@@ -79,6 +86,32 @@ class Row:
         return ([self.merged] if self.merged else []) + (list(self.experts) if self.fused else [])
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A derived row of Table 1: of ``candidates`` (row key -> the name of its setting, in
+    display order), the one most accurate on the validation part; ties go to the first of
+    ``prefer``. Its held-out results are that candidate's, decoded already."""
+
+    key: str
+    label: str
+    by: str  # what the candidates differ in, for the note
+    candidates: dict[str, str]
+    prefer: tuple[str, ...]
+
+
+CHOICES = (
+    # ties: the alpha nearest 1.0 (proxy-tuning), then the smaller
+    Choice("static-val", "static alpha chosen on validation", "alpha",
+           {k: f"{a:g}" for k, a in STATIC_ROWS.items()},
+           tuple(sorted(STATIC_ROWS, key=lambda k: (abs(STATIC_ROWS[k] - 1.0), STATIC_ROWS[k])))),
+    # ties: the paper's range, then the narrower
+    Choice("dlf-val", "DLF alpha range chosen on validation", "alpha range",
+           {k: f"[{lo:g}, {hi:g}]" for k, (lo, hi) in DLF_ROWS.items()},
+           tuple(sorted(DLF_ROWS, key=lambda k: (k != "dlf", DLF_ROWS[k][1])))),
+)  # fmt: skip
+DERIVED = tuple(c.key for c in CHOICES)
+
+
 def single_rows(task: str) -> list[Row]:
     e = (f"{task}-small",)
     rows = [Row("large", "1.5B alone", {"method": "large"}),
@@ -88,6 +121,10 @@ def single_rows(task: str) -> list[Row]:
         label = f"static alpha {a:g}" + (" (proxy-tuning)" if key == "proxy" else "")
         rows.append(Row(key, label, {"method": "static", "alpha": a}, experts=e))
     rows.append(Row("dlf", "DLF (paper defaults)", {"method": "dlf"}, experts=e))
+    for key, (lo, hi) in DLF_ROWS.items():
+        if key != "dlf":
+            rows.append(Row(key, f"DLF, alpha in [{lo:g}, {hi:g}] (beyond the paper)",
+                            {"method": "dlf", "alpha_range": [lo, hi]}, experts=e))  # fmt: skip
     rows.append(Row("large-lora", "1.5B + LoRA, same recipe (upper bound)",
                     {"method": "large"}, merged=f"{task}-large"))  # fmt: skip
     return rows
@@ -146,11 +183,11 @@ def table_keys(task: str, table: str) -> list[str]:
 def default_limits(task: str, n: int) -> dict[str, int]:
     """Rows decoded on only the first examples of the held-out part, by default (the rest on
     all ``n``). GSM8K's chain of thought costs ~25-45 s an example on the CPU: the alpha
-    ablation (static 0.5 and 1.5) runs on the first 200, the multi-task rows on the first 100
-    (docs/paper-tables.md, the sizing)."""
+    ablation (static 0.5 and 1.5, DLF's other ranges) runs on the first 200, the multi-task rows
+    on the first 100 (docs/paper-tables.md, the sizing)."""
     if task != "gsm8k":
         return {}
-    out = {k: min(n, 200) for k in ("static-0.5", "static-1.5")}
+    out = {k: min(n, 200) for k in ("static-0.5", "static-1.5", *DLF_ROWS) if k != "dlf"}
     single = set(table_keys(task, "single"))
     out.update({k: min(n, 100) for k in table_keys(task, "multi") if k not in single})
     return out
@@ -238,8 +275,9 @@ def estimate(sizes: Mapping[str, int], train_sizes: Mapping[str, int],
             runs[same] = (n, row_seconds(t, r))
         secs = sum(n * s for n, s in runs.values())
         if validation:
+            cands = {k for c in CHOICES for k in c.candidates}
             secs += sum(validation[t] * row_seconds(t, r) for r in single_rows(t)
-                        if r.key in STATIC_ROWS)  # fmt: skip
+                        if r.key in cands)  # fmt: skip
         decode_h[t] = round(secs / 3600, 1)
     return {"train_hours": train_h, "decode_hours": decode_h,
             "total_hours": round(sum(train_h.values()) + sum(decode_h.values()), 1)}  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .plan import MULTI_SETS, TASK_ORDER, table_keys
+from .plan import CHOICES, DERIVED, MULTI_SETS, TASK_ORDER, table_keys
 from .runner import RowResult
 from .stats import Accuracy
 from .store import write_json
@@ -66,7 +66,8 @@ ROWS_NOTE = (
 def comparisons(table: str) -> list[tuple[str, str]]:
     """The paired comparisons of a table ("a minus b")."""
     if table == "single":
-        return [*COMPARISONS, ("dlf", "static-val"), ("large-lora", "dlf")]
+        return [*COMPARISONS, ("dlf", "static-val"), ("dlf-val", "dlf"), ("dlf-val", "proxy"),
+                ("large-lora", "dlf")]  # fmt: skip
     out = []
     for s in MULTI_SETS:
         out += [(f"{s}/one-active", f"{s}/static-avg"), (f"{s}/one-active", "large"),
@@ -108,7 +109,7 @@ def _section(results: Sequence[RowResult], table: str) -> str:
 
 def _task_md(task: str, results: Sequence[RowResult], part: str, split: Mapping[str, Any]) -> str:
     spec = TASKS[task]
-    single = set(table_keys(task, "single")) | {"static-val"}
+    single = set(table_keys(task, "single")) | set(DERIVED)
     multi = set(table_keys(task, "multi"))
     lines = [f"# {spec.column}: {part} part of split {split['fingerprint']}",
              "",
@@ -170,14 +171,15 @@ def _cells(results: Mapping[str, Sequence[RowResult]], table: str
     cells: dict[str, dict[str, Accuracy | None]] = {}
     sizes: dict[str, dict[int, list[str]]] = {}
     for task, rows in results.items():
-        keys = set(table_keys(task, table)) | ({"static-val"} if table == "single" else set())
+        keys = set(table_keys(task, table)) | (set(DERIVED) if table == "single" else set())
         col = TASKS[task].column
         for r in rows:
             if r.key not in keys:
                 continue
             label = r.row.label + (" [MMLU unseen]" if table == "multi" and r.row.unseen else "")
-            if r.key == "static-val":
-                label = "static alpha chosen on validation"
+            for c in CHOICES:  # the choice differs by task: one row across the tasks
+                if r.key == c.key:
+                    label = c.label
             cells.setdefault(label, {})[col] = MethodRow(r.key, label, r.correct).accuracy
             sizes.setdefault(col, {}).setdefault(r.n, []).append(label)
     notes = []

@@ -31,8 +31,9 @@ from . import scoring
 from .data import GsmExample, MmluExample, TriviaExample
 from .experts import adapter_dir
 from .plan import (
-    STATIC_ROWS,
+    CHOICES,
     TASK_ORDER,
+    Choice,
     Row,
     default_limits,
     load_benchmarks,
@@ -310,7 +311,7 @@ class Runner:
 
     def results(self, items: list[_Item] | None = None) -> dict[str, list[RowResult]]:
         """Every planned row whose examples are all in the cache (others are logged), plus the
-        static row chosen on the validation part where that part's static rows are cached."""
+        rows chosen on the validation part (:data:`.plan.CHOICES`) where it is cached."""
         if items is None:
             items = []
             for t in self.cfg.tasks:
@@ -328,33 +329,34 @@ class Runner:
             out[it.task].append(res)
         if self.cfg.part == "heldout":
             for t in self.cfg.tasks:
-                chosen = self.static_choice(t, out[t])
-                if chosen is not None:
-                    out[t].append(chosen)
+                for c in CHOICES:
+                    chosen = self.choice(t, out[t], c)
+                    if chosen is not None:
+                        out[t].append(chosen)
         return out
 
-    def static_choice(self, task: str, held: list[RowResult]) -> RowResult | None:
-        """The static row best on the validation part (ties: the alpha nearest 1.0, then the
-        smaller), as the derived row ``static-val``, when all three are cached there."""
+    def choice(self, task: str, held: list[RowResult], choice: Choice) -> RowResult | None:
+        """``choice``'s derived row (``static-val``, ``dlf-val``): the candidate most accurate
+        on the validation part, ties to ``choice.prefer``'s first, with its held-out results,
+        when every candidate is cached on both parts."""
         by = {r.key: r for r in held}
         val = self.part(task, "validation")
-        if not val or not all(k in by for k in STATIC_ROWS):
+        if not val or not all(k in by for k in choice.candidates):
             return None
         acc: dict[str, float] = {}
-        for key in STATIC_ROWS:
+        for key in choice.candidates:
             it = _Item(task, by[key].row, by[key].fingerprint,
                        OutputFile(self.outputs, task, key, by[key].fingerprint), val, {})  # fmt: skip
             res = self._result(it)
             if res is None:
                 return None
             acc[key] = sum(res.correct) / len(res.correct)
-        best = max(STATIC_ROWS, key=lambda k: (acc[k], -abs(STATIC_ROWS[k] - 1.0), -STATIC_ROWS[k]))
-        a = STATIC_ROWS[best]
-        note = ", ".join(f"{STATIC_ROWS[k]:g}: {100 * acc[k]:.1f}%" for k in STATIC_ROWS)
-        row = replace(by[best].row, key="static-val",
-                      label=f"static alpha chosen on validation ({a:g})")  # fmt: skip
-        return replace(by[best], row=row,
-                       note=f"validation accuracy by alpha ({len(val)} examples): {note}")  # fmt: skip
+        best = max(choice.prefer, key=lambda k: (acc[k], -choice.prefer.index(k)))
+        note = ", ".join(f"{name}: {100 * acc[k]:.1f}%" for k, name in choice.candidates.items())
+        row = replace(by[best].row, key=choice.key,
+                      label=f"{choice.label} ({choice.candidates[best]})")  # fmt: skip
+        return replace(by[best], row=row, note=f"validation accuracy by {choice.by} "
+                                               f"({len(val)} examples): {note}")  # fmt: skip
 
 
 def _describe(gen: tuple[str, str | None, tuple[str, ...]]) -> str:
