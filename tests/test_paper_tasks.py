@@ -19,6 +19,7 @@ import math
 import random
 import re
 import zipfile
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -417,6 +418,13 @@ def test_accuracy_table() -> None:
     assert text[5].startswith("| DLF | 100.0% (4/4) | [51.0, 100.0] |")
     with pytest.raises(ValueError, match="same examples, got sizes large=4, x=3"):
         tables.accuracy_table([rows()[0], tables.MethodRow("x", "x", (True,) * 3)])
+    # replies cut by the token budget: a column where any row has one, counted per row
+    cut = [replace(r, cut=c) for r, c in zip(rows(), (3, 0, None, 1))]
+    text = tables.accuracy_table(cut).splitlines()
+    assert text[0].endswith("| ms / token | cut at the budget |") and text[1].count("---:") == 4
+    assert text[2] == "| 1.5B alone | 50.0% (2/4) | [15.0, 85.0] | 50 | 3/4 |"
+    assert text[3].endswith("| 0/4 |") and text[4].endswith("| |") and text[5].endswith("| 1/4 |")
+    assert "cut" not in tables.accuracy_table([replace(r, cut=0) for r in rows()])
 
 
 def test_paired_table() -> None:

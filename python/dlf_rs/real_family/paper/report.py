@@ -81,7 +81,7 @@ def method_rows(results: Sequence[RowResult], n: int | None = None) -> list[Meth
     for r in results:
         k = r.n if n is None else n
         out.append(MethodRow(r.key, r.row.label, r.correct[:k], float(sum(r.seconds[:k])),
-                             int(sum(r.tokens[:k]))))  # fmt: skip
+                             int(sum(r.tokens[:k])), sum(f == "length" for f in r.finish[:k])))  # fmt: skip
     return out
 
 

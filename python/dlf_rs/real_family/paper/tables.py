@@ -43,6 +43,7 @@ class MethodRow:
     correct: tuple[bool, ...]
     seconds: float | None = None
     tokens: int | None = None
+    cut: int | None = None  # replies stopped by the token budget, not by the model
 
     @property
     def accuracy(self) -> Accuracy:
@@ -62,18 +63,22 @@ def _check_same_n(rows: Sequence[MethodRow]) -> int:
 
 
 def accuracy_table(rows: Sequence[MethodRow], metric: str = "accuracy") -> str:
-    """| method | accuracy (k/n) | 95% CI | ms / token |"""
+    """| method | accuracy (k/n) | 95% CI | ms / token |, and | cut at the budget | where a
+    row's replies hit the token budget (a chain of thought cut before its answer)."""
     _check_same_n(rows)
+    cut = any(r.cut for r in rows)
     lines = [
-        f"| method | {metric} | 95% CI (Wilson) | ms / token |",
-        "| --- | ---: | ---: | ---: |",
-    ]
+        f"| method | {metric} | 95% CI (Wilson) | ms / token |" + (" cut at the budget |" if cut else ""),
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if cut else ""),
+    ]  # fmt: skip
     for r in rows:
         a = r.accuracy
         ms = (f"{1000 * r.seconds / r.tokens:.0f}" if r.seconds is not None and r.tokens
               else "")  # fmt: skip
-        lines.append(f"| {r.label} | {pct(a.value)}% ({a.k}/{a.n}) | [{pct(a.lo)}, {pct(a.hi)}] "
-                     f"| {ms} |")  # fmt: skip
+        line = f"| {r.label} | {pct(a.value)}% ({a.k}/{a.n}) | [{pct(a.lo)}, {pct(a.hi)}] | {ms} |"
+        if cut:
+            line += f" {r.cut}/{a.n} |" if r.cut is not None else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
