@@ -404,6 +404,15 @@ def test_each_task_decodes_at_its_own_batch_size_unless_one_is_given(
         # the run's files are the given batch's: the task's own finds none of them complete
         assert given._result(given._item(t, dlf)) is not None
         assert own._result(own._item(t, dlf)) is None
+        # fused rows run the expert merged into its own copy (the "expert alone" model), but
+        # TriviaQA's, cached as one mixed forward before, keep that and their file names
+        assert mine.get("lora_mode") == (None if t == "triviaqa" else "merged")
+        assert "lora_mode" not in own.spec(t, plan.rows_for(t, keys=["large"])[0])
+    loaded = [ln for ln in ran["logs"] if ln.startswith("run: loaded") and "experts" in ln]
+    assert loaded and all(ln.endswith(" s") and re.search(r"\((merged|mixed) LoRA\)", ln)
+                          for ln in loaded)  # fmt: skip
+    assert any("gsm8k-small (merged LoRA)" in ln for ln in loaded)
+    assert any("triviaqa-small (mixed LoRA)" in ln for ln in loaded)
 
 
 def test_a_run_of_one_task_keeps_the_others_in_the_tables(world: dict[str, Path],

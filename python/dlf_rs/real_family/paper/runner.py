@@ -193,13 +193,21 @@ class Runner:
             out["experts"] = [self._adapter_digest(e) for e in row.experts]
         return out
 
+    def lora_mode(self, task: str, row: Row) -> str | None:
+        """How ``row`` runs its experts on ``task`` (None: it fuses none)."""
+        return TASKS[task].lora_mode if row.fused else None
+
     def spec(self, task: str, row: Row) -> dict[str, Any]:
         """What a row's replies depend on: hashed into the output file's fingerprint."""
         dev = self.cfg.device or "cpu"
-        return {"format": OUTPUT_FORMAT, "options": dict(row.options), "models": self.models(row),
-                "max_new_tokens": self.budget(task), "stop": list(TASKS[task].stop),
-                "dtype": self.cfg.dtype, "device": dev.split(":")[0],
-                "batch_size": self.batch(task), "seed": self.cfg.seed}  # fmt: skip
+        out = {"format": OUTPUT_FORMAT, "options": dict(row.options), "models": self.models(row),
+               "max_new_tokens": self.budget(task), "stop": list(TASKS[task].stop),
+               "dtype": self.cfg.dtype, "device": dev.split(":")[0],
+               "batch_size": self.batch(task), "seed": self.cfg.seed}  # fmt: skip
+        mode = self.lora_mode(task, row)
+        if mode not in (None, "mixed"):  # the only mode before the key: its files keep their names
+            out["lora_mode"] = mode
+        return out
 
     def _item(self, task: str, row: Row) -> _Item:
         spec = self.spec(task, row)
@@ -222,7 +230,7 @@ class Runner:
         return todo
 
     # ------------------------------------------------------------------ decoding
-    def _load(self, gen: tuple[str, str | None, tuple[str, ...]]) -> Any:
+    def _load(self, gen: tuple[str, str | None, tuple[str, ...]], lora_mode: str | None) -> Any:
         import torch
 
         from dlf_rs import FusedGenerator
@@ -234,6 +242,7 @@ class Runner:
             return FusedGenerator.from_pretrained(
                 base_dir(c.cache, base), base_dir(c.cache, "small"),
                 [adapter_dir(c.cache, e) for e in experts], torch_dtype=c.dtype, device=c.device,
+                lora_mode=lora_mode or "auto",
             )  # fmt: skip
         return _single(base_dir(c.cache, base), c.dtype, c.device,
                        adapter_dir(c.cache, merged) if merged else None)  # fmt: skip
@@ -270,17 +279,18 @@ class Runner:
     def run(self) -> dict[str, list[RowResult]]:
         """Decode every planned row's missing batches, then return all results."""
         items = [self._item(t, r) for t in self.cfg.tasks for r in self.rows(t)]
-        groups: dict[tuple[str, str | None, tuple[str, ...]], list[_Item]] = {}
+        groups: dict[tuple[tuple[str, str | None, tuple[str, ...]], str | None], list[_Item]] = {}
         for it in items:
-            groups.setdefault(it.row.generator, []).append(it)
-        for key, its in groups.items():
+            groups.setdefault((it.row.generator, self.lora_mode(it.task, it.row)), []).append(it)
+        for (key, mode), its in groups.items():
             todo = [(it, self._missing(it)) for it in its] if self.cfg.decode else []
             todo = [(it, ch) for it, ch in todo if ch]
             if not todo:
                 continue
             t0 = time.perf_counter()
-            gen = self._load(key)
-            self.log(f"run: loaded {_describe(key)} in {time.perf_counter() - t0:.1f} s")
+            gen = self._load(key, mode)
+            how = f" ({mode} LoRA)" if mode else ""
+            self.log(f"run: loaded {_describe(key)}{how} in {time.perf_counter() - t0:.1f} s")
             for it, chunks in todo:
                 n = sum(map(len, chunks))
                 t1 = time.perf_counter()
