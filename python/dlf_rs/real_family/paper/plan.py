@@ -223,13 +223,15 @@ def make_splits(bench: data.Benchmarks, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------- cost
-# CPU seconds per example (bfloat16, batch 8, 2 cores): the 1.5B alone, the 0.5B alone (and
-# merged LoRAs of it), a fused row with one expert. TriviaQA's are measured on its 400 held-out
-# questions (2026-12-07, quiet machine: large 169.8 s, expert 61.2 s, the four fused rows 0.74 s
-# on average); GSM8K's and MMLU's come from the pilots on 2 shared cores (upper bounds: the same
-# pilots overestimated TriviaQA 2.6-4.6x), and the 0.5B's GSM8K time is estimated from its speed.
+# CPU seconds per example (bfloat16, 2 cores, each task's batch size): the 1.5B alone, the 0.5B
+# alone (and merged LoRAs of it), a fused row with one expert. TriviaQA's are measured on its
+# 400 held-out questions at batch 8 (2026-12-07, quiet machine: large 169.8 s, expert 61.2 s,
+# the four fused rows 0.74 s on average); GSM8K's on its first 224 held-out problems at batch 32
+# (2026-12-07, beside short benchmarks: large 4.07, expert 2.03, DLF 6.41, proxy-tuning 4.78;
+# the fused rows' replies are a third as long as the 1.5B's); MMLU's come from its pilot on 2
+# shared cores (an upper bound: the same pilots overestimated TriviaQA 2.6-4.6x).
 S_PER_EXAMPLE = {
-    "gsm8k": {"large": 24.6, "small": 8.0, "fused": 43.9},
+    "gsm8k": {"large": 4.1, "small": 2.0, "fused": 5.6},
     "triviaqa": {"large": 0.42, "small": 0.15, "fused": 0.74},
     "mmlu": {"large": 2.0, "small": 0.68, "fused": 4.8},
 }
