@@ -142,6 +142,9 @@ def test_model_args_string(family) -> None:
         DLFLM(generator=family.generator(["small_expert_qa"]), method="static")
     one = DLFLM(generator=family.generator(["small_expert_qa"]), method="expert", expert="qa")
     assert one.expert == 0
+    # lora_mode reaches the loader (how LoRA experts run: the paper runner's commands set it)
+    with pytest.raises(ValueError, match="^lora_mode: expected one of"):
+        DLFLM.create_from_arg_string("family=default,lora_mode=fused")
 
 
 def test_two_processes_give_the_metrics_of_one(family, tasks, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import re
+import shlex
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -501,6 +502,22 @@ def test_harness_command_for_rows(tmp_path: Path) -> None:
         harness.command_for(tmp_path, "mmlu", "large-lora")
     with pytest.raises(ValueError, match="unknown 'nope'"):
         harness.command_for(tmp_path, "mmlu", "nope")
+    # the runner's batch size and LoRA mode per task; a range as lo:hi (model_args split on
+    # commas), read back by the dlf model's own parser
+    from dlf_rs.harness.model import parse_alpha_range
+
+    def model_args(cmd: str) -> dict[str, str]:
+        text = shlex.split(cmd)[shlex.split(cmd).index("--model_args") + 1]
+        return dict(kv.split("=", 1) for kv in text.split(","))
+
+    a4 = model_args(harness.command_for(tmp_path, "gsm8k", "dlf-a4"))
+    assert parse_alpha_range(a4["alpha_range"]) == (0.0, 4.0) and a4["method"] == "dlf"
+    assert a4["lora_mode"] == "merged" and a4["batch_size"] == "32"
+    tq = model_args(harness.command_for(tmp_path, "triviaqa", "dlf"))
+    assert tq["lora_mode"] == "mixed" and tq["batch_size"] == "8" and "alpha_range" not in tq
+    assert model_args(harness.command_for(tmp_path, "triviaqa", "expert"))["lora_mode"] == "merged"
+    assert model_args(harness.command_for(tmp_path, "gsm8k", "large", batch_size=4))["batch_size"] == "4"
+    assert "lora_mode" not in model_args(harness.command_for(tmp_path, "gsm8k", "large"))
 
 
 def test_plan_rows_limits_and_estimate() -> None:

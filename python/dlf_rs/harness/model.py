@@ -134,6 +134,7 @@ class DLFLM(TemplateLM):
         multi_expert: str | None = None,
         support_k: Any = None,
         alpha_range: Any = None,
+        lora_mode: str = "auto",
         dtype: str = "float32",
         device: str | None = None,
         batch_size: Any = 16,
@@ -197,8 +198,9 @@ class DLFLM(TemplateLM):
                 family, large, small, _split_list(experts, "experts")
             )
             generator = FusedGenerator.from_pretrained(
-                lpath, spath, epaths, device=str(self._device), torch_dtype=dtype
-            )
+                lpath, spath, epaths, device=str(self._device), torch_dtype=dtype,
+                lora_mode=lora_mode,
+            )  # fmt: skip
         self.gen = generator
         self.tokenizer = generator.tokenizer
         idx = self._expert_index(expert)

@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--task", choices=sorted(TASKS), required=True)
     h.add_argument("--row", required=True)
     h.add_argument("--dtype", default="bfloat16")
-    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--batch-size", type=int, help="default: the task's (as the runner)")
     h.add_argument("--limit", type=int)
     args = p.parse_args(argv)
     cache = cache_root(args.cache)

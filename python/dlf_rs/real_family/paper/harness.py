@@ -142,13 +142,21 @@ def score(doc: Mapping[str, Any], reply: str) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- a row's command
+def _arg(value: Any) -> str:
+    """A row option as a model_args value: model_args split on commas, so a range is "lo:hi"."""
+    if isinstance(value, (list, tuple)):
+        return ":".join(f"{float(v):g}" for v in value)
+    return str(value)
+
+
 def command_for(cache: Path, task: str, row_key: str, *, dtype: str = "bfloat16",
-                batch_size: int = 8, limit: int | None = None) -> str:  # fmt: skip
-    """The ``dlf-rs eval`` command whose metric is ``row_key``'s on ``task`` (held-out part).
+                batch_size: int | None = None, limit: int | None = None) -> str:  # fmt: skip
+    """The ``dlf-rs eval`` command whose metric is ``row_key``'s on ``task`` (held-out part),
+    with the runner's batch size and LoRA mode for the task unless ``batch_size`` is given.
 
     Rows of a model with a LoRA *merged* into the 1.5B (the upper bounds) have no such command:
     the "dlf" model loads adapters only as experts on the small base. The 0.5B + LoRA rows run
-    as ``method=expert`` on the unmerged adapter (the same model; equal up to rounding)."""
+    as ``method=expert`` on the adapter, merged into its own copy (the runner's model)."""
     row = next((r for r in rows_for(task) if r.key == row_key), None)
     if row is None:
         raise ValueError(f"row: unknown {row_key!r}; known: "
@@ -158,16 +166,17 @@ def command_for(cache: Path, task: str, row_key: str, *, dtype: str = "bfloat16"
     if row.fused:
         args.update(large=str(large), small=str(small),
                     experts=";".join(str(adapter_dir(cache, e)) for e in row.experts))  # fmt: skip
-        args.update({k: str(v) for k, v in row.options.items()})
+        args.update({k: _arg(v) for k, v in row.options.items()})
+        args.update(lora_mode=TASKS[task].lora_mode)
     elif row.merged and row.base == "large":
         raise ValueError(f"{row_key}: the 1.5B with a merged LoRA has no dlf-rs eval command "
                          "(the dlf model loads adapters only as experts of the 0.5B)")  # fmt: skip
     elif row.merged:
         args.update(large=str(large), small=str(small), experts=str(adapter_dir(cache, row.merged)),
-                    method="expert", expert="0")  # fmt: skip
+                    method="expert", expert="0", lora_mode="merged")  # fmt: skip
     else:
         args.update(large=str(base_dir(cache, row.base)), method="large")
-    args.update(dtype=dtype, batch_size=str(batch_size))
+    args.update(dtype=dtype, batch_size=str(batch_size or TASKS[task].batch_size))
     model_args = ",".join(f"{k}={v}" for k, v in args.items())
     cmd = ["dlf-rs", "eval", "run", "--model", "dlf", "--model_args", model_args,
            "--tasks", task_name(task), "--include_path", str(TASKS_DIR),
