@@ -256,6 +256,14 @@ def test_table_numbers_equal_an_independent_computation(world: dict[str, Path],
             cell = (f"| {info['label']} | {100 * k / n:.1f}% ({k}/{n}) | "
                     f"[{100 * lo:.1f}, {100 * hi:.1f}] |")  # fmt: skip
             assert cell in md, (t, key, cell)
+            # the replies cut by the budget, counted from the cache (derived rows: the chosen's)
+            src = key if key not in plan.DERIVED else next(
+                k for k, v in man["rows"][t].items()
+                if k not in plan.DERIVED and v["fingerprint"] == info["fingerprint"])  # fmt: skip
+            cached = outputs(world, t, src)
+            cut = sum(cached[r["id"]]["finish"] == "length" for r in recs)
+            line = next(ln for ln in md.splitlines() if ln.startswith(cell))
+            assert line.endswith(f"| {cut}/{n} |"), (t, key, line)
         # the paired rows: the difference and the discordant pairs, from the per-example file
         for a, b in (("dlf", "proxy"), ("dlf", "expert"), ("dlf", "large"),
                      ("gt/one-active", "gt/static-avg")):  # fmt: skip
