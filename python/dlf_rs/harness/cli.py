@@ -33,6 +33,7 @@ The "dlf" model (dlf-rs eval run --model dlf --model_args KEY=VALUE,KEY=VALUE ..
   multi_expert  one-active (default) | joint | own-terms | max-shift
   support_k     top-k support (default: the full vocabulary)
   alpha_range   lo:hi (default 0:2)
+  lora_mode     how LoRA-adapter experts run: auto (default) | mixed | separate | merged
   dtype         float32 (default), bfloat16, float16, auto
   device        cuda if available, else cpu (a cuda device without CUDA falls back to cpu)
   batch_size    16 (default); also from --batch_size ("auto" is not supported: 16)
