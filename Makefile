@@ -133,9 +133,14 @@ develop-vllm: develop $(VENV_VLLM)/.deps-vllm
 	VIRTUAL_ENV=$(abspath $(VENV_VLLM)) $(VENV)/bin/maturin develop --release \
 		--pip-path $(abspath $(VENV_VLLM))/bin/pip
 
+# The paper runner's vLLM engine (tests/test_paper_vllm.py) runs in .venv (data, peft) and
+# starts its workers under .venv-vllm's Python.
 test-vllm: develop-vllm
 	OMP_WAIT_POLICY=PASSIVE VLLM_CPU_KVCACHE_SPACE=1 \
 		$(VENV_VLLM)/bin/python -m pytest -q -p no:cacheprovider tests/vllm_serving
+	OMP_WAIT_POLICY=PASSIVE VLLM_CPU_KVCACHE_SPACE=1 \
+		DLF_RS_VLLM_PYTHON=$(abspath $(VENV_VLLM))/bin/python \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_paper_vllm.py
 
 demo: develop
 	$(VENV)/bin/dlf-rs demo --out demo_out

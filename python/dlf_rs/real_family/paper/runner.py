@@ -2,7 +2,8 @@
 
 Where it sits: after :mod:`.experts` (the adapters in the cache), before :mod:`.report` (the
 tables). For each task and row (:mod:`.plan`) it decodes the chosen part (held-out, or
-validation) greedily through :class:`dlf_rs.FusedGenerator`, with the task's zero-shot prompt
+validation) greedily through :class:`dlf_rs.FusedGenerator` (or a vLLM worker:
+:mod:`.vllm_engine`), with the task's zero-shot prompt
 (:func:`.prompts.messages`, rendered by each model's chat template), budget and stop strings
 (:data:`.tasks.TASKS`), and scores every reply (:func:`.tasks.correct`).
 
@@ -70,6 +71,11 @@ class RunConfig:
     budgets: Mapping[str, int] | None = None  # task -> max_new_tokens instead of TASKS'
     decode: bool = True  # False: read the cache only (a row with gaps is left out)
     progress: bool = True
+    engine: str = "hf"  # "hf": FusedGenerator; "vllm": a vLLM worker (:mod:`.vllm_engine`)
+    vllm_python: str | None = None  # the worker's Python (default: $DLF_RS_VLLM_PYTHON)
+
+
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -143,6 +149,8 @@ class Runner:
     every row's results; :meth:`results` reads them without decoding."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print) -> None:
+        if cfg.engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {cfg.engine!r}")
         if cfg.part not in ("heldout", "validation"):
             raise ValueError(f"part: expected 'heldout' or 'validation', got {cfg.part!r}")
         unknown = sorted(set(cfg.tasks) - set(TASKS))
@@ -205,7 +213,9 @@ class Runner:
                "dtype": self.cfg.dtype, "device": dev.split(":")[0],
                "batch_size": self.batch(task), "seed": self.cfg.seed}  # fmt: skip
         mode = self.lora_mode(task, row)
-        if mode not in (None, "mixed"):  # the only mode before the key: its files keep their names
+        if self.cfg.engine != "hf":  # vLLM runs LoRA experts merged, always
+            out["engine"] = self.cfg.engine
+        elif mode not in (None, "mixed"):  # the only mode before the key: its files keep their names
             out["lora_mode"] = mode
         return out
 
@@ -276,6 +286,63 @@ class Runner:
             bar.update(len(chunk))
         bar.close()
 
+    def _decode_vllm(self, key: tuple[str, str | None, tuple[str, ...]],
+                     todo: list[tuple[_Item, list[list[Example]]]]) -> None:  # fmt: skip
+        """One generator group through a vLLM worker (:mod:`.vllm_engine`): every batch of every
+        row in one engine, each batch appended to its row's cache as the worker finishes it."""
+        import transformers
+
+        from dlf_rs.inputs import render_chat
+
+        from .vllm_engine import decode_group, model_dir, request_args, vllm_python
+
+        c = self.cfg
+        base, merged, experts = key
+        large, small = base_dir(c.cache, base), base_dir(c.cache, "small")
+        names = {"large": self.digests.of(large), "dtype": c.dtype,
+                 "merged": self._adapter_digest(merged) if merged else None,
+                 "small": self.digests.of(small) if experts else None,
+                 "experts": [self._adapter_digest(e) for e in experts]}  # fmt: skip
+        t0 = time.perf_counter()
+        folder, fused = model_dir(
+            c.cache / "paper" / "vllm", fingerprint(names), large, small,
+            adapter_dir(c.cache, merged) if merged else None,
+            [adapter_dir(c.cache, e) for e in experts], c.dtype,
+        )  # fmt: skip
+        tok = transformers.AutoTokenizer.from_pretrained(os.fspath(folder))
+        batches: list[dict[str, Any]] = []
+        where: list[tuple[_Item, list[Example]]] = []
+        for it, chunks in todo:
+            xargs = request_args(it.row.options)
+            dlf = it.row.options.get("method") == "dlf"
+            budget, stop = self.budget(it.task), list(TASKS[it.task].stop)
+            for chunk in chunks:
+                ids = render_chat(tok, base, [messages(e) for e in chunk])
+                batches.append({"requests": [
+                    {"prompt_token_ids": list(p), "max_tokens": budget, "stop": stop,
+                     "extra_args": xargs, "alphas": dlf} for p in ids]})  # fmt: skip
+                where.append((it, chunk))
+        self.log(f"run: vLLM on {_describe(key)} ({folder.name}, prepared in "
+                 f"{time.perf_counter() - t0:.1f} s): {len(batches)} batches")  # fmt: skip
+        t1 = time.perf_counter()
+        for i, outs, sec in decode_group(vllm_python(c.vllm_python), folder, fused, batches,
+                                         dtype=c.dtype, seed=c.seed, log=self.log):  # fmt: skip
+            it, chunk = where[i]
+            recs = []
+            for e, o in zip(chunk, outs, strict=True):
+                rec: dict[str, Any] = {
+                    "id": e.id, "prompt_sha": prompt_sha(user_text(e)), "text": o["text"],
+                    "token_ids": o["token_ids"], "finish": o["finish"],
+                    "seconds": round(sec / len(chunk), 4),
+                }  # fmt: skip
+                if o["alphas"] is not None:
+                    rec["alphas"] = [[round(float(a), 4) for a in step] for step in o["alphas"]]
+                recs.append(rec)
+            it.out.append(recs, it.manifest)
+        n = sum(len(ch) for _, ch in where)
+        self.log(f"run: vLLM decoded {n} examples of {len(todo)} rows in "
+                 f"{time.perf_counter() - t1:.1f} s")  # fmt: skip
+
     def run(self) -> dict[str, list[RowResult]]:
         """Decode every planned row's missing batches, then return all results."""
         items = [self._item(t, r) for t in self.cfg.tasks for r in self.rows(t)]
@@ -286,6 +353,9 @@ class Runner:
             todo = [(it, self._missing(it)) for it in its] if self.cfg.decode else []
             todo = [(it, ch) for it, ch in todo if ch]
             if not todo:
+                continue
+            if self.cfg.engine == "vllm":
+                self._decode_vllm(key, todo)
                 continue
             t0 = time.perf_counter()
             gen = self._load(key, mode)
