@@ -581,3 +581,22 @@ def test_digests_are_remembered_and_follow_changes(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model files"):
         d.of(tmp_path / "empty")
+
+
+def test_table_rows_follow_the_plan_whichever_task_has_them() -> None:
+    """A task with fewer rows listed first must not reorder Table 1 (rows by the plan)."""
+    from dlf_rs.real_family.paper import report, runner
+
+    def result(task: str, key: str) -> Any:
+        row = next(r for r in plan.rows_for(task, ("single",)) if r.key == key)
+        return runner.RowResult(task=task, row=row, fingerprint="f", ids=["a", "b"],
+                                correct=(True, False), texts=["", ""], answers=[None, None],
+                                tokens=[1, 1], finish=["eos", "eos"], seconds=[0.1, 0.1])  # fmt: skip
+
+    results = {"gsm8k": [result("gsm8k", "dlf"), result("gsm8k", "large")],
+               "triviaqa": [result("triviaqa", k) for k in ("large", "expert", "static-0.5",
+                                                            "dlf", "large-lora")]}  # fmt: skip
+    cells, _ = report._cells(results, "single")
+    keys = [k for r in plan.rows_for("triviaqa", ("single",)) for k in [r.label] if k in cells]
+    assert list(cells) == keys
+    assert list(cells)[0] == "1.5B alone" and list(cells)[-1].startswith("1.5B + LoRA")

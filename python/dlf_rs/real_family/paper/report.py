@@ -170,8 +170,10 @@ def _cells(results: Mapping[str, Sequence[RowResult]], table: str
            ) -> tuple[dict[str, dict[str, Accuracy | None]], list[str]]:  # fmt: skip
     cells: dict[str, dict[str, Accuracy | None]] = {}
     sizes: dict[str, dict[int, list[str]]] = {}
+    rank: dict[str, int] = {}  # rows in the plan's order, whichever task has them first
     for task, rows in results.items():
-        keys = set(table_keys(task, table)) | (set(DERIVED) if table == "single" else set())
+        order = list(table_keys(task, table)) + (list(DERIVED) if table == "single" else [])
+        keys = set(order)
         col = TASKS[task].column
         for r in rows:
             if r.key not in keys:
@@ -181,13 +183,14 @@ def _cells(results: Mapping[str, Sequence[RowResult]], table: str
                 if r.key == c.key:
                     label = c.label
             cells.setdefault(label, {})[col] = MethodRow(r.key, label, r.correct).accuracy
+            rank[label] = min(rank.get(label, len(order)), order.index(r.key))
             sizes.setdefault(col, {}).setdefault(r.n, []).append(label)
     notes = []
     for col, by in sizes.items():
         main = max(by, key=lambda n: len(by[n]))
         other = "; ".join(f"{n} for {', '.join(v)}" for n, v in sorted(by.items()) if n != main)
         notes.append(f"{col}: {main} examples" + (f" ({other})" if other else ""))
-    return cells, notes
+    return {k: cells[k] for k in sorted(cells, key=lambda k: rank[k])}, notes
 
 
 def write_report(out: Path, results: Mapping[str, Sequence[RowResult]], meta: Mapping[str, Any],
