@@ -599,4 +599,4 @@ def test_table_rows_follow_the_plan_whichever_task_has_them() -> None:
     cells, _ = report._cells(results, "single")
     keys = [k for r in plan.rows_for("triviaqa", ("single",)) for k in [r.label] if k in cells]
     assert list(cells) == keys
-    assert list(cells)[0] == "1.5B alone" and list(cells)[-1].startswith("1.5B + LoRA")
+    assert keys[0] == "1.5B alone" and keys[-1].startswith("1.5B + LoRA")
