@@ -488,6 +488,32 @@ def test_harness_task_reproduces_a_row(world: dict[str, Path], ran: dict[str, An
         sum(r["dlf"] for r in recs) / len(recs))  # fmt: skip
 
 
+def test_harness_command_reproduces_the_upper_bound_row(world: dict[str, Path],
+                                                        ran: dict[str, Any]) -> None:  # fmt: skip
+    """The 1.5B + LoRA row through the command `harness` prints: lm_eval's own hf model with
+    peft= (unmerged) gives the runner's replies (merged) on the tiny family in float32."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    cmd = shlex.split(harness.command_for(world["cache"], "triviaqa", "large-lora", batch_size=BATCH))
+    assert cmd[cmd.index("--model") + 1] == "hf"
+    model_args = cmd[cmd.index("--model_args") + 1].replace("dtype=bfloat16", "dtype=float32")
+    meta = {"cache": str(world["cache"]), "wheel": str(world["wheel"]), "sizes": SIZES}
+    tm = TaskManager(include_path=str(harness.TASKS_DIR), metadata=meta)
+    res = lm_eval.simple_evaluate(model="hf", model_args=model_args, device="cpu",
+                                  tasks=["dlf_paper_triviaqa"], task_manager=tm,
+                                  gen_kwargs={"max_gen_toks": BUDGETS["triviaqa"]},
+                                  log_samples=True, bootstrap_iters=0)  # fmt: skip
+    samples = sorted(res["samples"]["dlf_paper_triviaqa"], key=lambda s: s["doc_id"])
+    cached = outputs(world, "triviaqa", "large-lora")
+    recs = per_example(world, "triviaqa")
+    assert [s["doc"]["id"] for s in samples] == [r["id"] for r in recs]
+    assert [s["resps"][0][0].strip() for s in samples] == [cached[r["id"]]["text"].strip()
+                                                           for r in recs]  # fmt: skip
+    assert [s["exact_match"] for s in samples] == [float(r["large-lora"]) for r in recs]
+    assert cached != outputs(world, "triviaqa", "large")  # the adapter changed something
+
+
 # ----------------------------------------------------------------------------- no models
 def test_harness_configs_are_a_fresh_build_with_the_runners_budgets() -> None:
     files = harness.build()
@@ -506,8 +532,8 @@ def test_harness_command_for_rows(tmp_path: Path) -> None:
     assert "method=static,alpha=0.5," in harness.command_for(tmp_path, "mmlu", "static-0.5")
     assert "method=expert,expert=0" in harness.command_for(tmp_path, "mmlu", "mtt")
     assert "large-bf16,method=large" in harness.command_for(tmp_path, "mmlu", "large")
-    with pytest.raises(ValueError, match="merged LoRA"):
-        harness.command_for(tmp_path, "mmlu", "large-lora")
+    up = harness.command_for(tmp_path, "mmlu", "large-lora")
+    assert "--model hf " in up and "large-bf16,peft=" in up and "mmlu-large," in up
     with pytest.raises(ValueError, match="unknown 'nope'"):
         harness.command_for(tmp_path, "mmlu", "nope")
     # the runner's batch size and LoRA mode per task; a range as lo:hi (model_args split on

@@ -30,6 +30,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+# lm_eval fills its registry with its own models only while it is empty: registering "dlf"
+# first would hide "hf" and the others from in-process callers, so they go in first.
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm

@@ -154,23 +154,25 @@ def command_for(cache: Path, task: str, row_key: str, *, dtype: str = "bfloat16"
     """The ``dlf-rs eval`` command whose metric is ``row_key``'s on ``task`` (held-out part),
     with the runner's batch size and LoRA mode for the task unless ``batch_size`` is given.
 
-    Rows of a model with a LoRA *merged* into the 1.5B (the upper bounds) have no such command:
-    the "dlf" model loads adapters only as experts on the small base. The 0.5B + LoRA rows run
-    as ``method=expert`` on the adapter, merged into its own copy (the runner's model)."""
+    Rows of the 1.5B with a LoRA (the upper bounds) run on lm_eval's own ``hf`` model with
+    ``peft=`` (the "dlf" model loads adapters only as experts on the small base); peft applies
+    the adapter unmerged, the runner merged: equal up to rounding. The 0.5B + LoRA rows run as
+    ``method=expert`` on the adapter, merged into its own copy (the runner's model)."""
     row = next((r for r in rows_for(task) if r.key == row_key), None)
     if row is None:
         raise ValueError(f"row: unknown {row_key!r}; known: "
                          f"{', '.join(r.key for r in rows_for(task))}")  # fmt: skip
     large, small = base_dir(cache, "large"), base_dir(cache, "small")
     args: dict[str, str] = {}
+    model = "dlf"
     if row.fused:
         args.update(large=str(large), small=str(small),
                     experts=";".join(str(adapter_dir(cache, e)) for e in row.experts))  # fmt: skip
         args.update({k: _arg(v) for k, v in row.options.items()})
         args.update(lora_mode=TASKS[task].lora_mode)
     elif row.merged and row.base == "large":
-        raise ValueError(f"{row_key}: the 1.5B with a merged LoRA has no dlf-rs eval command "
-                         "(the dlf model loads adapters only as experts of the 0.5B)")  # fmt: skip
+        model = "hf"
+        args.update(pretrained=str(large), peft=str(adapter_dir(cache, row.merged)))
     elif row.merged:
         args.update(large=str(large), small=str(small), experts=str(adapter_dir(cache, row.merged)),
                     method="expert", expert="0", lora_mode="merged")  # fmt: skip
@@ -178,7 +180,7 @@ def command_for(cache: Path, task: str, row_key: str, *, dtype: str = "bfloat16"
         args.update(large=str(base_dir(cache, row.base)), method="large")
     args.update(dtype=dtype, batch_size=str(batch_size or TASKS[task].batch_size))
     model_args = ",".join(f"{k}={v}" for k, v in args.items())
-    cmd = ["dlf-rs", "eval", "run", "--model", "dlf", "--model_args", model_args,
+    cmd = ["dlf-rs", "eval", "run", "--model", model, "--model_args", model_args,
            "--tasks", task_name(task), "--include_path", str(TASKS_DIR),
            "--metadata", json.dumps({"cache": str(cache)}), "--log_samples",
            "--output_path", str(cache / "paper" / "harness")]  # fmt: skip
