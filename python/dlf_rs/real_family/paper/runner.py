@@ -272,16 +272,8 @@ class Runner:
                                stop=list(spec.stop) or None, batch_size=len(chunk),
                                progress=False, temperature=0.0, **item.row.options)  # fmt: skip
             sec = (time.perf_counter() - t0) / len(chunk)
-            recs = []
-            for i, e in enumerate(chunk):
-                rec: dict[str, Any] = {
-                    "id": e.id, "prompt_sha": prompt_sha(user_text(e)), "text": res.texts[i],
-                    "token_ids": [int(t) for t in res.token_ids[i]],
-                    "finish": res.finish_reasons[i], "seconds": round(sec, 4),
-                }  # fmt: skip
-                if dlf:
-                    rec["alphas"] = [[round(float(a), 4) for a in step] for step in res.alphas[i]]
-                recs.append(rec)
+            recs = [_record(e, res.texts[i], res.token_ids[i], res.finish_reasons[i], sec,
+                            res.alphas[i] if dlf else None) for i, e in enumerate(chunk)]  # fmt: skip
             item.out.append(recs, item.manifest)
             bar.update(len(chunk))
         bar.close()
@@ -326,18 +318,10 @@ class Runner:
                  f"{time.perf_counter() - t0:.1f} s): {len(batches)} batches")  # fmt: skip
         t1 = time.perf_counter()
         for i, outs, sec in decode_group(vllm_python(c.vllm_python), folder, fused, batches,
-                                         dtype=c.dtype, seed=c.seed, log=self.log):  # fmt: skip
+                                         dtype=c.dtype, seed=c.seed):  # fmt: skip
             it, chunk = where[i]
-            recs = []
-            for e, o in zip(chunk, outs, strict=True):
-                rec: dict[str, Any] = {
-                    "id": e.id, "prompt_sha": prompt_sha(user_text(e)), "text": o["text"],
-                    "token_ids": o["token_ids"], "finish": o["finish"],
-                    "seconds": round(sec / len(chunk), 4),
-                }  # fmt: skip
-                if o["alphas"] is not None:
-                    rec["alphas"] = [[round(float(a), 4) for a in step] for step in o["alphas"]]
-                recs.append(rec)
+            recs = [_record(e, o["text"], o["token_ids"], o["finish"], sec / len(chunk),
+                            o["alphas"]) for e, o in zip(chunk, outs, strict=True)]  # fmt: skip
             it.out.append(recs, it.manifest)
         n = sum(len(ch) for _, ch in where)
         self.log(f"run: vLLM decoded {n} examples of {len(todo)} rows in "
@@ -437,6 +421,17 @@ class Runner:
                       label=f"{choice.label} ({choice.candidates[best]})")  # fmt: skip
         return replace(by[best], row=row, note=f"validation accuracy by {choice.by} "
                                                f"({len(val)} examples): {note}")  # fmt: skip
+
+
+def _record(e: Example, text: str, token_ids: Sequence[int], finish: str, seconds: float,
+            alphas: Sequence[Sequence[float]] | None) -> dict[str, Any]:  # fmt: skip
+    """One cache line (either engine): alphas only for DLF rows."""
+    rec: dict[str, Any] = {"id": e.id, "prompt_sha": prompt_sha(user_text(e)), "text": text,
+                           "token_ids": [int(t) for t in token_ids], "finish": finish,
+                           "seconds": round(seconds, 4)}  # fmt: skip
+    if alphas is not None:
+        rec["alphas"] = [[round(float(a), 4) for a in step] for step in alphas]
+    return rec
 
 
 def _describe(gen: tuple[str, str | None, tuple[str, ...]]) -> str:

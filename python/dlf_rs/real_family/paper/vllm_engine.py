@@ -133,7 +133,6 @@ def decode_group(
     *,
     dtype: str,
     seed: int,
-    log: Callable[[str], None] = print,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[int, list[dict[str, Any]], float]]:
     """Decode ``batches`` in one worker: each is ``{"requests": [{"prompt_token_ids", "max_tokens",
