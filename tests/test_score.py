@@ -213,3 +213,50 @@ def test_argument_errors(family) -> None:
         scoring.score_ids(gen, ctx, cont * 2)
     with pytest.raises(ValueError, match="grid_step"):
         scoring.score_ids(gen, ctx, cont, grid_step=-1.0)
+
+
+def test_next_token_logits_are_each_models_last_position(family) -> None:
+    """One padded forward per model equals each model on each prompt alone; fusing them with
+    fuse_step under any options gives generate's first token and first weights."""
+    gen = family["gens"][3]
+    prompts = [e.prompt for e in world.eval_set(family["world"], "math", 3)]
+    nxt = gen.next_token_logits(prompts, batch_size=2)  # a padded batch of two, then one
+    assert list(nxt.logits) == ["large", "small", "expert:0", "expert:1", "expert:2"]
+    models = [gen.large, gen.small, *gen.experts]
+    with torch.no_grad():
+        for (name, z), m in zip(nxt.logits.items(), models):
+            assert z.dtype == np.float32 and z.shape == (3, gen.vocab_size)
+            for b, p in enumerate(prompts):
+                ref = m(input_ids=torch.tensor([_ids(gen, p)]), use_cache=False).logits[0, -1]
+                np.testing.assert_allclose(z[b], ref[: gen.vocab_size].numpy(), atol=2e-4)
+    large, small, experts = nxt.members()
+    for opts in ({"method": "dlf"}, {"method": "dlf", "multi_expert": "joint"},
+                 {"method": "static", "alpha": [0.5, 0.5, 0.0]}):  # fmt: skip
+        r = dlf_rs.fuse_step(large, small, experts, temperature=0.0,
+                             **{k: v for k, v in opts.items() if k != "method"})  # fmt: skip
+        out = gen.generate(prompts, max_new_tokens=1, temperature=0.0, **opts)
+        assert [t[0] for t in out.token_ids] == [int(t) for t in r.tokens]
+        np.testing.assert_allclose(np.stack([a[0] for a in out.alphas]),
+                                   np.asarray(r.alphas).reshape(3, 3), atol=1e-6)  # fmt: skip
+
+
+def test_next_token_logits_single_model_and_errors(family) -> None:
+    gen = family["gens"][3]
+    prompts = [e.prompt for e in world.eval_set(family["world"], "qa", 2)]
+    both = gen.next_token_logits(prompts)
+    one = gen.next_token_logits(prompts, method="expert", expert=2)
+    assert list(one.logits) == ["expert:2"]
+    np.testing.assert_array_equal(one.logits["expert:2"], both.logits["expert:2"])
+    large = gen.next_token_logits(prompts, method="large")
+    assert list(large.logits) == ["large"]
+    with pytest.raises(ValueError, match="members\\(\\) needs"):
+        large.members()
+    with pytest.raises(ValueError, match="expert: index 5 out of range"):
+        gen.next_token_logits(prompts, method="expert", expert=5)
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
+        gen.next_token_logits(prompts, batch_size=0)
+    with pytest.raises(TypeError, match="prompts: give the prompts"):
+        gen.next_token_logits()
+    limit = scoring.context_limit(gen)
+    with pytest.raises(ValueError, match="prompts\\[1\\]: .* exceed the large model's context"):
+        gen.next_token_logits(input_ids=[[1, 2], [1] * (limit + 1)])

@@ -407,6 +407,39 @@ class FusedGenerator:
 
         return score(self, contexts, continuations, options, **kwargs)
 
+    def next_token_logits(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        method: str = "dlf",
+        expert: int | None = None,
+        batch_size: int = 16,
+    ) -> Any:
+        """Every model's logits for the first new token after each prompt, unfused: a
+        :class:`dlf_rs.engines.hf.scoring.NextTokenLogits` (float32 ``[B, V]`` per model).
+        Inputs as :meth:`generate` (each model renders ``messages`` with its own chat
+        template); ``method``/``expert`` pick the models ("dlf"/"static": every member).
+        Fuse them with ``dlf_rs.fuse_step(*result.members(), options, fused_out=...)``: the
+        same first step ``generate`` takes, and one forward serves any number of option sets
+        (multiple-choice answers read at one position, say)."""
+        from .scoring import next_token_logits
+
+        named = dict(self._named_models())
+        want = (["large", "small", *(f"expert:{i}" for i in range(len(self.experts)))]
+                if method in ("dlf", "static") else
+                [f"expert:{expert}"] if method == "expert" and expert is not None else ["large"])  # fmt: skip
+        inputs = build_inputs(
+            prompts=prompts, messages=messages, input_ids=input_ids,
+            attention_mask=attention_mask, prompts_for=None,
+            names=[n for n in want if n in named], chat_tokenizers=self._chat_tokenizers,
+            tokenizer=self.tokenizer, vocab=self.vocab_size,
+        )  # fmt: skip
+        ids = {n: self._tokenize(inputs.for_model(n)) for n in want if n in named}
+        return next_token_logits(self, ids, method, expert, batch_size=batch_size)
+
     def score_rolling(self, texts: Any, options: StepOptions | None = None, **kwargs: Any) -> Any:
         """Rolling log-likelihood of whole texts: :func:`dlf_rs.engines.hf.scoring.score_rolling`."""
         from .scoring import score_rolling

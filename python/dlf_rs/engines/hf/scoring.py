@@ -27,7 +27,7 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +39,8 @@ from ...step import fuse_step
 from .runner import context_length, forward_params, model_device
 
 __all__ = [
-    "METHODS", "ScoreResult", "context_limit", "rolling_windows", "score", "score_ids",
-    "score_rolling",
+    "METHODS", "NextTokenLogits", "ScoreResult", "context_limit", "next_token_logits",
+    "rolling_windows", "score", "score_ids", "score_rolling",
 ]
 
 METHODS = ("dlf", "static", "large", "expert")
@@ -270,6 +270,73 @@ def score(
         ids_cont.append(b)
     return score_ids(gen, ids_ctx, ids_cont, StepOptions.build(options, **overrides),
                      batch_size=batch_size)  # fmt: skip
+
+
+@dataclass
+class NextTokenLogits:
+    """Each model's logits for the token after each prompt: float32 ``[B, V]`` per model, keyed
+    by the generator's member names ("large", "small", "expert:<i>"), for the models the method
+    runs. :meth:`members` gives them in ``fuse_step``'s order."""
+
+    logits: dict[str, np.ndarray]
+    prompt_ids: dict[str, list[list[int]]]  # the token ids each model read
+
+    def members(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """``(large, small, experts)`` for :func:`dlf_rs.fuse_step`."""
+        if "large" not in self.logits or "small" not in self.logits:
+            raise ValueError(
+                f"method: members() needs the logits of every member (method 'dlf' or "
+                f"'static'), got {', '.join(self.logits)}"
+            )
+        experts = sorted((k for k in self.logits if k.startswith("expert:")),
+                         key=lambda k: int(k.split(":")[1]))  # fmt: skip
+        return self.logits["large"], self.logits["small"], [self.logits[k] for k in experts]
+
+
+def next_token_logits(
+    gen: Any,
+    prompt_ids: Mapping[str, Sequence[Sequence[int]]],
+    method: str = "dlf",
+    expert: int | None = None,
+    *,
+    batch_size: int = 16,
+) -> NextTokenLogits:
+    """One forward per model over each prompt, no decoding: the logits at the position after
+    its last token (what the first step of ``generate`` fuses). ``prompt_ids``: each model's
+    token ids by member name (every model the method runs). Fusing these with
+    :func:`dlf_rs.fuse_step` under several option sets costs one forward per model in all,
+    where ``generate(max_new_tokens=1)`` would run the forwards again for each set.
+    A prompt past a model's context is refused (error naming ``prompts[b]``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size: expected an int, got {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
+    models = _models(gen, method, expert)
+    if method == "expert":
+        names = [f"expert:{int(expert)}"]  # type: ignore[arg-type]
+    else:
+        names = ["large", "small", *(f"expert:{i}" for i in range(len(gen.experts)))]
+        names = names[: len(models)]
+    out: dict[str, np.ndarray] = {}
+    ids_out: dict[str, list[list[int]]] = {}
+    for name, model in zip(names, models):
+        ids = [[int(t) for t in row] for row in prompt_ids[name]]
+        limit = context_length(model)
+        for b, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompts[{b}]: tokenizes to no tokens for the {name} model")
+            if limit is not None and len(row) > limit:
+                raise ValueError(f"prompts[{b}]: {len(row)} tokens exceed the {name} model's "
+                                 f"context of {limit} tokens")  # fmt: skip
+        parts = []
+        with torch.inference_mode():
+            for lo in range(0, len(ids), int(batch_size)):
+                chunk = ids[lo : lo + int(batch_size)]
+                z = _continuation_logits(model, chunk, 1, gen.pad_token_id, gen.vocab_size)
+                parts.append(z[:, 0])
+        out[name] = np.ascontiguousarray(np.concatenate(parts, axis=0))
+        ids_out[name] = ids
+    return NextTokenLogits(out, ids_out)
 
 
 def rolling_windows(n_tokens: int, max_len: int) -> list[tuple[int, int, int]]:
