@@ -263,7 +263,10 @@ def test_table_numbers_equal_an_independent_computation(world: dict[str, Path],
             cached = outputs(world, t, src)
             cut = sum(cached[r["id"]]["finish"] == "length" for r in recs)
             line = next(ln for ln in md.splitlines() if ln.startswith(cell))
-            assert line.endswith(f"| {cut}/{n} |"), (t, key, line)
+            if t == "mmlu":  # one position read, nothing cut: no budget column
+                assert cut == 0 and "cut at the budget" not in md, (t, key, line)
+            else:
+                assert line.endswith(f"| {cut}/{n} |"), (t, key, line)
         # the paired rows: the difference and the discordant pairs, from the per-example file
         for a, b in (("dlf", "proxy"), ("dlf", "expert"), ("dlf", "large"),
                      ("gt/one-active", "gt/static-avg")):  # fmt: skip
@@ -299,8 +302,22 @@ def test_large_rows_are_fused_generators_own_greedy_output(world: dict[str, Path
     gen = FusedGenerator(model, tokenizer=tok)
     sp = splits_of(world)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
+    letters = [tok.convert_tokens_to_ids(x) for x in "ABCD"]
     for t in plan.TASK_ORDER:
         exs = list(sp[t].heldout)
+        if tasks.TASKS[t].answer == "letter":  # MMLU: the likeliest letter after the prompt
+            cached = outputs(world, t, "large")
+            for e in exs:
+                text = tok.apply_chat_template(messages(e), tokenize=False,
+                                               add_generation_prompt=True)  # fmt: skip
+                ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+                with torch.no_grad():
+                    z = model(ids).logits[0, -1].double()
+                lp = torch.log_softmax(z, -1)[letters].numpy()
+                assert cached[e.id]["text"] == "ABCD"[int(lp.argmax())]
+                assert cached[e.id]["token_ids"] == [letters[int(lp.argmax())]]
+                assert cached[e.id]["letter_logprobs"] == pytest.approx(lp, abs=2e-4)
+            continue
         res = gen.generate(messages=[messages(e) for e in exs], max_new_tokens=BUDGETS[t],
                            method="large", temperature=0.0, progress=False,
                            stop=list(tasks.TASKS[t].stop) or None)  # fmt: skip
@@ -314,6 +331,46 @@ def test_large_rows_are_fused_generators_own_greedy_output(world: dict[str, Path
             hf = model.generate(ids, max_new_tokens=BUDGETS[t], do_sample=False,
                                 eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].tolist()  # fmt: skip
             assert cached[e.id]["token_ids"] == hf[: len(cached[e.id]["token_ids"])]
+
+
+@pytest.mark.parametrize("row", ["dlf", "proxy", "gt/one-active", "gt/static-avg"])
+def test_letter_rows_fuse_as_generates_first_step(world: dict[str, Path], ran: dict[str, Any],
+                                                  row: str) -> None:  # fmt: skip
+    """MMLU's fused rows: the weights are those of FusedGenerator.generate's first step, and the
+    letter is the argmax over A-D of z_L + sum_t alpha_t (z_t - z_S) rebuilt in numpy from each
+    model's own forward (the experts merged by peft here)."""
+    import peft
+    from dlf_rs import FusedGenerator
+    from dlf_rs.real_family.paper.prompts import messages
+
+    c = world["cache"]
+    r = next(x for x in plan.rows_for("mmlu") if x.key == row)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    large, small = (load(c / f"{n}-bf16", dtype=torch.float32).eval() for n in ("large", "small"))
+    experts = [peft.PeftModel.from_pretrained(load(c / "small-bf16", dtype=torch.float32),
+                                              adapter_dir(c, a)).merge_and_unload().eval()
+               for a in r.experts]  # fmt: skip
+    tok = transformers.AutoTokenizer.from_pretrained(c / "large-bf16")
+    letters = [tok.convert_tokens_to_ids(x) for x in "ABCD"]
+    exs = list(splits_of(world)["mmlu"].heldout)
+    gen = FusedGenerator(large, small, experts, tok)
+    first = gen.generate(messages=[messages(e) for e in exs], max_new_tokens=1,
+                         temperature=0.0, progress=False, **r.options)  # fmt: skip
+    cached = outputs(world, "mmlu", row)
+    for i, e in enumerate(exs):
+        text = tok.apply_chat_template(messages(e), tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            zl, zs, *ze = (m(ids).logits[0, -1].double().numpy() for m in (large, small, *experts))
+        a = (first.alphas[i][0] if r.options["method"] == "dlf"
+             else [r.options["alpha"]] * len(experts))  # fmt: skip
+        fused = zl + sum(float(at) * (zt - zs) for at, zt in zip(a, ze))
+        pick = int(max(range(4), key=lambda k: (fused[letters[k]], -k)))
+        assert cached[e.id]["text"] == "ABCD"[pick], (row, e.id)
+        if r.options["method"] == "dlf":
+            assert cached[e.id]["alphas"] == [pytest.approx(list(a), abs=1e-3)]
+        else:
+            assert "alphas" not in cached[e.id]
 
 
 @pytest.mark.parametrize("derived", ["static-val", "dlf-val"])
@@ -476,13 +533,17 @@ def test_harness_task_reproduces_a_row(world: dict[str, Path], ran: dict[str, An
     meta = {"cache": str(c), "wheel": str(world["wheel"]), "sizes": SIZES}
     tm = TaskManager(include_path=str(harness.TASKS_DIR), metadata=meta)
     res = lm_eval.simple_evaluate(model=lm, tasks=["dlf_paper_mmlu"], task_manager=tm,
-                                  gen_kwargs={"max_gen_toks": BUDGETS["mmlu"]},
                                   log_samples=True, bootstrap_iters=0)  # fmt: skip
     samples = sorted(res["samples"]["dlf_paper_mmlu"], key=lambda s: s["doc_id"])
     cached = outputs(world, "mmlu", "dlf")
     recs = per_example(world, "mmlu")
     assert [s["doc"]["id"] for s in samples] == [r["id"] for r in recs]
-    assert [s["resps"][0][0] for s in samples] == [cached[r["id"]]["text"] for r in recs]
+    # lm_eval's log-likelihood of each letter (its own request per letter, the model's fused
+    # score()) against the runner's one forward and fuse_step
+    for s, r in zip(samples, recs):
+        ll = [float(x[0][0]) for x in s["resps"]]  # [[(loglikelihood, is_greedy)], ...]
+        assert ll == pytest.approx(cached[r["id"]]["letter_logprobs"], abs=2e-4)
+        assert "ABCD"[int(max(range(4), key=lambda i: (ll[i], -i)))] == cached[r["id"]]["text"]
     assert [s["acc"] for s in samples] == [float(r["dlf"]) for r in recs]
     assert res["results"]["dlf_paper_mmlu"]["acc,none"] == pytest.approx(
         sum(r["dlf"] for r in recs) / len(recs))  # fmt: skip
@@ -521,7 +582,10 @@ def test_harness_configs_are_a_fresh_build_with_the_runners_budgets() -> None:
         assert (harness.TASKS_DIR / name).read_text() == text, "python -m ...paper.harness"
     for t, spec in tasks.TASKS.items():
         text = files[f"{harness.task_name(t)}.yaml"]
-        assert f"max_gen_toks: {spec.max_new_tokens}\n" in text
+        if spec.answer == "letter":
+            assert "output_type: multiple_choice\n" in text and "max_gen_toks" not in text
+        else:
+            assert f"max_gen_toks: {spec.max_new_tokens}\n" in text
         assert f"metric: {harness.METRICS[t]}\n" in text
 
 
@@ -626,3 +690,11 @@ def test_table_rows_follow_the_plan_whichever_task_has_them() -> None:
     keys = [k for r in plan.rows_for("triviaqa", ("single",)) for k in [r.label] if k in cells]
     assert list(cells) == keys
     assert keys[0] == "1.5B alone" and keys[-1].startswith("1.5B + LoRA")
+
+
+def test_letter_tasks_refuse_the_vllm_engine(world: dict[str, Path], ran: dict[str, Any],
+                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    logs: list[str] = []
+    assert _main(world, logs, "run", "--tasks", "mmlu", "--engine", "vllm", "--rows", "large") != 0
+    said = capsys.readouterr().err + "\n".join(logs)
+    assert re.search(r"tasks: mmlu read the answer letter .* --engine hf", said), said

@@ -97,6 +97,8 @@ def _single(path: Path, dtype: str) -> Any:
 def cmd_pilot(args: argparse.Namespace, cache: Path) -> int:
     import torch
 
+    from .runner import choose_letters, letter_ids
+
     torch.set_num_threads(args.threads)
     bench, man = load(cache, fetch=False)
     split = default_splits(bench, args.seed)[args.task]
@@ -121,16 +123,24 @@ def cmd_pilot(args: argparse.Namespace, cache: Path) -> int:
         gen = _single(path, args.dtype)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = gen.generate(messages=[messages(e) for e in examples],
-                           max_new_tokens=spec.max_new_tokens, stop=list(spec.stop) or None,
-                           batch_size=args.batch_size, progress=False, temperature=0.0,
-                           method="large")  # fmt: skip
+        if spec.answer == "letter":
+            nxt = gen.next_token_logits(messages=[messages(e) for e in examples],
+                                        method="large", batch_size=args.batch_size)  # fmt: skip
+            texts = ["ABCD"[i] for i in choose_letters(nxt, {"method": "large"},
+                                                       letter_ids(gen.tokenizer))[0]]  # fmt: skip
+            ntok = len(texts)
+        else:
+            res = gen.generate(messages=[messages(e) for e in examples],
+                               max_new_tokens=spec.max_new_tokens, stop=list(spec.stop) or None,
+                               batch_size=args.batch_size, progress=False, temperature=0.0,
+                               method="large")  # fmt: skip
+            texts = list(res.texts)
+            ntok = sum(len(t) for t in res.token_ids)
         sec = time.perf_counter() - t0
-        ok = tuple(correct(e, t) for e, t in zip(examples, res.texts))
-        ntok = sum(len(t) for t in res.token_ids)
+        ok = tuple(correct(e, t) for e, t in zip(examples, texts))
         rows.append(MethodRow(key, label, ok, sec, ntok))
         report["rows"].append({"key": key, "label": label, "correct": [int(x) for x in ok],
-                               "texts": list(res.texts), "seconds": round(sec, 2),
+                               "texts": texts, "seconds": round(sec, 2),
                                "load_seconds": round(load_s, 2), "tokens": ntok,
                                "s_per_example": round(sec / len(examples), 3)})  # fmt: skip
         _log(f"pilot: {label}: {sum(ok)}/{len(ok)} in {sec:.0f} s ({sec / len(examples):.2f} "

@@ -60,12 +60,15 @@ def build() -> dict[str, str]:
     files = {}
     for t in TASK_ORDER:
         spec = TASKS[t]
-        body = f"""task: {task_name(t)}
-custom_dataset: !function utils.load
-dataset_kwargs:
-  task: {t}
-test_split: test
-output_type: generate_until
+        if spec.answer == "letter":  # the runner's reading: the likeliest letter, one position
+            how = f"""output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: {_yaml_list(list("ABCD"))}
+target_delimiter: ""
+doc_to_target: "{{{{target}}}}"
+"""
+        else:
+            how = f"""output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{target}}}}"
 generation_kwargs:
@@ -73,7 +76,13 @@ generation_kwargs:
   max_gen_toks: {spec.max_new_tokens}
   do_sample: false
 process_results: !function utils.process_results
-metric_list:
+"""
+        body = f"""task: {task_name(t)}
+custom_dataset: !function utils.load
+dataset_kwargs:
+  task: {t}
+test_split: test
+{how}metric_list:
   - metric: {METRICS[t]}
     aggregation: mean
     higher_is_better: true

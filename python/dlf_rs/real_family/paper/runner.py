@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..train import base_dir
 from . import scoring
 from .data import GsmExample, MmluExample, TriviaExample
@@ -212,6 +214,8 @@ class Runner:
                "max_new_tokens": self.budget(task), "stop": list(TASKS[task].stop),
                "dtype": self.cfg.dtype, "device": dev.split(":")[0],
                "batch_size": self.batch(task), "seed": self.cfg.seed}  # fmt: skip
+        if TASKS[task].answer != "generate":  # generated replies keep their files' names
+            out["answer"] = TASKS[task].answer
         mode = self.lora_mode(task, row)
         if self.cfg.engine != "hf":  # vLLM runs LoRA experts merged, always
             out["engine"] = self.cfg.engine
@@ -278,6 +282,43 @@ class Runner:
             bar.update(len(chunk))
         bar.close()
 
+    def _choose(self, gen: Any, todo: list[tuple[_Item, list[list[Example]]]]) -> None:
+        """Letter-answer rows of one generator: each batch's members run once
+        (:meth:`FusedGenerator.next_token_logits`) and every row of the group fuses those
+        logits under its own options (:func:`choose_letters`). A row's seconds are the batch's
+        forwards (shared by the group's rows) plus its own fusion, per example."""
+        from tqdm import tqdm
+
+        letters = letter_ids(gen.tokenizer)
+        batches: dict[tuple[str, ...], tuple[list[Example], list[_Item]]] = {}
+        for it, chunks in todo:
+            for ch in chunks:
+                batches.setdefault(tuple(e.id for e in ch), (ch, []))[1].append(it)
+        bar = tqdm(total=sum(len(ch) for ch, _ in batches.values()), unit="ex",
+                   desc=f"{todo[0][0].task} letters", disable=not self.cfg.progress,
+                   leave=False)  # fmt: skip
+        for chunk, its in batches.values():
+            t0 = time.perf_counter()
+            fused = any(it.row.fused for it in its)
+            nxt = gen.next_token_logits(messages=[messages(e) for e in chunk],
+                                        method="dlf" if fused else "large",
+                                        batch_size=len(chunk))  # fmt: skip
+            forward = time.perf_counter() - t0
+            for it in its:
+                t1 = time.perf_counter()
+                picks, logps, alphas = choose_letters(nxt, it.row.options, letters)
+                sec = (forward + time.perf_counter() - t1) / len(chunk)
+                dlf = it.row.options.get("method") == "dlf"
+                recs = []
+                for i, e in enumerate(chunk):
+                    rec = _record(e, "ABCD"[picks[i]], [letters[picks[i]]], "letter", sec,
+                                  [alphas[i]] if dlf and alphas is not None else None)  # fmt: skip
+                    rec["letter_logprobs"] = [round(float(x), 4) for x in logps[i]]
+                    recs.append(rec)
+                it.out.append(recs, it.manifest)
+            bar.update(len(chunk))
+        bar.close()
+
     def _decode_vllm(self, key: tuple[str, str | None, tuple[str, ...]],
                      todo: list[tuple[_Item, list[list[Example]]]]) -> None:  # fmt: skip
         """One generator group through a vLLM worker (:mod:`.vllm_engine`): every batch of every
@@ -329,6 +370,12 @@ class Runner:
 
     def run(self) -> dict[str, list[RowResult]]:
         """Decode every planned row's missing batches, then return all results."""
+        if self.cfg.engine == "vllm" and self.cfg.decode:
+            letters = [t for t in self.cfg.tasks if TASKS[t].answer == "letter"]
+            if letters:
+                raise ValueError(f"tasks: {', '.join(letters)} read the answer letter at one "
+                                 "position (one forward, no decoding); run them with --engine "
+                                 "hf")  # fmt: skip
         items = [self._item(t, r) for t in self.cfg.tasks for r in self.rows(t)]
         groups: dict[tuple[tuple[str, str | None, tuple[str, ...]], str | None], list[_Item]] = {}
         for it in items:
@@ -345,7 +392,15 @@ class Runner:
             gen = self._load(key, mode)
             how = f" ({mode} LoRA)" if mode else ""
             self.log(f"run: loaded {_describe(key)}{how} in {time.perf_counter() - t0:.1f} s")
+            letter = [(it, ch) for it, ch in todo if TASKS[it.task].answer == "letter"]
+            if letter:
+                t1 = time.perf_counter()
+                self._choose(gen, letter)
+                self.log(f"run: {', '.join(f'{it.task} {it.row.key}' for it, _ in letter)}: "
+                         f"letters chosen in {time.perf_counter() - t1:.1f} s")  # fmt: skip
             for it, chunks in todo:
+                if TASKS[it.task].answer == "letter":
+                    continue
                 n = sum(map(len, chunks))
                 t1 = time.perf_counter()
                 self._decode(gen, it, chunks)
@@ -421,6 +476,43 @@ class Runner:
                       label=f"{choice.label} ({choice.candidates[best]})")  # fmt: skip
         return replace(by[best], row=row, note=f"validation accuracy by {choice.by} "
                                                f"({len(val)} examples): {note}")  # fmt: skip
+
+
+def letter_ids(tokenizer: Any) -> list[int]:
+    """The token ids of "A", "B", "C", "D" as a reply's first token (each one token)."""
+    out = []
+    for x in "ABCD":
+        ids = tokenizer(x, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer: the letter {x!r} is {len(ids)} tokens {ids}; letter "
+                             "answers need one token per letter")  # fmt: skip
+        out.append(int(ids[0]))
+    if len(set(out)) != 4:
+        raise ValueError(f"tokenizer: the letters A-D share token ids {out}")
+    return out
+
+
+def choose_letters(nxt: Any, options: Mapping[str, Any], letters: Sequence[int]
+                   ) -> tuple[list[int], np.ndarray, np.ndarray | None]:  # fmt: skip
+    """Per row of ``nxt`` (:class:`dlf_rs.engines.hf.scoring.NextTokenLogits`): the index of the
+    most likely of ``letters`` (ties: the first) under ``options`` ("dlf"/"static": the
+    members fused by :func:`dlf_rs.fuse_step`, exactly generate's first step; else the one
+    model), the letters' log-probabilities over the whole vocabulary [B, 4], and the weights
+    [B, T] (None for one model)."""
+    import dlf_rs
+
+    if options.get("method") in ("dlf", "static"):
+        large, small, experts = nxt.members()
+        z = np.empty_like(large)
+        r = dlf_rs.fuse_step(large, small, experts, fused_out=z, **{"temperature": 0.0, **options})
+        alphas: np.ndarray | None = np.asarray(r.alphas, np.float32).reshape(len(z), len(experts))
+    else:
+        (z,) = nxt.logits.values()
+        alphas = None
+    z64 = z.astype(np.float64)
+    m = z64.max(axis=-1, keepdims=True)
+    logp = (z64 - m - np.log(np.exp(z64 - m).sum(axis=-1, keepdims=True)))[:, list(letters)]
+    return [int(i) for i in np.argmax(logp, axis=-1)], logp, alphas
 
 
 def _record(e: Example, text: str, token_ids: Sequence[int], finish: str, seconds: float,

@@ -33,6 +33,11 @@ class TaskSpec:
     # decoded 12-23% faster than "mixed" (one forward over base and adapter rows); TriviaQA's
     # fused rows were decoded "mixed" before the choice existed and stay so
     lora_mode: str = "merged"
+    # "generate": the reply is decoded greedily and scored; "letter": the reply is the most
+    # likely of the letters A-D at the first position, under the row's fusion (MMLU: the
+    # standard multiple-choice reading; the generated letter lost 26 of the 1.5B's first 192
+    # held-out replies to reasoning cut at its 8-token budget, docs/paper-tables.md)
+    answer: str = "generate"
 
 
 TASKS = {
@@ -40,7 +45,8 @@ TASKS = {
     "gsm8k": TaskSpec("gsm8k", "GSM8K", "exact match (final number)", 256, (), batch_size=32),
     "triviaqa": TaskSpec("triviaqa", "TriviaQA", "exact match (aliases)", 16, ("\n",),
                          lora_mode="mixed"),
-    "mmlu": TaskSpec("mmlu", "MMLU", "accuracy", 8, ()),
+    "mmlu": TaskSpec("mmlu", "MMLU", "accuracy (letter of highest probability)", 1, (),
+                     answer="letter"),
 }
 
 
