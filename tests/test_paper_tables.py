@@ -265,6 +265,7 @@ def test_table_numbers_equal_an_independent_computation(world: dict[str, Path],
             line = next(ln for ln in md.splitlines() if ln.startswith(cell))
             if t == "mmlu":  # one position read, nothing cut: no budget column
                 assert cut == 0 and "cut at the budget" not in md, (t, key, line)
+                assert "| ms / example |" in md and "ms / token" not in md
             else:
                 assert line.endswith(f"| {cut}/{n} |"), (t, key, line)
         # the paired rows: the difference and the discordant pairs, from the per-example file

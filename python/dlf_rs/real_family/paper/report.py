@@ -94,7 +94,8 @@ def _section(results: Sequence[RowResult], table: str) -> str:
         head = (f"All {n} examples:" if i == 0 and len(sizes) == 1 else
                 f"The first {n} examples ({len(sub)} rows):")  # fmt: skip
         rows = method_rows(sub, n)
-        parts.append(head + "\n\n" + accuracy_table(rows))
+        letter = TASKS[results[0].task].answer == "letter"
+        parts.append(head + "\n\n" + accuracy_table(rows, per="example" if letter else "token"))
         keys = {r.key for r in sub}
         pairs = [(a, b) for a, b in comparisons(table) if a in keys and b in keys]
         if pairs:
@@ -113,8 +114,11 @@ def _task_md(task: str, results: Sequence[RowResult], part: str, split: Mapping[
     multi = set(table_keys(task, "multi"))
     lines = [f"# {spec.column}: {part} part of split {split['fingerprint']}",
              "",
-             (f"Zero-shot chat prompts, greedy, at most the task's budget of new tokens; "
-              f"metric: {spec.metric}. [Back to the tables](tables.md)."),
+             ("Zero-shot chat prompts, greedy, at most the task's budget of new tokens; "
+              if spec.answer == "generate" else
+              "Zero-shot chat prompts; the reply is the likeliest of the letters A-D at the "
+              "first position, under each row's fusion (one forward per model, no decoding); ")
+             + f"metric: {spec.metric}. [Back to the tables](tables.md).",
              ""]  # fmt: skip
     s_rows = [r for r in results if r.key in single]
     m_rows = [r for r in results if r.key in multi]

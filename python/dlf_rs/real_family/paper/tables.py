@@ -62,13 +62,15 @@ def _check_same_n(rows: Sequence[MethodRow]) -> int:
     return sizes.pop() if sizes else 0
 
 
-def accuracy_table(rows: Sequence[MethodRow], metric: str = "accuracy") -> str:
+def accuracy_table(rows: Sequence[MethodRow], metric: str = "accuracy", per: str = "token") -> str:
     """| method | accuracy (k/n) | 95% CI | ms / token |, and | cut at the budget | where a
-    row's replies hit the token budget (a chain of thought cut before its answer)."""
+    row's replies hit the token budget (a chain of thought cut before its answer). ``per``:
+    "example" where each reply is one token read at one position (ms / token is then ms /
+    example)."""
     _check_same_n(rows)
     cut = any(r.cut for r in rows)
     lines = [
-        f"| method | {metric} | 95% CI (Wilson) | ms / token |" + (" cut at the budget |" if cut else ""),
+        f"| method | {metric} | 95% CI (Wilson) | ms / {per} |" + (" cut at the budget |" if cut else ""),
         "| --- | ---: | ---: | ---: |" + (" ---: |" if cut else ""),
     ]  # fmt: skip
     for r in rows:
