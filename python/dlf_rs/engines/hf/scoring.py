@@ -39,7 +39,8 @@ from ...step import fuse_step
 from .runner import context_length, forward_params, model_device
 
 __all__ = [
-    "METHODS", "NextTokenLogits", "ScoreResult", "context_limit", "next_token_logits",
+    "METHODS", "NextTokenLogits", "ScoreResult", "context_limit", "log_softmax64",
+    "next_token_logits",
     "rolling_windows", "score", "score_ids", "score_rolling",
 ]
 
@@ -126,7 +127,7 @@ def _continuation_logits(
     return np.ascontiguousarray(logits.float().cpu().numpy())
 
 
-def _log_softmax64(z: np.ndarray) -> np.ndarray:
+def log_softmax64(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     m = np.max(z, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)  # an all -inf row stays -inf, never NaN
@@ -164,7 +165,7 @@ def _score_batch(
         fill = 0.0 if method == "large" else np.nan
         alphas = np.full((len(targets), n_exp), fill, dtype=np.float32)
         greedy = np.argmax(fused, axis=-1)
-    logp = _log_softmax64(fused)[np.arange(len(targets)), targets]
+    logp = log_softmax64(fused)[np.arange(len(targets)), targets]
     out: list[ScoreResult] = []
     start = 0
     for ctx, cont in pairs:

@@ -509,9 +509,9 @@ def choose_letters(nxt: Any, options: Mapping[str, Any], letters: Sequence[int]
     else:
         (z,) = nxt.logits.values()
         alphas = None
-    z64 = z.astype(np.float64)
-    m = z64.max(axis=-1, keepdims=True)
-    logp = (z64 - m - np.log(np.exp(z64 - m).sum(axis=-1, keepdims=True)))[:, list(letters)]
+    from dlf_rs.engines.hf.scoring import log_softmax64
+
+    logp = log_softmax64(z)[:, list(letters)]
     return [int(i) for i in np.argmax(logp, axis=-1)], logp, alphas
 
 
