@@ -10,7 +10,8 @@ dlf_rs.engines.llamacpp.gguf_files; the project's trained expert is a PEFT adapt
 model, which this bench does not need: speed does not depend on what the expert learned).
 FusedGenerator runs the bf16 conversions of the same GGUFs (the expert converted the same way).
 
-Measured, one run, same prompts, greedy: tokens/s of DLF and of the large model alone at B = 1
+Measured, one run, same prompts, greedy: tokens/s of DLF (on llama.cpp with the members side by
+side, the default, and in turn) and of the large model alone at B = 1
 (each prompt alone) and B = 8 (one batch) on both engines; each member alone on llama.cpp (the
 floor of a fused token is the sum of the three members' per-token times); then the cross-checks
 with the paper's grid over the full vocabulary (solver "grid", support_k None): llama.cpp DLF
@@ -19,7 +20,8 @@ every token chosen by dlf_rs.reference in numpy), and against FusedGenerator's t
 and the top-two margin of the fused logits where they first differ).
 
 With ``--speculative K ...``: speculative DLF at B = 1 (each prompt alone) with each draft length
-on both engines, beside each engine's sequential DLF on the same prompts: tokens/s, the ratio to
+on both engines, beside each engine's sequential DLF on the same prompts (llama.cpp's with the
+members side by side and in turn): tokens/s, the ratio to
 FusedGenerator's sequential DLF, acceptance (accepted / tested drafts), large forwards per token,
 and whether every prompt's tokens equal that engine's sequential DLF (greedy).
 ``--only-speculative`` runs just that table (no B = 8, members alone or cross-checks), at
@@ -154,6 +156,9 @@ def main() -> None:
     lc.generate(prompts[:1], max_new_tokens=4)  # warm-up (contexts, pages of the mmap)
     for b in (1, 8):
         rows[f"llamacpp dlf B={b}"] = timed(lc, prompts, b, n_new)
+        lc.parallel_members = False  # the members in turn, each on every thread
+        rows[f"llamacpp dlf B={b}, members in turn"] = timed(lc, prompts, b, n_new)
+        lc.parallel_members = True
         rows[f"llamacpp large B={b}"] = timed(lc, prompts, b, n_new, method="large")
     # Each member alone (its own per-token time at B = 1): the floor of a fused token.
     for key in ("small", "expert"):
@@ -268,6 +273,11 @@ def speculative_only(args: argparse.Namespace) -> None:
     for name, gen in engines:
         seq = timed(gen, prompts, b, n_new)
         rows.append({"engine": name, "mode": "sequential", **seq})
+        if gen is lc:  # the members in turn, each on every thread (lanes off)
+            lc.parallel_members = False
+            rows.append({"engine": name, "mode": "sequential, members in turn",
+                         **timed(gen, prompts, b, n_new)})  # fmt: skip
+            lc.parallel_members = True
         for k in ks:
             r = timed(gen, prompts, b, n_new, speculative=k)
             res = r["result"]

@@ -176,6 +176,43 @@ def test_batches_equal_one_at_a_time(gen: LlamaCppGenerator) -> None:
             np.testing.assert_array_equal(batch.alphas[b], alone.alphas[0])
 
 
+def test_members_side_by_side_equal_members_in_turn(files: dict[str, Any],
+                                                   gen: LlamaCppGenerator) -> None:  # fmt: skip
+    """The lanes (dlf_rs.engines.llamacpp.lanes; on by default with 2 threads): the large model
+    on one thread beside the small base and the experts on the other give the tokens and weights
+    of every member in turn on both threads, at B = 1 and in a batch whose rows end apart."""
+    assert gen.parallel_members and "parallel_members=True" in repr(gen)
+    in_turn = LlamaCppGenerator.from_gguf(files["large"], files["small"],
+                                          [files["expert"], files["expert2"]], n_threads=2,
+                                          parallel_members=False)  # fmt: skip
+    assert not in_turn.parallel_members
+    for kw in ({"method": "dlf", "solver": "grid", "support_k": None},
+               {"method": "dlf", "temperature": 0.9, "seed": [5, 6, 7, 8]},
+               {"method": "static", "alpha": (0.5, 1.0)}):  # fmt: skip
+        side = gen.generate(PROMPTS, max_new_tokens=12, stop=["\n"], **kw)
+        turn = in_turn.generate(PROMPTS, max_new_tokens=12, stop=["\n"], **kw)
+        assert side.token_ids == turn.token_ids, kw
+        for a, b in zip(side.alphas, turn.alphas):
+            np.testing.assert_array_equal(a, b)
+        one = gen.generate(PROMPTS[1:2], max_new_tokens=12, stop=["\n"],
+                           **{k: (v[1:2] if k == "seed" else v) for k, v in kw.items()})  # fmt: skip
+        assert one.token_ids[0] == turn.token_ids[1], kw
+    # The threads each context decoded on: the large model alone on one lane, the rest on the
+    # other; method "large" (one member) and speculative DLF use both threads for each member.
+    gen.generate(PROMPTS[:1], max_new_tokens=2)
+    threads = {k: c.n_threads for k, c in gen._contexts.items() if "/" not in k}
+    assert threads == {"large": 1, "small": 1, "expert:0": 1, "expert:1": 1}, threads
+    gen.generate(PROMPTS[:1], max_new_tokens=2, method="large")
+    assert gen._contexts["large"].n_threads == 2
+    gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=2)
+    assert {c.n_threads for k, c in gen._contexts.items() if "/" not in k} == {2}
+    assert {c.n_threads for c in in_turn._contexts.values()} == {2}
+    with pytest.raises(TypeError, match="^parallel_members: expected a bool or None, got str"):
+        LlamaCppGenerator.from_gguf(files["large"], files["small"], [files["expert"]],
+                                    parallel_members="yes")  # fmt: skip
+    in_turn.close()
+
+
 def test_chat_rows_in_a_batch_equal_alone(gen: LlamaCppGenerator) -> None:
     """Chat-template prompts of 30-40 tokens: the rows of a batch get the logits, weights and
     tokens of the row decoded alone (a KV cache shared by the rows gave the second row logits

@@ -23,6 +23,10 @@ Decisions (also in the API docstrings):
   depend on batching).
 - ``speculative=k`` or ``"auto"``: speculative DLF (:mod:`.speculative`), FusedGenerator's
   semantics and core call; greedy gives the tokens of sequential DLF.
+- Threads: in sequential decoding the members' decodes of a step run side by side in two lanes
+  of threads (:mod:`.lanes`; ``parallel_members``), each member on its lane's threads; the
+  logits do not depend on it (checked in the tests). Speculative DLF runs its members in turn on
+  every thread (its verification decodes several positions, which two threads speed up well).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ...seeds import step_seeds
 from ...step import fuse_step_prepared
 from ...stopping import Stopping
 from ...streaming import DecodeLoop, GenerationStream, drain
+from .lanes import Lane, LaneRunner, plan_lanes
 from .native import Context, GgufLora, GgufModel, gguf_kind
 
 __all__ = ["GgufTokenizer", "LlamaCppGenerator"]
@@ -105,12 +110,18 @@ class LlamaCppGenerator:
     multi-expert options, sampling, penalties, seeds, stop strings, chat messages, speculative
     DLF with ``speculative=k`` or ``"auto"``) and return the same
     :class:`dlf_rs.GenerationResult` and stream chunks.
+
+    ``n_threads``: llama.cpp's CPU threads in all (default: every core). ``parallel_members``:
+    decode the members of a step side by side in two lanes that share those threads
+    (:mod:`.lanes`); default (None): on when there are at least two threads and no layer is
+    offloaded to a GPU. Off, each member decodes in turn on every thread.
     """
 
     def __init__(self, large: GgufModel, small: GgufModel | None = None,
                  experts: Sequence[GgufModel | GgufLora] = (), *,
                  expert_names: Sequence[str] | None = None, n_threads: int | None = None,
-                 lora_scale: float = 1.0, flash_attn: bool = True) -> None:  # fmt: skip
+                 lora_scale: float = 1.0, flash_attn: bool = True,
+                 parallel_members: bool | None = None) -> None:  # fmt: skip
         if not isinstance(large, GgufModel):
             raise TypeError(f"large: expected a GgufModel (LlamaCppGenerator.from_gguf loads "
                             f"files), got {type(large).__name__}")  # fmt: skip
@@ -130,6 +141,14 @@ class LlamaCppGenerator:
         if not isinstance(flash_attn, bool):
             raise TypeError(f"flash_attn: expected a bool, got {type(flash_attn).__name__}")
         self.flash_attn = flash_attn
+        if parallel_members is None:
+            offloaded = any(self._base_of(n)[0].n_gpu_layers for n in self._names())
+            parallel_members = self.n_threads >= 2 and not offloaded
+        elif not isinstance(parallel_members, bool):
+            raise TypeError("parallel_members: expected a bool or None, got "
+                            f"{type(parallel_members).__name__}")  # fmt: skip
+        self.parallel_members = parallel_members
+        self._lanes = LaneRunner()
         self.tokenizer = GgufTokenizer(large)
         self.vocab_size = large.n_vocab
         self._check_vocab()
@@ -137,7 +156,9 @@ class LlamaCppGenerator:
         self._contexts: dict[str, Context] = {}
 
     def __repr__(self) -> str:
-        lines = [f"LlamaCppGenerator(vocab={self.vocab_size}, threads={self.n_threads},"]
+        head = (f"LlamaCppGenerator(vocab={self.vocab_size}, threads={self.n_threads}, "
+                f"parallel_members={self.parallel_members},")  # fmt: skip
+        lines = [head]
         for name in self._names():
             m = self._model_of(name)
             what = (f"LoRA {os.path.basename(m.path)!r} over the small model"
@@ -149,13 +170,14 @@ class LlamaCppGenerator:
     def from_gguf(cls, large: str | os.PathLike[str], small: str | os.PathLike[str] | None = None,
                   experts: Sequence[str | os.PathLike[str]] | None = None, *,
                   n_threads: int | None = None, n_gpu_layers: int = 0,
-                  lora_scale: float = 1.0, flash_attn: bool = True) -> LlamaCppGenerator:  # fmt: skip
+                  lora_scale: float = 1.0, flash_attn: bool = True,
+                  parallel_members: bool | None = None) -> LlamaCppGenerator:  # fmt: skip
         """Load GGUF files: ``large``, ``small`` and ``experts`` (a list) are model files, or for
         an expert a LoRA adapter GGUF over the small model (llama.cpp's ``convert_lora_to_gguf``
         writes them), applied at ``lora_scale``. Every path is checked (exists, is a GGUF, is a
         model or an adapter as its place needs) before anything loads. ``n_threads``: llama.cpp's
         CPU threads (default: every core); ``n_gpu_layers``: layers llama.cpp offloads to a GPU
-        where it was built with one (default 0)."""
+        where it was built with one (default 0); ``parallel_members``: as the constructor's."""
         experts = list(experts or [])
         kinds = [gguf_kind(large, "large")]
         if small is not None:
@@ -179,7 +201,7 @@ class LlamaCppGenerator:
                 ex.append(GgufModel(p, arg, n_gpu_layers=n_gpu_layers))
         names = [os.path.splitext(os.path.basename(str(p)))[0] for p in experts]
         return cls(lm, sm, ex, expert_names=names, n_threads=n_threads, lora_scale=lora_scale,
-                   flash_attn=flash_attn)
+                   flash_attn=flash_attn, parallel_members=parallel_members)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str] | None = None, max_new_tokens: int = 64,
@@ -211,7 +233,8 @@ class LlamaCppGenerator:
         return GenerationStream(loops, sizes, show)
 
     def close(self) -> None:
-        """Free the contexts (the models are freed with this object)."""
+        """Free the contexts and the lane thread (the models are freed with this object)."""
+        self._lanes.close()
         for ctx in self._contexts.values():
             ctx.close()
         self._contexts.clear()
@@ -263,7 +286,9 @@ class LlamaCppGenerator:
             per_row = [len(r) + max_new_tokens for r in ids[name]]
             need = per_row[0] if unified else batch * max(per_row)
             ctxs.append(self._context(name, need, batch, unified=unified))
+        lanes = self._plan(names, ctxs, parallel=True)
         timings = {"forward": 0.0, "prefill": 0.0, "fuse_step": 0.0, "sample": 0.0}
+        timings.update({f"forward:{name}": 0.0 for name in names})
         trace = TraceRecorder(batch, len(self.experts))
         rows = Stopping(batch, self.tokenizer, self.eos_token_ids, stops)
         hist, fill = (history_buffer(ids[names[0]], batch, max_new_tokens) if opts.penalized
@@ -271,9 +296,10 @@ class LlamaCppGenerator:
         pos = {name: [len(r) for r in ids[name]] for name in names}
         every = list(range(batch))
         t0 = time.perf_counter()
-        views = [ctx.decode(every, ids[name], [0] * batch) for name, ctx in zip(names, ctxs)]
+        views = self._lanes.run(lanes, lambda i: ctxs[i].decode(every, ids[names[i]], [0] * batch))
         # (each view: [live rows, vocab], llama.cpp's own buffer until that context's next decode)
         timings["prefill"] += time.perf_counter() - t0
+        own = [0.0] * len(names)  # each member's own decode time in a step (lanes overlap)
         next_tokens = np.zeros(batch, dtype=np.int64)
         steps = 0
         for step in range(max_new_tokens):
@@ -305,15 +331,22 @@ class LlamaCppGenerator:
                 break
             still = rows.live()
             feed = [[int(next_tokens[b])] for b in still]
-            for i, (name, ctx) in enumerate(zip(names, ctxs)):
-                p = pos[name]
+
+            def member_step(i: int, still: list[int] = still,
+                            feed: list[list[int]] = feed) -> np.ndarray:  # fmt: skip
                 t0 = time.perf_counter()
-                views[i] = ctx.decode(still, feed, [p[b] for b in still])
-                dt = time.perf_counter() - t0
-                timings["forward"] += dt
-                timings[f"forward:{name}"] = timings.get(f"forward:{name}", 0.0) + dt
+                p = pos[names[i]]
+                view = ctxs[i].decode(still, feed, [p[b] for b in still])
+                own[i] = time.perf_counter() - t0
+                return view
+
+            t0 = time.perf_counter()
+            views = self._lanes.run(lanes, member_step)
+            timings["forward"] += time.perf_counter() - t0
+            for i, name in enumerate(names):
+                timings[f"forward:{name}"] += own[i]
                 for b in still:
-                    p[b] += 1
+                    pos[name][b] += 1
             yield rows
 
         alphas, traces = trace.rows()
@@ -326,6 +359,16 @@ class LlamaCppGenerator:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
+    def _plan(self, names: list[str], ctxs: list[Context], parallel: bool) -> list[Lane]:
+        """The call's lanes (:func:`.lanes.plan_lanes`, by the members' parameter counts), each
+        context set to its lane's threads; ``parallel=False``: one lane on every thread."""
+        costs = [float(self._base_of(name)[0].n_params) for name in names]
+        lanes = plan_lanes(costs, self.n_threads, parallel and self.parallel_members)
+        for lane in lanes:
+            for i in lane.members:
+                ctxs[i].set_threads(lane.threads)
+        return lanes
+
     def _names(self) -> list[str]:
         names = ["large"] + (["small"] if self.small is not None else [])
         return names + [f"expert:{i}" for i in range(len(self.experts))]

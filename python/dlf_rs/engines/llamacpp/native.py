@@ -144,6 +144,7 @@ class GgufModel:
             )
         lib = llama_cpp()
         self.lib, self.arg, self.path = lib, arg, str(path)
+        self.n_gpu_layers = n_gpu_layers
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         self.ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
@@ -156,6 +157,7 @@ class GgufModel:
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
+        self.n_params = int(lib.llama_model_n_params(self.ptr))
         self._texts: list[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -269,6 +271,7 @@ class Context:
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
+        self.n_threads = n_threads
         params.kv_unified = unified
         params.flash_attn_type = 1 if flash_attn else 0  # llama.cpp: -1, "auto" (on, on a CPU)
         params.no_perf = True
@@ -300,6 +303,12 @@ class Context:
         if unified:
             return self.n_ctx >= n_ctx and self.n_seq >= n_seq
         return self.n_seq == n_seq and self.n_ctx >= n_ctx  # n_ctx / n_seq cells per sequence
+
+    def set_threads(self, n_threads: int) -> None:
+        """The CPU threads of this context's next decodes (:mod:`.lanes`)."""
+        if n_threads != self.n_threads:
+            self.lib.llama_set_n_threads(self.ptr, n_threads, n_threads)
+            self.n_threads = n_threads
 
     def clear(self) -> None:
         """Forget every sequence (the start of a call)."""

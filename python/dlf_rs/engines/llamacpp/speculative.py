@@ -64,6 +64,7 @@ def decode_speculative(gen: Any, opts: StepOptions, inputs: Inputs, max_new_toke
         per_row = [len(r) + max_new_tokens for r in ids[name]]
         need = per_row[0] if unified else batch * max(per_row)
         ctxs.append(gen._context(name, need, batch, unified=unified))
+    gen._plan(names, ctxs, parallel=False)  # every member in turn on every thread
     timings: dict[str, float] = {"prefill": 0.0, "forward": 0.0, "draft": 0.0, "verify": 0.0,
                                  "copy": 0.0, "fuse_verify": 0.0, "sample": 0.0, "crop": 0.0}  # fmt: skip
     rows = Stopping(batch, gen.tokenizer, gen.eos_token_ids, stops)
