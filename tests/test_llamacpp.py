@@ -207,6 +207,23 @@ def test_members_side_by_side_equal_members_in_turn(files: dict[str, Any],
     gen.generate(PROMPTS[:1], max_new_tokens=4, speculative=2)
     assert {c.n_threads for k, c in gen._contexts.items() if "/" not in k} == {2}
     assert {c.n_threads for c in in_turn._contexts.values()} == {2}
+    # A LoRA expert is a second context over the small model's weights: with two more experts
+    # it lands in the large model's lane, decoding while the small base decodes on the other.
+    five = [LlamaCppGenerator.from_gguf(files["large"], files["small"],
+                                        [files["expert"], files["expert2"], files["lora"]],
+                                        n_threads=2, parallel_members=p) for p in (True, False)]  # fmt: skip
+    names = five[0]._names()
+    from dlf_rs.engines.llamacpp.lanes import plan_lanes
+
+    lanes = plan_lanes([float(five[0]._base_of(n)[0].n_params) for n in names], 2, True)
+    lane_of = {names[i]: k for k, lane in enumerate(lanes) for i in lane.members}
+    assert lane_of["expert:2"] != lane_of["small"], lanes
+    side, turn = (g.generate(PROMPTS[:2], max_new_tokens=8, batch_size=1) for g in five)
+    assert side.token_ids == turn.token_ids
+    for a, b in zip(side.alphas, turn.alphas):
+        np.testing.assert_array_equal(a, b)
+    for g in five:
+        g.close()
     with pytest.raises(TypeError, match="^parallel_members: expected a bool or None, got str"):
         LlamaCppGenerator.from_gguf(files["large"], files["small"], [files["expert"]],
                                     parallel_members="yes")  # fmt: skip

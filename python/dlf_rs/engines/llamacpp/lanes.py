@@ -21,7 +21,8 @@ threads, llama.cpp's own way) when there is one thread, one member, or ``paralle
 Each context keeps its own threads (``llama_set_n_threads``); llama.cpp's decode runs outside
 Python's GIL (ctypes releases it), so the second lane is a Python thread. A lane's decodes only
 touch their own contexts, so nothing is shared between the lanes but the numpy views handed back
-after both finished.
+after both finished, and the weights of a model two contexts use (a LoRA expert over the small
+model), which llama.cpp only reads in a decode (tested with the two in different lanes).
 """
 
 from __future__ import annotations
