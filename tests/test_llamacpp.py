@@ -28,6 +28,7 @@ pytest.importorskip("gguf", reason="gguf is not installed")
 
 from dlf_rs.engines.llamacpp.generate import LlamaCppGenerator
 from dlf_rs.engines.llamacpp.gguf_files import derive_model, write_lora
+from dlf_rs.engines.llamacpp.lanes import Lane
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "List three colours:\n1.", "Once upon a time, in a small village by the sea,"]  # fmt: skip
@@ -213,9 +214,9 @@ def test_members_side_by_side_equal_members_in_turn(files: dict[str, Any],
                                         [files["expert"], files["expert2"], files["lora"]],
                                         n_threads=2, parallel_members=p) for p in (True, False)]  # fmt: skip
     names = five[0]._names()
-    from dlf_rs.engines.llamacpp.lanes import plan_lanes
-
-    lanes = plan_lanes([float(five[0]._base_of(n)[0].n_params) for n in names], 2, True)
+    lanes = five[0]._lane_plan(names, parallel=True)
+    assert len(lanes) == 2 and five[1]._lane_plan(names, parallel=True) == [
+        Lane(tuple(range(len(names))), 2)]  # fmt: skip
     lane_of = {names[i]: k for k, lane in enumerate(lanes) for i in lane.members}
     assert lane_of["expert:2"] != lane_of["small"], lanes
     side, turn = (g.generate(PROMPTS[:2], max_new_tokens=8, batch_size=1) for g in five)

@@ -362,12 +362,16 @@ class LlamaCppGenerator:
     def _plan(self, names: list[str], ctxs: list[Context], parallel: bool) -> list[Lane]:
         """The call's lanes (:func:`.lanes.plan_lanes`, by the members' parameter counts), each
         context set to its lane's threads; ``parallel=False``: one lane on every thread."""
-        costs = [float(self._base_of(name)[0].n_params) for name in names]
-        lanes = plan_lanes(costs, self.n_threads, parallel and self.parallel_members)
+        lanes = self._lane_plan(names, parallel)
         for lane in lanes:
             for i in lane.members:
                 ctxs[i].set_threads(lane.threads)
         return lanes
+
+    def _lane_plan(self, names: list[str], parallel: bool) -> list[Lane]:
+        """The lanes of ``names`` (indices into it), costed by the models' parameter counts."""
+        costs = [float(self._base_of(name)[0].n_params) for name in names]
+        return plan_lanes(costs, self.n_threads, parallel and self.parallel_members)
 
     def _names(self) -> list[str]:
         names = ["large"] + (["small"] if self.small is not None else [])
